@@ -1,0 +1,159 @@
+"""The scoring head as a torch module: probability = sigmoid(fc2(relu(fc1(h))) - logit_bias)."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+import torch
+from numpy.typing import DTypeLike
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import SUFFIXES, read_checkpoint
+from .errors import HeadLoadError
+from .npz_format import read_npz, write_npz
+from .safetensors_format import read_safetensors, write_safetensors
+from .weights import LOGIT_BIAS, HeadWeights
+
+PathLike = str | os.PathLike[str]
+
+
+class ScoringHead(nn.Module):
+    """jina-reranker-m0 relevance head: maps (..., H) last-token hidden states to (...) probabilities.
+
+    `state_dict()` uses natural names (fc1.*, fc2.*, logit_bias); `original_state_dict()`
+    and `from_checkpoint()` speak the HF checkpoint's `score.0.*` / `score.2.*` names.
+    """
+
+    logit_bias: torch.Tensor
+
+    def __init__(self, hidden_size: int, logit_bias: float = LOGIT_BIAS) -> None:
+        super().__init__()
+        if hidden_size <= 0:
+            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, 1)
+        # A buffer, not a parameter: it is a fixed calibration constant that fine-tuning must not move.
+        self.register_buffer("logit_bias", torch.tensor(float(logit_bias)))
+
+    @property
+    def hidden_size(self) -> int:
+        """H, the embedding size the head accepts."""
+        return self.fc1.in_features
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, logit_bias={float(self.logit_bias):.4g}"
+
+    # -- compute ---------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            got = "a scalar" if x.dim() == 0 else f"last dimension {x.shape[-1]} (shape {tuple(x.shape)})"
+            raise ValueError(f"ScoringHead expected inputs of shape (..., {self.hidden_size}), got {got}")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw scores of shape (...): fc2(relu(fc1(x))) - logit_bias, before the sigmoid."""
+        self._check_input(x)
+        w = self.fc1.weight
+        # Compute in the head's dtype, so e.g. fp16 embeddings work on an fp32 head.
+        x = x.to(device=w.device, dtype=w.dtype)
+        return self.fc2(F.relu(self.fc1(x))).squeeze(-1) - self.logit_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Relevance probabilities of shape (...) for embeddings of shape (..., H)."""
+        return torch.sigmoid(self.logits(x))
+
+    # -- conversion ------------------------------------------------------------------------
+
+    def weights(self) -> HeadWeights:
+        """The current parameters in the canonical layout the file writers take."""
+        return HeadWeights(
+            fc1_weight=self.fc1.weight.detach(),
+            fc1_bias=self.fc1.bias.detach(),
+            fc2_weight=self.fc2.weight.detach(),
+            fc2_bias=self.fc2.bias.detach(),
+            logit_bias=float(self.logit_bias),
+        )
+
+    @classmethod
+    def from_weights(cls, weights: HeadWeights) -> "ScoringHead":
+        """Build a float32 CPU head holding exactly `weights`."""
+        # fork_rng: the throwaway random init must not advance the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            head = cls(weights.hidden_size, weights.logit_bias)
+        with torch.no_grad():
+            head.fc1.weight.copy_(weights.fc1_weight)
+            head.fc1.bias.copy_(weights.fc1_bias)
+            head.fc2.weight.copy_(weights.fc2_weight)
+            head.fc2.bias.copy_(weights.fc2_bias)
+        return head
+
+    def original_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Parameters under the HF names (`score.0.weight` ...), for loading back into the original model."""
+        w = self.weights()
+        tensors = (w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias)
+        return {prefix + name: t.clone() for name, t in zip(SUFFIXES, tensors)}
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_npz(cls, path: PathLike, logit_bias: float | None = None) -> "ScoringHead":
+        """Load the release `mlp_weights.npz` (float16/32/64, plain or compressed, W2 as (H,1) or (H,))."""
+        return cls.from_weights(read_npz(path, logit_bias))
+
+    @classmethod
+    def from_safetensors(cls, path: PathLike) -> "ScoringHead":
+        """Load a head written by `save_safetensors`."""
+        return cls.from_weights(read_safetensors(path))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path_or_state_dict: PathLike | Mapping[str, torch.Tensor],
+        logit_bias: float = LOGIT_BIAS,
+        prefix: str | None = None,
+    ) -> "ScoringHead":
+        """Load `score.0.*`/`score.2.*` from a state dict, model.safetensors, its directory or a sharded index.
+
+        Other keys are ignored; a module prefix such as `model.` is found automatically or given by `prefix`.
+        """
+        return cls.from_weights(read_checkpoint(path_or_state_dict, logit_bias, prefix))
+
+    @classmethod
+    def load(cls, path: PathLike) -> "ScoringHead":
+        """Load any supported file: .npz, this package's .safetensors, or an original checkpoint."""
+        p = os.fspath(path)
+        if p.endswith(".npz"):
+            return cls.from_npz(p)
+        if p.endswith(".safetensors") and os.path.isfile(p) and _is_own_safetensors(p):
+            return cls.from_safetensors(p)
+        return cls.from_checkpoint(p)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save_safetensors(self, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the natural state_dict (fc1.*, fc2.*, logit_bias) with optional string metadata."""
+        meta = {"head": "jina-reranker-m0 scoring head", "hidden_size": str(self.hidden_size), **(metadata or {})}
+        write_safetensors(path, self.state_dict(), meta)
+
+    def save_checkpoint(self, path: PathLike, prefix: str = "") -> None:
+        """Write `score.*` tensors as safetensors, ready to merge into the original model's weights."""
+        write_safetensors(path, self.original_state_dict(prefix), {"logit_bias": str(float(self.logit_bias))})
+
+    def save_npz(self, path: PathLike, dtype: DTypeLike = np.float32, compressed: bool = False) -> None:
+        """Write the release npz layout (W1 = fc1.weight.T, W2 (H,1), b2 (1,), logit_bias (1,))."""
+        write_npz(path, self.weights(), dtype, compressed)
+
+
+def _is_own_safetensors(path: str) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "fc1.weight" in f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise HeadLoadError(
+            f"'{path}': is not a readable safetensors file ({exc}); pass a head or checkpoint .safetensors file"
+        ) from exc

@@ -1,0 +1,157 @@
+"""Score large embedding arrays in chunks without holding them (or their activations) in memory at once.
+
+On CUDA, host chunks are staged through two pinned buffers and copied on a
+side stream, so reading chunk i+1 from disk/RAM and copying it overlap with
+the matmuls of chunk i; elsewhere the data is simply chunked.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+
+from .fused import FoldedHead, FusedScorer, get_scorer
+
+if TYPE_CHECKING:
+    from .model import ScoringHead
+
+Embeddings = Union[np.ndarray, torch.Tensor, str, "os.PathLike[str]"]
+Rows = Union[np.ndarray, torch.Tensor]
+
+
+def _load_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    # mmap: a 10M x 1536 file must not be read into RAM up front.
+    data = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise ValueError(
+            f"score_embeddings reads a .npy file, but '{os.fspath(path)}' is an .npz archive; pass one array from it"
+        )
+    return data
+
+
+def _as_rows(data: Embeddings, hidden: int) -> tuple[Rows, tuple[int, ...]]:
+    """View any accepted input as (N, H) rows plus the leading shape to restore on output."""
+    if isinstance(data, (str, os.PathLike)):
+        data = _load_npy(data)
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind != "f":
+            raise TypeError(f"score_embeddings needs float embeddings, got dtype {data.dtype}")
+    elif isinstance(data, torch.Tensor):
+        if not data.is_floating_point():
+            raise TypeError(f"score_embeddings needs float embeddings, got dtype {data.dtype}")
+    else:
+        raise TypeError(
+            f"score_embeddings takes a numpy array, a torch tensor or a .npy path, got {type(data).__name__}"
+        )
+    if data.ndim == 0 or data.shape[-1] != hidden:
+        raise ValueError(
+            f"score_embeddings expected embeddings of shape (..., {hidden}), got shape {tuple(data.shape)}"
+        )
+    return data.reshape(-1, hidden), tuple(data.shape[:-1])
+
+
+def _host_chunk(rows: Rows, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) as a tensor, without copying when possible."""
+    if isinstance(rows, torch.Tensor):
+        return rows[start:stop]
+    chunk = rows[start:stop]
+    if not chunk.dtype.isnative:
+        chunk = chunk.astype(chunk.dtype.newbyteorder("="))
+    with warnings.catch_warnings():
+        # Read-only memmaps warn in from_numpy; the view is only ever read.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(chunk)
+
+
+def _score_chunked(
+    rows: Rows, out: torch.Tensor, batch: int, device: torch.device, folded: FoldedHead, scorer: FusedScorer
+) -> None:
+    for start in range(0, rows.shape[0], batch):
+        stop = min(start + batch, rows.shape[0])
+        x = _host_chunk(rows, start, stop).to(device)
+        out[start:stop].copy_(scorer(x, folded))
+
+
+def _score_cuda_streamed(
+    rows: Rows, out: torch.Tensor, batch: int, device: torch.device, folded: FoldedHead, scorer: FusedScorer
+) -> None:
+    """Double-buffered host->device pipeline: stage chunk i+1 while the GPU scores chunk i."""
+    n, hidden = rows.shape
+    src_dtype = _host_chunk(rows, 0, 0).dtype
+    stage_dtype = torch.float32 if src_dtype == torch.float64 else src_dtype  # halve float64 traffic on the bus
+    already_pinned = isinstance(rows, torch.Tensor) and rows.is_pinned() and rows.dtype == stage_dtype
+    pinned = (
+        [] if already_pinned else [torch.empty((batch, hidden), dtype=stage_dtype, pin_memory=True) for _ in range(2)]
+    )
+    staged = [torch.empty((batch, hidden), dtype=stage_dtype, device=device) for _ in range(2)]
+    copied = [torch.cuda.Event() for _ in range(2)]
+    consumed = [torch.cuda.Event() for _ in range(2)]
+    compute = torch.cuda.current_stream(device)
+    copier = torch.cuda.Stream(device)
+
+    for i, start in enumerate(range(0, n, batch)):
+        stop, k = min(start + batch, n), i % 2
+        m = stop - start
+        if already_pinned:
+            host = rows[start:stop]
+        else:
+            if i >= 2:
+                copied[k].synchronize()  # the DMA reading pinned[k] two chunks ago must finish before we refill it
+            host = pinned[k][:m]
+            host.copy_(_host_chunk(rows, start, stop))  # CPU-side work, overlapping the GPU's work on chunk i-1
+        with torch.cuda.stream(copier):
+            if i >= 2:
+                copier.wait_event(consumed[k])  # staged[k] may still be read by the matmuls of chunk i-2
+            staged[k][:m].copy_(host, non_blocking=True)
+            copied[k].record(copier)
+        compute.wait_event(copied[k])
+        out[start:stop].copy_(scorer(staged[k][:m], folded))
+        consumed[k].record(compute)
+
+
+def score_embeddings(
+    head: "ScoringHead",
+    data: Embeddings,
+    batch_size: int = 65536,
+    device: str | torch.device | None = None,
+    compile: bool | None = None,
+) -> np.ndarray:
+    """Float32 probabilities for embeddings of shape (..., H), returned with shape (...) in input order.
+
+    `data` is a numpy array, a torch tensor (any device) or a path to a .npy file (memory-mapped).
+    `device` defaults to the head's device; `compile` defaults to True on CUDA (falls back to eager).
+    Runs under inference_mode and honours an enclosing torch.autocast.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rows, lead = _as_rows(data, head.hidden_size)
+    n = int(rows.shape[0])
+    dev = torch.device(device) if device is not None else head.fc1.weight.device
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    result = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return result.reshape(lead)
+    batch = min(batch_size, n)
+    scorer = get_scorer(dev.type == "cuda" if compile is None else compile)
+
+    with torch.inference_mode():
+        folded = FoldedHead.from_head(head, dev)
+        on_device = isinstance(rows, torch.Tensor) and rows.device == dev
+        if dev.type == "cuda" and not on_device:
+            out = torch.empty(n, dtype=torch.float32, device=dev)
+            with torch.cuda.device(dev):
+                _score_cuda_streamed(rows, out, batch, dev, folded, scorer)
+            result[:] = out.cpu().numpy()
+        elif dev.type == "cpu":
+            _score_chunked(rows, torch.from_numpy(result), batch, dev, folded, scorer)
+        else:
+            out = torch.empty(n, dtype=torch.float32, device=dev)
+            _score_chunked(rows, out, batch, dev, folded, scorer)
+            result[:] = out.cpu().numpy()
+    return result.reshape(lead)
