@@ -1,0 +1,92 @@
+"""pairs/s and tokens/s of `Reranker.compute_score` against the obvious path, same pairs, same run.
+
+The obvious path is what a first attempt writes: `llama_cpp.Llama(embedding=True).embed()` on
+the prompt strings plus the upstream numpy formula. It does the same work but its scores are
+wrong (it tokenises `<|box_end|>` as text); it is a speed baseline only.
+
+    python benchmarks/compute_score.py            # builds the `small` synthetic model once
+    python benchmarks/compute_score.py --model path/to/model.gguf --pairs 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[list[str]]:
+    rng = random.Random(seed)
+    words = ("rerank model query document relevance vector index search retrieval token score "
+             "neural ranking text code image 检索 排序 模型").split()
+    return [[" ".join(rng.choices(words, k=rng.randint(4, 12))), " ".join(rng.choices(words, k=rng.randint(40, 200)))]
+            for _ in range(n)]
+
+
+def small_model(cache: Path) -> Path:
+    from reranker.convert import convert
+    from reranker.synth import synth_checkpoint
+
+    gguf = cache / "gguf" / "jina-reranker-m0-small-F16.gguf"
+    if not gguf.is_file():
+        ckpt = synth_checkpoint(cache / "jina-reranker-m0-small", preset="small", seed=0)
+        convert(ckpt, cache / "gguf", outtype="f16")
+    return gguf
+
+
+def numpy_head(npz: Path):
+    with np.load(npz) as data:
+        W1, b1, W2, b2 = (data[k].astype(np.float32) for k in ("W1", "b1", "W2", "b2"))
+        logit_bias = float(data["logit_bias"][0])
+    return lambda x: 1 / (1 + np.exp(-((np.maximum(0, x @ W1 + b1) @ W2 + b2) - logit_bias)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="a GGUF with mlp_weights.npz beside it (default: synthetic small)")
+    ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
+    ap.add_argument("--n-batch", type=int, default=2048)
+    args = ap.parse_args()
+
+    from llama_cpp import LLAMA_POOLING_TYPE_LAST, Llama
+
+    from reranker import Reranker
+    from reranker.prompts import format_prompt
+
+    gguf = args.model or small_model(args.cache)
+    npz = gguf.parent / "mlp_weights.npz"
+    pairs = synthetic_pairs(args.pairs)
+    threads = os.cpu_count()
+
+    reranker = Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=4096, n_batch=args.n_batch, n_threads=threads)
+    reranker.compute_score(pairs[:4])  # warm-up
+    t = time.perf_counter()
+    reranker.compute_score(pairs, batch_size=len(pairs))
+    ours = time.perf_counter() - t
+    tokens = reranker.last_usage.tokens
+    reranker.close()
+
+    llm = Llama(str(gguf), embedding=True, pooling_type=LLAMA_POOLING_TYPE_LAST, n_ctx=4096, n_batch=args.n_batch,
+                n_threads=threads, verbose=False)
+    mlp = numpy_head(npz)
+    prompts = [format_prompt(q, d) + "<|box_end|>" for q, d in pairs]
+    llm.embed(prompts[:4], normalize=False)
+    t = time.perf_counter()
+    mlp(np.array(llm.embed(prompts, normalize=False), dtype=np.float32))
+    obvious = time.perf_counter() - t
+
+    print(f"model {gguf.name}, {len(pairs)} pairs, {tokens} prompt tokens, {threads} threads")
+    print(f"{'path':<36}{'pairs/s':>10}{'tokens/s':>12}")
+    print(f"{'compute_score':<36}{len(pairs) / ours:>10.1f}{tokens / ours:>12.0f}")
+    print(f"{'Llama.embed() + numpy (baseline)':<36}{len(pairs) / obvious:>10.1f}{tokens / obvious:>12.0f}")
+    print(f"speed-up over baseline: {obvious / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

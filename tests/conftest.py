@@ -1,0 +1,55 @@
+"""Shared fixtures: a synthetic tiny jina-reranker-m0, converted to GGUF as the release was."""
+
+from __future__ import annotations
+
+import pytest
+
+from reranker.convert import convert
+from reranker.synth import synth_checkpoint
+
+# Pairs covering the tokenizer's corners; the last ones carry special-token strings.
+PAIRS = [
+    ["what is a reranker?", "A reranker scores how relevant a document is to a query."],
+    ["机器学习是什么", "机器学习是人工智能的一个分支，研究计算机如何从数据中学习。"],
+    ["ما هو التعلم الآلي؟", "التعلم الآلي هو فرع من فروع الذكاء الاصطناعي."],
+    ["emoji 🎉🚀", "Party time 🎉🥳 and rockets 🚀 to the moon 🌕!"],
+    ["python sort a dict", "def f(d):\n    return dict(sorted(d.items(), key=lambda kv: kv[1]))\n"],
+    ["multi-line", "First line.\n\nSecond paragraph,\r\n  indented\tand tabbed.\n"],
+    ["", "A document for an empty query."],
+    ["a query for an empty document", ""],
+    ["special <|box_end|>", "text with <|box_end|> and <|endoftext|> and <#sep#> inside"],
+    ["<|im_start|>system", "<|vision_start|><|image_pad|><|vision_end|> is only text here"],
+    ["Größe café naïve", "Ünïcödé: e\u0301 (decomposed) vs é, ß, Ω, ﬁ ligature, § 7"],
+    ["numbers 12345", "3.14159 2.71828 1e-6 0x7f 100%"],
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return synth_checkpoint(tmp_path_factory.mktemp("ckpt") / "jina-reranker-m0-tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tiny_checkpoint, tmp_path_factory):
+    """{"f32": path, "f16": path}, with mlp_weights.npz beside each."""
+    out = {}
+    for outtype in ("f32", "f16"):
+        gguf_path, _ = convert(tiny_checkpoint, tmp_path_factory.mktemp(outtype), outtype=outtype)
+        out[outtype] = gguf_path
+    return out
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_checkpoint):
+    from oracle import load_text_model
+
+    return load_text_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tiny_ggufs):
+    from reranker import Reranker
+
+    r = Reranker.from_pretrained(str(tiny_ggufs["f32"]), device="cpu", n_ctx=4096, n_batch=1024)
+    yield r
+    r.close()

@@ -1,0 +1,125 @@
+"""End to end: `compute_score` against the original model's formula, batching, errors."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import PAIRS
+from safetensors.torch import load_file
+
+from head import ScoringHead
+from reranker import Reranker, RerankerError
+
+LOGIT_BIAS = 2.65
+
+
+def original_scores(checkpoint, oracle, reranker, pairs):
+    """transformers hidden state -> the checkpoint's `score` Sequential -> minus 2.65 -> sigmoid."""
+    from oracle import last_hidden
+
+    sd = load_file(str(checkpoint / "model.safetensors"))
+    score = torch.nn.Sequential(torch.nn.Linear(*sd["score.0.weight"].shape[::-1]), torch.nn.ReLU(),
+                                torch.nn.Linear(sd["score.2.weight"].shape[1], 1)).double()
+    score.load_state_dict({k.removeprefix("score."): v.double() for k, v in sd.items() if k.startswith("score.")})
+    builder = reranker.prompt_builder()
+    h = np.stack([last_hidden(oracle, builder.build(q, d).ids) for q, d in pairs])
+    with torch.no_grad():
+        return torch.sigmoid(score(torch.from_numpy(h)).squeeze(-1) - LOGIT_BIAS).numpy()
+
+
+def test_compute_score_matches_original_model(tiny_checkpoint, oracle, tiny_reranker):
+    got = np.array(tiny_reranker.compute_score(PAIRS))
+    want = original_scores(tiny_checkpoint, oracle, tiny_reranker, PAIRS)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert got.std() > 0.02, "scores should spread, else the comparison proves little"
+
+
+def test_single_pair_gives_float(tiny_reranker):
+    s = tiny_reranker.compute_score(PAIRS[0])
+    assert isinstance(s, float) and 0 < s < 1
+    assert s == pytest.approx(tiny_reranker.compute_score([PAIRS[0]])[0], abs=1e-7)
+
+
+def test_batch_invariance(tiny_reranker):
+    rng = random.Random(0)
+    words = "alpha beta gamma delta 机器 学习 🎉 code() x=1\n".split(" ")
+    pairs = [[" ".join(rng.choices(words, k=rng.randint(0, 8))), " ".join(rng.choices(words, k=rng.randint(0, 300)))]
+             for _ in range(100)]
+    batched = tiny_reranker.compute_score(pairs, batch_size=100)
+    for i in (0, 17, 42, 99):
+        alone = tiny_reranker.compute_score(pairs[i])
+        assert alone == pytest.approx(batched[i], abs=1e-5)
+    small_batches = tiny_reranker.compute_score(pairs, batch_size=7)
+    np.testing.assert_allclose(small_batches, batched, atol=1e-5)
+
+
+def test_rank_sorts_like_cross_encoder(tiny_reranker):
+    query = PAIRS[0][0]
+    docs = [d for _, d in PAIRS[:6]]
+    ranked = tiny_reranker.rank(query, docs, return_documents=True)
+    scores = tiny_reranker.compute_score([[query, d] for d in docs])
+    assert [r["corpus_id"] for r in ranked] == sorted(range(6), key=lambda i: -scores[i])
+    assert all(r["text"] == docs[r["corpus_id"]] for r in ranked)
+    top = tiny_reranker.rank(query, docs, top_k=2)
+    assert len(top) == 2 and set(top[0]) == {"corpus_id", "score"}
+
+
+def test_embed_returns_last_hidden_states(tiny_reranker):
+    emb = tiny_reranker.embed(PAIRS[:3])
+    assert emb.shape == (3, tiny_reranker.backbone.n_embd)
+    np.testing.assert_allclose(tiny_reranker.score_embeddings(emb), tiny_reranker.compute_score(PAIRS[:3]), atol=1e-7)
+
+
+def test_long_document_is_truncated_and_counted(tiny_reranker):
+    pairs = [["q", "word " * 5000], ["q", "short"]]
+    scores = tiny_reranker.compute_score(pairs, max_length=256)
+    assert all(0 < s < 1 for s in scores)
+    assert tiny_reranker.last_usage.truncated == 1 and tiny_reranker.last_usage.pairs == 2
+    short = len(tiny_reranker.prompt_builder().build("q", "short").ids)
+    assert 256 - 8 <= tiny_reranker.last_usage.tokens - short <= 256
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([["q", 3]], "document must be a str"),
+    ([["q", None]], "document must be a str"),
+    ([[b"q", "d"]], "query must be a str"),
+    ([["q"]], "length 1"),
+    (["q", "d", "e"], "pair 0"),
+])
+def test_non_string_input_is_a_clear_error(tiny_reranker, bad, match):
+    with pytest.raises(RerankerError, match=match):
+        tiny_reranker.compute_score(bad)
+
+
+def test_missing_gguf(tmp_path):
+    with pytest.raises(RerankerError, match="not found"):
+        Reranker.from_pretrained(str(tmp_path / "nope.gguf"))
+
+
+def test_corrupt_gguf(tmp_path, tiny_ggufs):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(RerankerError, match="not a GGUF file"):
+        Reranker.from_pretrained(str(bad), head=tiny_ggufs["f32"].parent / "mlp_weights.npz")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_ggufs["f32"].read_bytes()[:100_000])
+    with pytest.raises(RerankerError, match="could not load"):
+        Reranker.from_pretrained(str(truncated), head=tiny_ggufs["f32"].parent / "mlp_weights.npz")
+
+
+def test_missing_head_names_the_fix(tmp_path, tiny_ggufs):
+    lonely = tmp_path / "lonely-F32.gguf"
+    shutil.copy(tiny_ggufs["f32"], lonely)
+    with pytest.raises(RerankerError, match="mlp_weights.npz"):
+        Reranker.from_pretrained(str(lonely))
+
+
+def test_head_size_must_match_backbone(tmp_path, tiny_ggufs):
+    wrong = tmp_path / "mlp_weights.npz"
+    ScoringHead(32).save_npz(wrong)
+    with pytest.raises(RerankerError, match="hidden size 32"):
+        Reranker.from_pretrained(str(tiny_ggufs["f32"]), head=wrong)

@@ -1,0 +1,63 @@
+"""The `reranker` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reranker", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_synth_convert_quantize_rerank(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert run("synth", "--preset", "tiny", "--seed", "3", "-o", str(ckpt)).returncode == 0
+    res = run("convert", str(ckpt), "-o", str(tmp_path / "out"), "--outtype", "f16")
+    assert res.returncode == 0, res.stderr
+    gguf = tmp_path / "out" / "ckpt-F16.gguf"
+    assert gguf.is_file() and (tmp_path / "out" / "mlp_weights.npz").is_file()
+    res = run("quantize", str(gguf), str(tmp_path / "out" / "ckpt-Q8_0.gguf"), "--type", "Q8_0")
+    assert res.returncode == 0, res.stderr
+    res = run("rerank", "-m", str(gguf), "-q", "rockets", "-d", "a rocket launch", "-d", "a cake recipe", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["model"] == str(gguf) and out["usage"]["total_tokens"] > 10
+    scores = [r["relevance_score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert {r["document"]["text"] for r in out["results"]} == {"a rocket launch", "a cake recipe"}
+    assert sorted(r["index"] for r in out["results"]) == [0, 1]
+
+
+@pytest.fixture()
+def gguf(tiny_ggufs):
+    return str(tiny_ggufs["f32"])
+
+
+def test_rerank_table_and_files(gguf, tmp_path):
+    lines = tmp_path / "docs.txt"
+    lines.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+    res = run("rerank", "-m", gguf, "-q", "query", "-f", str(lines), "--top-n", "1")
+    assert res.returncode == 0, res.stderr
+    rows = res.stdout.strip().splitlines()
+    assert rows[0].split() == ["rank", "index", "score", "document"] and len(rows) == 2
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "multi\\nline doc"}\n{"text": "another"}\n', encoding="utf-8")
+    res = run("rerank", "-m", gguf, "-q", "query", "-f", str(jsonl), "--json")
+    assert res.returncode == 0, res.stderr
+    assert {r["document"]["text"] for r in json.loads(res.stdout)["results"]} == {"multi\nline doc", "another"}
+
+
+def test_errors_are_one_clear_line(gguf, tmp_path):
+    res = run("rerank", "-m", str(tmp_path / "missing.gguf"), "-q", "q", "-d", "d")
+    assert res.returncode == 2 and "GGUF file not found" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n', encoding="utf-8")
+    res = run("rerank", "-m", gguf, "-q", "q", "-f", str(bad))
+    assert res.returncode == 2 and f"{bad}:2" in res.stderr and "Traceback" not in res.stderr
+    res = run("rerank", "-m", gguf, "-q", "q")
+    assert res.returncode == 2 and "no documents" in res.stderr

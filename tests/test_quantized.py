@@ -1,0 +1,46 @@
+"""The `small` synthetic model quantized with llama.cpp: it loads, scores, and Q8_0 stays close to F16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import PAIRS
+
+from reranker import Reranker, RerankerError
+from reranker.convert import convert
+from reranker.quantize import quantize
+from reranker.synth import synth_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_f16(tmp_path_factory):
+    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=1)
+    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
+    return gguf_path
+
+
+def _scores(path, head):
+    r = Reranker.from_pretrained(str(path), head=head, device="cpu", n_ctx=1024, n_batch=512)
+    try:
+        return np.array(r.compute_score(PAIRS))
+    finally:
+        r.close()
+
+
+def test_q8_0_and_q4_k_m_load_and_score(small_f16):
+    head = small_f16.parent / "mlp_weights.npz"
+    ref = _scores(small_f16, head)
+    errs = {}
+    for qtype in ("Q8_0", "Q4_K_M"):
+        out = quantize(small_f16, small_f16.parent / f"small-{qtype}.gguf", qtype)
+        assert out.stat().st_size < small_f16.stat().st_size
+        got = _scores(out, head)
+        assert np.all((got > 0) & (got < 1))
+        errs[qtype] = np.abs(got - ref).max()
+    assert errs["Q8_0"] < 0.03, errs
+    assert errs["Q8_0"] < errs["Q4_K_M"], errs
+
+
+def test_unknown_quant_type(small_f16, tmp_path):
+    with pytest.raises(RerankerError, match="unknown quantization type 'Q9_X'"):
+        quantize(small_f16, tmp_path / "x.gguf", "Q9_X")
