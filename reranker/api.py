@@ -16,6 +16,7 @@ from head import ScoringHead
 from .backbone import Backbone
 from .errors import RerankerError
 from .hub import DEFAULT_REPO, HEAD_FILE, resolve
+from .identity_output import with_identity_output
 from .prompts import MAX_LENGTH, MAX_QUERY_LENGTH, PromptBuilder, check_pair
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class Reranker:
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
                         *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = 2048,
                         n_seq_max: int = 64, n_gpu_layers: int = -1, n_threads: int | None = None,
-                        flash_attn: bool | None = None, kv_type: str | None = None, max_length: int | None = None,
+                        flash_attn: bool | None = None, kv_type: str | None = None, fast: bool = True,
+                        identity_dtype: str = "f32", max_length: int | None = None,
                         max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = 64,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> "Reranker":
         """Load a GGUF (a path, or a Hub id such as `jinaai/jina-reranker-m0-GGUF:Q8_0`) and its head.
@@ -68,6 +70,11 @@ class Reranker:
         `head` defaults to the `mlp_weights.npz` beside the GGUF (or in the Hub repo).
         All layers are offloaded to the GPU when llama.cpp was built with CUDA or Metal.
         `max_length` defaults to 10240 tokens, or `n_ctx` when that is given and smaller.
+
+        `fast=True` (the default) reads hidden states in llama.cpp's generation mode through a
+        cached copy of the GGUF with an identity output projection (`identity_dtype` f32: the
+        same numbers as embedding mode; f16: half the memory, states rounded to half
+        precision). `fast=False` uses embedding mode, the upstream recipe's path.
         """
         files = resolve(model, quant, cache_dir=cache_dir, local_files_only=local_files_only)
         if head is None:
@@ -77,7 +84,8 @@ class Reranker:
         scoring_head = head if isinstance(head, ScoringHead) else ScoringHead.load(head)
         if max_length is None:
             max_length = min(MAX_LENGTH, n_ctx) if n_ctx else MAX_LENGTH
-        backbone = Backbone(files.gguf, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
+        gguf_path = with_identity_output(files.gguf, identity_dtype) if fast else files.gguf
+        backbone = Backbone(gguf_path, fast=fast, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
                             n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
         return cls(backbone, scoring_head, max_length=max_length, max_query_length=max_query_length,
                    device=device, batch_size=batch_size)

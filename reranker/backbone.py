@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 from typing import Sequence
 
 import llama_cpp
@@ -13,23 +12,12 @@ import numpy as np
 from . import llama_log
 from .batching import pack
 from .errors import RerankerError
+from .gguf_file import check_gguf_file
+from .identity_output import MARKER_KEY
 from .tokenizer import GGUFTokenizer
 
 SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
-GGUF_MAGIC = b"GGUF"
 _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
-
-
-def check_gguf_file(path: str | os.PathLike) -> Path:
-    """Fail early, with the path in the message, on a missing or non-GGUF file."""
-    p = Path(path)
-    if not p.is_file():
-        raise RerankerError(f"GGUF file not found: {p}. Pass a local .gguf path or a Hub id like 'jinaai/jina-reranker-m0-GGUF:Q8_0'")
-    with p.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise RerankerError(f"{p} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); it may be truncated or another format")
-    return p
 
 
 class _PackedBatch:
@@ -52,23 +40,35 @@ class _PackedBatch:
         self.struct.seq_id = self.seq_ptr.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
         self.struct.logits = p(self.logits, ctypes.c_int8)
 
-    def fill(self, chunks: Sequence[tuple[Sequence[int], int, int]], all_outputs: bool) -> int:
-        """Lay out (ids, seq_id, first position) chunks one after another; returns the token count."""
+    def fill(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]], all_outputs: bool) -> list[int]:
+        """Lay out (ids, seq_id, first position, output last token) chunks one after another.
+
+        Returns the batch index of each chunk's last token.
+        """
         n = 0
-        for ids, seq, start in chunks:
+        last = []
+        for ids, seq, start, output_last in chunks:
             k = len(ids)
             self.token[n : n + k] = ids
             self.pos[n : n + k] = np.arange(start, start + k, dtype=np.int32)
             self.seq[n : n + k] = seq
             self.logits[n : n + k] = 1 if all_outputs else 0
-            self.logits[n + k - 1] = 1
+            self.logits[n + k - 1] = 1 if all_outputs or output_last else 0
             n += k
+            last.append(n - 1)
         self.struct.n_tokens = n
-        return n
+        return last
 
 
 class Backbone:
-    """A jina-reranker-m0 GGUF in llama.cpp, embedding mode, pooling LAST, no normalisation.
+    """A jina-reranker-m0 GGUF in llama.cpp: token sequences -> last-token hidden states.
+
+    Two ways to read the hidden state, same numbers:
+    - embedding mode (`fast=False`, the reference): pooling LAST, no normalisation; llama.cpp
+      then outputs every token, computing and copying full-vocabulary logits for each;
+    - generation mode (`fast=True`): only each sequence's last token is an output, and the
+      GGUF's output projection must be the identity (see `identity_output.py`), so the
+      first `n_embd` logits are the hidden state.
 
     Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`
     tokens); the KV cache is cleared between calls. A sequence longer than `n_batch` is
@@ -87,6 +87,7 @@ class Backbone:
         n_threads: int | None = None,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
+        fast: bool = False,
     ) -> None:
         self.path = check_gguf_file(path)
         llama_log.install()
@@ -103,6 +104,11 @@ class Backbone:
             self.close()
             raise RerankerError(f"{self.path} has architecture {self.arch!r}; jina-reranker-m0 GGUFs are 'qwen2vl'")
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.fast = fast
+        if fast and self.metadata(MARKER_KEY) is None:
+            self.close()
+            raise RerankerError(f"{self.path} has no identity output projection, which fast=True needs; "
+                                "pass the path from reranker.identity_output.with_identity_output()")
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
 
         n_batch = min(n_batch, n_ctx)
@@ -112,9 +118,11 @@ class Backbone:
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_ubatch or 512, n_batch)
         cparams.n_seq_max = n_seq_max
+        if fast:
+            cparams.n_outputs_max = n_seq_max  # sizes the host logits buffer: n_vocab floats per output
         cparams.kv_unified = True  # all sequences share the cache, so one may use all of it
-        cparams.embeddings = True
-        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_LAST
+        cparams.embeddings = not fast
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE if fast else llama_cpp.LLAMA_POOLING_TYPE_LAST
         threads = n_threads or os.cpu_count() or 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -158,23 +166,28 @@ class Backbone:
             if len(group) == 1 and len(sequences[group[0]]) > self.n_batch:
                 ids = sequences[group[0]]
                 for start in range(0, len(ids), self.n_batch):
-                    self._decode([(ids[start : start + self.n_batch], 0, start)])
+                    end = start + self.n_batch
+                    last = self._decode([(ids[start:end], 0, start, end >= len(ids))])
             else:
-                self._decode([(sequences[idx], seq, 0) for seq, idx in enumerate(group)])
+                last = self._decode([(sequences[idx], seq, 0, True) for seq, idx in enumerate(group)])
             for seq, idx in enumerate(group):
-                out[idx] = self._pooled(seq)
+                out[idx] = self._hidden(seq, last[-1] if len(group) == 1 else last[seq])
         return out
 
-    def _decode(self, chunks: Sequence[tuple[Sequence[int], int, int]]) -> None:
-        self._batch.fill(chunks, all_outputs=True)
+    def _decode(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]]) -> list[int]:
+        last = self._batch.fill(chunks, all_outputs=not self.fast)
         rc = llama_cpp.llama_decode(self._ctx, self._batch.struct)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} on {self._batch.struct.n_tokens} tokens")
+        return last
 
-    def _pooled(self, seq: int) -> np.ndarray:
-        ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+    def _hidden(self, seq: int, batch_index: int) -> np.ndarray:
+        if self.fast:
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        else:
+            ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
         if not ptr:
-            raise RuntimeError(f"llama.cpp returned no pooled embedding for sequence {seq}")
+            raise RuntimeError(f"llama.cpp returned no output for sequence {seq}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
 
     def _clear(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import llama_cpp
 
 from . import llama_log
-from .backbone import check_gguf_file
+from .gguf_file import check_gguf_file
 from .errors import RerankerError
 
 # Level name -> llama.cpp file type, for every `LLAMA_FTYPE_*` this llama-cpp-python knows.

@@ -24,6 +24,15 @@ PAIRS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _identity_cache(tmp_path_factory):
+    """Keep the fast path's cached GGUF copies out of the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RERANKER_CACHE", str(tmp_path_factory.mktemp("reranker-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return synth_checkpoint(tmp_path_factory.mktemp("ckpt") / "jina-reranker-m0-tiny", preset="tiny", seed=0)

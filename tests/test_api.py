@@ -107,8 +107,9 @@ def test_corrupt_gguf(tmp_path, tiny_ggufs):
         Reranker.from_pretrained(str(bad), head=tiny_ggufs["f32"].parent / "mlp_weights.npz")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(tiny_ggufs["f32"].read_bytes()[:100_000])
-    with pytest.raises(RerankerError, match="could not load"):
-        Reranker.from_pretrained(str(truncated), head=tiny_ggufs["f32"].parent / "mlp_weights.npz")
+    for fast in (True, False):
+        with pytest.raises(RerankerError, match="corrupt"):
+            Reranker.from_pretrained(str(truncated), head=tiny_ggufs["f32"].parent / "mlp_weights.npz", fast=fast)
 
 
 def test_missing_head_names_the_fix(tmp_path, tiny_ggufs):

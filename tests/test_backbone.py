@@ -7,6 +7,7 @@ import pytest
 from conftest import PAIRS
 
 from reranker.backbone import Backbone
+from reranker.identity_output import with_identity_output
 from reranker.prompts import PromptBuilder
 
 
@@ -14,11 +15,13 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["embedding-mode", "fast"])
 @pytest.mark.parametrize("outtype,tol", [("f32", 1e-3), ("f16", 1e-2)])
-def test_last_hidden_state_matches_transformers(tiny_ggufs, oracle, outtype, tol):
+def test_last_hidden_state_matches_transformers(tiny_ggufs, oracle, outtype, tol, fast):
     from oracle import last_hidden
 
-    with Backbone(tiny_ggufs[outtype], n_ctx=2048, n_batch=512) as backbone:
+    path = with_identity_output(tiny_ggufs[outtype], "f32") if fast else tiny_ggufs[outtype]
+    with Backbone(path, n_ctx=2048, n_batch=512, fast=fast) as backbone:
         builder = PromptBuilder(backbone.tokenizer)
         seqs = [builder.build(q, d).ids for q, d in PAIRS]
         got = backbone.embed(seqs)
