@@ -1,0 +1,107 @@
+"""`reranker bench-quant`: quantization levels of one model, measured on the same evaluation set.
+
+Registered in `reranker.cli` by `add_parser(subparsers)`; also runs alone as
+`python -m reranker.bench_quant_cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import RerankerError
+from .quantize import RELEASE_LEVELS
+
+DEFAULT_OUT = "bench-quant"
+
+
+def _levels(text: str) -> list[str]:
+    return [x for x in (s.strip() for s in text.split(",")) if x]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `bench-quant` command to the `reranker` command line."""
+    p = subparsers.add_parser(
+        "bench-quant", help="measure quantization levels: size, memory, speed, fidelity to F16, retrieval quality",
+        description="Make the missing quantization levels of a model and measure each on the same evaluation set.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="an F16/BF16/F32 GGUF, a folder or Hub repo id holding several levels, or several GGUF files")
+    p.add_argument("--levels", type=_levels, default=None,
+                   help=f"comma-separated levels (default: {','.join(RELEASE_LEVELS)}; with several files: those files)")
+    p.add_argument("--reference", default=None, help="level of the reference file (default: the first of F32, BF16, F16 found)")
+    p.add_argument("--head", default=None, help="mlp_weights.npz (default: the one beside the reference)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv, optional run")
+    src.add_argument("--pairs", metavar="FILE", help='JSONL of {"query_id", "query", "doc_id", "document", "label"}')
+    src.add_argument("--synthetic", type=int, metavar="N", help="N random pairs (speed and fidelity only)")
+    p.add_argument("--split", default="test", help="BEIR qrels split (default: %(default)s)")
+    p.add_argument("--qrels", default=None, help="qrels file (default: DIR/qrels/<split>.tsv)")
+    p.add_argument("--run", default=None, help="first-stage TREC run (default: run.trec, run.txt or *.run in DIR)")
+    p.add_argument("--depth", type=int, default=100, help="run candidates reranked per query (default: %(default)s)")
+    p.add_argument("--negatives", type=int, default=20,
+                   help="without a run: random corpus documents added to each query's judged ones (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic pairs and sampled negatives (default: %(default)s)")
+    p.add_argument("-o", "--out", default=DEFAULT_OUT,
+                   help="output folder: bench_quant.{md,json,png}, scores.npz, made GGUFs in gguf/ (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload to the GPU; -1 all (default), 0 none")
+    p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: --max-length)")
+    p.add_argument("--n-batch", type=int, default=2048, help="tokens per decode call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per compute_score batch (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None, help="prompt tokens at most (default: 10240, or --n-ctx if smaller)")
+    p.add_argument("--max-query-length", type=int, default=512, help="query tokens at most (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available)")
+    p.add_argument("--warmup", type=int, default=8, help="pairs scored before timing (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_quant)
+    return p
+
+
+def cmd_bench_quant(args: argparse.Namespace) -> None:
+    from .bench_quant import Settings, bench_quant, plan_levels
+    from .bench_quant_report import markdown, write_outputs
+    from .bench_quant_sets import beir_set, pairs_jsonl_set, synthetic_set
+
+    for name in ("depth", "batch_size", "n_batch"):
+        if getattr(args, name) < 1:
+            raise RerankerError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.synthetic is not None:
+        eval_set = synthetic_set(args.synthetic, seed=args.seed)
+    elif args.pairs is not None:
+        eval_set = pairs_jsonl_set(args.pairs)
+    else:
+        eval_set = beir_set(args.beir, split=args.split, qrels=args.qrels, run=args.run, depth=args.depth,
+                            negatives=args.negatives, seed=args.seed, max_queries=args.max_queries,
+                            work_dir=f"{args.out}/work")
+    plan = plan_levels(args.models, args.out, levels=args.levels, reference=args.reference, head=args.head)
+    settings = Settings(n_threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+                        batch_size=args.batch_size, max_length=args.max_length, max_query_length=args.max_query_length,
+                        device=args.device, warmup=args.warmup)
+    report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress)
+    paths = write_outputs(report, args.out)
+    print(markdown(report))
+    for path in paths.values():
+        print(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m reranker.bench_quant_cli ...`: the command on its own, with `reranker`'s error handling."""
+    parser = argparse.ArgumentParser(prog="reranker")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench-quant", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except RerankerError as e:
+        print(f"reranker bench-quant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reranker bench-quant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""`reranker bench-quant` on the `small` synthetic model: levels made and scored, every output checked."""
+
+from __future__ import annotations
+
+import json
+
+import ir_measures
+import numpy as np
+import pytest
+
+from reranker import RerankerError
+from reranker.bench_quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
+from reranker.bench_quant_cli import main
+from reranker.bench_quant_report import COLUMNS
+from reranker.bench_quant_sets import beir_set, pairs_jsonl_set, synthetic_set
+from reranker.convert import convert
+from reranker.synth import synth_checkpoint
+
+LEVELS = ["F16", "Q8_0", "Q3_K_M"]
+TOPICS = ["rocket launch", "cake recipe", "tax law"]
+N_DOCS = 12  # more than 10, so the top-10 overlap is defined
+
+
+@pytest.fixture(scope="module")
+def small_f16(tmp_path_factory):
+    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=2)
+    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
+    return gguf_path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory):
+    """3 queries x 12 short documents, a run of all 12 per query, and qrels (grades 0-2)."""
+    root = tmp_path_factory.mktemp("beir")
+    _write_jsonl(root / "queries.jsonl", [{"_id": f"q{i}", "text": f"{t}?"} for i, t in enumerate(TOPICS)])
+    _write_jsonl(root / "corpus.jsonl", [{"_id": f"q{i}d{j}", "title": t if j < 3 else "", "text": f"note {j} about {t}"}
+                                         for i, t in enumerate(TOPICS) for j in range(N_DOCS)])
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\tq{i}d{j}\t{2 - j}\n" for i in range(len(TOPICS)) for j in range(3)), encoding="utf-8")
+    (root / "run.trec").write_text("".join(f"q{i} Q0 q{i}d{j} {j + 1} {100 - j} bm25\n"
+                                           for i in range(len(TOPICS)) for j in range(N_DOCS)), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_out(small_f16, beir_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main([str(small_f16), "--beir", str(beir_dir), "--levels", "Q8_0,Q3_K_M", "-o", str(out),
+               "--n-ctx", "512", "--batch-size", "64", "--warmup", "4", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(bench_out):
+    return json.loads((bench_out / "bench_quant.json").read_text(encoding="utf-8"))
+
+
+def test_levels_are_made_and_scored(bench_out, report, small_f16):
+    rows = {r["level"]: r for r in report["levels"]}
+    assert list(rows) == LEVELS
+    for name in ("Q8_0", "Q3_K_M"):
+        made = bench_out / "gguf" / f"jina-reranker-m0-small-{name}.gguf"
+        assert rows[name]["made"] and rows[name]["path"] == str(made) and gguf_level(made) == name
+        assert rows[name]["file_bytes"] == made.stat().st_size < small_f16.stat().st_size
+    assert rows["F16"]["path"] == str(small_f16) and not rows["F16"]["made"]
+    for r in rows.values():
+        assert r["pairs"] == len(TOPICS) * N_DOCS and r["tokens"] > r["pairs"] and r["truncated"] == 0
+        assert r["pairs_per_s"] > 0 and r["tokens_per_s"] > r["pairs_per_s"] and r["load_s"] > 0
+        assert r["peak_host_mb"] > r["baseline_host_mb"] > 0
+        assert r["gpu_mem_mb"] is None  # CPU-only test machine
+    scores = np.load(bench_out / "scores.npz")
+    assert list(scores["query_id"][:2]) == ["q0", "q0"] and scores["doc_id"][0] == "q0d0"
+    for name in LEVELS:
+        assert scores[name].shape == (len(TOPICS) * N_DOCS,) and np.all((scores[name] > 0) & (scores[name] < 1))
+    ref = rows["F16"]
+    assert ref["spearman"] == pytest.approx(1) and ref["kendall"] == pytest.approx(1) and ref["top10_overlap"] == 1
+    assert ref["max_abs_diff"] == 0 and ref["order_flips"] == 0
+
+
+def test_table_and_json_carry_every_column(bench_out, report):
+    for row in report["levels"]:
+        assert {key for key, _, _ in COLUMNS} <= set(row)
+        assert all(row[key] is not None for key, _, _ in COLUMNS if key != "gpu_mem_mb")
+    assert report["eval_set"]["kind"] == "beir" and report["eval_set"]["queries"] == len(TOPICS)
+    assert report["settings"]["reference"] == "F16" and report["settings"]["levels"] == LEVELS
+    env = report["environment"]
+    for key in ("device", "threads", "cpu", "llama_cpp_python", "llama_cpp", "llama_cpp_system_info", "torch"):
+        assert key in env
+    assert env["device"] == "cpu" and env["threads"] >= 1
+    table = [line for line in (bench_out / "bench_quant.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == [h for _, h, _ in COLUMNS]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["F16 (ref)", "Q8_0", "Q3_K_M"]
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS) and cells[header.index("GPU MB")] == "–"
+        assert "–" not in cells[:header.index("GPU MB")] + cells[header.index("GPU MB") + 1:]
+
+
+def test_q8_0_is_more_faithful_than_q3_k_m(report):
+    q8, q3 = (next(r for r in report["levels"] if r["level"] == name) for name in ("Q8_0", "Q3_K_M"))
+    assert q8["spearman"] > q3["spearman"] and q8["kendall"] > q3["kendall"]
+    assert q8["mean_abs_diff"] < q3["mean_abs_diff"] and q8["max_abs_diff"] < q3["max_abs_diff"]
+    assert q8["order_flips"] < q3["order_flips"] and q8["top10_overlap"] >= q3["top10_overlap"]
+
+
+def test_report_metrics_equal_ir_measures(bench_out, report):
+    scores = np.load(bench_out / "scores.npz")
+    qrels = {f"q{i}": {f"q{i}d{j}": 2 - j for j in range(3)} for i in range(len(TOPICS))}  # as written in beir_dir
+    for row in report["levels"]:
+        run: dict[str, dict[str, float]] = {}
+        for q, d, s in zip(scores["query_id"], scores["doc_id"], scores[row["level"]]):
+            run.setdefault(str(q), {})[str(d)] = float(s)
+        direct = ir_measures.calc_aggregate([ir_measures.nDCG @ 10, ir_measures.RR @ 10, ir_measures.R @ 100], qrels, run)
+        assert row["ndcg_at_10"] == pytest.approx(direct[ir_measures.nDCG @ 10])
+        assert row["mrr_at_10"] == pytest.approx(direct[ir_measures.RR @ 10])
+        assert row["recall_at_100"] == pytest.approx(1.0)  # every judged document is among the 12 candidates
+
+
+def test_plot_is_a_png(bench_out):
+    import matplotlib.image
+
+    data = (bench_out / "bench_quant.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    image = matplotlib.image.imread(bench_out / "bench_quant.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_retrieval_metrics_hand_checked():
+    qrels = {"q1": {"d1": 2, "d2": 0, "d3": 1}, "q2": {"d4": 1}, "q3": {"d7": 1}}
+    run = {"q1": {"d2": 0.9, "d3": 0.5, "d1": 0.1, "d9": 0.05},  # ranks: d2 (0), d3 (1), d1 (2), d9 (unjudged)
+           "q2": {"d5": 0.8, "d6": 0.7, "d4": 0.6},  # d4 (1) third
+           "q3": {"d8": 0.3},  # its relevant document is not retrieved
+           "q4": {"d1": 1.0}}  # not judged: not evaluated
+    # q1: DCG = 0/log2(2) + 1/log2(3) + 2/log2(4) = 1.630930; IDCG = 2/log2(2) + 1/log2(3) = 2.630930
+    #     nDCG@10 = 0.619906, RR = 1/2 (d3 at rank 2), recall = 2/2
+    # q2: DCG = 1/log2(4) = 0.5, IDCG = 1 -> nDCG@10 = 0.5, RR = 1/3, recall = 1
+    # q3: nDCG = RR = recall = 0
+    # means over 3 queries: nDCG@10 = 1.119906 / 3, MRR@10 = (1/2 + 1/3) / 3, Recall@100 = 2/3
+    got = retrieval_metrics(qrels, run)
+    assert got["ndcg_at_10"] == pytest.approx(1.1199062 / 3, abs=1e-6)
+    assert got["mrr_at_10"] == pytest.approx((1 / 2 + 1 / 3) / 3)
+    assert got["recall_at_100"] == pytest.approx(2 / 3)
+    direct = ir_measures.calc_aggregate([ir_measures.nDCG @ 10, ir_measures.RR @ 10, ir_measures.R @ 100], qrels, run)
+    assert got == {"ndcg_at_10": direct[ir_measures.nDCG @ 10], "mrr_at_10": direct[ir_measures.RR @ 10],
+                   "recall_at_100": direct[ir_measures.R @ 100]}
+    # A judged query without candidates counts 0 (trec_eval -c), as in ir-measures.
+    assert retrieval_metrics({**qrels, "q5": {"d1": 1}}, run)["mrr_at_10"] == pytest.approx((1 / 2 + 1 / 3) / 4)
+    assert retrieval_metrics({}, run) == {"ndcg_at_10": None, "mrr_at_10": None, "recall_at_100": None}
+
+
+def test_fidelity_hand_checked():
+    ref = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.8])
+    got = np.array([0.1, 0.3, 0.2, 0.4, 0.8, 0.8])
+    f = fidelity(ref, got, [4, 2])
+    # query 1: of 6 document pairs, (2, 3) is swapped -> 1; query 2: 1 pair, tied in `got` only -> 0.5
+    assert f["order_flips"] == pytest.approx(1.5 / 7)
+    assert f["max_abs_diff"] == pytest.approx(0.1) and f["mean_abs_diff"] == pytest.approx(0.3 / 6)
+    assert f["top10_overlap"] is None  # no query has more than 10 candidates
+    assert fidelity(ref, ref, [4, 2])["spearman"] == pytest.approx(1)
+    ranks = np.arange(12.0)
+    swapped = ranks.copy()
+    swapped[[1, 11]] = swapped[[11, 1]]  # doc 1 falls out of the top 10, doc 11 comes in
+    assert fidelity(ranks, swapped, [12])["top10_overlap"] == pytest.approx(0.9)
+    with pytest.raises(RerankerError, match="do not match"):
+        fidelity(ref, got[:5], [5])
+
+
+def test_default_levels_and_level_files(small_f16, bench_out, tmp_path):
+    assert DEFAULT_LEVELS == ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
+    plan = plan_levels([str(small_f16)], tmp_path)
+    assert [lv.name for lv in plan.levels] == ["F16", *DEFAULT_LEVELS] and plan.reference.path == small_f16
+    assert all(lv.path is None for lv in plan.levels[1:]) and plan.head == small_f16.parent / "mlp_weights.npz"
+    # A level made by an earlier run from the same reference is reused, not made again.
+    plan = plan_levels([str(small_f16)], bench_out, levels=["Q8_0"])
+    assert make_level(plan, plan.levels[1]) is None and plan.levels[1].path == bench_out / "gguf" / "jina-reranker-m0-small-Q8_0.gguf"
+    plan = plan_levels([str(small_f16)], tmp_path / "fresh", levels=["Q8_0"])
+    assert make_level(plan, plan.levels[1]) > 0
+    stamp = tmp_path / "fresh" / "gguf" / "jina-reranker-m0-small-Q8_0.gguf.source"
+    assert stamp.read_text(encoding="utf-8").startswith(str(small_f16.resolve()) + "|")
+    stamp.write_text("another reference\n", encoding="utf-8")
+    plan = plan_levels([str(small_f16)], tmp_path / "fresh", levels=["Q8_0"])
+    assert make_level(plan, plan.levels[1]) > 0  # made again: the file on disk came from something else
+    # A folder: the levels it holds are used, the others made.
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    for src in (small_f16, bench_out / "gguf" / "jina-reranker-m0-small-Q3_K_M.gguf", small_f16.parent / "mlp_weights.npz"):
+        (folder / src.name).symlink_to(src)
+    plan = plan_levels([str(folder)], tmp_path / "out", levels=["Q3_K_M", "Q4_K_M"])
+    assert plan.reference.name == "F16" and plan.levels[1].path == folder / "jina-reranker-m0-small-Q3_K_M.gguf"
+    assert plan.levels[2].name == "Q4_K_M" and plan.levels[2].path is None
+    # Several files: the unquantized one is the reference, the others are the levels.
+    plan = plan_levels([str(folder / "jina-reranker-m0-small-Q3_K_M.gguf"), str(small_f16)], tmp_path / "out")
+    assert [lv.name for lv in plan.levels] == ["F16", "Q3_K_M"]
+    with pytest.raises(RerankerError, match="none of the given GGUFs"):
+        plan_levels([str(folder / "jina-reranker-m0-small-Q3_K_M.gguf"), str(bench_out / "gguf" / "jina-reranker-m0-small-Q8_0.gguf")],
+                    tmp_path / "out", head=small_f16.parent / "mlp_weights.npz")
+    with pytest.raises(RerankerError, match="F16, BF16 or F32"):
+        plan_levels([str(folder / "jina-reranker-m0-small-Q3_K_M.gguf")], tmp_path / "out")
+    with pytest.raises(RerankerError, match="unknown level 'Q9_X'"):
+        plan_levels([str(small_f16)], tmp_path / "out", levels=["Q9_X"])
+
+
+def test_synthetic_run_speed_only(small_f16, bench_out, capsys):
+    # Reuses bench_out's Q8_0 file; no judgements, so no retrieval numbers.
+    rc = main([str(small_f16), "--synthetic", "8", "--levels", "Q8_0", "-o", str(bench_out / "synthetic"),
+               "--n-ctx", "1024", "--batch-size", "64", "--warmup", "1", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| Q8_0 |" in text and "synthetic" in text
+    report = json.loads((bench_out / "synthetic" / "bench_quant.json").read_text(encoding="utf-8"))
+    assert [r["level"] for r in report["levels"]] == ["F16", "Q8_0"]
+    assert all(r["ndcg_at_10"] is None and r["pairs"] == 8 for r in report["levels"])
+    assert report["levels"][1]["spearman"] > 0.9 and (bench_out / "synthetic" / "bench_quant.png").is_file()
+
+
+def test_eval_sets(tmp_path, beir_dir):
+    s = synthetic_set(40, seed=3)
+    assert s.groups() == [16, 16, 8] and s.qrels is None and s.pairs() == synthetic_set(40, seed=3).pairs()
+    assert s.pairs() != synthetic_set(40, seed=4).pairs()
+
+    path = tmp_path / "pairs.jsonl"
+    _write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 1},
+                        {"query_id": "b", "query": "qb", "doc_id": "1", "document": "y", "label": 0},
+                        {"query_id": "a", "query": "qa", "doc_id": "2", "document": "z", "label": True},
+                        {"query_id": "a", "query": "qa", "doc_id": "3", "document": "w"},
+                        {"query_id": "a", "query": "qa", "doc_id": "4", "document": ""}])  # rejected: empty
+    s = pairs_jsonl_set(path)
+    assert [(q.query_id, [d for d, _ in q.docs]) for q in s.queries] == [("a", ["1", "2", "3"]), ("b", ["1"])]
+    assert s.qrels == {"a": {"1": 1, "2": 1}, "b": {"1": 0}}
+    _write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 0.5}])
+    with pytest.raises(RerankerError, match="integer relevance grade"):
+        pairs_jsonl_set(path)
+
+    s = beir_set(beir_dir, max_queries=2)
+    assert [q.query_id for q in s.queries] == ["q0", "q1"] and len(s.queries[0].docs) == N_DOCS
+    assert s.queries[0].docs[0] == ("q0d0", "rocket launch note 0 about rocket launch")  # "title text"
+    # Without a run: every judged document plus 4 random others, the same for the same seed.
+    no_run = tmp_path / "beir"
+    no_run.mkdir()
+    for name in ("queries.jsonl", "corpus.jsonl"):
+        (no_run / name).write_bytes((beir_dir / name).read_bytes())
+    s = beir_set(no_run, qrels=beir_dir / "qrels" / "test.tsv", negatives=4, work_dir=tmp_path / "work")
+    for q in s.queries:
+        ids = {d for d, _ in q.docs}
+        assert len(ids) == 7 and set(s.qrels[q.query_id]) <= ids
+    again = beir_set(no_run, qrels=beir_dir / "qrels" / "test.tsv", negatives=4, work_dir=tmp_path / "work2")
+    assert [q.docs for q in again.queries] == [q.docs for q in s.queries]
+    with pytest.raises(RerankerError, match="qrels file not found"):
+        beir_set(no_run)
+
+
+def test_cli_errors(small_f16, tmp_path, capsys):
+    assert main([str(small_f16), "--beir", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
+    assert "BEIR folder not found" in capsys.readouterr().err
+    assert main([str(small_f16), "--synthetic", "4", "--levels", "Q8_0,Q9_X", "-o", str(tmp_path / "out")]) == 2
+    assert "unknown level 'Q9_X'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an evaluation set is required
+        main([str(small_f16)])
