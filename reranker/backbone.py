@@ -158,9 +158,12 @@ class Backbone:
     def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Final-norm hidden state of each sequence's last token, shape (len(sequences), n_embd), float32."""
         out = np.empty((len(sequences), self.n_embd), dtype=np.float32)
+        n_vocab = self.tokenizer.n_vocab
         for i, ids in enumerate(sequences):
             if not 0 < len(ids) <= self.n_ctx:
                 raise RerankerError(f"sequence {i} has {len(ids)} tokens; it must have 1 to n_ctx={self.n_ctx}")
+            if min(ids) < 0 or max(ids) >= n_vocab:  # llama.cpp would abort the process
+                raise RerankerError(f"sequence {i} has a token id outside the vocabulary [0, {n_vocab})")
         for group in pack([len(s) for s in sequences], self.n_batch, self.n_seq_max):
             self._clear()
             if len(group) == 1 and len(sequences[group[0]]) > self.n_batch:
@@ -210,3 +213,24 @@ class Backbone:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class VocabOnly:
+    """Just the GGUF's tokenizer (no weights, no context): for processes that only tokenise."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = check_gguf_file(path)
+        llama_log.install()
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise RerankerError(f"llama.cpp could not read the vocabulary of {self.path}: the file is corrupt")
+        self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
+        self.tokenizer.owner = self  # the vocabulary lives as long as the model does
+
+    def __del__(self) -> None:
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,4 +1,4 @@
-"""The `reranker` command line: rerank, synth, convert, quantize."""
+"""The `reranker` command line: rerank, score, embed, head, bench-quant, synth, convert, quantize."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Callable
 
+from . import compat_embed, compat_head, job_cli
+from .bench_quant_cli import add_parser as add_bench_quant_parser
 from .errors import RerankerError
 from .hub import DEFAULT_REPO
 
@@ -107,12 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default="Q8_0", help="Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, ... (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_quantize)
+
+    job_cli.add_parser(sub, _add_model_args)
+    compat_embed.add_parser(sub)
+    compat_head.add_parser(sub)
+    add_bench_quant_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("reranker.job").setLevel(logging.INFO)  # progress lines when stderr is not a terminal
     if args.verbose:
         logging.getLogger("reranker.llama").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func

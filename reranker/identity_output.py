@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 from pathlib import Path
 
 import gguf
@@ -33,9 +34,32 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def identity_marker(reader: gguf.GGUFReader) -> str | None:
-    field = reader.fields.get(MARKER_KEY)
-    return str(field.contents()) if field is not None else None
+def identity_marker(path: Path) -> str | None:
+    """The marker's value, read from the header's first entries, where `_write` puts it.
+
+    gguf-py's reader parses the whole 150k-token vocabulary (seconds); this reads a few bytes.
+    """
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] != b"GGUF":
+        return None
+    pos = 24  # magic, version (u32), tensor count (u64), kv count (u64)
+    for _ in range(4):
+        try:
+            (klen,) = struct.unpack_from("<Q", head, pos)
+            key = head[pos + 8 : pos + 8 + klen].decode()
+            pos += 8 + klen
+            (vtype,) = struct.unpack_from("<I", head, pos)
+            if vtype != gguf.GGUFValueType.STRING:
+                return None
+            (vlen,) = struct.unpack_from("<Q", head, pos + 4)
+            value = head[pos + 12 : pos + 12 + vlen].decode()
+            pos += 12 + vlen
+        except (struct.error, UnicodeDecodeError):
+            return None
+        if key == MARKER_KEY:
+            return value
+    return None
 
 
 def _cache_path(src: Path, dtype: str, cache_dir: Path) -> Path:
@@ -53,15 +77,15 @@ def with_identity_output(src: str | os.PathLike, dtype: str = "f16", cache_dir: 
     if dtype not in _DTYPES:
         raise RerankerError(f"identity output dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
     src = check_gguf_file(src)
-    try:
-        reader = gguf.GGUFReader(src)
-    except (ValueError, IndexError, OSError) as e:
-        raise RerankerError(f"{src} is a corrupt or truncated GGUF file ({e}); download or convert it again") from e
-    if identity_marker(reader) == dtype:
+    if identity_marker(src) == dtype:
         return src
     dst = _cache_path(src, dtype, Path(cache_dir) if cache_dir else default_cache_dir())
     if dst.is_file():
         return dst
+    try:
+        reader = gguf.GGUFReader(src)
+    except (ValueError, IndexError, OSError) as e:
+        raise RerankerError(f"{src} is a corrupt or truncated GGUF file ({e}); download or convert it again") from e
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     log.info("writing %s (one-time copy of %s with an identity output projection)", dst, src.name)
@@ -80,6 +104,7 @@ def _write(reader: gguf.GGUFReader, dst: Path, dtype: str) -> None:
     if n_vocab < n_embd:
         raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
     writer = gguf.GGUFWriter(str(dst), arch)
+    writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)  # first, so identity_marker() finds it fast
     for field in reader.fields.values():
         # GGUFWriter writes the architecture and GGUF.* header fields itself.
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name == MARKER_KEY:
@@ -87,7 +112,6 @@ def _write(reader: gguf.GGUFReader, dst: Path, dtype: str) -> None:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)
 
     tensors = [t for t in reader.tensors if t.name != "output.weight"]
     for t in tensors:

@@ -25,6 +25,7 @@ class GGUFTokenizer:
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p) -> None:
         self._vocab = vocab
+        self.owner: object = None  # keeps whatever owns `vocab` alive
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.swapped = self.token_text(SCORE_TOKEN_ID) == SCORE_TOKEN_TEXT
         self._buf = (llama_cpp.llama_token * 4096)()

@@ -1,0 +1,128 @@
+"""`reranker score`: SIGKILL at several points and resume gives the clean run's bytes; bad records; devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORDS = "alpha beta gamma delta 机器 学习 🎉 code() x=1 résumé".split()
+
+
+def write_nested(path, n_queries=40, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for q in range(n_queries):
+            docs = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
+            f.write(json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(WORDS, k=3)), "documents": docs},
+                               ensure_ascii=False) + "\n")
+
+
+def score_cmd(model, inp, out, *extra):
+    return [sys.executable, "-m", "reranker", "score", "-m", str(model), "-i", str(inp), "-o", str(out),
+            "--n-ctx", "1024", "--window", "16", "--quiet", *extra]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def consumed(out):
+    try:
+        return json.loads(out.with_name(out.name + ".checkpoint.json").read_text())["consumed"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def kill_when(cmd, out, after_consumed, delay):
+    """Start the job, wait until its checkpoint passes `after_consumed`, wait `delay`, SIGKILL it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while consumed(out) <= after_consumed and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ggufs):
+    return tiny_ggufs["f32"]
+
+
+@pytest.mark.parametrize("suffix,extra", [(".jsonl", []), (".trec", []), (".parquet", []), (".jsonl", ["--per", "pair"])],
+                         ids=["jsonl-per-query", "trec", "parquet", "jsonl-per-pair"])
+def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
+    inp = tmp_path / "in.jsonl"
+    write_nested(inp)
+    clean = tmp_path / f"clean{suffix}"
+    res = run(score_cmd(model, inp, clean, *extra))
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / f"out{suffix}"
+    kills = [(-1, 0.0), (5, 0.03), (15, 0.2)] if extra == [] and suffix == ".jsonl" else [(3, 0.01)]
+    killed = 0
+    for after, delay in kills:
+        killed += kill_when(score_cmd(model, inp, out, *extra), out, after, delay) == -signal.SIGKILL
+    assert killed >= 1, "no run was killed mid-way: the test proves nothing"
+    res = run(score_cmd(model, inp, out, *extra))
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == clean.read_bytes()
+    assert not out.with_name(out.name + ".partial").exists()
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    clean_summary = json.loads(clean.with_name(clean.name + ".summary.json").read_text())
+    assert summary["pairs"] == clean_summary["pairs"] and summary["tokens"] == clean_summary["tokens"]
+
+
+def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs):
+    inp = tmp_path / "in.jsonl"
+    write_nested(inp, n_queries=5)
+    out = tmp_path / "out.jsonl"
+    assert run(score_cmd(model, inp, out)).returncode == 0
+    res = run(score_cmd(model, inp, out))
+    assert res.returncode == 0 and "already complete" in res.stderr
+    # a changed model, input or head is refused without --restart
+    res = run(score_cmd(tiny_ggufs["f16"], inp, out))
+    assert res.returncode == 2 and "different model" in res.stderr and "--restart" in res.stderr
+    write_nested(inp, n_queries=6)
+    res = run(score_cmd(model, inp, out))
+    assert res.returncode == 2 and "different input" in res.stderr
+    res = run(score_cmd(model, inp, out, "--restart"))
+    assert res.returncode == 0, res.stderr
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_bad_records_fail_or_skip(model, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    good = json.dumps({"query": "q", "documents": ["a", "b"]})
+    inp.write_bytes(b"\n".join([good.encode(), b"{not json", json.dumps({"query": "q"}).encode(),
+                                json.dumps({"query": "q", "documents": [3]}).encode(), b'{"query": "\xff", "documents": ["x"]}',
+                                json.dumps({"query": "q", "documents": ["  "]}).encode(), good.encode()]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    res = run(score_cmd(model, inp, out))
+    assert res.returncode == 2 and f"{inp}:2" in res.stderr and "malformed JSON" in res.stderr and "--on-error skip" in res.stderr
+    res = run(score_cmd(model, inp, out, "--on-error", "skip", "--restart"))
+    assert res.returncode == 0, res.stderr
+    rejects = [json.loads(line) for line in out.with_name("out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4", "5", "6"]
+    reasons = " | ".join(r["reason"] for r in rejects)
+    for kind in ("malformed JSON", "missing field", "non-string text", "invalid UTF-8", "empty document"):
+        assert kind in reasons
+    assert len(out.read_text().splitlines()) == 2
+    assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 5
+
+
+def test_two_cpu_processes_equal_one(model, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_nested(inp, n_queries=20, seed=3)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert run(score_cmd(model, inp, one, "--threads", "1")).returncode == 0
+    res = run(score_cmd(model, inp, two, "--devices", "cpu,cpu", "--threads", "1"))
+    assert res.returncode == 0, res.stderr
+    assert two.read_bytes() == one.read_bytes()
