@@ -116,7 +116,8 @@ class Backbone:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
-        cparams.n_ubatch = min(n_ubatch or 512, n_batch)
+        on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        cparams.n_ubatch = min(n_ubatch or (1024 if on_gpu else 512), n_batch)
         cparams.n_seq_max = n_seq_max
         if fast:
             cparams.n_outputs_max = n_seq_max  # sizes the host logits buffer: n_vocab floats per output
