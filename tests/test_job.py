@@ -126,3 +126,23 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
     res = run(score_cmd(model, inp, two, "--devices", "cpu,cpu", "--threads", "1"))
     assert res.returncode == 0, res.stderr
     assert two.read_bytes() == one.read_bytes()
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_nested(inp)
+    clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
+    assert run(score_cmd(model, inp, clean)).returncode == 0
+    proc = subprocess.Popen(score_cmd(model, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while consumed(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the job finished before Ctrl-C arrived")
+    assert proc.returncode == 130 and "interrupted" in err and "Rerun the same command" in err and "Traceback" not in err
+    assert consumed(out) >= 3 and not out.exists()
+    res = run(score_cmd(model, inp, out))
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == clean.read_bytes()
