@@ -7,8 +7,6 @@ Registered in `reranker.cli` by `add_parser(subparsers)`; also runs alone as
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from .errors import RerankerError
 from .quantize import RELEASE_LEVELS
@@ -84,24 +82,3 @@ def cmd_bench_quant(args: argparse.Namespace) -> None:
     print(markdown(report))
     for path in paths.values():
         print(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m reranker.bench_quant_cli ...`: the command on its own, with `reranker`'s error handling."""
-    parser = argparse.ArgumentParser(prog="reranker")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench-quant", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except RerankerError as e:
-        print(f"reranker bench-quant: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("reranker bench-quant: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

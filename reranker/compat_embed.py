@@ -235,16 +235,3 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=cmd_embed)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`reranker embed ARGS...` on its own (what `reranker`'s parser runs); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="reranker")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["embed", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except RerankerError as e:
-        print(f"reranker embed: error: {e}", file=sys.stderr)
-        return 2
-    return 0

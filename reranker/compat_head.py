@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -241,16 +241,3 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=cmd_head)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`reranker head ARGS...` on its own (what `reranker`'s parser runs); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="reranker")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["head", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.func(args)
-    except RerankerError as e:
-        print(f"reranker head: error: {e}", file=sys.stderr)
-        return 2
-    return 0

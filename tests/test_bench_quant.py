@@ -10,7 +10,11 @@ import pytest
 
 from reranker import RerankerError
 from reranker.bench_quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
-from reranker.bench_quant_cli import main
+from reranker.cli import main as cli_main
+
+
+def main(argv):
+    return cli_main(["bench-quant", *argv])
 from reranker.bench_quant_report import COLUMNS
 from reranker.bench_quant_sets import beir_set, pairs_jsonl_set, synthetic_set
 from reranker.convert import convert

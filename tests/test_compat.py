@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from reranker import compat_embed, compat_head, format_prompt
+from reranker import format_prompt
+from reranker.cli import main as cli_main
 from reranker.compat_embed import format_embeddings, process_escapes, split_prompts
 
 SEP = "<#sep#>"
@@ -53,7 +54,7 @@ def batch_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def out_json(gguf, batch_file):
     out = batch_file.parent / "out.json"
-    rc = compat_embed.main(["-m", gguf, "-f", str(batch_file), "--embd-separator", SEP, "--embd-output-format", "json",
+    rc = cli_main(["embed", "-m", gguf, "-f", str(batch_file), "--embd-separator", SEP, "--embd-output-format", "json",
                             "--pooling", "last", "--embd-normalize", "-1", "-c", "4096", "-b", "1024", "-o", str(out)])
     assert rc == 0
     return out
@@ -76,19 +77,19 @@ def test_embed_json_is_llama_embeddings_layout_and_values(out_json, tiny_reranke
 def test_head_on_llama_json_and_npy_reproduces_compute_score(gguf, batch_file, out_json, head_npz, tiny_reranker, tmp_path,
                                                                capsys):
     want = np.array(tiny_reranker.compute_score(PAIRS))
-    assert compat_head.main([str(out_json), "--head", head_npz, "--device", "cpu"]) == 0
+    assert cli_main(["head", str(out_json), "--head", head_npz, "--device", "cpu"]) == 0
     txt = np.array([float(x) for x in capsys.readouterr().out.split()])
     np.testing.assert_allclose(txt, want, rtol=0, atol=1e-6)
 
     emb = tmp_path / "emb.npy"
-    assert compat_embed.main(["-m", gguf, "-f", str(batch_file), "--embd-separator", SEP,
+    assert cli_main(["embed", "-m", gguf, "-f", str(batch_file), "--embd-separator", SEP,
                               "-c", "4096", "-o", str(emb)]) == 0  # format inferred from the suffix
     np.testing.assert_allclose(np.load(emb), tiny_reranker.embed(PAIRS), rtol=0, atol=1e-6)
     scores = tmp_path / "scores.json"
-    assert compat_head.main([str(emb), "--head", head_npz, "--device", "cpu", "-o", str(scores), "--batch-size", "4"]) == 0
+    assert cli_main(["head", str(emb), "--head", head_npz, "--device", "cpu", "-o", str(scores), "--batch-size", "4"]) == 0
     np.testing.assert_allclose(json.loads(scores.read_text()), want, rtol=0, atol=1e-6)
     npy_scores = tmp_path / "scores.npy"
-    assert compat_head.main([str(out_json), "--head", head_npz, "--device", "cpu", "-o", str(npy_scores),
+    assert cli_main(["head", str(out_json), "--head", head_npz, "--device", "cpu", "-o", str(npy_scores),
                              "--batch-size", "2"]) == 0  # several JSON chunks
     got = np.load(npy_scores)
     assert got.dtype == np.float32 and got.shape == (len(PAIRS),)
@@ -99,24 +100,24 @@ def test_array_and_raw_formats_and_single_prompt(gguf, head_npz, tiny_reranker, 
     q, d = PAIRS[0]
     # -p with escapes, as in the release's recipe: `\n` in the shell string is a newline.
     prompt = format_prompt(q, d).replace("\n", "\\n") + "<|box_end|>"
-    assert compat_embed.main(["-m", gguf, "-p", prompt, "--embd-separator", SEP, "--embd-output-format", "array", "-c", "4096"]) == 0
+    assert cli_main(["embed", "-m", gguf, "-p", prompt, "--embd-separator", SEP, "--embd-output-format", "array", "-c", "4096"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("[[") and out.endswith("]]\n\n")
     np.testing.assert_allclose(json.loads(out), tiny_reranker.embed([[q, d]]), rtol=0, atol=1e-6)
     # Array output is scored too.
     arr = tmp_path / "arr.json"
     arr.write_text(out)
-    assert compat_head.main([str(arr), "--head", head_npz, "--device", "cpu", "--format", "json"]) == 0
+    assert cli_main(["head", str(arr), "--head", head_npz, "--device", "cpu", "--format", "json"]) == 0
     np.testing.assert_allclose(json.loads(capsys.readouterr().out), [tiny_reranker.compute_score([q, d])], atol=1e-6)
 
     # llama.cpp decodes escapes in every prompt (-f too); --no-escape keeps backslashes as text.
     path = r"C:\new\table"
     windows = format_prompt(q, path) + "<|box_end|>"
-    assert compat_embed.main(["-m", gguf, "-p", windows, "--embd-separator", SEP, "--embd-output-format", "raw",
+    assert cli_main(["embed", "-m", gguf, "-p", windows, "--embd-separator", SEP, "--embd-output-format", "raw",
                               "-c", "4096"]) == 0
     raw = np.array(capsys.readouterr().out.split(), dtype=float)
     np.testing.assert_allclose(raw, tiny_reranker.embed([[q, "C:\new\table"]])[0], rtol=0, atol=1e-6)
-    assert compat_embed.main(["-m", gguf, "-p", windows, "--embd-separator", SEP, "--no-escape",
+    assert cli_main(["embed", "-m", gguf, "-p", windows, "--embd-separator", SEP, "--no-escape",
                               "--embd-output-format", "raw", "-c", "4096"]) == 0
     raw = np.array(capsys.readouterr().out.split(), dtype=float)
     np.testing.assert_allclose(raw, tiny_reranker.embed([[q, path]])[0], rtol=0, atol=1e-6)
@@ -135,23 +136,23 @@ def test_prompt_splitting_and_escapes():
     (["--embd-output-format", "npy"], "-o FILE.npy"),
 ])
 def test_embed_option_errors(gguf, batch_file, capsys, args, needle):
-    assert compat_embed.main(["-m", gguf, "-f", str(batch_file), "--embd-separator", SEP, *args]) == 2
+    assert cli_main(["embed", "-m", gguf, "-f", str(batch_file), "--embd-separator", SEP, *args]) == 2
     assert needle in capsys.readouterr().err
 
 
 def test_embed_prompt_errors(gguf, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text(SEP.join([format_prompt("q", "d") + "<|box_end|>", format_prompt("q", "no score token")]))
-    assert compat_embed.main(["-m", gguf, "-f", str(bad), "--embd-separator", SEP]) == 2
+    assert cli_main(["embed", "-m", gguf, "-f", str(bad), "--embd-separator", SEP]) == 2
     err = capsys.readouterr().err
     assert "prompt 1 does not end with <|box_end|>" in err and "--embd-separator '<#sep#>'" in err
     # The default separator splits multi-line prompts: the error says so before loading the model.
-    assert compat_embed.main(["-m", "/nonexistent.gguf", "-f", str(bad)]) == 2
+    assert cli_main(["embed", "-m", "/nonexistent.gguf", "-f", str(bad)]) == 2
     assert "prompt 0 does not end with <|box_end|>" in capsys.readouterr().err
     long = tmp_path / "long.txt"
     long.write_text(format_prompt("q", "word " * 400) + "<|box_end|>")
     out = tmp_path / "never.json"
-    assert compat_embed.main(["-m", gguf, "-f", str(long), "--embd-separator", SEP, "-c", "128", "-o", str(out)]) == 2
+    assert cli_main(["embed", "-m", gguf, "-f", str(long), "--embd-separator", SEP, "-c", "128", "-o", str(out)]) == 2
     assert "prompt 0 has" in capsys.readouterr().err and not out.exists()
 
 
@@ -161,7 +162,7 @@ def test_head_errors(out_json, head_npz, tmp_path, capsys, tiny_reranker):
     h = hidden * 2
     np.savez(wrong, W1=np.zeros((h, h), np.float32), b1=np.zeros(h, np.float32), W2=np.zeros((h, 1), np.float32),
              b2=np.zeros(1, np.float32), logit_bias=np.array([2.65], np.float32))
-    assert compat_head.main([str(out_json), "--head", str(wrong), "--device", "cpu"]) == 2
+    assert cli_main(["head", str(out_json), "--head", str(wrong), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"embeddings of size {hidden}" in err and f"takes {h}" in err and str(out_json) in err and "mlp_weights.npz" in err
 
@@ -170,16 +171,16 @@ def test_head_errors(out_json, head_npz, tmp_path, capsys, tiny_reranker):
     shuffled = tmp_path / "shuffled.json"
     shuffled.write_text(json.dumps(data))
     out = tmp_path / "scores.txt"
-    assert compat_head.main([str(shuffled), "--head", head_npz, "--device", "cpu", "-o", str(out)]) == 2
+    assert cli_main(["head", str(shuffled), "--head", head_npz, "--device", "cpu", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "data entry 1 has index 2" in err and "sort" in err and not out.exists()
 
     truncated = tmp_path / "truncated.json"
     truncated.write_text(out_json.read_text()[:-40])
-    assert compat_head.main([str(truncated), "--head", head_npz, "--device", "cpu"]) == 2
+    assert cli_main(["head", str(truncated), "--head", head_npz, "--device", "cpu"]) == 2
     assert "invalid or truncated JSON" in capsys.readouterr().err
 
     npy = tmp_path / "wrong.npy"
     np.save(npy, np.zeros((3, hidden + 1), np.float32))
-    assert compat_head.main([str(npy), "--head", head_npz, "--device", "cpu"]) == 2
+    assert cli_main(["head", str(npy), "--head", head_npz, "--device", "cpu"]) == 2
     assert f"embeddings of size {hidden + 1}" in capsys.readouterr().err
