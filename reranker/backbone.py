@@ -20,6 +20,19 @@ SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
 _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
 
 
+def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
+    llama_log.install()
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = n_gpu_layers
+    mparams.vocab_only = vocab_only
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RerankerError(f"llama.cpp could not load {path}: the file is corrupt or not a supported model "
+                            "(enable logging.getLogger('reranker.llama') at DEBUG for llama.cpp's reason)")
+    return model
+
+
 class _PackedBatch:
     """A `llama_batch` whose arrays are numpy buffers, filled without per-token Python loops."""
 
@@ -90,15 +103,8 @@ class Backbone:
         fast: bool = False,
     ) -> None:
         self.path = check_gguf_file(path)
-        llama_log.install()
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise RerankerError(f"llama.cpp could not load {self.path}: the file is corrupt or not a supported model "
-                                "(enable logging.getLogger('reranker.llama') at DEBUG for llama.cpp's reason)")
         self._ctx = None
+        self._model = _load_model(self.path, n_gpu_layers=n_gpu_layers)
         self.arch = self.metadata("general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
             self.close()
@@ -221,13 +227,7 @@ class VocabOnly:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = check_gguf_file(path)
-        llama_log.install()
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.vocab_only = True
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise RerankerError(f"llama.cpp could not read the vocabulary of {self.path}: the file is corrupt")
+        self._model = _load_model(self.path, vocab_only=True)
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
         self.tokenizer.owner = self  # the vocabulary lives as long as the model does
 
