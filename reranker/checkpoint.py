@@ -29,11 +29,15 @@ def file_fingerprint(path: str | os.PathLike, whole: bool = False) -> dict:
     return {"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()}
 
 
-def input_fingerprint(paths: list[Path]) -> list[dict]:
-    """Fingerprints of the input files (a directory counts as the files directly inside it)."""
+def input_fingerprint(paths: list[Path], skip_prefix: str = "") -> list[dict]:
+    """Fingerprints of the input files (a directory counts as the files directly inside it,
+    except the job's own output files, named `skip_prefix`*, when it writes there)."""
     files: list[Path] = []
     for p in paths:
-        files.extend(sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p])
+        if p.is_dir():
+            files.extend(sorted(q for q in p.iterdir() if q.is_file() and not (skip_prefix and q.name.startswith(skip_prefix))))
+        else:
+            files.append(p)
     return [file_fingerprint(f) for f in files]
 
 

@@ -146,7 +146,7 @@ class Job:
         self.scorer = scorer
         self.progress = progress or Progress(quiet=True)
         self.checkpoint = Checkpoint(spec.output)
-        self.fingerprint = {**fingerprint, "input": input_fingerprint(spec.input_paths()),
+        self.fingerprint = {**fingerprint, "input": input_fingerprint(spec.input_paths(), skip_prefix=spec.output.name),
                             "settings": {**fingerprint.get("settings", {}), **self._settings()}}
         self.model_name = model_name
         self.stats = Stats()
@@ -155,7 +155,7 @@ class Job:
     def _settings(self) -> dict:
         s = self.spec
         return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
-                "per": s.per, "depth": s.depth, "window": s.window, "on_error": s.on_error, "run_tag": s.run_tag,
+                "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
                 "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length}
 
     def _start(self) -> tuple[dict, dict] | None:

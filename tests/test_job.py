@@ -106,7 +106,7 @@ def test_bad_records_fail_or_skip(model, tmp_path):
     out = tmp_path / "out.jsonl"
     res = run(score_cmd(model, inp, out))
     assert res.returncode == 2 and f"{inp}:2" in res.stderr and "malformed JSON" in res.stderr and "--on-error skip" in res.stderr
-    res = run(score_cmd(model, inp, out, "--on-error", "skip", "--restart"))
+    res = run(score_cmd(model, inp, out, "--on-error", "skip"))  # resumes the failed job
     assert res.returncode == 0, res.stderr
     rejects = [json.loads(line) for line in out.with_name("out.jsonl.rejects.jsonl").read_text().splitlines()]
     assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4", "5", "6"]
