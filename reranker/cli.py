@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Callable
 
+from head import HeadLoadError
+
 from . import compat_embed, compat_head, job_cli
 from .bench_quant_cli import add_parser as add_bench_quant_parser
 from .errors import RerankerError
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except RerankerError as e:
+    except (RerankerError, HeadLoadError) as e:
         print(f"reranker {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -61,3 +62,7 @@ def test_errors_are_one_clear_line(gguf, tmp_path):
     assert res.returncode == 2 and f"{bad}:2" in res.stderr and "Traceback" not in res.stderr
     res = run("rerank", "-m", gguf, "-q", "q")
     assert res.returncode == 2 and "no documents" in res.stderr
+    npz = tmp_path / "mlp_weights.npz"
+    np.savez(npz, W1=np.zeros((4, 4), np.float32))
+    res = run("rerank", "-m", gguf, "--head", str(npz), "-q", "q", "-d", "d")
+    assert res.returncode == 2 and str(npz) in res.stderr and "b1" in res.stderr and "Traceback" not in res.stderr
