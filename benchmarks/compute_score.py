@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/head.py would shadow the `head` package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[list[str]]:

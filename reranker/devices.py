@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -30,6 +32,8 @@ def parse_devices(spec: str | None) -> list[str]:
 
 
 def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue) -> None:
+    # Ctrl-C is the job's to handle: it stops feeding windows and closes the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Pin the GPU before llama.cpp or torch initialise CUDA in this process.
     if device != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -42,7 +46,16 @@ def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue) -> None:
     except BaseException as e:
         outbox.put((-1, None, f"device {device}: {type(e).__name__}: {e}"))
         return
-    while (msg := inbox.get()) is not None:
+    parent = os.getppid()
+    while True:
+        try:
+            msg = inbox.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the job was killed (SIGKILL leaves daemon children behind)
+                break
+            continue
+        if msg is None:
+            break
         wid, prompts = msg
         try:
             outbox.put((wid, score_prompts(reranker, prompts), None))
@@ -93,7 +106,7 @@ class DevicePool:
         while True:
             try:
                 return self.outbox.get(timeout=1.0)
-            except Exception:  # queue.Empty: check the processes are alive
+            except queue.Empty:  # check the processes are alive
                 dead = [p.name for p in self.procs if not p.is_alive()]
                 if dead:
                     raise RerankerError(f"device process(es) {', '.join(dead)} died; see the log above") from None
