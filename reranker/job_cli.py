@@ -74,7 +74,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     devices = parse_devices(args.devices)
 
     pool = reranker = None
-    if len(devices) > 1:
+    # A GPU other than the first must be pinned before CUDA starts, so it gets a process too.
+    if len(devices) > 1 or devices[:1] not in ([], ["cpu"], ["0"]):
         with_identity_output(files.gguf, "f32")  # write the cached copy once, before the workers race for it
         tokenizer = VocabOnly(files.gguf).tokenizer
         pool = DevicePool(devices, load)
