@@ -62,3 +62,11 @@ def tiny_reranker(tiny_ggufs):
     r = Reranker.from_pretrained(str(tiny_ggufs["f32"]), device="cpu", n_ctx=4096, n_batch=1024)
     yield r
     r.close()
+
+
+@pytest.fixture(scope="session")
+def small_f16(tmp_path_factory):
+    """The `small` preset (hidden 512, K-quant friendly) as an F16 GGUF, mlp_weights.npz beside it."""
+    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=1)
+    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
+    return gguf_path

@@ -17,19 +17,10 @@ def main(argv):
     return cli_main(["bench-quant", *argv])
 from reranker.bench_quant_report import COLUMNS
 from reranker.bench_quant_sets import beir_set, pairs_jsonl_set, synthetic_set
-from reranker.convert import convert
-from reranker.synth import synth_checkpoint
 
 LEVELS = ["F16", "Q8_0", "Q3_K_M"]
 TOPICS = ["rocket launch", "cake recipe", "tax law"]
 N_DOCS = 12  # more than 10, so the top-10 overlap is defined
-
-
-@pytest.fixture(scope="module")
-def small_f16(tmp_path_factory):
-    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=2)
-    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
-    return gguf_path
 
 
 def _write_jsonl(path, rows):

@@ -7,16 +7,7 @@ import pytest
 from conftest import PAIRS
 
 from reranker import Reranker, RerankerError
-from reranker.convert import convert
 from reranker.quantize import quantize
-from reranker.synth import synth_checkpoint
-
-
-@pytest.fixture(scope="module")
-def small_f16(tmp_path_factory):
-    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=1)
-    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
-    return gguf_path
 
 
 def _scores(path, head):
@@ -27,12 +18,12 @@ def _scores(path, head):
         r.close()
 
 
-def test_q8_0_and_q4_k_m_load_and_score(small_f16):
+def test_q8_0_and_q4_k_m_load_and_score(small_f16, tmp_path):
     head = small_f16.parent / "mlp_weights.npz"
     ref = _scores(small_f16, head)
     errs = {}
     for qtype in ("Q8_0", "Q4_K_M"):
-        out = quantize(small_f16, small_f16.parent / f"small-{qtype}.gguf", qtype)
+        out = quantize(small_f16, tmp_path / f"small-{qtype}.gguf", qtype)
         assert out.stat().st_size < small_f16.stat().st_size
         got = _scores(out, head)
         assert np.all((got > 0) & (got < 1))
