@@ -15,7 +15,6 @@ import json
 import logging
 import queue
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -275,9 +274,3 @@ def model_fingerprint(gguf_path: Path, head_path: Path | None, settings: dict) -
     """The parts of a job's identity that come from the model: GGUF, head and numeric settings."""
     return {"model": file_fingerprint(gguf_path), "head": file_fingerprint(head_path, whole=True) if head_path else None,
             "settings": settings}
-
-
-def timed(fn: Callable[[], Stats]) -> tuple[Stats, float]:
-    t = time.perf_counter()
-    stats = fn()
-    return stats, time.perf_counter() - t
