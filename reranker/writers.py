@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from .errors import RerankerError
 from .readers import import_pyarrow
@@ -157,7 +157,24 @@ def _state_value(state: dict, kind: str, key: str, path: Path) -> int:
     return state[key]
 
 
-class _DraftWriter:
+class _Resumable:
+    """Shared by the writers: a first write without `resume()` starts fresh, and nothing may be
+    written after a resumed run's output was already finished."""
+
+    path: Path
+    _started: bool
+    _finished: bool
+    resume: Callable[[dict], None]
+
+    def _start(self) -> None:
+        if not self._started:
+            self.resume({})
+        if self._finished:
+            raise RerankerError(f"{self.path} was already finished by the run being resumed; its checkpoint "
+                                "disagrees with the input: start the job over instead of resuming")
+
+
+class _DraftWriter(_Resumable):
     """Lines appended to `OUTPUT.partial`, renamed (or rewritten) onto OUTPUT by the final close."""
 
     kind = ""
@@ -183,13 +200,6 @@ class _DraftWriter:
         self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
         self.draft.truncate(size)
         self._started = True
-
-    def _start(self) -> None:
-        if not self._started:
-            self.resume({})
-        if self._finished:
-            raise RerankerError(f"{self.path} was already finished by the run being resumed; its checkpoint "
-                                "disagrees with the input: start the job over instead of resuming")
 
     def _write_lines(self, lines: list[str]) -> None:
         self._start()
@@ -303,7 +313,7 @@ def _trec_id(ident: str, what: str, unit: Unit) -> str:
     return ident
 
 
-class ParquetWriter:
+class ParquetWriter(_Resumable):
     """One row per pair in input order: query_id, doc_id, score (float32), rank (int32, 1-based
     within its query by descending score).
 
@@ -351,13 +361,6 @@ class ParquetWriter:
 
     def _trash(self) -> Path:
         return self.path.with_name(self.path.name + ".parts.old")
-
-    def _start(self) -> None:
-        if not self._started:
-            self.resume({})
-        if self._finished:
-            raise RerankerError(f"{self.path} was already finished by the run being resumed; its checkpoint "
-                                "disagrees with the input: start the job over instead of resuming")
 
     def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
         values = _check_scores(unit, scores)
