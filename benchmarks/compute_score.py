@@ -33,8 +33,8 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[list[str]]:
 
 
 def small_model(cache: Path) -> Path:
-    from reranker.convert import convert
-    from reranker.synth import synth_checkpoint
+    from reranker.gguf.convert import convert
+    from reranker.synth.checkpoint import synth_checkpoint
 
     gguf = cache / "gguf" / "jina-reranker-m0-small-F16.gguf"
     if not gguf.is_file():
@@ -61,7 +61,7 @@ def main() -> None:
     from llama_cpp import LLAMA_POOLING_TYPE_LAST, Llama
 
     from reranker import Reranker
-    from reranker.prompts import format_prompt
+    from reranker.engine.prompts import format_prompt
 
     gguf = args.model or small_model(args.cache)
     npz = gguf.parent / "mlp_weights.npz"

@@ -72,7 +72,7 @@ def bf16_matmul_flops(n: int = 8192, iters: int = 50) -> float:
 
 def m0_levels(model: Path | None, cache: Path, levels: list[str]) -> dict[str, Path]:
     """Level -> GGUF path: the F16 model (given or built from the synthetic `m0` checkpoint) and its quantizations."""
-    from reranker.quantize import quantize
+    from reranker.gguf.quantize import quantize
 
     f16 = model or synthetic_model(cache, "m0", "f16")[0]
     out = {}
@@ -91,13 +91,14 @@ def m0_levels(model: Path | None, cache: Path, levels: list[str]) -> dict[str, P
 
 
 def run_job_in_process(rr, input_path: Path, output: Path, window: int, max_length: int):
-    """The job's streaming loop (`reranker.job.Job`, as `reranker score` runs it) with this reranker.
+    """The job's streaming loop (`reranker.jobs.job.Job`, as `reranker score` runs it) with this reranker.
 
     Returns (stats, wall seconds of `Job.run`).
     """
-    from reranker.job import Job, JobSpec
-    from reranker.prompts import MAX_QUERY_LENGTH, PromptBuilder
-    from reranker.window_scorer import score_prompts
+    from reranker.defaults import MAX_QUERY_LENGTH
+    from reranker.engine.prompts import PromptBuilder
+    from reranker.engine.scoring import score_prompts
+    from reranker.jobs.job import Job, JobSpec
 
     spec = JobSpec(input=input_path, output=output, per="pair", window=window, restart=True)
     builder = PromptBuilder(rr.backbone.tokenizer, min(max_length, rr.backbone.n_ctx), MAX_QUERY_LENGTH)
@@ -138,8 +139,8 @@ def main() -> None:
 
     from head import ScoringHead
     from reranker import Reranker
-    from reranker.backbone import Backbone
-    from reranker.identity_output import with_identity_output
+    from reranker.engine.backbone import Backbone
+    from reranker.engine.identity import with_identity_output
 
     flops = float("nan") if args.cpu_check else bf16_matmul_flops(args.matmul_size)
     print(f"{device}: dense bf16 matmul {flops / 1e12:.1f} TFLOP/s ({args.matmul_size}^3)", flush=True)

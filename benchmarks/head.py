@@ -14,11 +14,12 @@ dominate each embedding's cost). TF32 stays off, so fp32 is compared with true f
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ def cuda_part(args: argparse.Namespace) -> None:
                     print(f"    N={n:>10,} {where}: skipped (does not fit in GPU memory)")
                     continue
                 x = torch.randn(n, args.hidden, dtype=dtype, device="cuda" if where == "device" else "cpu")
-                t = best_time(lambda: score_embeddings(head, x, batch_size=args.batch_size), args.repeats, cuda=True)
+                t = best_time(functools.partial(score_embeddings, head, x, batch_size=args.batch_size), args.repeats, cuda=True)
                 rate = n / t
                 print(
                     f"    N={n:>10,} {where:6s}: {rate:14,.0f} emb/s  {rate * fpe / 1e12:7.1f} TFLOP/s  "

@@ -69,8 +69,8 @@ def write_pairs_jsonl(path: Path, pairs) -> None:
 
 def synthetic_model(cache: Path, preset: str, outtype: str) -> tuple[Path, Path]:
     """(GGUF, checkpoint dir) of a seeded synthetic model, built once into `cache` (atomically)."""
-    from reranker.convert import convert
-    from reranker.synth import synth_checkpoint
+    from reranker.gguf.convert import convert
+    from reranker.synth.checkpoint import synth_checkpoint
 
     final = cache / f"{preset}-{outtype}"
     gguf = final / "gguf" / f"jina-reranker-m0-{preset}-{outtype.upper()}.gguf"
@@ -138,7 +138,7 @@ def score_windows(rr, windows: list[list]) -> tuple[np.ndarray, float, DecodeTim
 
     Returns (scores in input order, wall seconds, decode timer).
     """
-    from reranker.window_scorer import score_prompts
+    from reranker.engine.scoring import score_prompts
 
     timer = DecodeTimer()
     out = []
@@ -151,7 +151,7 @@ def score_windows(rr, windows: list[list]) -> tuple[np.ndarray, float, DecodeTim
 
 
 def warm_up(rr, prompts) -> None:
-    from reranker.window_scorer import score_prompts
+    from reranker.engine.scoring import score_prompts
 
     score_prompts(rr, prompts[:4])
 
@@ -264,8 +264,9 @@ def main() -> None:
     import llama_cpp
 
     from reranker import Reranker
-    from reranker.identity_output import with_identity_output
-    from reranker.prompts import MAX_QUERY_LENGTH, PromptBuilder, format_prompt
+    from reranker.defaults import MAX_QUERY_LENGTH
+    from reranker.engine.identity import with_identity_output
+    from reranker.engine.prompts import PromptBuilder, format_prompt
 
     if args.model:
         gguf, checkpoint = args.model, args.checkpoint

@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
 
-    from reranker.identity_output import with_identity_output
+    from reranker.engine.identity import with_identity_output
 
     gguf = args.model or synthetic_model(args.cache, "tiny", args.outtype)[0]
     with_identity_output(gguf, "f32")  # the job's one-time cached copy, made before any run

@@ -1,11 +1,13 @@
-"""The one exception type raised when a head cannot be loaded."""
+"""The exception raised when a head cannot be loaded: a `reranker.RerankerError`."""
 
 from __future__ import annotations
 
 import os
 
+from reranker.errors import RerankerError
 
-class HeadLoadError(ValueError):
+
+class HeadLoadError(RerankerError):
     """A head file or state dict is unusable; the message names the source, the problem and the fix."""
 
 

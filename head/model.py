@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
-from numpy.typing import DTypeLike
 import torch.nn.functional as F
+from numpy.typing import DTypeLike
 from torch import nn
 
 from .checkpoint import SUFFIXES, read_checkpoint

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from numpy.typing import DTypeLike
 
-from ._files import atomic_write, existing_file
+from reranker.atomic import atomic_write
+
+from ._files import existing_file
 from .errors import HeadLoadError, describe_source
 from .weights import (
     HeadWeights,

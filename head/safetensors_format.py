@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ._files import atomic_path, existing_file
+from reranker.atomic import atomic_path
+
+from ._files import existing_file
 from .errors import HeadLoadError, describe_source
 from .weights import (
     HeadWeights,
@@ -66,4 +68,4 @@ def write_safetensors(
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     with atomic_path(path) as tmp:
-        save_file(cpu, tmp, metadata=meta)
+        save_file(cpu, str(tmp), metadata=meta)

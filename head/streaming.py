@@ -19,8 +19,8 @@ from .fused import FoldedHead, FusedScorer, get_scorer
 if TYPE_CHECKING:
     from .model import ScoringHead
 
-Embeddings = Union[np.ndarray, torch.Tensor, str, "os.PathLike[str]"]
-Rows = Union[np.ndarray, torch.Tensor]
+Embeddings = Union[np.ndarray, torch.Tensor, str, "os.PathLike[str]"]  # noqa: UP007 (a runtime alias on Python 3.10)
+Rows = Union[np.ndarray, torch.Tensor]  # noqa: UP007
 
 
 def _load_npy(path: str | os.PathLike[str]) -> np.ndarray:

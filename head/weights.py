@@ -7,15 +7,14 @@ module itself never sees a malformed tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .errors import HeadLoadError
+from reranker.defaults import LOGIT_BIAS
 
-#: Constant subtracted from the raw score in the upstream modeling code (not stored in the HF checkpoint).
-LOGIT_BIAS = 2.65
+from .errors import HeadLoadError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from reranker.cli import main
 
 # Guarded: --devices spawns worker processes, which re-import the main module.
 if __name__ == "__main__":

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from head import ScoringHead
-
-from .backbone import Backbone
-from .errors import RerankerError
-from .hub import DEFAULT_REPO, HEAD_FILE, resolve
-from .identity_output import with_identity_output
-from .prompts import MAX_LENGTH, MAX_QUERY_LENGTH, PromptBuilder, check_pair
+from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
+from reranker.engine.backbone import Backbone
+from reranker.engine.identity import with_identity_output
+from reranker.engine.prompts import PromptBuilder, check_pair
+from reranker.errors import RerankerError
+from reranker.gguf.hub import resolve
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Reranker:
 
     def __init__(self, backbone: Backbone, head: ScoringHead, *, max_length: int = MAX_LENGTH,
                  max_query_length: int = MAX_QUERY_LENGTH, device: str | torch.device | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = BATCH_SIZE) -> None:
         if head.hidden_size != backbone.n_embd:
             raise RerankerError(f"the head has hidden size {head.hidden_size} but the backbone {backbone.path.name} "
                                 f"gives {backbone.n_embd}: use the mlp_weights.npz released with this GGUF")
@@ -59,11 +59,11 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
-                        *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = 2048,
-                        n_seq_max: int = 64, n_gpu_layers: int = -1, n_threads: int | None = None,
+                        *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = N_BATCH,
+                        n_seq_max: int = N_SEQ_MAX, n_gpu_layers: int = -1, n_threads: int | None = None,
                         flash_attn: bool | None = None, kv_type: str | None = None, fast: bool = True,
-                        identity_dtype: str = "f32", max_length: int | None = None,
-                        max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = 64,
+                        identity_dtype: str = IDENTITY_DTYPE, max_length: int | None = None,
+                        max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> "Reranker":
         """Load a GGUF (a path, or a Hub id such as `jinaai/jina-reranker-m0-GGUF:Q8_0`) and its head.
 

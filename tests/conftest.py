@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reranker.convert import convert
-from reranker.synth import synth_checkpoint
+from reranker.gguf.convert import convert
+from reranker.synth.checkpoint import synth_checkpoint
 
 # Pairs covering the tokenizer's corners; the last ones carry special-token strings.
 PAIRS = [

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import PAIRS
 
-from reranker.backbone import Backbone
-from reranker.identity_output import with_identity_output
-from reranker.prompts import PromptBuilder
+from reranker.engine.backbone import Backbone
+from reranker.engine.identity import with_identity_output
+from reranker.engine.prompts import PromptBuilder
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from reranker import RerankerError
-from reranker.bench_quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
+from reranker.bench.quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
+from reranker.bench.report import COLUMNS
+from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
 from reranker.cli import main as cli_main
 
 
 def main(argv):
     return cli_main(["bench-quant", *argv])
-from reranker.bench_quant_report import COLUMNS
-from reranker.bench_quant_sets import beir_set, pairs_jsonl_set, synthetic_set
+
 
 LEVELS = ["F16", "Q8_0", "Q3_K_M"]
 TOPICS = ["rocket launch", "cake recipe", "tax law"]

@@ -9,7 +9,7 @@ import pytest
 
 from reranker import format_prompt
 from reranker.cli import main as cli_main
-from reranker.compat_embed import format_embeddings, process_escapes, split_prompts
+from reranker.compat.embed import format_embeddings, process_escapes, split_prompts
 
 SEP = "<#sep#>"
 PAIRS = [

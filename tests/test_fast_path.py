@@ -9,9 +9,9 @@ import pytest
 from conftest import PAIRS
 
 from reranker import RerankerError
-from reranker.backbone import Backbone
-from reranker.identity_output import with_identity_output
-from reranker.prompts import PromptBuilder
+from reranker.engine.backbone import Backbone
+from reranker.engine.identity import with_identity_output
+from reranker.engine.prompts import PromptBuilder
 
 
 def states(path, fast, n_batch=512):

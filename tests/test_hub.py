@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from reranker import Reranker, RerankerError
-from reranker.hub import resolve, split_ref
+from reranker.gguf.hub import resolve, split_ref
 
 REPO = "jinaai/jina-reranker-m0-GGUF"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

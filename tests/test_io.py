@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reranker import writers
 from reranker.errors import RerankerError
-from reranker.readers import read_input
-from reranker.records import Reject, Unit
-from reranker.writers import RejectsWriter, open_writer
+from reranker.jobs import writers
+from reranker.jobs.readers import read_input
+from reranker.jobs.records import Reject, Unit
+from reranker.jobs.writers import RejectsWriter, open_writer
 
 
 def write_lines(path, lines):

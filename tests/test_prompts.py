@@ -6,9 +6,9 @@ import pytest
 from conftest import PAIRS
 from tokenizers import Tokenizer
 
-from reranker.backbone import Backbone
-from reranker.prompts import PromptBuilder, format_prompt
-from reranker.tokenizer import SCORE_TOKEN_ID
+from reranker.defaults import SCORE_TOKEN_ID
+from reranker.engine.backbone import Backbone
+from reranker.engine.prompts import PromptBuilder, format_prompt
 
 # Characters whose UTF-8 ends in a lone 0xA7 byte token: the byte token that was id 100
 # before the release swapped `<|box_end|>` onto it.

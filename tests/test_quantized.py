@@ -7,7 +7,7 @@ import pytest
 from conftest import PAIRS
 
 from reranker import Reranker, RerankerError
-from reranker.quantize import quantize
+from reranker.gguf.quantize import quantize
 
 
 def _scores(path, head):

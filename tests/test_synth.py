@@ -1,4 +1,4 @@
-"""The rebuilt Qwen2-VL tokenizer (reranker.qwen_vocab) and the synthetic checkpoints (reranker.synth)."""
+"""The rebuilt Qwen2-VL tokenizer (reranker.synth.qwen_vocab) and the synthetic checkpoints (reranker.synth.checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker import qwen_vocab
-from reranker.synth import LOGIT_BIAS, PRESETS, SCORE_TOKEN_ID, synth_checkpoint, tensor_shapes
+from reranker.synth import qwen_vocab
+from reranker.synth.checkpoint import LOGIT_BIAS, PRESETS, SCORE_TOKEN_ID, synth_checkpoint, tensor_shapes
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")

@@ -1,0 +1,423 @@
+"""Quantization benchmark: every level of one model on the same evaluation set, in one run.
+
+`bench_quant()` finds or makes each level's GGUF (`quantize`), measures it in a fresh process
+(`bench_quant_worker`: load time, peak memory, pairs/s and tokens/s through
+`Reranker.compute_score`), and compares its scores with the reference's (the F32/BF16/F16 file
+the levels are made from): correlation, per-query top-10 overlap, score differences, order flips,
+and, when the set has relevance judgements, nDCG@10 / MRR@10 / Recall@100 from ir-measures.
+`bench_quant_report` turns the result into markdown, JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from reranker.atomic import atomic_path
+from reranker.bench.sets import EvalSet
+from reranker.engine.identity import with_identity_output
+from reranker.errors import RerankerError
+from reranker.gguf.header import check_gguf_file, header_value
+from reranker.gguf.hub import resolve
+from reranker.gguf.quantize import QUANT_TYPES, RELEASE_LEVELS, level_in_name, quantize
+
+log = logging.getLogger(__name__)
+
+#: Levels a reference can be, most precise first: the first one found is the reference.
+REFERENCE_TYPES = ("F32", "BF16", "F16")
+#: The levels measured unless told otherwise (the release's).
+DEFAULT_LEVELS = RELEASE_LEVELS
+TOP_K = 10
+BENCH_EXTRA = "pip install 'jina-reranker-gguf[bench]'"
+
+
+@dataclass
+class Level:
+    """One GGUF to measure. `path` is None until a missing level is made from the reference."""
+
+    name: str
+    path: Path | None
+    reference: bool = False
+
+
+@dataclass
+class Plan:
+    """The reference, the levels to measure (reference first), the head, and where missing levels go."""
+
+    reference: Level
+    levels: list[Level]
+    head: Path
+    make_dir: Path
+
+
+@dataclass
+class BenchReport:
+    """Everything one run measured: a row per level, the evaluation set, the settings, the machine."""
+
+    rows: list[dict[str, Any]]
+    eval_set: dict[str, Any]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    ids: list[tuple[str, str]] = field(default_factory=list, repr=False)
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise RerankerError(f"reranker bench-quant needs {module.split('.')[0]}, which is not installed: {BENCH_EXTRA}") from e
+
+
+# --- levels -------------------------------------------------------------------------------
+
+
+def gguf_level(path: str | os.PathLike) -> str:
+    """The level of a GGUF ("F16", "Q4_K_M", ...) from its `general.file_type`, else from its name."""
+    p = check_gguf_file(path)
+    names = {v: k for k, v in QUANT_TYPES.items()}
+    ftype = header_value(p, "general.file_type")
+    if ftype in names:
+        return names[ftype]
+    level = level_in_name(p.name)
+    if level is not None:
+        return level
+    raise RerankerError(f"cannot tell the quantization level of {p}: no general.file_type and no -LEVEL suffix in its name")
+
+
+def _check_levels(levels: Sequence[str]) -> list[str]:
+    out = []
+    for name in levels:
+        key = name.strip().upper()
+        if key not in QUANT_TYPES:
+            raise RerankerError(f"unknown level {name!r}; choose from {', '.join(sorted(QUANT_TYPES))}")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def plan_levels(models: Sequence[str], out_dir: str | os.PathLike, *, levels: Sequence[str] | None = None,
+                reference: str | None = None, head: str | os.PathLike | None = None,
+                cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> Plan:
+    """Which GGUFs to measure, and which to make.
+
+    - one GGUF file (or `repo:QUANT`): it is the reference; every level of `levels` (default:
+      the release's five) is made from it into `out_dir/gguf` (kept there for the next run);
+    - a folder or a Hub repo id: the reference is its `reference` file (default: the first of
+      F32, BF16, F16 that it holds); levels it holds are used, missing ones are made;
+    - several GGUF files: the reference is the one of level `reference` (default: the most
+      precise float file); the others are the levels, plus any of `levels` when given (made).
+    """
+    if not models:
+        raise RerankerError("no model given: pass an F16/BF16/F32 GGUF, a folder or Hub repo of GGUFs, or several GGUF files")
+    make_dir = Path(out_dir) / "gguf"
+    wanted = _check_levels(levels) if levels is not None else None
+    ref_name = _check_levels([reference])[0] if reference else None
+    found: dict[str, Path] = {}
+    heads: dict[str, Path] = {}  # level -> the head beside its file
+    if len(models) > 1:
+        for m in models:
+            files = resolve(m, cache_dir=cache_dir, local_files_only=local_files_only)
+            name = gguf_level(files.gguf)
+            if name in found:
+                raise RerankerError(f"{files.gguf} and {found[name]} are both {name}; give one file per level")
+            found[name] = files.gguf
+            if files.head:
+                heads[name] = files.head
+        ref_name = ref_name or next((t for t in REFERENCE_TYPES if t in found), None)
+        if ref_name not in found:
+            raise RerankerError(f"none of the given GGUFs is {ref_name or 'F32, BF16 or F16'}: add the unquantized file "
+                                "the levels are compared with (or name it with --reference)")
+        names = [n for n in found if n != ref_name] + [n for n in wanted or [] if n not in found]
+    else:
+        model = models[0]
+        local = Path(model).expanduser()
+        if local.is_file() or (not local.is_dir() and ":" in model and not model.startswith((".", "/", "~"))):
+            files = resolve(model, cache_dir=cache_dir, local_files_only=local_files_only)
+            name = gguf_level(files.gguf)
+            if ref_name and ref_name != name:
+                raise RerankerError(f"{files.gguf} is {name}, not the --reference {ref_name}")
+            ref_name, found[name] = name, files.gguf
+            if files.head:
+                heads[name] = files.head
+        else:
+            for name in [ref_name] if ref_name else REFERENCE_TYPES:
+                try:
+                    files = resolve(model, name, cache_dir=cache_dir, local_files_only=local_files_only)
+                except RerankerError as e:
+                    last = e
+                    continue
+                ref_name, found[name] = name, files.gguf
+                if files.head:
+                    heads[name] = files.head
+                break
+            else:
+                raise RerankerError(f"{model} holds no {' / '.join([ref_name] if ref_name else REFERENCE_TYPES)} GGUF "
+                                    f"to quantize and compare with ({last})")
+            for name in wanted if wanted is not None else DEFAULT_LEVELS:
+                if name == ref_name:
+                    continue
+                try:  # a level the folder or repo lacks is made, not an error
+                    found[name] = resolve(model, name, cache_dir=cache_dir, local_files_only=local_files_only).gguf
+                except RerankerError as e:
+                    log.info("%s has no %s GGUF (%s); it will be made from the reference", model, name, e)
+        names = [n for n in (wanted if wanted is not None else DEFAULT_LEVELS) if n != ref_name]
+    if ref_name not in REFERENCE_TYPES:
+        raise RerankerError(f"the reference {found[ref_name]} is {ref_name}; levels are made from and compared with an "
+                            "unquantized GGUF: give the F16, BF16 or F32 file")
+    head_path = Path(head) if head is not None else heads.get(ref_name, next(iter(heads.values()), None))
+    if head_path is None or not head_path.is_file():
+        raise RerankerError(f"no scoring head {'at ' + str(head_path) if head_path else 'beside ' + str(found[ref_name])}; "
+                            "pass --head path/to/mlp_weights.npz")
+    ref = Level(ref_name, found[ref_name], reference=True)
+    return Plan(ref, [ref] + [Level(n, found.get(n)) for n in names], head_path, make_dir)
+
+
+def _made_path(plan: Plan, name: str) -> Path:
+    stem = plan.reference.path.stem
+    suffix = "-" + plan.reference.name
+    base = stem[: -len(suffix)] if stem.upper().endswith(suffix.upper()) else stem
+    return plan.make_dir / f"{base}-{name}.gguf"
+
+
+def make_level(plan: Plan, level: Level, n_threads: int | None = None) -> float | None:
+    """Quantize a missing level from the reference; seconds taken, or None when nothing was made.
+
+    A file made by an earlier run from the same reference (same path, size and mtime, as
+    recorded in `<file>.source`) is reused.
+    """
+    if level.path is not None:
+        return None
+    dst = _made_path(plan, level.name)
+    ref = plan.reference.path
+    st = ref.stat()
+    source = f"{ref.resolve()}|{st.st_size}|{st.st_mtime_ns}\n"  # what the file was made from
+    stamp = dst.with_name(dst.name + ".source")
+    if dst.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == source and gguf_level(dst) == level.name:
+        level.path = dst
+        return None
+    t0 = time.perf_counter()
+    with atomic_path(dst) as tmp:  # an interrupted run leaves no half file to reuse
+        quantize(ref, tmp, level.name, n_threads=n_threads)
+    stamp.write_text(source, encoding="utf-8")
+    level.path = dst
+    return time.perf_counter() - t0
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def fidelity(reference: np.ndarray, scores: np.ndarray, groups: Sequence[int], k: int = TOP_K) -> dict[str, float | None]:
+    """How closely `scores` follow `reference` (same pairs, queries in `groups` consecutive slices).
+
+    - `spearman`, `kendall` (tau-b): rank correlation over all pairs pooled;
+    - `mean_abs_diff`, `max_abs_diff`: of the scores;
+    - `top10_overlap`: |top-k ∩ reference top-k| / k per query, averaged over the queries with
+      more than k candidates (with fewer, every candidate is in the top k): None when none has;
+    - `order_flips`: share of the within-query document pairs ordered differently from the
+      reference, a pair tied in one ordering and not the other counting one half; None when
+      no query has two candidates.
+    """
+    stats = _require("scipy.stats")
+    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if ref.shape != got.shape or ref.ndim != 1 or sum(groups) != len(ref):
+        raise RerankerError(f"scores of shape {got.shape} do not match the reference {ref.shape} and groups totalling {sum(groups)}")
+    diff = np.abs(ref - got)
+    out: dict[str, float | None] = {"spearman": None, "kendall": None}
+    if len(ref) > 1:
+        out["spearman"] = _none_if_nan(stats.spearmanr(ref, got).statistic)
+        out["kendall"] = _none_if_nan(stats.kendalltau(ref, got).statistic)
+    overlaps, flips, n_pairs = [], 0.0, 0
+    start = 0
+    for n in groups:
+        r, g = ref[start : start + n], got[start : start + n]
+        start += n
+        if n > k:  # stable sorts: ties keep input order, the same rule for both
+            top_r = set(np.argsort(-r, kind="stable")[:k].tolist())
+            top_g = set(np.argsort(-g, kind="stable")[:k].tolist())
+            overlaps.append(len(top_r & top_g) / k)
+        if n > 1:
+            i, j = np.triu_indices(n, 1)
+            a, b = np.sign(r[i] - r[j]), np.sign(g[i] - g[j])
+            flips += float(np.sum(a * b < 0) + 0.5 * np.sum((a == 0) != (b == 0)))
+            n_pairs += len(i)
+    out.update({
+        "top10_overlap": float(np.mean(overlaps)) if overlaps else None,
+        "mean_abs_diff": float(diff.mean()) if len(diff) else None,
+        "max_abs_diff": float(diff.max()) if len(diff) else None,
+        "order_flips": flips / n_pairs if n_pairs else None,
+    })
+    return out
+
+
+#: Report key -> ir-measures measure name (MRR@10 is ir-measures' RR@10).
+RETRIEVAL_MEASURES = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "RR@10", "recall_at_100": "R@100"}
+
+
+def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """nDCG@10, MRR@10 and Recall@100 from ir-measures, with trec_eval's definitions (linear
+    gains; grade >= 1 is relevant), averaged over every judged query: one without candidates
+    in `run` counts 0, as with `trec_eval -c`. None when there are no judgements."""
+    ir_measures = _require("ir_measures")
+    measures = {key: ir_measures.parse_measure(name) for key, name in RETRIEVAL_MEASURES.items()}
+    if not qrels:
+        return {key: None for key in measures}
+    run = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
+    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
+    return {key: _none_if_nan(agg[m]) for key, m in measures.items()}
+
+
+def _run_dict(eval_set: EvalSet, scores: np.ndarray) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    i = 0
+    for q in eval_set.queries:
+        for doc_id, _ in q.docs:
+            run.setdefault(q.query_id, {})[doc_id] = float(scores[i])
+            i += 1
+    return run
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """How every level is loaded and scored (the offline job's defaults, with a larger batch)."""
+
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    n_batch: int = 2048
+    n_gpu_layers: int = -1
+    batch_size: int = 256
+    max_length: int | None = None
+    max_query_length: int = 512
+    device: str | None = None
+    warmup: int = 8
+
+
+def _measure(level: Level, head: Path, pairs_file: Path, n_pairs: int, settings: Settings, work: Path,
+             bar: tqdm) -> tuple[dict, np.ndarray]:
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"gguf": str(level.path), "head": str(head), "pairs": str(pairs_file),
+            "scores": str(work / "scores.npy"), "result": str(work / "result.json"),
+            **{k: getattr(settings, k) for k in Settings.__dataclass_fields__}}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # so the worker imports this very package
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    err_path = work / "stderr.txt"
+    with open(err_path, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "reranker.bench.worker", str(spec_path)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("progress "):
+                    bar.update(min(n_pairs, int(line.split()[1])) - bar.n)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if rc != 0:
+        tail = err_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        raise RerankerError(f"measuring {level.name} ({level.path}) failed (exit code {rc}); its last messages:\n" + "\n".join(tail))
+    return json.loads((work / "result.json").read_text(encoding="utf-8")), np.load(work / "scores.npy")
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    """The machine and libraries the numbers come from."""
+    import llama_cpp
+    import torch
+
+    try:
+        lib_version = llama_cpp.llama_version().decode()
+    except (AttributeError, TypeError):
+        lib_version = None
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    cuda = torch.cuda.is_available()
+    on_gpu = offload and settings.n_gpu_layers != 0
+    return {
+        "device": (f"cuda: {torch.cuda.get_device_name(0)}" if cuda else "gpu") if on_gpu else "cpu",
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": settings.n_threads or os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None, "llama_gpu_offload": offload,
+        "n_gpu_layers": settings.n_gpu_layers,
+        "llama_cpp_python": llama_cpp.__version__, "llama_cpp": lib_version,
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(" |"),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    }
+
+
+def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, settings: Settings | None = None, *,
+                quantize_threads: int | None = None, progress: bool = True) -> BenchReport:
+    """Make the missing levels of `plan`, score `eval_set` with every level, compare each with the reference."""
+    settings = dataclasses.replace(settings or Settings())
+    out = Path(out_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    pairs = eval_set.pairs()
+    groups = eval_set.groups()
+    pairs_file = work / "pairs.json"
+    pairs_file.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    settings.warmup = min(settings.warmup, len(pairs))
+    rows: list[dict[str, Any]] = []
+    all_scores: dict[str, np.ndarray] = {}
+    ref_scores: np.ndarray | None = None
+    with tqdm(total=len(plan.levels), desc="levels", unit="level", disable=not progress, position=0) as levels_bar:
+        for level in plan.levels:
+            levels_bar.set_postfix_str(level.name + (": quantizing" if level.path is None else ""))
+            quantize_s = make_level(plan, level, n_threads=quantize_threads)
+            # The fast path's one-time GGUF copy (in from_pretrained's default dtype) is made here,
+            # so the worker times a steady-state load, as every later run of the job sees it.
+            levels_bar.set_postfix_str(f"{level.name}: preparing")
+            with_identity_output(level.path, "f32")
+            levels_bar.set_postfix_str(f"{level.name}: scoring")
+            with tqdm(total=len(pairs), desc=f"{level.name} pairs", unit="pair", disable=not progress,
+                      position=1, leave=False) as pairs_bar:
+                numbers, scores = _measure(level, plan.head, pairs_file, len(pairs), settings, work / level.name, pairs_bar)
+            if ref_scores is None:
+                ref_scores = scores
+            all_scores[level.name] = scores
+            size = level.path.stat().st_size
+            row: dict[str, Any] = {"level": level.name, "reference": level.reference, "path": str(level.path),
+                                   "made": quantize_s is not None, "quantize_s": quantize_s,
+                                   "file_bytes": size, "file_mb": size / 2**20, **numbers}
+            row.update(fidelity(ref_scores, scores, groups))
+            if eval_set.qrels:
+                row.update(retrieval_metrics(eval_set.qrels, _run_dict(eval_set, scores)))
+            else:
+                row.update({key: None for key in RETRIEVAL_MEASURES})
+            rows.append(row)
+            levels_bar.update(1)
+    summary = eval_set.summary()
+    return BenchReport(rows, summary,
+                       {"reference": plan.reference.name, "reference_path": str(plan.reference.path),
+                        "head": str(plan.head), "levels": [lv.name for lv in plan.levels], **vars(settings)},
+                       environment(settings), all_scores,
+                       [(q.query_id, doc_id) for q in eval_set.queries for doc_id, _ in q.docs])

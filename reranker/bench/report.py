@@ -1,0 +1,148 @@
+"""Outputs of `reranker bench-quant`: a markdown table, a JSON file with every number, a PNG plot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reranker.bench.quant import BENCH_EXTRA, BenchReport
+from reranker.errors import RerankerError
+
+JSON_VERSION = 1
+
+#: (row key, column header, number format): the table's columns, in order.
+COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("level", "level", str),
+    ("file_mb", "file MB", "{:.1f}".format),
+    ("load_s", "load s", "{:.2f}".format),
+    ("peak_host_mb", "peak host MB", "{:.0f}".format),
+    ("gpu_mem_mb", "GPU MB", "{:.0f}".format),
+    ("pairs_per_s", "pairs/s", "{:.1f}".format),
+    ("tokens_per_s", "tokens/s", "{:.0f}".format),
+    ("spearman", "Spearman", "{:.4f}".format),
+    ("kendall", "Kendall", "{:.4f}".format),
+    ("top10_overlap", "top-10 overlap", "{:.3f}".format),
+    ("mean_abs_diff", "mean abs diff", "{:.2e}".format),
+    ("max_abs_diff", "max abs diff", "{:.2e}".format),
+    ("order_flips", "order flips", "{:.4f}".format),
+    ("ndcg_at_10", "nDCG@10", "{:.4f}".format),
+    ("mrr_at_10", "MRR@10", "{:.4f}".format),
+    ("recall_at_100", "Recall@100", "{:.4f}".format),
+]
+OUTPUT_NAMES = {"markdown": "bench_quant.md", "json": "bench_quant.json", "plot": "bench_quant.png", "scores": "scores.npz"}
+
+
+def _cell(value: Any, fmt: Callable[[Any], str]) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return fmt(value)
+
+
+def markdown_table(report: BenchReport) -> str:
+    """One row per level, every column of `COLUMNS` ("–" where a number does not apply)."""
+    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+             "| " + " | ".join("---" if key == "level" else "---:" for key, _, _ in COLUMNS) + " |"]
+    for row in report.rows:
+        name = row["level"] + (" (ref)" if row.get("reference") else "")
+        cells = [name] + [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: BenchReport) -> str:
+    """The table with a short header: evaluation set, reference, machine."""
+    env, ev, st = report.environment, report.eval_set, report.settings
+    judged = f", {ev['judgements']} judgements" if ev.get("judgements") else ", no judgements"
+    lines = [
+        f"Evaluation set: {ev['kind']} `{ev['source']}` ({ev['queries']} queries, {ev['pairs']} pairs{judged}).",
+        *[f"Note: {n}." for n in ev.get("notes", [])],
+        f"Reference: {st['reference']} `{Path(st['reference_path']).name}`. Device: {env['device']}; CPU: {env['cpu']} "
+        f"({env['threads']} threads); llama-cpp-python {env['llama_cpp_python']}, torch {env['torch']}.",
+        f"Scoring: `Reranker.compute_score`, batch_size={st['batch_size']}, n_batch={st['n_batch']}, "
+        f"after a {st['warmup']}-pair warm-up; each level in a fresh process.",
+        "",
+        markdown_table(report),
+    ]
+    return "\n".join(lines)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(report: BenchReport) -> dict[str, Any]:
+    """Every number of the run, with the evaluation set, the settings and the environment."""
+    return _clean({
+        "version": JSON_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "columns": {key: header for key, header, _ in COLUMNS},
+        "eval_set": report.eval_set,
+        "settings": report.settings,
+        "environment": report.environment,
+        "levels": report.rows,
+    })
+
+
+def plot(report: BenchReport, path: str | os.PathLike) -> Path:
+    """Quality against throughput, one point per level, point area proportional to file size.
+
+    Quality is nDCG@10 when the set has judgements, else Spearman correlation with the reference.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RerankerError(f"the bench-quant plot needs matplotlib, which is not installed: {BENCH_EXTRA}") from e
+    rows = [r for r in report.rows if r.get("pairs_per_s") is not None]
+    key, label = ("ndcg_at_10", "nDCG@10") if rows and all(r.get("ndcg_at_10") is not None for r in rows) \
+        else ("spearman", "Spearman correlation with the reference")
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global state
+    ax = fig.add_subplot()
+    biggest = max((r["file_mb"] for r in rows), default=1.0) or 1.0
+    for r in rows:
+        y = r.get(key)
+        if y is None:
+            continue
+        ax.scatter(r["pairs_per_s"], y, s=40 + 1200 * r["file_mb"] / biggest, alpha=0.55,
+                   edgecolors="black", linewidths=0.6)
+        name = r["level"] + (" (ref)" if r.get("reference") else "")
+        ax.annotate(f"{name}\n{r['file_mb']:.0f} MB", (r["pairs_per_s"], y), textcoords="offset points",
+                    xytext=(8, 6), fontsize=8)
+    ax.set_xlabel("throughput (pairs/s)")
+    ax.set_ylabel(label)
+    ax.set_title(f"Quantization levels: quality vs throughput ({report.environment['device']})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.2)
+    out = Path(path)
+    fig.savefig(out, format="png")
+    return out
+
+
+def write_outputs(report: BenchReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """bench_quant.md, bench_quant.json, bench_quant.png and scores.npz (every level's scores) in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / name for kind, name in OUTPUT_NAMES.items()}
+    paths["markdown"].write_text(markdown(report), encoding="utf-8")
+    paths["json"].write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot(report, paths["plot"])
+    ids = np.array(report.ids, dtype=str).reshape(-1, 2)
+    np.savez(paths["scores"], query_id=ids[:, 0], doc_id=ids[:, 1], **report.scores)
+    return paths

@@ -1,0 +1,41 @@
+"""The `reranker` command line: one module per command, each with `add_parser` and `run`.
+
+Every error a user can cause is a `RerankerError`: printed as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from reranker.cli import bench_quant, convert, embed, head, quantize, rerank, score, synth
+from reranker.errors import RerankerError
+
+COMMANDS = (rerank, score, embed, head, bench_quant, synth, convert, quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reranker", description="jina-reranker-m0 from its GGUF release.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and llama.cpp messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("reranker.jobs").setLevel(logging.INFO)  # progress lines when stderr is not a terminal
+    if args.verbose:
+        logging.getLogger("reranker.llama").setLevel(logging.INFO)
+    try:
+        args.func(args)
+    except RerankerError as e:
+        print(f"reranker {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reranker {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

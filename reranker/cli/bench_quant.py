@@ -1,0 +1,74 @@
+"""`reranker bench-quant`: quantization levels of one model, measured on the same evaluation set."""
+
+from __future__ import annotations
+
+import argparse
+
+from reranker.cli.common import add_backbone_args
+from reranker.errors import RerankerError
+from reranker.gguf.quantize import RELEASE_LEVELS
+
+DEFAULT_OUT = "bench-quant"
+
+
+def _levels(text: str) -> list[str]:
+    return [x for x in (s.strip() for s in text.split(",")) if x]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the `bench-quant` command to the `reranker` command line."""
+    p = sub.add_parser(
+        "bench-quant", help="measure quantization levels: size, memory, speed, fidelity to F16, retrieval quality",
+        description="Make the missing quantization levels of a model and measure each on the same evaluation set.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="an F16/BF16/F32 GGUF, a folder or Hub repo id holding several levels, or several GGUF files")
+    p.add_argument("--levels", type=_levels, default=None,
+                   help=f"comma-separated levels (default: {','.join(RELEASE_LEVELS)}; with several files: those files)")
+    p.add_argument("--reference", default=None, help="level of the reference file (default: the first of F32, BF16, F16 found)")
+    p.add_argument("--head", default=None, help="mlp_weights.npz (default: the one beside the reference)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv, optional run")
+    src.add_argument("--pairs", metavar="FILE", help='JSONL of {"query_id", "query", "doc_id", "document", "label"}')
+    src.add_argument("--synthetic", type=int, metavar="N", help="N random pairs (speed and fidelity only)")
+    p.add_argument("--split", default="test", help="BEIR qrels split (default: %(default)s)")
+    p.add_argument("--qrels", default=None, help="qrels file (default: DIR/qrels/<split>.tsv)")
+    p.add_argument("--run", default=None, help="first-stage TREC run (default: run.trec, run.txt or *.run in DIR)")
+    p.add_argument("--depth", type=int, default=100, help="run candidates reranked per query (default: %(default)s)")
+    p.add_argument("--negatives", type=int, default=20,
+                   help="without a run: random corpus documents added to each query's judged ones (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic pairs and sampled negatives (default: %(default)s)")
+    p.add_argument("-o", "--out", default=DEFAULT_OUT,
+                   help="output folder: bench_quant.{md,json,png}, scores.npz, made GGUFs in gguf/ (default: %(default)s)")
+    add_backbone_args(p)
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per compute_score batch (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=8, help="pairs scored before timing (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from reranker.bench.quant import Settings, bench_quant, plan_levels
+    from reranker.bench.report import markdown, write_outputs
+    from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
+
+    for name in ("depth", "batch_size", "n_batch"):
+        if getattr(args, name) < 1:
+            raise RerankerError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.synthetic is not None:
+        eval_set = synthetic_set(args.synthetic, seed=args.seed)
+    elif args.pairs is not None:
+        eval_set = pairs_jsonl_set(args.pairs)
+    else:
+        eval_set = beir_set(args.beir, split=args.split, qrels=args.qrels, run=args.run, depth=args.depth,
+                            negatives=args.negatives, seed=args.seed, max_queries=args.max_queries,
+                            work_dir=f"{args.out}/work")
+    plan = plan_levels(args.models, args.out, levels=args.levels, reference=args.reference, head=args.head)
+    settings = Settings(n_threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+                        batch_size=args.batch_size, max_length=args.max_length, max_query_length=args.max_query_length,
+                        device=args.device, warmup=args.warmup)
+    report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress)
+    paths = write_outputs(report, args.out)
+    print(markdown(report))
+    for path in paths.values():
+        print(path)

@@ -1,0 +1,22 @@
+"""`reranker convert`: a checkpoint folder -> `<name>-<TYPE>.gguf` + `mlp_weights.npz`, as the release."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="checkpoint folder -> <name>-<TYPE>.gguf + mlp_weights.npz, as the release")
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
+    p.add_argument("--name", default=None, help="file name stem (default: the checkpoint folder's name)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from reranker.gguf.convert import convert
+
+    gguf_path, npz_path = convert(args.checkpoint, args.output, outtype=args.outtype, name=args.name)
+    print(gguf_path)
+    print(npz_path)

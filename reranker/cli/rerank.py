@@ -1,0 +1,68 @@
+"""`reranker rerank`: rank documents for one query and print them (a table, or the Jina API's JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reranker.cli.common import add_model_args, load_reranker
+from reranker.errors import RerankerError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rerank", help="rank documents for one query")
+    add_model_args(p)
+    p.add_argument("-q", "--query", required=True)
+    p.add_argument("-d", "--document", dest="documents", action="append", help="a document (repeatable)")
+    p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
+    p.add_argument("--top-n", type=int, default=None, help="show only the best N")
+    p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    docs = list(args.documents or []) + (read_documents(args.file) if args.file else [])
+    if not docs:
+        raise RerankerError("no documents: give -d DOC (repeatable) or -f FILE")
+    reranker = load_reranker(args)
+    ranked = reranker.rank(args.query, docs, top_k=args.top_n, return_documents=True)
+    if args.json:
+        out = {"model": args.model, "usage": {"total_tokens": reranker.last_usage.tokens},
+               "results": [{"index": r["corpus_id"], "relevance_score": r["score"], "document": {"text": r["text"]}}
+                           for r in ranked]}
+        json.dump(out, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+        return
+    print(f"{'rank':>4}  {'index':>5}  {'score':>8}  document")
+    for n, r in enumerate(ranked, 1):
+        text = " ".join(r["text"].split())
+        print(f"{n:>4}  {r['corpus_id']:>5}  {r['score']:8.4f}  {text[:100] + ('…' if len(text) > 100 else '')}")
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents from a text file (one per non-empty line) or a `.jsonl` file of `{"text": ...}` objects."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise RerankerError(f"cannot read documents file {p}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RerankerError(f"{p} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from e
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        return [line for line in text.splitlines() if line.strip()]
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RerankerError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise RerankerError(f'{p}:{n}: expected an object with a string "text" field, got {line[:80]!r}')
+        docs.append(obj["text"])
+    return docs

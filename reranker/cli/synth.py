@@ -1,0 +1,19 @@
+"""`reranker synth`: a synthetic jina-reranker-m0 checkpoint (real shapes and tokenizer, random weights)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic jina-reranker-m0 checkpoint (random weights, real tokenizer)")
+    p.add_argument("--preset", choices=["tiny", "small", "m0"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from reranker.synth.checkpoint import synth_checkpoint
+
+    print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed))

@@ -1,0 +1,42 @@
+"""Every default and model constant, defined once; the rest of the package imports them from here.
+
+Importing this module loads neither llama.cpp nor torch.
+"""
+
+from __future__ import annotations
+
+# --- the model -------------------------------------------------------------------------------
+#: The token whose last hidden state the head scores. The GGUF release renamed it `<|box_end|>`
+#: and gave the old text of id 100 (a byte token) to id 151649; embedding rows were not moved.
+SCORE_TOKEN_ID = 100
+SCORE_TOKEN_TEXT = "<|box_end|>"
+ORIGINAL_BOX_END_ID = 151649
+#: Subtracted from the head's raw logit (JinaVLForRanking.LOGIT_BIAS; not stored in the checkpoint).
+LOGIT_BIAS = 2.65
+#: The prompt template: `DOC_PREFIX + document + QUERY_PREFIX + query`, then the scoring token.
+DOC_PREFIX = "**Document**:\n"
+QUERY_PREFIX = "\n**Query**:\n"
+
+# --- where the files are ---------------------------------------------------------------------
+DEFAULT_REPO = "jinaai/jina-reranker-m0-GGUF"
+DEFAULT_QUANT = "F16"
+HEAD_FILE = "mlp_weights.npz"
+
+# --- truncation (the original model's) ---------------------------------------------------------
+MAX_LENGTH = 10240
+MAX_QUERY_LENGTH = 512
+
+# --- the backbone ------------------------------------------------------------------------------
+#: Tokens per `llama_decode` call, sequences per call, and physical batch sizes by device.
+N_BATCH = 2048
+N_SEQ_MAX = 64
+N_UBATCH_GPU = 1024
+N_UBATCH_CPU = 512
+#: The fast path's identity output projection: "f32" gives embedding mode's hidden states.
+IDENTITY_DTYPE = "f32"
+IDENTITY_DTYPES = ("f16", "f32")
+
+# --- the API and the job ---------------------------------------------------------------------
+BATCH_SIZE = 64  # pairs per `compute_score` step (the backbone packs them into decode calls)
+WINDOW = 2048  # pairs per job window: sorted by length for packing, checkpointed together
+RUN_TAG = "jina-reranker-m0"

@@ -1,0 +1,11 @@
+"""The engine: a (query, document) pair -> prompt ids -> the backbone's last hidden state -> a score.
+
+Read in this order:
+- `tokenizer.py`: text -> token ids with the GGUF's own vocabulary (user text stays text);
+- `prompts.py`: a pair -> its prompt ids, ending with the scoring token, truncated as the original;
+- `batching.py`: prompts -> groups that fit one `llama_decode` call;
+- `backbone.py`: packed token sequences -> last-token hidden states through llama.cpp;
+- `identity.py`: the fast path's cached GGUF copy whose output projection is the identity;
+- `scoring.py`: a window of prompts -> scores (length-sorted for packing, then the torch head);
+- `llama_log.py`: llama.cpp's C logging routed through Python's `logging`.
+"""

@@ -1,0 +1,238 @@
+"""The GGUF language backbone: packed token sequences -> last-token hidden states."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+
+import llama_cpp
+import numpy as np
+
+from reranker.defaults import MAX_LENGTH, N_BATCH, N_SEQ_MAX, N_UBATCH_CPU, N_UBATCH_GPU
+from reranker.engine import llama_log
+from reranker.engine.batching import pack
+from reranker.engine.identity import MARKER_KEY
+from reranker.engine.tokenizer import GGUFTokenizer
+from reranker.errors import RerankerError
+from reranker.gguf.header import check_gguf_file
+
+SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
+_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
+
+
+def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
+    llama_log.install()
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = n_gpu_layers
+    mparams.vocab_only = vocab_only
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RerankerError(f"llama.cpp could not load {path}: the file is corrupt or not a supported model "
+                            "(enable logging.getLogger('reranker.llama') at DEBUG for llama.cpp's reason)")
+    return model
+
+
+class _PackedBatch:
+    """A `llama_batch` whose arrays are numpy buffers, filled without per-token Python loops."""
+
+    def __init__(self, capacity: int) -> None:
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each into `self.seq`.
+        self.seq_ptr = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
+        self.struct = llama_cpp.llama_batch()
+        p = lambda a, t: a.ctypes.data_as(ctypes.POINTER(t))  # noqa: E731
+        self.struct.token = p(self.token, llama_cpp.llama_token)
+        self.struct.embd = ctypes.POINTER(ctypes.c_float)()
+        self.struct.pos = p(self.pos, llama_cpp.llama_pos)
+        self.struct.n_seq_id = p(self.n_seq_id, ctypes.c_int32)
+        self.struct.seq_id = self.seq_ptr.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
+        self.struct.logits = p(self.logits, ctypes.c_int8)
+
+    def fill(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]], all_outputs: bool) -> list[int]:
+        """Lay out (ids, seq_id, first position, output last token) chunks one after another.
+
+        Returns the batch index of each chunk's last token.
+        """
+        n = 0
+        last = []
+        for ids, seq, start, output_last in chunks:
+            k = len(ids)
+            self.token[n : n + k] = ids
+            self.pos[n : n + k] = np.arange(start, start + k, dtype=np.int32)
+            self.seq[n : n + k] = seq
+            self.logits[n : n + k] = 1 if all_outputs else 0
+            self.logits[n + k - 1] = 1 if all_outputs or output_last else 0
+            n += k
+            last.append(n - 1)
+        self.struct.n_tokens = n
+        return last
+
+
+class Backbone:
+    """A jina-reranker-m0 GGUF in llama.cpp: token sequences -> last-token hidden states.
+
+    Two ways to read the hidden state, same numbers:
+    - embedding mode (`fast=False`, the reference): pooling LAST, no normalisation; llama.cpp
+      then outputs every token, computing and copying full-vocabulary logits for each;
+    - generation mode (`fast=True`): only each sequence's last token is an output, and the
+      GGUF's output projection must be the identity (see `identity_output.py`), so the
+      first `n_embd` logits are the hidden state.
+
+    Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`
+    tokens); the KV cache is cleared between calls. A sequence longer than `n_batch` is
+    fed in chunks, which causal attention makes exact.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int = MAX_LENGTH,
+        n_batch: int = N_BATCH,
+        n_ubatch: int | None = None,
+        n_seq_max: int = N_SEQ_MAX,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
+        fast: bool = False,
+    ) -> None:
+        self.path = check_gguf_file(path)
+        self._ctx = None
+        self._model = _load_model(self.path, n_gpu_layers=n_gpu_layers)
+        self.arch = self.metadata("general.architecture")
+        if self.arch not in SUPPORTED_ARCHS:
+            self.close()
+            raise RerankerError(f"{self.path} has architecture {self.arch!r}; jina-reranker-m0 GGUFs are 'qwen2vl'")
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.fast = fast
+        if fast and self.metadata(MARKER_KEY) is None:
+            self.close()
+            raise RerankerError(f"{self.path} has no identity output projection, which fast=True needs; "
+                                "pass the path from reranker.engine.identity.with_identity_output()")
+        self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
+
+        n_batch = min(n_batch, n_ctx)
+        n_seq_max = max(1, min(n_seq_max, 256, n_batch))
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        cparams.n_ubatch = min(n_ubatch or (N_UBATCH_GPU if on_gpu else N_UBATCH_CPU), n_batch)
+        cparams.n_seq_max = n_seq_max
+        if fast:
+            cparams.n_outputs_max = n_seq_max  # sizes the host logits buffer: n_vocab floats per output
+        cparams.kv_unified = True  # all sequences share the cache, so one may use all of it
+        cparams.embeddings = not fast
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE if fast else llama_cpp.LLAMA_POOLING_TYPE_LAST
+        threads = n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        # An F32 GGUF is a reference: keep the KV cache in F32 and attention unfused, since
+        # an F16 cache or CPU flash attention alone costs ~1e-3 relative error.
+        reference = self.metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
+        kv_type = kv_type or ("f32" if reference else "f16")
+        if kv_type not in _KV_TYPES:
+            self.close()
+            raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(_KV_TYPES)}")
+        cparams.type_k = cparams.type_v = _KV_TYPES[kv_type]
+        if flash_attn is None and reference:
+            flash_attn = False
+        cparams.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise RerankerError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}, n_batch={n_batch}); "
+                                "try a smaller n_ctx or n_batch")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = _PackedBatch(n_batch)
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when absent."""
+        buf = ctypes.create_string_buffer(1024)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Final-norm hidden state of each sequence's last token, shape (len(sequences), n_embd), float32."""
+        out = np.empty((len(sequences), self.n_embd), dtype=np.float32)
+        n_vocab = self.tokenizer.n_vocab
+        for i, ids in enumerate(sequences):
+            if not 0 < len(ids) <= self.n_ctx:
+                raise RerankerError(f"sequence {i} has {len(ids)} tokens; it must have 1 to n_ctx={self.n_ctx}")
+            if min(ids) < 0 or max(ids) >= n_vocab:  # llama.cpp would abort the process
+                raise RerankerError(f"sequence {i} has a token id outside the vocabulary [0, {n_vocab})")
+        for group in pack([len(s) for s in sequences], self.n_batch, self.n_seq_max):
+            self._clear()
+            if len(group) == 1 and len(sequences[group[0]]) > self.n_batch:
+                ids = sequences[group[0]]
+                for start in range(0, len(ids), self.n_batch):
+                    end = start + self.n_batch
+                    last = self._decode([(ids[start:end], 0, start, end >= len(ids))])
+            else:
+                last = self._decode([(sequences[idx], seq, 0, True) for seq, idx in enumerate(group)])
+            for seq, idx in enumerate(group):
+                out[idx] = self._hidden(seq, last[-1] if len(group) == 1 else last[seq])
+        return out
+
+    def _decode(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]]) -> list[int]:
+        last = self._batch.fill(chunks, all_outputs=not self.fast)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch.struct)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on {self._batch.struct.n_tokens} tokens")
+        return last
+
+    def _hidden(self, seq: int, batch_index: int) -> np.ndarray:
+        if self.fast:
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        else:
+            ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp returned no output for sequence {seq}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+
+    def _clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def close(self) -> None:
+        """Free the context and the model (also done when the object is collected)."""
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> "Backbone":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VocabOnly:
+    """Just the GGUF's tokenizer (no weights, no context): for processes that only tokenise."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = check_gguf_file(path)
+        self._model = _load_model(self.path, vocab_only=True)
+        self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
+        self.tokenizer.owner = self  # the vocabulary lives as long as the model does
+
+    def __del__(self) -> None:
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,81 @@
+"""(query, document) pairs -> prompt token ids, with the original model's truncation rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reranker.defaults import DOC_PREFIX, MAX_LENGTH, MAX_QUERY_LENGTH, QUERY_PREFIX, SCORE_TOKEN_ID
+from reranker.engine.tokenizer import GGUFTokenizer
+from reranker.errors import RerankerError
+
+
+def format_prompt(query: str, document: str) -> str:
+    """The prompt text of one pair, without the scoring token."""
+    return f"{DOC_PREFIX}{document}{QUERY_PREFIX}{query}"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one pair, ending with the scoring token."""
+
+    ids: list[int]
+    truncated: bool
+
+
+def check_pair(pair: object, index: int) -> tuple[str, str]:
+    """Validate one `[query, document]` pair and return it as a tuple."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise RerankerError(
+            f"pair {index} must be a [query, document] list or tuple of two strings, got {type(pair).__name__}"
+            f"{'' if not isinstance(pair, (list, tuple)) else f' of length {len(pair)}'}"
+        )
+    query, document = pair
+    for name, value in (("query", query), ("document", document)):
+        if not isinstance(value, str):
+            raise RerankerError(
+                f"pair {index}: the {name} must be a str, got {type(value).__name__} ({value!r:.60}); "
+                "convert it to text first (images are not supported by the GGUF backbone)"
+            )
+    return query, document
+
+
+class PromptBuilder:
+    """Tokenises pairs so the scoring token is the single last token and user text stays text.
+
+    Truncation follows the original model, made strict: the query keeps at most
+    `max_query_length` tokens, the document is cut to fit `max_length`, and the scoring
+    token always survives.
+    """
+
+    def __init__(self, tokenizer: GGUFTokenizer, max_length: int = MAX_LENGTH, max_query_length: int = MAX_QUERY_LENGTH) -> None:
+        if max_length < 16:
+            raise RerankerError(f"max_length={max_length} is too small for the prompt template; use at least 16")
+        if max_query_length < 1:
+            raise RerankerError(f"max_query_length={max_query_length} must be at least 1")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_query_length = max_query_length
+
+    def build(self, query: str, document: str) -> Prompt:
+        """Prompt ids of one pair; for text that needs no cut they equal tokenising the whole prompt."""
+        budget = self.max_length - 1  # room left once the scoring token is appended
+        query_ids = self.tokenizer.encode(query)
+        truncated = len(query_ids) > self.max_query_length
+        if truncated:
+            query = self.tokenizer.decode(query_ids[: self.max_query_length])
+        ids = self.tokenizer.encode(format_prompt(query, document))
+        if len(ids) > budget:
+            truncated = True
+            ids = self._cut_document(query, document, ids, budget)
+        return Prompt(ids + [SCORE_TOKEN_ID], truncated)
+
+    def _cut_document(self, query: str, document: str, ids: list[int], budget: int) -> list[int]:
+        # Cut at a token boundary of the document alone, then re-tokenise the whole prompt:
+        # tokens can merge across the document's edges, so repeat until it fits.
+        doc_ids = self.tokenizer.encode(document)
+        keep = len(doc_ids)
+        while len(ids) > budget and keep > 0:
+            keep = max(0, keep - (len(ids) - budget))
+            ids = self.tokenizer.encode(format_prompt(query, self.tokenizer.decode(doc_ids[:keep])))
+        # Only a query longer than the whole budget gets here still too long: cut its end.
+        return ids[:budget]

@@ -1,0 +1,83 @@
+"""Where the files are: a local GGUF, or `repo[:QUANT]` on the Hugging Face Hub (cache-aware)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from reranker.defaults import DEFAULT_QUANT, DEFAULT_REPO, HEAD_FILE
+from reranker.errors import RerankerError
+from reranker.gguf.quantize import level_in_name
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The backbone GGUF and, when found, the scoring head beside it."""
+
+    gguf: Path
+    head: Path | None
+
+
+def split_ref(model: str, quant: str | None) -> tuple[str, str | None]:
+    """`repo:QUANT` as llama.cpp's `-hf` writes it -> (repo, quant)."""
+    if ":" in model and not Path(model).exists():
+        model, tag = model.rsplit(":", 1)
+        if quant and quant.upper() != tag.upper():
+            raise RerankerError(f"quant={quant!r} contradicts the tag in {model}:{tag}; give one of them")
+        quant = tag
+    return model, quant
+
+
+def _matches(path: Path, quant: str) -> bool:
+    return level_in_name(path.name, extra=(quant,)) == quant.upper()
+
+
+def _pick(ggufs: list[Path], quant: str | None, where: str) -> Path:
+    if quant:
+        hits = [p for p in ggufs if _matches(p, quant)]
+    else:
+        hits = ggufs if len(ggufs) == 1 else [p for p in ggufs if _matches(p, DEFAULT_QUANT)]
+    if len(hits) == 1:
+        return hits[0]
+    names = ", ".join(sorted(p.name for p in ggufs)) or "none"
+    if not hits:
+        raise RerankerError(f"no GGUF for quant {quant or DEFAULT_QUANT!r} in {where} (GGUF files there: {names}); pass quant=... or a file path")
+    raise RerankerError(f"several GGUFs match quant {quant!r} in {where}: {names}; pass the file path")
+
+
+def resolve(model: str = DEFAULT_REPO, quant: str | None = None, *, cache_dir: str | os.PathLike | None = None,
+            local_files_only: bool | None = None) -> ModelFiles:
+    """Find (or download) the GGUF and the head for `model`: a .gguf path, a folder, or a Hub repo id."""
+    model, quant = split_ref(model, quant)
+    local = Path(model).expanduser()
+    if local.is_file():
+        head = local.parent / HEAD_FILE
+        return ModelFiles(local, head if head.is_file() else None)
+    if local.is_dir():
+        gguf = _pick(sorted(local.glob("*.gguf")), quant, str(local))
+        head = local / HEAD_FILE
+        return ModelFiles(gguf, head if head.is_file() else None)
+    if model.endswith(".gguf") or model.startswith((".", "/", "~")):
+        raise RerankerError(f"GGUF file not found: {model}; pass an existing .gguf path or a Hub id like '{DEFAULT_REPO}:Q8_0'")
+    return _from_hub(model, quant or DEFAULT_QUANT, cache_dir, local_files_only)
+
+
+def _from_hub(repo: str, quant: str, cache_dir: str | os.PathLike | None, local_files_only: bool | None) -> ModelFiles:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
+    patterns = [f"*{q}*.gguf" for q in {quant, quant.upper(), quant.lower()}] + [HEAD_FILE]
+    fix = (f"download it where the Hub is reachable: `hf download {repo} --include '*{quant}*.gguf' {HEAD_FILE}` "
+           "(then copy the cache, or pass the local .gguf path)")
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        state = "offline mode is on" if offline else "the Hub is unreachable"
+        raise RerankerError(f"{repo}:{quant} is not in the local Hugging Face cache and {state}; {fix}") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise RerankerError(f"could not fetch {repo}:{quant} from the Hugging Face Hub ({e}); {fix}") from e
+    gguf = _pick(sorted(folder.glob("*.gguf")), quant, f"{repo} (cached at {folder})")
+    head = folder / HEAD_FILE
+    return ModelFiles(gguf, head if head.is_file() else None)

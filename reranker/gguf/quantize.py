@@ -1,0 +1,55 @@
+"""GGUF quantisation through llama.cpp's own `llama_model_quantize`."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+
+from reranker.engine import llama_log
+from reranker.errors import RerankerError
+from reranker.gguf.header import check_gguf_file
+
+# Level name -> llama.cpp file type, for every `LLAMA_FTYPE_*` this llama-cpp-python knows.
+QUANT_TYPES: dict[str, int] = {
+    name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_"): value
+    for name, value in vars(llama_cpp).items()
+    if name.startswith(("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_")) and isinstance(value, int)
+}
+
+#: The levels the release publishes, best first.
+RELEASE_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
+
+
+def level_in_name(name: str, extra: tuple[str, ...] = ()) -> str | None:
+    """The level a GGUF file name ends with (`model-Q4_K_M.gguf` -> "Q4_K_M"), or None.
+
+    The longest known level wins (Q4_K_M, not K_M); `extra` adds names to the known ones.
+    """
+    stem = name.upper().removesuffix(".GGUF")
+    for level in sorted({*QUANT_TYPES, *(e.upper() for e in extra)}, key=len, reverse=True):
+        if stem == level or stem.endswith(("-" + level, "." + level, "_" + level)):
+            return level
+    return None
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0", n_threads: int | None = None) -> Path:
+    """Write `dst`, a `qtype` copy of the F32/F16/BF16 GGUF `src`; returns `dst`."""
+    src_path = check_gguf_file(src)
+    key = qtype.upper()
+    if key not in QUANT_TYPES:
+        raise RerankerError(f"unknown quantization type {qtype!r}; choose one of {', '.join(sorted(QUANT_TYPES))}")
+    dst_path = Path(dst)
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    llama_log.install()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[key]
+    params.nthread = n_threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(), ctypes.byref(params))
+    if rc != 0:
+        dst_path.unlink(missing_ok=True)
+        raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}); "
+                            "tensor row sizes must be multiples of 256 for K-quants")
+    return dst_path

@@ -1,0 +1,11 @@
+"""Offline jobs (`reranker score`): input records -> windows of scores -> crash-safe outputs.
+
+Read in this order:
+- `records.py`: what readers yield: a `Unit` (one query and its documents) or a `Reject`;
+- `readers.py`: JSONL, Parquet and BEIR folders -> units and rejects, streamed;
+- `job.py`: the loop: windows tokenised ahead, scored, written and checkpointed behind;
+- `checkpoint.py`: what was consumed and written, and what it was computed from;
+- `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;
+- `devices.py`: one backbone process per GPU, fed windows from the same job;
+- `progress.py`: a tqdm bar on a terminal, log lines elsewhere.
+"""

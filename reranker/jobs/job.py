@@ -1,0 +1,277 @@
+"""The offline scoring job: stream an input, score it, write results; crash-safe and resumable.
+
+Items (units and rejects) are read in order and grouped into windows of about `window`
+pairs. A window is tokenised on a background thread while the previous one decodes, and
+written, made durable and checkpointed on another. The checkpoint records how many input
+items are done and each writer's durable state, so a rerun after any crash (SIGKILL
+included) truncates the output to the last checkpoint and carries on from there: no
+result lost, none duplicated, no torn line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from reranker.defaults import RUN_TAG, WINDOW
+from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.errors import RerankerError
+from reranker.jobs.checkpoint import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
+from reranker.jobs.progress import Progress
+from reranker.jobs.readers import read_input
+from reranker.jobs.records import Reject, Unit
+from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSpec:
+    """What to read, where to write, and the choices that change the results."""
+
+    input: Path | None
+    output: Path
+    input_format: str | None = None
+    output_format: str | None = None
+    per: str = "query"
+    depth: int = 100
+    queries: Path | None = None
+    corpus: Path | None = None
+    run: Path | None = None
+    on_error: str = "fail"
+    rejects: Path | None = None
+    window: int = WINDOW
+    restart: bool = False
+    run_tag: str = RUN_TAG
+
+    def rejects_path(self) -> Path:
+        return self.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
+
+    def input_paths(self) -> list[Path]:
+        return [p for p in (self.input, self.queries, self.corpus, self.run) if p is not None]
+
+
+@dataclass
+class Stats:
+    """Totals over the whole job, across resumed runs."""
+
+    pairs: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    queries: int = 0
+
+
+@dataclass
+class Window:
+    """Consecutive input items; `end` counts the items consumed once it is written."""
+
+    end: int
+    units: list[Unit]
+    rejects: list[Reject]
+    prompts: list[Prompt] = field(default_factory=list)
+
+
+Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
+
+
+def _windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
+    consumed, units, rejects, pairs = start, [], [], 0
+    for item in items:
+        consumed += 1
+        if isinstance(item, Reject):
+            if spec.on_error == "fail":
+                raise RerankerError(f"{item.source}: {item.reason}; fix the record, or pass --on-error skip "
+                                    f"to write bad records to {spec.rejects_path()} and go on")
+            rejects.append(item)
+        else:
+            units.append(item)
+            pairs += len(item.docs)
+        if pairs >= size:
+            yield Window(consumed, units, rejects)
+            units, rejects, pairs = [], [], 0
+    if units or rejects:
+        yield Window(consumed, units, rejects)
+
+
+def _tokenise(windows: Iterator[Window], builder: PromptBuilder) -> Iterator[Window]:
+    for w in windows:
+        w.prompts = [builder.build(u.query, text) for u in w.units for _, text in u.docs]
+        yield w
+
+
+def _prefetch(it: Iterator[Window], stop: threading.Event, depth: int = 2) -> Iterator[Window]:
+    """Run `it` on a thread (llama.cpp's tokenizer releases the GIL) a few windows ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for w in it:
+                while not stop.is_set():
+                    try:
+                        q.put(w, timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    threading.Thread(target=work, name="reranker-reader", daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class Job:
+    """One run of `reranker score`: resume or start, then stream to the end or to an interrupt."""
+
+    def __init__(self, spec: JobSpec, builder: PromptBuilder, scorer: Scorer, fingerprint: dict, model_name: str,
+                 progress: Progress | None = None) -> None:
+        self.spec = spec
+        self.builder = builder
+        self.scorer = scorer
+        self.progress = progress or Progress(quiet=True)
+        self.checkpoint = Checkpoint(spec.output)
+        self.fingerprint = {**fingerprint, "input": input_fingerprint(spec.input_paths(), skip_prefix=spec.output.name),
+                            "settings": {**fingerprint.get("settings", {}), **self._settings()}}
+        self.model_name = model_name
+        self.stats = Stats()
+        self.consumed = 0
+
+    def _settings(self) -> dict:
+        s = self.spec
+        return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
+                "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
+                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length}
+
+    def _start(self) -> tuple[dict, dict] | None:
+        """Writer states to resume from, None for a fresh start, or raise if refused/finished."""
+        state = None if self.spec.restart else self.checkpoint.load()
+        if state is None:
+            if not self.spec.restart and self.spec.output.exists():
+                raise RerankerError(f"{self.spec.output} exists and no unfinished job of it is recorded; "
+                                    "pass --restart to overwrite it, or choose another -o")
+            self.checkpoint.remove()
+            return None
+        changed = changed_parts(state["fingerprint"], self.fingerprint)
+        if changed:
+            raise RerankerError(f"{self.spec.output} was started with a different {', '.join(changed)}; "
+                                "rerun with --restart to start over, or write to another -o")
+        self.stats = Stats(**state["stats"])
+        self.consumed = state["consumed"]
+        if state.get("done"):
+            raise JobAlreadyDone(self.stats)
+        return state["writer"], state["rejects"]
+
+    def _save(self, writer_state: dict, rejects_state: dict, done: bool = False) -> None:
+        self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "done": done,
+                              "writer": writer_state, "rejects": rejects_state, "stats": asdict(self.stats)})
+
+    def run(self) -> Stats:
+        """Score everything not yet done; returns the job's totals. Ctrl-C keeps what is written."""
+        resume = self._start()
+        spec = self.spec
+        writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name)
+        rejects = RejectsWriter(spec.rejects_path())
+        writer.resume(resume[0] if resume else {})
+        rejects.resume(resume[1] if resume else {})
+        if resume:
+            log.info("resuming %s after %d input records", spec.output, self.consumed)
+        stop = threading.Event()
+        items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
+                           corpus=spec.corpus, run=spec.run)
+        windows = _windows(itertools.islice(items, self.consumed, None), self.consumed, spec.window, spec)
+        out_q: queue.Queue = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+        writer_thread = threading.Thread(target=self._write_loop, args=(out_q, writer, rejects, failure),
+                                         name="reranker-writer", daemon=True)
+        writer_thread.start()
+        finished = False
+        try:
+            for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder), stop)):
+                if failure:
+                    break
+                out_q.put((window, scores))
+            finished = not failure
+        finally:
+            stop.set()
+            out_q.put(None)
+            writer_thread.join()
+            if failure:
+                writer.close(final=False)
+                rejects.close(final=False)
+                raise failure[0]
+            if finished:
+                states = writer.commit(), rejects.commit()  # the state a resume finds once closed
+                writer.close(final=True)
+                rejects.close(final=True)
+                self._save(*states, done=True)
+            else:
+                writer.close(final=False)
+                rejects.close(final=False)
+        return self.stats
+
+    def _write_loop(self, out_q: queue.Queue, writer, rejects: RejectsWriter, failure: list[BaseException]) -> None:
+        # Off the hot path: results are written in input order, made durable, then checkpointed.
+        while (item := out_q.get()) is not None:
+            if failure:
+                continue
+            window, scores = item
+            try:
+                k = 0
+                for unit in window.units:
+                    n = len(unit.docs)
+                    prompts = window.prompts[k : k + n]
+                    writer.write(unit, scores[k : k + n].tolist(), sum(len(p.ids) for p in prompts))
+                    self.stats.pairs += n
+                    self.stats.tokens += sum(len(p.ids) for p in prompts)
+                    self.stats.truncated += sum(p.truncated for p in prompts)
+                    k += n
+                for r in window.rejects:
+                    rejects.write(r)
+                self.stats.queries += len(window.units)
+                self.stats.skipped += len(window.rejects)
+                self.consumed = window.end
+                self._save(writer.commit(), rejects.commit())
+                self.progress.update(len(window.units) + len(window.rejects), k, sum(len(p.ids) for p in window.prompts))
+            except BaseException as e:
+                failure.append(e)
+
+
+class JobAlreadyDone(Exception):
+    """The checkpoint says this exact job finished; nothing to do."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__("already complete")
+        self.stats = stats
+
+
+def write_summary(spec: JobSpec, stats: Stats, wall: float, run_pairs: int, run_tokens: int) -> dict:
+    """The final summary, also saved as `OUTPUT.summary.json`."""
+    summary = {"output": str(spec.output), **asdict(stats), "wall_seconds": round(wall, 3),
+               "pairs_this_run": run_pairs, "tokens_this_run": run_tokens,
+               "pairs_per_second": round(run_pairs / wall, 2) if wall > 0 else None,
+               "tokens_per_second": round(run_tokens / wall, 1) if wall > 0 else None}
+    path = spec.output.with_name(spec.output.name + ".summary.json")
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def model_fingerprint(gguf_path: Path, head_path: Path | None, settings: dict) -> dict:
+    """The parts of a job's identity that come from the model: GGUF, head and numeric settings."""
+    return {"model": file_fingerprint(gguf_path), "head": file_fingerprint(head_path, whole=True) if head_path else None,
+            "settings": settings}

@@ -1,0 +1,472 @@
+"""Input readers of the scoring job: JSONL, Parquet and BEIR folders -> work units, streamed.
+
+Every record becomes a `Unit` or a `Reject`; nothing is dropped silently. Files are read in
+binary and decoded line by line, so one bad line is one reject with its line number.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+from reranker.errors import RerankerError
+from reranker.jobs.records import Reject, Unit
+
+INPUT_FORMATS = ("jsonl", "pairs-jsonl", "parquet", "beir")
+PARQUET_EXTRA = "pip install 'jina-reranker-gguf[parquet]'"
+FLAT_FIELDS = ("query_id", "query", "doc_id", "document")
+RUN_FIELDS = "`qid Q0 docid rank score tag`"
+
+_BOM = b"\xef\xbb\xbf"
+_PARQUET_BATCH = {"flat": 4096, "nested": 256}  # rows per batch: bounds memory, not results
+
+
+def import_pyarrow(why: str) -> tuple[Any, Any]:
+    """(pyarrow, pyarrow.parquet), or a RerankerError saying how to install them."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as e:
+        raise RerankerError(f"{why} needs pyarrow, which is not installed: {PARQUET_EXTRA}") from e
+    return pyarrow, pyarrow.parquet
+
+
+def detect_input_format(path: str | os.PathLike[str] | None, input_format: str | None = None, *, beir_files: bool = False) -> str:
+    """The input format: `input_format` when given, else from the path (a folder is BEIR)."""
+    if input_format is not None:
+        if input_format not in INPUT_FORMATS:
+            raise RerankerError(f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}")
+        return input_format
+    if beir_files or path is None:
+        return "beir"
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if p.is_dir() or suffix in (".trec", ".run"):
+        return "beir"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise RerankerError(f"cannot tell the format of {p} from its extension; pass the input format ({', '.join(INPUT_FORMATS)})")
+
+
+def read_input(path: str | os.PathLike[str] | None, input_format: str | None = None, *, depth: int = 100,
+               queries: str | os.PathLike[str] | None = None, corpus: str | os.PathLike[str] | None = None,
+               run: str | os.PathLike[str] | None = None) -> Iterator[Unit | Reject]:
+    """Stream the units and rejects of an input, in input order, with bounded memory.
+
+    `input_format` is one of "jsonl" (nested `{"query", "documents"}` or flat pairs, told
+    apart by the first valid record), "pairs-jsonl", "parquet" or "beir"; by default it
+    comes from the extension, and a folder is BEIR. For BEIR, `path` is the folder (or the
+    run file) and `queries`, `corpus`, `run` override the files found there; the top
+    `depth` candidates per query (by the run's score, ties in run order) are reranked, query
+    by query in the order each first appears in the run; a corpus document's text is
+    "title text" when its title is not blank, as BEIR's rerankers join them. Missing files
+    and unknown formats raise `RerankerError` here, before the first record is read.
+    """
+    fmt = detect_input_format(path, input_format, beir_files=any(x is not None for x in (queries, corpus, run)))
+    if fmt == "beir":
+        if depth < 1:
+            raise RerankerError(f"depth={depth} must be at least 1 (the number of run candidates reranked per query)")
+        return _read_beir(*_beir_paths(path, queries, corpus, run), depth)
+    if path is None:
+        raise RerankerError(f"no input file given for the {fmt} format")
+    p = Path(path)
+    if not p.is_file():
+        raise RerankerError(f"input file not found: {p}")
+    if fmt == "parquet":
+        return _read_parquet(p)
+    return _read_jsonl(p, "flat" if fmt == "pairs-jsonl" else None)
+
+
+class _Bad(Exception):
+    """A record-level problem; the reader turns it into a Reject with this reason."""
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f'non-string text: "{name}" is {_json_type(value)}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON escapes can spell lone surrogates that no encoder accepts
+        raise _Bad(f'invalid UTF-8: "{name}" holds a lone surrogate \\u{ord(value[e.start]):04x}') from None
+    return value
+
+
+def _field(obj: dict, key: str) -> object:
+    if key not in obj:
+        raise _Bad(f'missing field "{key}"')
+    return obj[key]
+
+
+def _ident(value: object, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad(f'bad id: "{name}" must be a string or an integer, got {_json_type(value)}')
+    ident = _text(str(value), name)
+    if not ident.strip():
+        raise _Bad(f'bad id: "{name}" is empty')
+    return ident
+
+
+class _Record:
+    """A readable record: its query and good documents, and the documents rejected on their own."""
+
+    def __init__(self, qid: str, query: str) -> None:
+        self.qid, self.query = qid, query
+        self.docs: list[tuple[str, str]] = []
+        self.positions: list[int] = []
+        self.bad: list[tuple[int, str, object]] = []  # (index in the record, reason, the item)
+
+    def items(self, index: int, source: str) -> Iterator[Unit | Reject]:
+        """Its rejects, then its unit (numbered `index`) when any document is good."""
+        for i, reason, item in self.bad:
+            raw = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, default=repr)
+            yield Reject(source, reason, raw, query_id=self.qid, doc_index=i)
+        if self.docs:
+            yield Unit(index, self.qid, self.query, self.docs, source, self.positions if self.bad else None)
+
+
+def _nested(obj: dict, default_qid: str) -> _Record:
+    query = _text(_field(obj, "query"), "query")
+    qid = default_qid if obj.get("query_id") is None else _ident(obj["query_id"], "query_id")
+    items = _field(obj, "documents")
+    if not isinstance(items, list):
+        raise _Bad(f'bad field: "documents" must be a list of strings or {{"id", "text"}} objects, got {_json_type(items)}')
+    if not items:
+        raise _Bad('empty documents list: "documents" is []')
+    record = _Record(qid, query)
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        name = f"documents[{i}]"
+        try:
+            if isinstance(item, dict):
+                if "text" not in item:
+                    raise _Bad(f'missing field "{name}.text"')
+                text = _text(item["text"], f"{name}.text")
+                doc_id = str(i) if item.get("id") is None else _ident(item["id"], f"{name}.id")
+            else:
+                text, doc_id = _text(item, name), str(i)
+            if doc_id in seen:  # one query's results are keyed by doc id (TREC, evaluators)
+                raise _Bad(f'duplicate doc id: "{doc_id}" in documents[{seen[doc_id]}] and {name}')
+        except _Bad as e:
+            record.bad.append((i, f"{e} (query {qid!r}, document {i})", item))
+            continue
+        seen[doc_id] = i
+        record.docs.append((doc_id, text))
+        record.positions.append(i)
+    return record
+
+
+def _flat(obj: dict) -> _Record:
+    record = _Record(_ident(_field(obj, "query_id"), "query_id"), _text(_field(obj, "query"), "query"))
+    record.docs.append((_ident(_field(obj, "doc_id"), "doc_id"), _text(_field(obj, "document"), "document")))
+    record.positions.append(0)
+    return record
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, int, str] | Reject]:
+    """(line number, byte offset, text) per non-blank line, or a Reject for one that is not UTF-8."""
+    with open(path, "rb") as f:
+        offset = 0
+        for n, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if n == 1 and line.startswith(_BOM):
+                line, start = line[len(_BOM):], start + len(_BOM)
+            if not line.strip():
+                continue
+            line = line.rstrip(b"\r\n")
+            try:
+                yield n, start, line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Reject(f"{path}:{n}", f"invalid UTF-8: byte {e.start + 1} of the line is 0x{line[e.start]:02x}; "
+                             "re-encode the file as UTF-8", line.decode("utf-8", "backslashreplace"))
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, int, str, Any] | Reject]:
+    """(line number, byte offset, text, parsed value) per non-blank line, or a Reject for one that is not JSON."""
+    for item in _text_lines(path):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        n, start, text = item
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield Reject(f"{path}:{n}", f"malformed JSON: {e.msg} at column {e.colno}", text)
+        except RecursionError:
+            yield Reject(f"{path}:{n}", "malformed JSON: nested too deeply", text)
+        else:
+            yield n, start, text, value
+
+
+def _read_jsonl(path: Path, shape: str | None) -> Iterator[Unit | Reject]:
+    # `shape` is "nested" or "flat"; None until the first record that has either's keys.
+    index = 0
+    for record, item in enumerate(_json_lines(path)):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        n, _, text, obj = item
+        source = f"{path}:{n}"
+        try:
+            if not isinstance(obj, dict):
+                raise _Bad(f"not a JSON object: the line holds {_json_type(obj)}")
+            if shape is None:
+                if "documents" in obj:
+                    shape = "nested"
+                elif "document" in obj or "doc_id" in obj:
+                    shape = "flat"
+                else:
+                    raise _Bad('missing field "documents" (nested records) or "document" (flat pairs)')
+            # The default query id is the 0-based record number (non-blank lines, rejects included),
+            # so it does not shift when a bad line is fixed.
+            parsed = _nested(obj, str(record)) if shape == "nested" else _flat(obj)
+        except _Bad as e:
+            yield Reject(source, str(e), text)
+            continue
+        for item in parsed.items(index, source):
+            yield item
+            index += isinstance(item, Unit)
+
+
+def _read_parquet(path: Path) -> Iterator[Unit | Reject]:
+    pa, pq = import_pyarrow(f"reading {path}")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise RerankerError(f"{path} is not a readable Parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if "documents" in names:
+        shape = "nested"
+        if "query" not in names:
+            raise RerankerError(f'{path} has a "documents" column but no "query" column (columns: {", ".join(names)})')
+        columns = ["query", "documents"] + (["query_id"] if "query_id" in names else [])
+    elif all(c in names for c in FLAT_FIELDS):
+        shape, columns = "flat", list(FLAT_FIELDS)
+    else:
+        missing = [c for c in FLAT_FIELDS if c not in names]
+        raise RerankerError(f'{path} has neither a "documents" column (with "query") nor the flat-pair columns '
+                            f'{", ".join(FLAT_FIELDS)} (missing {", ".join(missing)}; columns: {", ".join(names)})')
+    return _parquet_rows(path, pf, pa, shape, columns)
+
+
+def _parquet_rows(path: Path, pf: Any, pa: Any, shape: str, columns: list[str]) -> Iterator[Unit | Reject]:
+    index = row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH[shape], columns=columns):
+            for obj in _batch_rows(batch):
+                source = f"{path}:row {row}"
+                try:
+                    if isinstance(obj, _Bad):
+                        raise obj
+                    parsed = _nested(obj, str(row)) if shape == "nested" else _flat(obj)
+                except _Bad as e:
+                    yield Reject(source, str(e), None if isinstance(obj, _Bad) else json.dumps(obj, ensure_ascii=False, default=repr))
+                else:
+                    for item in parsed.items(index, source):
+                        yield item
+                        index += isinstance(item, Unit)
+                row += 1
+    except pa.ArrowException as e:
+        raise RerankerError(f"{path}: cannot read Parquet row {row} onwards ({e})") from e
+
+
+def _batch_rows(batch: Any) -> list[dict | _Bad]:
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:  # a string column with invalid UTF-8: find the rows, one at a time
+        rows: list[dict | _Bad] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.extend(batch.slice(i, 1).to_pylist())
+            except UnicodeDecodeError as e:
+                rows.append(_Bad(f"invalid UTF-8: a string column holds byte 0x{e.object[e.start]:02x}"))
+        return rows
+
+
+# --- BEIR ---------------------------------------------------------------------------------
+
+
+def _beir_paths(path: str | os.PathLike[str] | None, queries: str | os.PathLike[str] | None,
+                corpus: str | os.PathLike[str] | None, run: str | os.PathLike[str] | None) -> tuple[Path, Path, Path]:
+    folder = Path(path) if path is not None else None
+    if folder is not None and folder.is_file():  # the run file itself, beside queries.jsonl and corpus.jsonl
+        run = run if run is not None else folder
+        folder = folder.parent
+    elif folder is not None and not folder.is_dir():
+        raise RerankerError(f"BEIR input not found: {folder}; give a folder with queries.jsonl, corpus.jsonl and a run file")
+
+    def pick(given: str | os.PathLike[str] | None, name: str) -> Path:
+        if given is not None:
+            p = Path(given)
+        elif folder is not None:
+            p = folder / name
+        else:
+            raise RerankerError(f"BEIR input needs {name}: give the folder that holds it or its path")
+        if not p.is_file():
+            raise RerankerError(f"BEIR {name} not found: {p}; give its path explicitly")
+        return p
+
+    found_queries, found_corpus = pick(queries, "queries.jsonl"), pick(corpus, "corpus.jsonl")
+    if run is None and folder is not None:
+        found = [folder / n for n in ("run.trec", "run.txt") if (folder / n).is_file()] + sorted(folder.glob("*.run"))
+        if not found:
+            raise RerankerError(f"no run file in {folder} (looked for run.trec, *.run, run.txt); give the TREC run of first-stage candidates explicitly")
+        if len(found) > 1:
+            raise RerankerError(f"several run files in {folder}: {', '.join(p.name for p in found)}; give the one to rerank explicitly")
+        run = found[0]
+    return found_queries, found_corpus, pick(run, "run file")
+
+
+def _beir_text(obj: object) -> str:
+    """A corpus record's text for reranking: "title text" when the title is not blank, as BEIR's reranker does."""
+    if not isinstance(obj, dict):
+        raise _Bad(f"not a JSON object: the line holds {_json_type(obj)}")
+    text = _text(_field(obj, "text"), "text")
+    title = "" if obj.get("title") is None else _text(obj["title"], "title")
+    return f"{title} {text}" if title.strip() else text
+
+
+def _read_beir(queries: Path, corpus: Path, run: Path, depth: int) -> Iterator[Unit | Reject]:
+    # 1. The run: per query, a min-heap of its best `depth` candidates, keyed (score, -order)
+    #    so the run's order breaks ties; only those candidates stay in memory.
+    heaps: dict[str, list[tuple[float, int, str, int, str]]] = {}
+    first: dict[str, tuple[int, str]] = {}  # qid -> its first run line (number, text)
+    order = 0
+    for item in _text_lines(run):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        n, _, text = item
+        source = f"{run}:{n}"
+        parts = text.split()
+        if len(parts) != 6:
+            yield Reject(source, f"malformed run line: expected {RUN_FIELDS}, got {len(parts)} fields", text)
+            continue
+        try:
+            score = float(parts[4])
+        except ValueError:
+            score = math.nan
+        if math.isnan(score):
+            yield Reject(source, f"malformed run line: score {parts[4]!r} is not a number", text)
+            continue
+        qid, doc_id = parts[0], parts[2]
+        heap = heaps.setdefault(qid, [])
+        first.setdefault(qid, (n, text))
+        entry = (score, -order, doc_id, n, text)
+        if len(heap) < depth:
+            heapq.heappush(heap, entry)
+        else:
+            heapq.heappushpop(heap, entry)
+        order += 1
+
+    # 2. The queries the run names, into a dict.
+    query_text: dict[str, str] = {}
+    bad_queries: set[str] = set()  # rejected at their own line: their candidates get no second reject
+    for item in _beir_records(queries, heaps.keys()):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        qid, n, _, text, obj = item
+        try:
+            query_text[qid] = _text(_field(obj, "text"), "text")
+        except _Bad as e:
+            bad_queries.add(qid)
+            yield Reject(f"{queries}:{n}", str(e), text)
+
+    # 3. The corpus, once: byte offsets of the documents the kept candidates name. Their texts
+    #    are read back by seek when their unit is emitted, so the corpus never sits in memory.
+    wanted = {entry[2] for heap in heaps.values() for entry in heap}
+    offsets: dict[str, tuple[int, int]] = {}  # doc id -> (byte offset, line number)
+    bad_docs: set[str] = set()
+    for item in _beir_records(corpus, wanted):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        doc_id, n, offset, text, obj = item
+        try:
+            _beir_text(obj)
+        except _Bad as e:
+            bad_docs.add(doc_id)
+            yield Reject(f"{corpus}:{n}", str(e), text)
+        else:
+            offsets[doc_id] = (offset, n)
+
+    # 4. One unit per query, in the order of each query's first run line.
+    index = 0
+    with open(corpus, "rb") as f:
+        for qid, heap in heaps.items():
+            line_no, line_text = first[qid]
+            if qid in bad_queries:
+                continue
+            if qid not in query_text:
+                yield Reject(f"{run}:{line_no}", f'unknown query id: "{qid}" is not in {queries} '
+                             f"(its {len(heap)} candidates are not scored)", line_text)
+                continue
+            docs: list[tuple[str, str]] = []
+            seen: dict[str, int] = {}
+            for _, _, doc_id, n, text in sorted(heap, reverse=True):  # score descending, then run order
+                if doc_id in bad_docs:  # rejected at its corpus line
+                    continue
+                if doc_id not in offsets:
+                    yield Reject(f"{run}:{n}", f'unknown doc id: "{doc_id}" is not in {corpus}', text)
+                    continue
+                if doc_id in seen:
+                    yield Reject(f"{run}:{n}", f'duplicate doc id: "{doc_id}" is already a candidate of query "{qid}" at line {seen[doc_id]}', text)
+                    continue
+                seen[doc_id] = n
+                docs.append((doc_id, _fetch(f, corpus, *offsets[doc_id])))
+            if docs:
+                yield Unit(index, qid, query_text[qid], docs, f"{run}:{line_no}")
+                index += 1
+
+
+def _beir_records(path: Path, wanted: Collection[str]) -> Iterator[tuple[str, int, int, str, dict] | Reject]:
+    """(id, line number, byte offset, text, object) of the records whose `_id` is wanted, first one per id.
+
+    Lines that are not JSON objects with a usable `_id` are rejected even when no candidate
+    needs them: their id cannot be told, so they might be the missing ones.
+    """
+    lines: dict[str, int] = {}
+    for item in _json_lines(path):
+        if isinstance(item, Reject):
+            yield item
+            continue
+        n, offset, text, obj = item
+        try:
+            if not isinstance(obj, dict):
+                raise _Bad(f"not a JSON object: the line holds {_json_type(obj)}")
+            ident = _ident(_field(obj, "_id"), "_id")
+        except _Bad as e:
+            yield Reject(f"{path}:{n}", str(e), text)
+            continue
+        if ident not in wanted:
+            continue
+        if ident in lines:
+            yield Reject(f"{path}:{n}", f'duplicate id: "{ident}" is already at line {lines[ident]}', text)
+            continue
+        lines[ident] = n
+        yield ident, n, offset, text, obj
+
+
+def _fetch(f: Any, corpus: Path, offset: int, line_no: int) -> str:
+    f.seek(offset)
+    try:
+        return _beir_text(json.loads(f.readline().decode("utf-8")))
+    except (ValueError, _Bad) as e:  # it parsed when indexed: the file changed under us
+        raise RerankerError(f"{corpus}:{line_no} changed while the job was reading it ({e}); do not edit the corpus during a run") from e

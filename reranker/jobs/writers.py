@@ -1,0 +1,490 @@
+"""Output writers of the scoring job: JSONL, Parquet, TREC runs and the rejects file, crash-safe.
+
+The job drives each writer the same way: `write` units in input order, `commit()` now and
+then and store the returned state in its checkpoint only after `commit` returns, and after a
+crash reopen the writer and `resume(state)`. Everything written after the last commit is cut
+off then, so rerunning the lost units never duplicates or tears a line. The output path
+appears only on `close(final=True)`; until then results live in `OUTPUT.partial` (JSONL,
+TREC) or `OUTPUT.parts/` (Parquet), so an interrupted run never leaves a file that looks
+complete. The final file depends only on the units written, not on where commits fell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from reranker.atomic import atomic_path, atomic_write, fsync_dir
+from reranker.defaults import RUN_TAG
+from reranker.errors import RerankerError
+from reranker.jobs.readers import import_pyarrow
+from reranker.jobs.records import Reject, Unit
+
+OUTPUT_FORMATS = ("jsonl", "parquet", "trec")
+TREC_SCORE_FORMAT = "{:.8f}"  # fixed, so reruns print the same bytes; 8 places keep float32 sigmoid scores apart
+PARQUET_ROW_GROUP = 65536
+PARQUET_COMPRESSION = "zstd"
+
+
+class Writer(Protocol):
+    """What the job needs of an output writer."""
+
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+        """Add the results of one unit; `scores[i]` belongs to `unit.docs[i]`."""
+
+    def commit(self) -> dict:
+        """Make everything written so far durable; return the JSON-able state to checkpoint."""
+
+    def resume(self, state: dict) -> None:
+        """Right after opening: cut the output back to a committed state (`{}`: start empty)."""
+
+    def close(self, final: bool) -> None:
+        """`final`: finish the output file; otherwise just close, keeping what resume needs."""
+
+
+def detect_output_format(path: str | os.PathLike[str], output_format: str | None = None) -> str:
+    """The output format: `output_format` when given, else from the extension."""
+    if output_format is not None:
+        if output_format not in OUTPUT_FORMATS:
+            raise RerankerError(f"unknown output format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+        return output_format
+    suffix = Path(path).suffix.lower()
+    for fmt, suffixes in (("jsonl", (".jsonl", ".ndjson")), ("parquet", (".parquet", ".pq")), ("trec", (".trec", ".run"))):
+        if suffix in suffixes:
+            return fmt
+    raise RerankerError(f"cannot tell the output format of {path} from its extension; pass the output format ({', '.join(OUTPUT_FORMATS)})")
+
+
+def open_writer(path: str | os.PathLike[str], output_format: str | None = None, *, per: str = "query",
+                run_tag: str = RUN_TAG, model: str = "") -> Writer:
+    """A writer for `path`: "jsonl" (`per` "query": Jina rerank responses; "pair": one score per line),
+    "parquet" (one row per pair, with its rank) or "trec" (a run file tagged `run_tag`).
+
+    Nothing on disk changes until `resume` or the first write/commit/close (a fresh start
+    then empties the output).
+    """
+    fmt = detect_output_format(path, output_format)
+    if per not in ("query", "pair"):
+        raise RerankerError(f"per={per!r} must be 'query' or 'pair'")
+    target = Path(path)
+    if target.is_dir():
+        raise RerankerError(f"output {target} is a directory; give a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        return JsonlWriter(target, per=per, model=model)
+    if fmt == "trec":
+        return TrecWriter(target, run_tag=run_tag)
+    return ParquetWriter(target)
+
+
+def _check_scores(unit: Unit, scores: Sequence[float]) -> list[float]:
+    values = [float(s) for s in scores]
+    if len(values) != len(unit.docs):
+        raise ValueError(f"{unit.source}: {len(values)} scores for {len(unit.docs)} documents")
+    if not all(math.isfinite(s) for s in values):
+        raise RerankerError(f"{unit.source}: the model returned a non-finite score ({values}); the model files are likely broken")
+    return values
+
+
+def _best_first(scores: list[float]) -> list[int]:
+    """Positions by descending score; ties keep input order."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+class _LineFile:
+    """An append-only file whose committed state is its byte length."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        self._f: Any = None
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def truncate(self, size: int) -> None:
+        """Open the file and cut it to `size` bytes, checking it holds whole lines that far."""
+        if self._f is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self._f = os.fdopen(fd, "r+b", buffering=1 << 20)
+        have = os.fstat(self._f.fileno()).st_size
+        if have < size:
+            raise RerankerError(f"{self.path} holds {have} bytes but the checkpoint recorded {size}: it was changed "
+                                "since; start the job over instead of resuming")
+        if size:
+            self._f.seek(size - 1)
+            if self._f.read(1) != b"\n":
+                raise RerankerError(f"{self.path} does not end a line at the checkpointed byte {size}: it was changed "
+                                    "since; start the job over instead of resuming")
+        self._f.truncate(size)
+        self._f.seek(size)
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def commit(self) -> dict:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        fsync_dir(self.path.parent)
+        return {"format": self.kind, "bytes": self._f.tell()}
+
+    def close(self, durable: bool) -> None:
+        if self._f is not None:
+            if durable:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+
+def _state_value(state: dict, kind: str, key: str, path: Path) -> int:
+    if not state:
+        return 0
+    if state.get("format") != kind or not isinstance(state.get(key), int) or state[key] < 0:
+        raise RerankerError(f"the checkpoint's output state {state} is not a {kind} state for {path}; "
+                            "the output format changed since: start the job over instead of resuming")
+    return state[key]
+
+
+class _Resumable:
+    """Shared by the writers: a first write without `resume()` starts fresh, and nothing may be
+    written after a resumed run's output was already finished."""
+
+    path: Path
+    _started: bool
+    _finished: bool
+    resume: Callable[[dict], None]
+
+    def _start(self) -> None:
+        if not self._started:
+            self.resume({})
+        if self._finished:
+            raise RerankerError(f"{self.path} was already finished by the run being resumed; its checkpoint "
+                                "disagrees with the input: start the job over instead of resuming")
+
+
+class _DraftWriter(_Resumable):
+    """Lines appended to `OUTPUT.partial`, renamed (or rewritten) onto OUTPUT by the final close."""
+
+    kind = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.draft = _LineFile(path.with_name(path.name + ".partial"), self.kind)
+        self._started = False
+        self._finished = False  # a resumed run whose final close had already happened
+        self._state: dict = {}
+
+    def resume(self, state: dict) -> None:
+        """Cut `OUTPUT.partial` back to the committed byte length (`{}`: empty it)."""
+        size = _state_value(state, self.kind, "bytes", self.path)
+        if size and not self.draft.exists() and self.path.exists():
+            # The previous run finished the file and crashed before its checkpoint said so.
+            self._started = self._finished = True
+            self._state = dict(state)
+            return
+        if size and not self.draft.exists():
+            raise RerankerError(f"{self.draft.path} is missing but the checkpoint recorded {size} bytes in it; "
+                                "start the job over instead of resuming")
+        self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
+        self.draft.truncate(size)
+        self._started = True
+
+    def _write_lines(self, lines: list[str]) -> None:
+        self._start()
+        self.draft.write("".join(lines).encode("utf-8"))
+
+    def commit(self) -> dict:
+        """fsync the draft; the state is its byte length."""
+        if self._finished:
+            return self._state
+        self._start()
+        return self.draft.commit()
+
+    def close(self, final: bool) -> None:
+        """`final`: move the draft onto OUTPUT; otherwise keep it for the next resume."""
+        if not final:
+            self.draft.close(durable=False)
+            return
+        if self._finished:
+            return
+        self._start()
+        self.draft.close(durable=True)
+        self._finish()
+        fsync_dir(self.path.parent)
+
+    def _finish(self) -> None:
+        os.replace(self.draft.path, self.path)
+
+
+class JsonlWriter(_DraftWriter):
+    """One line per unit in the Jina rerank API's response shape (`per="query"`), or one
+    `{"query_id", "doc_id", "score"}` line per pair in input order (`per="pair"`)."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: Path, *, per: str = "query", model: str = "") -> None:
+        super().__init__(path)
+        self.per = per
+        self.model = model
+
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+        values = _check_scores(unit, scores)
+        if self.per == "pair":
+            lines = [_dumps({"query_id": unit.query_id, "doc_id": doc_id, "score": s}) for (doc_id, _), s in zip(unit.docs, values)]
+        else:
+            results = [{"index": unit.position(i), "doc_id": unit.docs[i][0], "relevance_score": values[i], "document": {"text": unit.docs[i][1]}}
+                       for i in _best_first(values)]
+            lines = [_dumps({"query_id": unit.query_id, "query": unit.query, "model": self.model,
+                             "usage": {"total_tokens": int(tokens)}, "results": results})]
+        self._write_lines(lines)
+
+
+def _dumps(obj: dict) -> str:
+    # Python floats print their shortest round-trip repr: the same bytes on every run.
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+class TrecWriter(_DraftWriter):
+    """A TREC run, `qid Q0 docid rank score tag`, best first within each query.
+
+    Each unit is ranked when written; the final close re-ranks runs of consecutive lines of
+    one query that came from several units (flat-pair input), so ranks count within the
+    query. Scores print as `TREC_SCORE_FORMAT`.
+    """
+
+    kind = "trec"
+
+    def __init__(self, path: Path, *, run_tag: str = RUN_TAG) -> None:
+        if not run_tag or any(c.isspace() for c in run_tag):
+            raise RerankerError(f"run tag {run_tag!r} must be one word: TREC run columns are separated by whitespace")
+        super().__init__(path)
+        self.run_tag = run_tag
+
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+        values = _check_scores(unit, scores)
+        _trec_id(unit.query_id, "query id", unit)
+        lines = []
+        for rank, i in enumerate(_best_first(values), 1):
+            doc_id = _trec_id(unit.docs[i][0], "doc id", unit)
+            lines.append(f"{unit.query_id} Q0 {doc_id} {rank} {TREC_SCORE_FORMAT.format(values[i])} {self.run_tag}\n")
+        self._write_lines(lines)
+
+    def _finish(self) -> None:
+        # Stream the draft into OUTPUT (atomically), re-ranking each run of same-query lines; groups
+        # of one unit come out unchanged (a stable sort of already sorted lines).
+        with open(self.draft.path, "rb") as src, atomic_write(self.path) as dst:
+            group: list[list[bytes]] = []
+            for line in src:
+                fields = line.split()
+                if group and fields[0] != group[0][0]:
+                    _write_group(dst, group)
+                    group = []
+                group.append(fields)
+            _write_group(dst, group)
+        self.draft.path.unlink()
+
+
+def _write_group(dst: Any, group: list[list[bytes]]) -> None:
+    group.sort(key=lambda f: -float(f[4]))  # stable: equal printed scores keep input order
+    for rank, (qid, q0, doc_id, _, score, tag) in enumerate(group, 1):
+        dst.write(b" ".join((qid, q0, doc_id, str(rank).encode(), score, tag)) + b"\n")
+
+
+def _trec_id(ident: str, what: str, unit: Unit) -> str:
+    if not ident or any(c.isspace() for c in ident):
+        raise RerankerError(f"{unit.source}: {what} {ident!r} is empty or holds whitespace, which a TREC run cannot "
+                            "carry; write JSONL or Parquet, or fix the ids")
+    return ident
+
+
+class ParquetWriter(_Resumable):
+    """One row per pair in input order: query_id, doc_id, score (float32), rank (int32, 1-based
+    within its query by descending score).
+
+    Rows go to `OUTPUT.parts/part-NNNNNN.parquet` as they accumulate; the final close streams
+    the parts into OUTPUT in fixed row groups of `PARQUET_ROW_GROUP` rows, ranking runs of
+    consecutive rows of one query, so the file is byte-identical however commits fell.
+    """
+
+    kind = "parquet"
+
+    def __init__(self, path: Path, *, part_rows: int = PARQUET_ROW_GROUP) -> None:
+        self.pa, self.pq = import_pyarrow(f"writing {path}")
+        self.path = path
+        self.parts_dir = path.with_name(path.name + ".parts")
+        self.part_rows = part_rows
+        self._parts = 0
+        self._rows: tuple[list[str], list[str], list[float]] = ([], [], [])
+        self._started = False
+        self._finished = False
+
+    def _part(self, i: int) -> Path:
+        return self.parts_dir / f"part-{i:06d}.parquet"
+
+    def resume(self, state: dict) -> None:
+        """Drop the parts beyond the committed count (`{}`: drop all)."""
+        parts = _state_value(state, self.kind, "parts", self.path)
+        if parts and not self.parts_dir.exists() and self.path.exists():
+            # The previous run finished the file and crashed before its checkpoint said so.
+            self._started = self._finished = True
+            self._parts = parts
+            return
+        missing = [p.name for p in map(self._part, range(parts)) if not p.exists()]
+        if missing:
+            raise RerankerError(f"{self.parts_dir} lacks {', '.join(missing[:3])} that the checkpoint recorded; "
+                                "start the job over instead of resuming")
+        self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
+        shutil.rmtree(self._trash(), ignore_errors=True)
+        self.parts_dir.mkdir(exist_ok=True)
+        for p in self.parts_dir.iterdir():
+            if not (p.name.startswith("part-") and p.suffix == ".parquet" and p.stem[5:].isdigit() and int(p.stem[5:]) < parts):
+                p.unlink()
+        self._parts = parts
+        self._rows = ([], [], [])
+        self._started = True
+
+    def _trash(self) -> Path:
+        return self.path.with_name(self.path.name + ".parts.old")
+
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+        values = _check_scores(unit, scores)
+        self._start()
+        qids, doc_ids, out = self._rows
+        for (doc_id, _), s in zip(unit.docs, values):
+            qids.append(unit.query_id)
+            doc_ids.append(doc_id)
+            out.append(s)
+        if len(qids) >= self.part_rows:  # bounds memory; part boundaries never show in the final file
+            self._flush_part()
+
+    def _flush_part(self) -> None:
+        qids, doc_ids, scores = self._rows
+        if not qids:
+            return
+        pa = self.pa
+        table = pa.table({"query_id": pa.array(qids, pa.string()), "doc_id": pa.array(doc_ids, pa.string()),
+                          "score": pa.array(scores, pa.float32())})
+        with atomic_path(self._part(self._parts)) as tmp:
+            self.pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
+        self._parts += 1
+        self._rows = ([], [], [])
+
+    def commit(self) -> dict:
+        """Write the pending rows as a part and fsync; the state is the number of parts."""
+        if not self._finished:
+            self._start()
+            self._flush_part()
+            fsync_dir(self.parts_dir)
+        return {"format": self.kind, "parts": self._parts}
+
+    def close(self, final: bool) -> None:
+        """`final`: merge the parts into OUTPUT and remove them; otherwise drop uncommitted rows."""
+        if not final:
+            self._rows = ([], [], [])
+            return
+        if self._finished:
+            return
+        self._start()
+        self._flush_part()
+        with atomic_path(self.path) as tmp:
+            self._merge(tmp)
+        # Rename first: a crash while deleting leaves no half-emptied parts folder to resume from.
+        os.replace(self.parts_dir, self._trash())
+        shutil.rmtree(self._trash())
+        fsync_dir(self.path.parent)
+        self._finished = True
+
+    def _merge(self, tmp: Path) -> None:
+        pa, pq = self.pa, self.pq
+        schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32()), ("rank", pa.int32())])
+        with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION) as out:
+            pending = pa.table({name: pa.array([], schema.field(name).type) for name in schema.names})
+            for table in self._whole_queries():
+                pending = pa.concat_tables([pending, _ranked(pa, table)])
+                while pending.num_rows >= PARQUET_ROW_GROUP:
+                    # One contiguous chunk per row group: the page layout then depends on the rows alone.
+                    out.write_table(pending.slice(0, PARQUET_ROW_GROUP).combine_chunks(), row_group_size=PARQUET_ROW_GROUP)
+                    pending = pending.slice(PARQUET_ROW_GROUP)
+            if pending.num_rows:
+                out.write_table(pending.combine_chunks(), row_group_size=PARQUET_ROW_GROUP)
+
+    def _whole_queries(self) -> Iterator[Any]:
+        """The parts' rows in order, as tables that never split a run of one query's rows."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        carry = None  # the last query's rows: they may go on in the next part
+        for i in range(self._parts):
+            table = self.pq.read_table(self._part(i))
+            if carry is not None:
+                table = self.pa.concat_tables([carry, table])
+            qids = table.column("query_id")
+            others = np.flatnonzero(pc.not_equal(qids, qids[-1]).to_numpy(zero_copy_only=False))
+            cut = int(others[-1]) + 1 if len(others) else 0
+            if cut:
+                yield table.slice(0, cut)
+            carry = table.slice(cut)
+        if carry is not None:
+            yield carry
+
+
+def _ranked(pa: Any, table: Any) -> Any:
+    """`table` with a rank column: 1-based by descending score within runs of one query id, ties by row order."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    qids = table.column("query_id")
+    starts_here = np.ones(n, dtype=bool)
+    if n > 1:
+        starts_here[1:] = pc.not_equal(qids.slice(1), qids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    group = np.cumsum(starts_here) - 1
+    group_start = np.flatnonzero(starts_here)
+    scores = table.column("score").to_numpy()
+    order = np.lexsort((np.arange(n), -scores, group))
+    rank = np.empty(n, dtype=np.int32)
+    rank[order] = np.arange(n) - group_start[group[order]] + 1
+    return table.append_column("rank", pa.array(rank, pa.int32()))
+
+
+class RejectsWriter:
+    """One `{"source", "reason", "raw"}` JSON line per reject (with `query_id` and `doc_index`
+    for one bad document of a record), appended to `path` itself, with
+    the writers' commit/resume/close contract (the state is the byte length)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise RerankerError(f"rejects file {self.path} is a directory; give a file name")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = _LineFile(self.path, "rejects")
+        self._started = False
+
+    def resume(self, state: dict) -> None:
+        """Cut the file back to the committed byte length (`{}`: empty it)."""
+        self._file.truncate(_state_value(state, "rejects", "bytes", self.path))
+        self._started = True
+
+    def _start(self) -> None:
+        if not self._started:
+            self.resume({})
+
+    def write(self, reject: Reject) -> None:
+        self._start()
+        where = {} if reject.doc_index is None else {"query_id": reject.query_id, "doc_index": reject.doc_index}
+        self._file.write(_dumps({"source": reject.source, **where, "reason": reject.reason, "raw": reject.raw}).encode("utf-8"))
+
+    def commit(self) -> dict:
+        self._start()
+        return self._file.commit()
+
+    def close(self, final: bool) -> None:
+        if final:
+            self._start()
+        self._file.close(durable=final)
