@@ -35,3 +35,17 @@ def test_q8_0_and_q4_k_m_load_and_score(small_f16, tmp_path):
 def test_unknown_quant_type(small_f16, tmp_path):
     with pytest.raises(RerankerError, match="unknown quantization type 'Q9_X'"):
         quantize(small_f16, tmp_path / "x.gguf", "Q9_X")
+
+
+def test_cpu_extra_buffers_are_off_where_llama_cpp_has_amx(monkeypatch):
+    # llama.cpp's AMX kernels die with SIGILL on VMs whose CPUs report AMX (Q8_0 here did).
+    import llama_cpp
+
+    from reranker.engine.backbone import CPU_EXTRA_BUFFERS_ENV, cpu_extra_buffers
+
+    monkeypatch.delenv(CPU_EXTRA_BUFFERS_ENV, raising=False)
+    assert cpu_extra_buffers() == (b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info())
+    monkeypatch.setenv(CPU_EXTRA_BUFFERS_ENV, "1")
+    assert cpu_extra_buffers() is True
+    monkeypatch.setenv(CPU_EXTRA_BUFFERS_ENV, "0")
+    assert cpu_extra_buffers() is False

@@ -18,7 +18,21 @@ from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
 
 SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
+CPU_EXTRA_BUFFERS_ENV = "RERANKER_CPU_EXTRA_BUFFERS"
 _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
+
+
+def cpu_extra_buffers() -> bool:
+    """Whether llama.cpp may put CPU weights in its extra buffer types (AMX, repacked layouts).
+
+    Off when llama.cpp was built with AMX: its AMX kernels die with SIGILL on virtual machines
+    whose CPUs report AMX (seen on 2-core Xeon VMs, Q8_0 weights), and a crash costs more than
+    the speed-up. `RERANKER_CPU_EXTRA_BUFFERS=1` (or `0`) overrides the choice.
+    """
+    forced = os.environ.get(CPU_EXTRA_BUFFERS_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
 
 
 def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
@@ -27,6 +41,7 @@ def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = n_gpu_layers
     mparams.vocab_only = vocab_only
+    mparams.use_extra_bufts = cpu_extra_buffers()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise RerankerError(f"llama.cpp could not load {path}: the file is corrupt or not a supported model "
@@ -81,7 +96,7 @@ class Backbone:
     - embedding mode (`fast=False`, the reference): pooling LAST, no normalisation; llama.cpp
       then outputs every token, computing and copying full-vocabulary logits for each;
     - generation mode (`fast=True`): only each sequence's last token is an output, and the
-      GGUF's output projection must be the identity (see `identity_output.py`), so the
+      GGUF's output projection must be the identity (see `identity.py`), so the
       first `n_embd` logits are the hidden state.
 
     Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`

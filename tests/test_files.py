@@ -1,0 +1,96 @@
+"""Pure file helpers: the GGUF header reader, level names, atomic writes, the error contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from reranker import RerankerError
+from reranker.atomic import atomic_path, atomic_write
+from reranker.gguf.header import check_gguf_file, header_value
+from reranker.gguf.quantize import level_in_name
+
+
+@pytest.fixture()
+def small_gguf(tmp_path):
+    """A GGUF with scalar, string and array entries, written by gguf-py (the reference writer)."""
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w.add_uint32("general.file_type", 7)
+    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 1000)
+    w.add_array("some.floats", [1.0, 2.0])
+    w.add_string("general.name", "jina ✓")
+    w.add_int32("x.signed", -5)
+    w.add_float32("x.float", 0.25)
+    w.add_bool("x.flag", True)
+    w.add_tensor("t", np.zeros((2, 2), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_header_value_reads_what_gguf_py_wrote(small_gguf):
+    assert header_value(small_gguf, "general.architecture") == "qwen2vl"
+    assert header_value(small_gguf, "general.file_type") == 7
+    assert header_value(small_gguf, "general.name") == "jina ✓"
+    assert header_value(small_gguf, "x.signed") == -5
+    assert header_value(small_gguf, "x.float") == 0.25
+    assert header_value(small_gguf, "x.flag") is True
+    assert header_value(small_gguf, "missing.key") is None
+    assert header_value(small_gguf, "tokenizer.ggml.tokens") is None  # arrays are skipped, not returned
+    assert header_value(small_gguf, "general.name", within=2) is None  # not among the first two entries
+
+
+def test_header_value_on_bad_files(tmp_path, small_gguf):
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(small_gguf.read_bytes()[:200])
+    assert header_value(truncated, "general.name") is None
+    other = tmp_path / "o.gguf"
+    other.write_bytes(b"PK\x03\x04" + bytes(100))
+    assert header_value(other, "general.name") is None
+    with pytest.raises(RerankerError, match="not a GGUF file"):
+        check_gguf_file(other)
+    with pytest.raises(RerankerError, match="not found"):
+        check_gguf_file(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize("name,want", [
+    ("jina-reranker-m0-Q4_K_M.gguf", "Q4_K_M"), ("model.q8_0.gguf", "Q8_0"), ("F16.gguf", "F16"),
+    ("x_BF16.gguf", "BF16"), ("m0-F32.GGUF", "F32"), ("model.gguf", None), ("modelQ8_0.gguf", None),
+])
+def test_level_in_name(name, want):
+    assert level_in_name(name) == want
+
+
+def test_level_in_name_prefers_the_longest_level():
+    assert level_in_name("m-Q4_K_M.gguf", extra=("K_M",)) == "Q4_K_M"
+    assert level_in_name("m-CUSTOM.gguf", extra=("custom",)) == "CUSTOM"
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_write(target, "w") as f:
+            f.write("half")
+            raise ZeroDivisionError
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_head_errors_are_reranker_errors_and_head_needs_no_llama_cpp():
+    from head import HeadLoadError
+
+    assert issubclass(HeadLoadError, RerankerError)
+    code = "import sys, head, reranker.errors; assert 'llama_cpp' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
