@@ -44,6 +44,7 @@ def test_single_pair_gives_float(tiny_reranker):
     assert s == pytest.approx(tiny_reranker.compute_score([PAIRS[0]])[0], abs=1e-7)
 
 
+@pytest.mark.slow
 def test_batch_invariance(tiny_reranker):
     rng = random.Random(0)
     words = "alpha beta gamma delta 机器 学习 🎉 code() x=1\n".split(" ")

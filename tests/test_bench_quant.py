@@ -57,6 +57,7 @@ def report(bench_out):
     return json.loads((bench_out / "bench_quant.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_levels_are_made_and_scored(bench_out, report, small_f16):
     rows = {r["level"]: r for r in report["levels"]}
     assert list(rows) == LEVELS
@@ -79,6 +80,7 @@ def test_levels_are_made_and_scored(bench_out, report, small_f16):
     assert ref["max_abs_diff"] == 0 and ref["order_flips"] == 0
 
 
+@pytest.mark.slow
 def test_table_and_json_carry_every_column(bench_out, report):
     for row in report["levels"]:
         assert {key for key, _, _ in COLUMNS} <= set(row)
@@ -99,6 +101,7 @@ def test_table_and_json_carry_every_column(bench_out, report):
         assert "–" not in cells[:header.index("GPU MB")] + cells[header.index("GPU MB") + 1:]
 
 
+@pytest.mark.slow
 def test_q8_0_is_more_faithful_than_q3_k_m(report):
     q8, q3 = (next(r for r in report["levels"] if r["level"] == name) for name in ("Q8_0", "Q3_K_M"))
     assert q8["spearman"] > q3["spearman"] and q8["kendall"] > q3["kendall"]
@@ -106,6 +109,7 @@ def test_q8_0_is_more_faithful_than_q3_k_m(report):
     assert q8["order_flips"] < q3["order_flips"] and q8["top10_overlap"] >= q3["top10_overlap"]
 
 
+@pytest.mark.slow
 def test_report_metrics_equal_ir_measures(bench_out, report):
     scores = np.load(bench_out / "scores.npz")
     qrels = {f"q{i}": {f"q{i}d{j}": 2 - j for j in range(3)} for i in range(len(TOPICS))}  # as written in beir_dir
@@ -119,6 +123,7 @@ def test_report_metrics_equal_ir_measures(bench_out, report):
         assert row["recall_at_100"] == pytest.approx(1.0)  # every judged document is among the 12 candidates
 
 
+@pytest.mark.slow
 def test_plot_is_a_png(bench_out):
     import matplotlib.image
 
@@ -168,6 +173,7 @@ def test_fidelity_hand_checked():
         fidelity(ref, got[:5], [5])
 
 
+@pytest.mark.slow
 def test_default_levels_and_level_files(small_f16, bench_out, tmp_path):
     assert DEFAULT_LEVELS == ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
     plan = plan_levels([str(small_f16)], tmp_path)
@@ -203,6 +209,7 @@ def test_default_levels_and_level_files(small_f16, bench_out, tmp_path):
         plan_levels([str(small_f16)], tmp_path / "out", levels=["Q9_X"])
 
 
+@pytest.mark.slow
 def test_synthetic_run_speed_only(small_f16, bench_out, capsys):
     # Reuses bench_out's Q8_0 file; no judgements, so no retrieval numbers.
     rc = main([str(small_f16), "--synthetic", "8", "--levels", "Q8_0", "-o", str(bench_out / "synthetic"),
@@ -226,9 +233,10 @@ def test_eval_sets(tmp_path, beir_dir):
                         {"query_id": "b", "query": "qb", "doc_id": "1", "document": "y", "label": 0},
                         {"query_id": "a", "query": "qa", "doc_id": "2", "document": "z", "label": True},
                         {"query_id": "a", "query": "qa", "doc_id": "3", "document": "w"},
-                        {"query_id": "a", "query": "qa", "doc_id": "4", "document": ""}])  # rejected: empty
+                        {"query_id": "a", "query": "qa", "doc_id": "4", "document": ""},  # empty: scored
+                        {"query_id": "a", "query": "qa", "doc_id": "5", "document": 7}])  # rejected: not text
     s = pairs_jsonl_set(path)
-    assert [(q.query_id, [d for d, _ in q.docs]) for q in s.queries] == [("a", ["1", "2", "3"]), ("b", ["1"])]
+    assert [(q.query_id, [d for d, _ in q.docs]) for q in s.queries] == [("a", ["1", "2", "3", "4"]), ("b", ["1"])]
     assert s.qrels == {"a": {"1": 1, "2": 1}, "b": {"1": 0}}
     _write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 0.5}])
     with pytest.raises(RerankerError, match="integer relevance grade"):
@@ -252,6 +260,7 @@ def test_eval_sets(tmp_path, beir_dir):
         beir_set(no_run)
 
 
+@pytest.mark.slow
 def test_cli_errors(small_f16, tmp_path, capsys):
     assert main([str(small_f16), "--beir", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
     assert "BEIR folder not found" in capsys.readouterr().err

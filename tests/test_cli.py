@@ -14,6 +14,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reranker", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_synth_convert_quantize_rerank(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert run("synth", "--preset", "tiny", "--seed", "3", "-o", str(ckpt)).returncode == 0

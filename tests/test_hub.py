@@ -34,6 +34,7 @@ def test_split_ref():
         split_ref(f"{REPO}:Q8_0", "F16")
 
 
+@pytest.mark.slow
 def test_repo_quant_from_cache_offline(hf_cache):
     files = resolve(f"{REPO}:F32", cache_dir=hf_cache, local_files_only=True)
     assert files.gguf.name == "jina-reranker-m0-F32.gguf" and files.head.name == "mlp_weights.npz"

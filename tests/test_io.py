@@ -64,9 +64,10 @@ def test_parquet_nested_and_flat(tmp_path):
     nested = tmp_path / "nested.parquet"
     pq.write_table(pa.table({"query_id": ["q1", None], "query": ["first", "second"],
                              "documents": [["a", "b"], ["c", "   "]]}), nested)
-    units, rejects = split(read_input(nested))
-    assert units == [Unit(0, "q1", "first", [("0", "a"), ("1", "b")], f"{nested}:row 0")]
-    assert [(r.source, r.reason.split(":")[0]) for r in rejects] == [(f"{nested}:row 1", "empty document")]
+    assert list(read_input(nested)) == [  # a blank document is scored like any other
+        Unit(0, "q1", "first", [("0", "a"), ("1", "b")], f"{nested}:row 0"),
+        Unit(1, "1", "second", [("0", "c"), ("1", "   ")], f"{nested}:row 1"),
+    ]
 
     objects = tmp_path / "objects.pq"
     docs = pa.array([[{"id": "x", "text": "ex"}, {"id": "y", "text": "why"}]],
@@ -173,16 +174,24 @@ def test_bad_records_are_rejected_with_line_and_reason(tmp_path):
         json.dumps({"query": "", "documents": ["last"]}),  # 14
     ])
     units, rejects = split(read_input(path))
-    assert [(u.index, u.query_id, u.source) for u in units] == [(0, "0", f"{path}:1"), (1, "12", f"{path}:14")]
+    # Blank documents (6) are scored; a bad document (9, 11, 13) is rejected alone, its record keeps the rest.
+    assert [(u.index, u.query_id, u.source, u.docs, u.positions) for u in units] == [
+        (0, "0", f"{path}:1", [("0", "fine")], None), (1, "5", f"{path}:6", [("0", "ok"), ("1", " \t\n")], None),
+        (2, "11", f"{path}:13", [("a", "x")], [0]), (3, "12", f"{path}:14", [("0", "last")], None),
+    ]
     assert [(r.source, r.reason.split(":")[0]) for r in rejects] == [(f"{path}:{n}", kind) for n, kind in [
         (2, "malformed JSON"), (3, 'missing field "query"'), (4, "non-string text"), (5, "invalid UTF-8"),
-        (6, "empty document"), (7, "empty documents list"), (9, "non-string text"), (10, "not a JSON object"),
+        (7, "empty documents list"), (9, "non-string text"), (10, "not a JSON object"),
         (11, "bad id"), (12, "invalid UTF-8"), (13, "duplicate doc id"),
     ]]
+    assert [(r.query_id, r.doc_index) for r in rejects] == [(None, None)] * 5 + [("7", 0), (None, None), ("9", 0), (None, None), ("11", 1)]
     assert rejects[0].raw == '{"query": "q", "documents": ['
     assert rejects[3].raw == '{"query": "caf\\xe9", "documents": ["x"]}'
     assert "byte 15" in rejects[3].reason
-    assert rejects[4].reason == 'empty document: "documents[1]"'
+    assert rejects[5] == Reject(f"{path}:9", 'non-string text: "documents[0].text" is null (query \'7\', document 0)',
+                                '{"id": "a", "text": null}', query_id="7", doc_index=0)
+    assert rejects[7].reason == 'bad id: "documents[0].id" must be a string or an integer, got a number (query \'9\', document 0)'
+    assert rejects[9].reason == 'duplicate doc id: "a" in documents[0] and documents[1] (query \'11\', document 1)'
 
     flat = write_lines(tmp_path / "bad_pairs.jsonl", [
         json.dumps({"query_id": "q", "query": "a", "doc_id": "d1", "document": "one"}),
@@ -191,11 +200,112 @@ def test_bad_records_are_rejected_with_line_and_reason(tmp_path):
         json.dumps({"query_id": "q", "query": "a", "doc_id": "d4", "document": ["x"]}),
     ])
     units, rejects = split(read_input(flat))
-    assert [u.docs for u in units] == [[("d1", "one")]]
-    assert [(r.source, r.reason) for r in rejects] == [
-        (f"{flat}:2", 'missing field "doc_id"'), (f"{flat}:3", 'empty document: "document"'),
-        (f"{flat}:4", 'non-string text: "document" is an array'),
+    assert [(u.index, u.docs, u.source) for u in units] == [(0, [("d1", "one")], f"{flat}:1"), (1, [("d3", "")], f"{flat}:3")]
+    assert [(r.source, r.reason, r.query_id, r.doc_index) for r in rejects] == [
+        (f"{flat}:2", 'missing field "doc_id"', None, None),
+        (f"{flat}:4", 'non-string text: "document" is an array', None, None),
     ]
+
+
+def test_nested_jsonl_rejects_bad_documents_one_by_one(tmp_path):
+    path = write_lines(tmp_path / "docs.jsonl", [
+        json.dumps({"query_id": "q1", "query": "Q", "documents": [
+            "good",  # 0
+            "",  # 1: empty, scored
+            {"id": "x", "text": 5},  # 2: non-string text
+            {"id": "w", "text": "  "},  # 3: blank, scored
+            {"id": "y"},  # 4: no text
+            {"id": True, "text": "t"},  # 5: bad id
+            {"id": "w", "text": "again"},  # 6: duplicate of 3
+            {"id": " ", "text": "t"},  # 7: blank id
+            ["a list"],  # 8: not a string or an object
+            {"text": "no id"},  # 9: id "9"
+        ]}),
+        json.dumps({"query_id": "q2", "query": "all bad", "documents": [None, {"text": ["x"]}]}),
+        json.dumps({"query_id": "q3", "query": "empty list", "documents": []}),
+        json.dumps({"query": "Q4", "documents": [{"id": "d", "text": ""}]}),
+    ])
+    items = list(read_input(path))
+    src = [f"{path}:{n}" for n in range(1, 5)]
+
+    def why(reason, qid, i):
+        return f"{reason} (query {qid!r}, document {i})"
+
+    assert items == [
+        Reject(src[0], why('non-string text: "documents[2].text" is a number', "q1", 2), '{"id": "x", "text": 5}', "q1", 2),
+        Reject(src[0], why('missing field "documents[4].text"', "q1", 4), '{"id": "y"}', "q1", 4),
+        Reject(src[0], why('bad id: "documents[5].id" must be a string or an integer, got a boolean', "q1", 5),
+               '{"id": true, "text": "t"}', "q1", 5),
+        Reject(src[0], why('duplicate doc id: "w" in documents[3] and documents[6]', "q1", 6), '{"id": "w", "text": "again"}', "q1", 6),
+        Reject(src[0], why('bad id: "documents[7].id" is empty', "q1", 7), '{"id": " ", "text": "t"}', "q1", 7),
+        Reject(src[0], why('non-string text: "documents[8]" is an array', "q1", 8), '["a list"]', "q1", 8),
+        Unit(0, "q1", "Q", [("0", "good"), ("1", ""), ("w", "  "), ("9", "no id")], src[0], [0, 1, 3, 9]),
+        # every document bad: its rejects, no unit, and the next unit's index stays dense
+        Reject(src[1], why('non-string text: "documents[0]" is null', "q2", 0), "null", "q2", 0),
+        Reject(src[1], why('non-string text: "documents[1].text" is an array', "q2", 1), '{"text": ["x"]}', "q2", 1),
+        Reject(src[2], 'empty documents list: "documents" is []', json.dumps({"query_id": "q3", "query": "empty list", "documents": []})),
+        Unit(1, "3", "Q4", [("d", "")], src[3]),
+    ]
+    assert [items[6].position(i) for i in range(4)] == [0, 1, 3, 9]
+    assert items[-1].position(0) == 0
+    # A lone surrogate in one document rejects that document; its raw text keeps the escape, so it can be written.
+    surrogate = write_lines(tmp_path / "surrogate.jsonl", ['{"query": "q", "documents": ["ok", "\\ud800", {"text": "\\udc00 é"}]}'])
+    units, rejects = split(read_input(surrogate))
+    assert units == [Unit(0, "0", "q", [("0", "ok")], f"{surrogate}:1", [0])]
+    assert [(r.reason.split(":")[0], r.raw, r.doc_index) for r in rejects] == [
+        ("invalid UTF-8", "\\ud800", 1), ("invalid UTF-8", '{"text": "\\udc00 é"}', 2)]
+    w = RejectsWriter(tmp_path / "surrogate.rejects.jsonl")
+    for r in rejects:
+        w.write(r)
+    w.close(final=True)
+    assert [json.loads(x)["raw"] for x in (tmp_path / "surrogate.rejects.jsonl").read_text(encoding="utf-8").splitlines()] == [
+        "\\ud800", '{"text": "\\udc00 é"}']
+
+
+def test_nested_parquet_rejects_bad_documents_one_by_one(tmp_path):
+    path = tmp_path / "docs.parquet"
+    doc = pa.struct([("id", pa.string()), ("text", pa.string())])
+    pq.write_table(pa.table({
+        "query_id": ["q1", "q2", None, "q4"],
+        "query": ["one", "two", "three", "four"],
+        "documents": pa.array([
+            [{"id": "a", "text": "A"}, {"id": "b", "text": ""}, {"id": "c", "text": None},
+             {"id": "a", "text": "dup"}, {"id": None, "text": "no id"}, {"id": "e", "text": " \n"}],
+            [{"id": "x", "text": None}],
+            [],
+            [{"id": "z", "text": ""}],
+        ], pa.list_(doc)),
+    }), path)
+    items = list(read_input(path))
+    src = [f"{path}:row {n}" for n in range(4)]
+    assert items == [
+        Reject(src[0], 'non-string text: "documents[2].text" is null (query \'q1\', document 2)', '{"id": "c", "text": null}', "q1", 2),
+        Reject(src[0], 'duplicate doc id: "a" in documents[0] and documents[3] (query \'q1\', document 3)',
+               '{"id": "a", "text": "dup"}', "q1", 3),
+        Unit(0, "q1", "one", [("a", "A"), ("b", ""), ("4", "no id"), ("e", " \n")], src[0], [0, 1, 4, 5]),
+        Reject(src[1], 'non-string text: "documents[0].text" is null (query \'q2\', document 0)', '{"id": "x", "text": null}', "q2", 0),
+        Reject(src[2], 'empty documents list: "documents" is []', '{"query": "three", "documents": [], "query_id": null}'),
+        Unit(1, "q4", "four", [("z", "")], src[3]),
+    ]
+    # a list of strings: a null item is one bad document
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"query": ["q"], "documents": [["", None, "x"]]}), strings)
+    assert list(read_input(strings)) == [
+        Reject(f"{strings}:row 0", 'non-string text: "documents[1]" is null (query \'0\', document 1)', "null", "0", 1),
+        Unit(0, "0", "q", [("0", ""), ("2", "x")], f"{strings}:row 0", [0, 2]),
+    ]
+
+
+def test_beir_blank_corpus_entry_is_an_empty_document(tmp_path):
+    folder = beir_folder(tmp_path)
+    with open(folder / "corpus.jsonl", "ab") as f:
+        f.write(b'{"_id": "d0", "title": " ", "text": ""}\n{"_id": "d00", "text": "  "}\n')
+    with open(folder / "run.trec", "ab") as f:
+        f.write(b"q1 Q0 d0 5 6.0 bm25\nq1 Q0 d00 6 5.5 bm25\n")
+    units, rejects = split(read_input(folder, depth=4))
+    assert [r.reason.split(":")[0] for r in rejects] == ["unknown doc id"]
+    assert units[1] == Unit(1, "q1", "first", [("d1", "Title One text one"), ("d0", ""), ("d00", "  "), ("d2", "text two")],
+                            f"{folder / 'run.trec'}:2")
 
 
 def test_reader_errors_name_the_input(tmp_path):

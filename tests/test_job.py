@@ -56,6 +56,7 @@ def model(tiny_ggufs):
     return tiny_ggufs["f32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix,extra", [(".jsonl", []), (".trec", []), (".parquet", []), (".jsonl", ["--per", "pair"])],
                          ids=["jsonl-per-query", "trec", "parquet", "jsonl-per-pair"])
 def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
@@ -79,6 +80,7 @@ def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
     assert summary["pairs"] == clean_summary["pairs"] and summary["tokens"] == clean_summary["tokens"]
 
 
+@pytest.mark.slow
 def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs):
     inp = tmp_path / "in.jsonl"
     write_nested(inp, n_queries=5)
@@ -109,14 +111,111 @@ def test_bad_records_fail_or_skip(model, tmp_path):
     res = run(score_cmd(model, inp, out, "--on-error", "skip"))  # resumes the failed job
     assert res.returncode == 0, res.stderr
     rejects = [json.loads(line) for line in out.with_name("out.jsonl.rejects.jsonl").read_text().splitlines()]
-    assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4", "5", "6"]
+    assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4", "5"]
+    assert [(r.get("query_id"), r.get("doc_index")) for r in rejects] == [(None, None), (None, None), ("3", 0), (None, None)]
     reasons = " | ".join(r["reason"] for r in rejects)
-    for kind in ("malformed JSON", "missing field", "non-string text", "invalid UTF-8", "empty document"):
+    for kind in ("malformed JSON", "missing field", "non-string text", "invalid UTF-8"):
         assert kind in reasons
-    assert len(out.read_text().splitlines()) == 2
-    assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 5
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["query_id"], [(r["index"], r["document"]["text"]) for r in x["results"]]) for x in lines][1] == ("5", [(0, "  ")])
+    assert len(lines) == 3  # the blank document (line 6) is scored
+    assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 4
 
 
+MIXED = [  # good, empty and bad documents in one record; a record whose documents are all bad; an empty one
+    {"query_id": "q1", "query": "rockets", "documents": ["a rocket launch", "", {"id": "bad", "text": 7}, {"id": "w", "text": "  "},
+                                                       {"text": "a cake recipe"}, {"id": "w", "text": "dup"}]},
+    {"query_id": "q2", "query": "cakes", "documents": [{"id": "x"}]},
+    {"query_id": "q3", "query": "", "documents": ["", "\ud800"]},  # a lone surrogate: rejected, its raw text escaped
+]
+
+
+def test_bad_documents_fail_or_skip_alone_and_empty_ones_are_scored(model, tmp_path, capsys, tiny_reranker):
+    from reranker.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in MIXED), encoding="utf-8")
+    failed, out = tmp_path / "failed.jsonl", tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(score_cmd(model, inp, failed)[3:]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"reranker score: error: {inp}:1: non-string text: \"documents[2].text\" is a number (query 'q1', document 2); ")
+    assert "--on-error skip" in err and not failed.exists()
+
+    assert main(score_cmd(model, inp, out, "--on-error", "skip")[3:]) == 0
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [x["query_id"] for x in lines] == ["q1", "q3"]
+    got = {(x["query"], r["index"], r["doc_id"], r["document"]["text"]): r["relevance_score"] for x in lines for r in x["results"]}
+    assert list(got) == sorted(got, key=lambda k: (k[0] != "rockets", -got[k], k[1]))  # best first within a query
+    assert sorted(got) == [("", 0, "0", ""), ("rockets", 0, "0", "a rocket launch"), ("rockets", 1, "1", ""),
+                           ("rockets", 3, "w", "  "), ("rockets", 4, "4", "a cake recipe")]
+    want = tiny_reranker.compute_score([[q, text] for q, _, _, text in got])
+    assert list(got.values()) == pytest.approx(want, abs=1e-5)  # as test_api: batching moves scores by < 1e-5
+    assert got[("rockets", 1, "1", "")] == pytest.approx(tiny_reranker.compute_score(["rockets", ""]), abs=1e-5)
+
+    rejects = [json.loads(line) for line in out.with_name("out.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert rejects == [
+        {"source": f"{inp}:1", "query_id": "q1", "doc_index": 2,
+         "reason": "non-string text: \"documents[2].text\" is a number (query 'q1', document 2)", "raw": '{"id": "bad", "text": 7}'},
+        {"source": f"{inp}:1", "query_id": "q1", "doc_index": 5,
+         "reason": "duplicate doc id: \"w\" in documents[3] and documents[5] (query 'q1', document 5)", "raw": '{"id": "w", "text": "dup"}'},
+        {"source": f"{inp}:2", "query_id": "q2", "doc_index": 0,
+         "reason": "missing field \"documents[0].text\" (query 'q2', document 0)", "raw": '{"id": "x"}'},
+        {"source": f"{inp}:3", "query_id": "q3", "doc_index": 1,
+         "reason": "invalid UTF-8: \"documents[1]\" holds a lone surrogate \\ud800 (query 'q3', document 1)", "raw": "\\ud800"},
+    ]
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert (summary["pairs"], summary["queries"], summary["skipped"]) == (5, 2, 4)
+
+
+def write_mixed(path, n_queries=40, seed=0):
+    """`write_nested`'s records with empty, blank and bad documents, all-bad records and bad lines mixed in."""
+    rng = random.Random(seed)
+    bad = [{"text": None}, 5, {"id": True, "text": "x"}, {"id": "x"}, ["x"], "\ud800"]
+    with open(path, "wb") as f:
+        for q in range(n_queries):
+            if q % 9 == 4:
+                f.write(b'{"query_id": "broken", "documents": [\n')
+                continue
+            docs: list = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
+            for _ in range(rng.randint(0, 3)):
+                docs.insert(rng.randint(0, len(docs)), rng.choice(["", " ", *bad]))
+            if q % 7 == 3:
+                docs = [rng.choice(bad) for _ in range(rng.randint(1, 3))]
+            if q % 5 == 2 and isinstance(docs[0], str):
+                docs = [{"id": "dup", "text": docs[0]}, *docs[1:], {"id": "dup", "text": "again"}]
+            line = json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(WORDS, k=3)), "documents": docs}, ensure_ascii=False)
+            f.write(line.encode("utf-8", "backslashreplace") + b"\n")  # a lone surrogate as its JSON escape
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_empty_and_bad_documents(model, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    write_mixed(inp)
+    clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
+    res = run(score_cmd(model, inp, clean, "--on-error", "skip"))
+    assert res.returncode == 0, res.stderr
+    clean_rejects = clean.with_name("clean.jsonl.rejects.jsonl").read_bytes()
+    rejected = [json.loads(line) for line in clean_rejects.decode().splitlines()]
+    assert sum("doc_index" in r for r in rejected) >= 10 and sum("doc_index" not in r for r in rejected) >= 3
+    texts = [r["document"]["text"] for line in clean.read_text(encoding="utf-8").splitlines() for r in json.loads(line)["results"]]
+    assert "" in texts and " " in texts
+    killed = 0
+    for after, delay in [(3, 0.01), (12, 0.1)]:
+        killed += kill_when(score_cmd(model, inp, out, "--on-error", "skip"), out, after, delay) == -signal.SIGKILL
+    assert killed >= 1, "no run was killed mid-way: the test proves nothing"
+    res = run(score_cmd(model, inp, out, "--on-error", "skip"))
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == clean.read_bytes()
+    assert out.with_name("out.jsonl.rejects.jsonl").read_bytes() == clean_rejects
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    clean_summary = json.loads(clean.with_name(clean.name + ".summary.json").read_text())
+    for key in ("pairs", "tokens", "queries", "skipped"):
+        assert summary[key] == clean_summary[key], key
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_equal_one(model, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_nested(inp, n_queries=20, seed=3)
@@ -127,6 +226,7 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
     assert two.read_bytes() == one.read_bytes()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_nested(inp)

@@ -18,6 +18,7 @@ def _scores(path, head):
         r.close()
 
 
+@pytest.mark.slow
 def test_q8_0_and_q4_k_m_load_and_score(small_f16, tmp_path):
     head = small_f16.parent / "mlp_weights.npz"
     ref = _scores(small_f16, head)
@@ -32,6 +33,7 @@ def test_q8_0_and_q4_k_m_load_and_score(small_f16, tmp_path):
     assert errs["Q8_0"] < errs["Q4_K_M"], errs
 
 
+@pytest.mark.slow
 def test_unknown_quant_type(small_f16, tmp_path):
     with pytest.raises(RerankerError, match="unknown quantization type 'Q9_X'"):
         quantize(small_f16, tmp_path / "x.gguf", "Q9_X")

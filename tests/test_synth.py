@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
 from reranker.synth import qwen_vocab
-from reranker.synth.checkpoint import LOGIT_BIAS, PRESETS, SCORE_TOKEN_ID, synth_checkpoint, tensor_shapes
+from reranker.synth.checkpoint import PRESETS, synth_checkpoint, tensor_shapes
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")

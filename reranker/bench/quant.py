@@ -1,11 +1,11 @@
 """Quantization benchmark: every level of one model on the same evaluation set, in one run.
 
 `bench_quant()` finds or makes each level's GGUF (`quantize`), measures it in a fresh process
-(`bench_quant_worker`: load time, peak memory, pairs/s and tokens/s through
+(`worker.py`: load time, peak memory, pairs/s and tokens/s through
 `Reranker.compute_score`), and compares its scores with the reference's (the F32/BF16/F16 file
 the levels are made from): correlation, per-query top-10 overlap, score differences, order flips,
 and, when the set has relevance judgements, nDCG@10 / MRR@10 / Recall@100 from ir-measures.
-`bench_quant_report` turns the result into markdown, JSON and a plot.
+`report.py` turns the result into markdown, JSON and a plot.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from reranker.atomic import atomic_path
 from reranker.bench.sets import EvalSet
+from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine.identity import with_identity_output
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file, header_value
@@ -396,7 +397,7 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
             # The fast path's one-time GGUF copy (in from_pretrained's default dtype) is made here,
             # so the worker times a steady-state load, as every later run of the job sees it.
             levels_bar.set_postfix_str(f"{level.name}: preparing")
-            with_identity_output(level.path, "f32")
+            with_identity_output(level.path, IDENTITY_DTYPE)
             levels_bar.set_postfix_str(f"{level.name}: scoring")
             with tqdm(total=len(pairs), desc=f"{level.name} pairs", unit="pair", disable=not progress,
                       position=1, leave=False) as pairs_bar:

@@ -247,7 +247,8 @@ class Job:
                 self.stats.skipped += len(window.rejects)
                 self.consumed = window.end
                 self._save(writer.commit(), rejects.commit())
-                self.progress.update(len(window.units) + len(window.rejects), k, sum(len(p.ids) for p in window.prompts))
+                records = len({u.source for u in window.units} | {r.source for r in window.rejects})  # a record's rejects share its source
+                self.progress.update(records, k, sum(len(p.ids) for p in window.prompts))
             except BaseException as e:
                 failure.append(e)
 

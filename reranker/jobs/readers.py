@@ -1,7 +1,9 @@
 """Input readers of the scoring job: JSONL, Parquet and BEIR folders -> work units, streamed.
 
-Every record becomes a `Unit` or a `Reject`; nothing is dropped silently. Files are read in
-binary and decoded line by line, so one bad line is one reject with its line number.
+Every record becomes a `Unit`, or a `Reject` when it cannot be read; a bad document inside a
+record is a `Reject` of its own, and the record's other documents still make its `Unit`.
+Nothing is dropped silently. Files are read in binary and decoded line by line, so one bad
+line is one reject with its line number.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class _Record:
         """Its rejects, then its unit (numbered `index`) when any document is good."""
         for i, reason, item in self.bad:
             raw = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, default=repr)
+            # A lone surrogate (spelled by a JSON escape) cannot be written as UTF-8: keep it as its escape.
+            raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
             yield Reject(source, reason, raw, query_id=self.qid, doc_index=i)
         if self.docs:
             yield Unit(index, self.qid, self.query, self.docs, source, self.positions if self.bad else None)

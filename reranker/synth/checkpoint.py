@@ -37,7 +37,7 @@ import torch
 from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
 from reranker.synth.qwen_vocab import SPECIAL_START_ID, special_token_ids, write_qwen2_tokenizer
 
-__all__ = ["Preset", "PRESETS", "LOGIT_BIAS", "SCORE_TOKEN_ID", "synth_checkpoint", "tensor_shapes"]
+__all__ = ["Preset", "PRESETS", "synth_checkpoint", "tensor_shapes"]
 
 VOCAB_SIZE = 151_936  # 151,643 BPE + 14 special + padding rows
 
