@@ -46,16 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from reranker.api import Reranker
-    from reranker.engine.backbone import VocabOnly
-    from reranker.engine.identity import with_identity_output
-    from reranker.engine.prompts import PromptBuilder
-    from reranker.engine.scoring import score_prompts
     from reranker.gguf.hub import resolve
-    from reranker.jobs.devices import DevicePool, parse_devices
-    from reranker.jobs.job import Job, JobAlreadyDone, JobSpec, model_fingerprint, write_summary
-    from reranker.jobs.progress import Progress, count_records
-    from reranker.jobs.readers import detect_input_format
+    from reranker.jobs.job import JobSpec, check_job
+    from reranker.jobs.paths import JobLock
 
     if args.input is None and not (args.queries and args.corpus and args.run):
         raise RerankerError("give -i INPUT, or --queries, --corpus and --run for BEIR files")
@@ -67,6 +60,27 @@ def run(args: argparse.Namespace) -> None:
     head_path = Path(args.head) if args.head else files.head
     if head_path is None:
         raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass --head path/to/{HEAD_FILE}")
+    # Everything that can be refused is refused before the model loads; the lock then keeps any
+    # other job off this output (and rejects file) until this one ends, however it ends.
+    check_job(spec, model=Path(files.gguf), head=head_path)
+    with JobLock(spec.files()):
+        try:
+            _score(args, spec, files, head_path)
+        except OSError as e:  # the writers name their files; this catches what they cannot foresee
+            raise RerankerError(f"{e.filename or args.output}: {e.strerror or e}") from e
+
+
+def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
+    from reranker.api import Reranker
+    from reranker.engine.backbone import VocabOnly
+    from reranker.engine.identity import with_identity_output
+    from reranker.engine.prompts import PromptBuilder
+    from reranker.engine.scoring import score_prompts
+    from reranker.jobs.devices import DevicePool, parse_devices
+    from reranker.jobs.job import Job, JobAlreadyDone, model_fingerprint, write_summary
+    from reranker.jobs.progress import Progress, count_records
+    from reranker.jobs.readers import detect_input_format
+
     max_length = args.max_length or min(MAX_LENGTH, args.n_ctx or MAX_LENGTH)
     load = dict(model=str(files.gguf), head=str(head_path), n_ctx=args.n_ctx, n_batch=args.n_batch,
                 n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_length=max_length,

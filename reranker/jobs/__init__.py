@@ -3,6 +3,10 @@
 Read in this order:
 - `records.py`: what readers yield: a `Unit` (one query and its documents) or a `Reject`;
 - `readers.py`: JSONL, Parquet and BEIR folders -> units and rejects, streamed;
+- `validate.py`: the query-id rule (one contiguous run of records per query id, one text,
+  each (query, doc) pair once), between the readers and the job, for every format;
+- `paths.py`: the job's files: no output aliases an input or another output, only regular
+  files are written, and a lock keeps a second job off an output;
 - `job.py`: the loop: windows tokenised ahead, scored, written and checkpointed behind;
 - `checkpoint.py`: what was consumed and written, and what it was computed from;
 - `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from reranker.atomic import atomic_write
 from reranker.errors import RerankerError
+from reranker.jobs.paths import CHECKPOINT, beside, writing
 
-VERSION = 1
-_EDGE = 1 << 20  # bytes hashed at each end of a large file
+VERSION = 2  # 2: inputs hashed whole, the rejects file recorded
+_EDGE = 1 << 20  # bytes hashed at each end of a large model file
 
 
 def file_fingerprint(path: str | os.PathLike, whole: bool = False) -> dict:
-    """Size plus a hash of the file (whole, or its first and last MiB: inputs can be many GB)."""
+    """Size plus a SHA-256 of the file: whole, or (a model of many GB) its first and last MiB."""
     p = Path(path)
     size = p.stat().st_size
     h = hashlib.sha256()
@@ -30,23 +31,20 @@ def file_fingerprint(path: str | os.PathLike, whole: bool = False) -> dict:
     return {"path": str(p.resolve()), "size": size, "sha256": h.hexdigest()}
 
 
-def input_fingerprint(paths: list[Path], skip_prefix: str = "") -> list[dict]:
-    """Fingerprints of the input files (a directory counts as the files directly inside it,
-    except the job's own output files, named `skip_prefix`*, when it writes there)."""
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(q for q in p.iterdir() if q.is_file() and not (skip_prefix and q.name.startswith(skip_prefix))))
-        else:
-            files.append(p)
-    return [file_fingerprint(f) for f in files]
+def input_fingerprint(files: list[Path]) -> list[dict]:
+    """Fingerprints of the files a job reads, each hashed whole (streamed), so a change anywhere
+    in an input, even one byte in the middle of a large file, is seen when the job resumes."""
+    try:
+        return [file_fingerprint(f, whole=True) for f in files]
+    except OSError as e:
+        raise RerankerError(f"cannot read the input {e.filename}: {e.strerror}") from e
 
 
 class Checkpoint:
     """`OUTPUT.checkpoint.json`, replaced atomically after the output it describes is durable."""
 
     def __init__(self, output: Path) -> None:
-        self.path = output.with_name(output.name + ".checkpoint.json")
+        self.path = beside(output, CHECKPOINT)
 
     def load(self) -> dict | None:
         if not self.path.is_file():
@@ -60,7 +58,7 @@ class Checkpoint:
         return state
 
     def save(self, state: dict) -> None:
-        with atomic_write(self.path, "w") as f:
+        with writing(self.path, "checkpoint"), atomic_write(self.path, "w") as f:
             json.dump({"version": VERSION, **state}, f, indent=1)
 
     def remove(self) -> None:

@@ -6,6 +6,12 @@ written, made durable and checkpointed on another. The checkpoint records how ma
 items are done and each writer's durable state, so a rerun after any crash (SIGKILL
 included) truncates the output to the last checkpoint and carries on from there: no
 result lost, none duplicated, no torn line.
+
+Before anything loads, `check_job` refuses arguments and paths that could destroy data (see
+`paths.py`: an output that is an input, a special file, a rejects file that is the head, ...);
+the caller then holds `paths.JobLock` for the whole job, so no two jobs share an output. Items
+pass `validate.one_run_per_query` (one run of records per query id, each pair once) on the
+way from the reader to the windows, on resume too.
 """
 
 from __future__ import annotations
@@ -13,19 +19,23 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
 from reranker.engine.prompts import Prompt, PromptBuilder
 from reranker.errors import RerankerError
 from reranker.jobs.checkpoint import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
+from reranker.jobs.paths import JobFiles, check_job_files, input_files, input_reads, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import read_input
 from reranker.jobs.records import Reject, Unit
+from reranker.jobs.validate import one_run_per_query
 from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
 
 log = logging.getLogger(__name__)
@@ -50,11 +60,40 @@ class JobSpec:
     restart: bool = False
     run_tag: str = RUN_TAG
 
-    def rejects_path(self) -> Path:
-        return self.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
+    def files(self) -> JobFiles:
+        """Every path the job writes: OUTPUT, its companions and the rejects file."""
+        return JobFiles.of(self.output, self.rejects)
 
-    def input_paths(self) -> list[Path]:
-        return [p for p in (self.input, self.queries, self.corpus, self.run) if p is not None]
+    def rejects_path(self) -> Path:
+        return self.files().rejects
+
+    def input_reads(self) -> list[tuple[str, Path]]:
+        """(what, path) of the inputs read (BEIR: the folder and the files found in it), checked."""
+        return input_reads(self.input, self.input_format, self.queries, self.corpus, self.run)
+
+
+def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None) -> None:
+    """Refuse, before the model loads or any file is touched, a job that cannot run or could destroy data.
+
+    Checks the settings, the formats, every path (see `paths.check_job_files`: no output or
+    companion may be or alias an input, the model, the head or each other, and only regular
+    files are written), and opens the input once (a Parquet footer, a BEIR folder's files).
+    """
+    if spec.window < 1:
+        raise RerankerError(f"--window {spec.window}: a window holds at least 1 pair")
+    if spec.depth < 1:
+        raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
+    if spec.on_error not in ("fail", "skip"):
+        raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
+    if spec.per not in ("query", "pair"):
+        raise RerankerError(f"per={spec.per!r} must be 'query' or 'pair'")
+    detect_output_format(spec.output, spec.output_format)
+    reads = spec.input_reads()
+    check_job_files(spec.files(), reads + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None])
+    items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus, run=spec.run)
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 @dataclass
@@ -145,8 +184,9 @@ class Job:
         self.builder = builder
         self.scorer = scorer
         self.progress = progress or Progress(quiet=True)
+        self.files = spec.files()
         self.checkpoint = Checkpoint(spec.output)
-        self.fingerprint = {**fingerprint, "input": input_fingerprint(spec.input_paths(), skip_prefix=spec.output.name),
+        self.fingerprint = {**fingerprint, "input": input_fingerprint(input_files(spec.input_reads())),
                             "settings": {**fingerprint.get("settings", {}), **self._settings()}}
         self.model_name = model_name
         self.stats = Stats()
@@ -158,42 +198,69 @@ class Job:
                 "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
                 "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length}
 
+    def _rejects_id(self) -> str:
+        return os.path.realpath(self.files.rejects)
+
     def _start(self) -> tuple[dict, dict] | None:
-        """Writer states to resume from, None for a fresh start, or raise if refused/finished."""
-        state = None if self.spec.restart else self.checkpoint.load()
+        """Writer states to resume from, None for a fresh start, or raise if refused/finished.
+
+        Without `restart`, existing files are only reused when the checkpoint records them:
+        an output or rejects file that no job of this output recorded is refused, never
+        emptied. A fresh start saves its checkpoint before the writers touch any file, so from
+        then on a rerun knows the files are this job's own. A checkpoint that says the job
+        finished while OUTPUT is gone redoes the job (nothing is left to lose) and says so.
+        """
+        files, state = self.files, None if self.spec.restart else self.checkpoint.load()
+        recorded = state is not None
+        if state is not None:
+            changed = changed_parts(state["fingerprint"], self.fingerprint)
+            if changed:
+                raise RerankerError(f"{files.output} was started with a different {', '.join(changed)}; "
+                                    "rerun with --restart to start over, or write to another -o")
+            if state.get("rejects_path") != self._rejects_id():
+                raise RerankerError(f"{files.output} was started with the rejects file {state.get('rejects_path')}; "
+                                    "pass that --rejects to resume, or --restart to start over")
+            if state.get("done"):
+                if files.output.is_file():
+                    raise JobAlreadyDone(Stats(**state["stats"]))
+                log.warning("%s is missing although its checkpoint says the job finished; scoring it again",
+                            files.output)
+                state = None
         if state is None:
-            if not self.spec.restart and self.spec.output.exists():
-                raise RerankerError(f"{self.spec.output} exists and no unfinished job of it is recorded; "
-                                    "pass --restart to overwrite it, or choose another -o")
-            self.checkpoint.remove()
+            if not self.spec.restart and not recorded:
+                for what, path in (("", files.output), ("rejects file ", files.rejects)):
+                    if path.exists():
+                        raise RerankerError(f"{what}{path} exists and no unfinished job of {files.output} recorded it; "
+                                            "pass --restart to overwrite it, or choose another "
+                                            f"{files.flag('rejects file') if what else '-o'}")
+            self.stats, self.consumed = Stats(), 0
+            self._save({}, {})
             return None
-        changed = changed_parts(state["fingerprint"], self.fingerprint)
-        if changed:
-            raise RerankerError(f"{self.spec.output} was started with a different {', '.join(changed)}; "
-                                "rerun with --restart to start over, or write to another -o")
         self.stats = Stats(**state["stats"])
         self.consumed = state["consumed"]
-        if state.get("done"):
-            raise JobAlreadyDone(self.stats)
         return state["writer"], state["rejects"]
 
     def _save(self, writer_state: dict, rejects_state: dict, done: bool = False) -> None:
         self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "done": done,
-                              "writer": writer_state, "rejects": rejects_state, "stats": asdict(self.stats)})
+                              "writer": writer_state, "rejects": rejects_state, "rejects_path": self._rejects_id(),
+                              "stats": asdict(self.stats)})
 
     def run(self) -> Stats:
-        """Score everything not yet done; returns the job's totals. Ctrl-C keeps what is written."""
+        """Score everything not yet done; returns the job's totals. Ctrl-C keeps what is written.
+
+        The caller checked the job (`check_job`) and holds its `JobLock`.
+        """
         resume = self._start()
         spec = self.spec
         writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name)
-        rejects = RejectsWriter(spec.rejects_path())
+        rejects = RejectsWriter(self.files.rejects, create=spec.on_error == "skip")
         writer.resume(resume[0] if resume else {})
         rejects.resume(resume[1] if resume else {})
         if resume:
             log.info("resuming %s after %d input records", spec.output, self.consumed)
         stop = threading.Event()
-        items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
-                           corpus=spec.corpus, run=spec.run)
+        items = one_run_per_query(read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
+                                             corpus=spec.corpus, run=spec.run))
         windows = _windows(itertools.islice(items, self.consumed, None), self.consumed, spec.window, spec)
         out_q: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
@@ -267,8 +334,9 @@ def write_summary(spec: JobSpec, stats: Stats, wall: float, run_pairs: int, run_
                "pairs_this_run": run_pairs, "tokens_this_run": run_tokens,
                "pairs_per_second": round(run_pairs / wall, 2) if wall > 0 else None,
                "tokens_per_second": round(run_tokens / wall, 1) if wall > 0 else None}
-    path = spec.output.with_name(spec.output.name + ".summary.json")
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    path = spec.files().summary
+    with writing(path, "summary"), atomic_write(path, "w") as f:
+        f.write(json.dumps(summary, indent=1) + "\n")
     return summary
 
 

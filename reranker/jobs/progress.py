@@ -44,7 +44,10 @@ class Progress:
 
 
 def count_records(path, input_format: str) -> int | None:
-    """Records in the input when cheap to know (lines of a JSONL, rows of a Parquet), for the ETA."""
+    """Records in the input when cheap to know (lines of a JSONL, rows of a Parquet), for the ETA.
+
+    None when not: the count only feeds the bar, so an unreadable file is the reader's to report.
+    """
     try:
         if input_format in ("jsonl", "pairs-jsonl"):
             n = 0
@@ -56,6 +59,6 @@ def count_records(path, input_format: str) -> int | None:
             import pyarrow.parquet as pq
 
             return pq.ParquetFile(path).metadata.num_rows
-    except (OSError, ImportError):
+    except Exception:  # pyarrow raises its own types (ArrowInvalid for a file that is not Parquet)
         pass
     return None

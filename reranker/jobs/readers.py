@@ -75,7 +75,7 @@ def read_input(path: str | os.PathLike[str] | None, input_format: str | None = N
     if fmt == "beir":
         if depth < 1:
             raise RerankerError(f"depth={depth} must be at least 1 (the number of run candidates reranked per query)")
-        return _read_beir(*_beir_paths(path, queries, corpus, run), depth)
+        return _read_beir(*beir_files(path, queries, corpus, run), depth)
     if path is None:
         raise RerankerError(f"no input file given for the {fmt} format")
     p = Path(path)
@@ -128,8 +128,8 @@ def _ident(value: object, name: str) -> str:
 class _Record:
     """A readable record: its query and good documents, and the documents rejected on their own."""
 
-    def __init__(self, qid: str, query: str) -> None:
-        self.qid, self.query = qid, query
+    def __init__(self, qid: str, query: str, pair: bool = False) -> None:
+        self.qid, self.query, self.pair = qid, query, pair
         self.docs: list[tuple[str, str]] = []
         self.positions: list[int] = []
         self.bad: list[tuple[int, str, object]] = []  # (index in the record, reason, the item)
@@ -142,7 +142,7 @@ class _Record:
             raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
             yield Reject(source, reason, raw, query_id=self.qid, doc_index=i)
         if self.docs:
-            yield Unit(index, self.qid, self.query, self.docs, source, self.positions if self.bad else None)
+            yield Unit(index, self.qid, self.query, self.docs, source, self.positions if self.bad else None, pair=self.pair)
 
 
 def _nested(obj: dict, default_qid: str) -> _Record:
@@ -177,7 +177,7 @@ def _nested(obj: dict, default_qid: str) -> _Record:
 
 
 def _flat(obj: dict) -> _Record:
-    record = _Record(_ident(_field(obj, "query_id"), "query_id"), _text(_field(obj, "query"), "query"))
+    record = _Record(_ident(_field(obj, "query_id"), "query_id"), _text(_field(obj, "query"), "query"), pair=True)
     record.docs.append((_ident(_field(obj, "doc_id"), "doc_id"), _text(_field(obj, "document"), "document")))
     record.positions.append(0)
     return record
@@ -306,8 +306,9 @@ def _batch_rows(batch: Any) -> list[dict | _Bad]:
 # --- BEIR ---------------------------------------------------------------------------------
 
 
-def _beir_paths(path: str | os.PathLike[str] | None, queries: str | os.PathLike[str] | None,
-                corpus: str | os.PathLike[str] | None, run: str | os.PathLike[str] | None) -> tuple[Path, Path, Path]:
+def beir_files(path: str | os.PathLike[str] | None, queries: str | os.PathLike[str] | None = None,
+               corpus: str | os.PathLike[str] | None = None, run: str | os.PathLike[str] | None = None) -> tuple[Path, Path, Path]:
+    """The (queries, corpus, run) files a BEIR input reads, as `read_input` finds them."""
     folder = Path(path) if path is not None else None
     if folder is not None and folder.is_file():  # the run file itself, beside queries.jsonl and corpus.jsonl
         run = run if run is not None else folder
@@ -322,6 +323,8 @@ def _beir_paths(path: str | os.PathLike[str] | None, queries: str | os.PathLike[
             p = folder / name
         else:
             raise RerankerError(f"BEIR input needs {name}: give the folder that holds it or its path")
+        if p.exists() and not p.is_file():
+            raise RerankerError(f"BEIR {name} {p} is not a regular file; give the path of the file")
         if not p.is_file():
             raise RerankerError(f"BEIR {name} not found: {p}; give its path explicitly")
         return p

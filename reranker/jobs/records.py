@@ -6,7 +6,7 @@ the good ones (if any); a record that cannot be read at all yields one `Reject`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,7 +17,9 @@ class Unit:
     `docs` holds `(doc_id, text)` pairs (exactly one for flat-pair input). `positions` gives
     each doc's index in its input record when some of the record's documents were rejected
     (None: `docs[i]` is document i). `source` names the record for messages: "path:LINE",
-    or "path:row N" (0-based) for Parquet.
+    or "path:row N" (0-based) for Parquet. `pair` is True for a flat pair (one record per
+    (query, document) pair, so a query may span several adjacent units) and False for a record
+    holding all its query's documents.
     """
 
     index: int
@@ -26,6 +28,7 @@ class Unit:
     docs: list[tuple[str, str]]
     source: str
     positions: list[int] | None = None
+    pair: bool = field(default=False, compare=False)
 
     def position(self, i: int) -> int:
         """The input index of `docs[i]` within its record."""

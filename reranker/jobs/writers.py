@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.defaults import RUN_TAG
 from reranker.errors import RerankerError
+from reranker.jobs.paths import PARTIAL, PARTS, PARTS_OLD, beside, writing
 from reranker.jobs.readers import import_pyarrow
 from reranker.jobs.records import Reject, Unit
 
@@ -74,7 +75,8 @@ def open_writer(path: str | os.PathLike[str], output_format: str | None = None, 
     target = Path(path)
     if target.is_dir():
         raise RerankerError(f"output {target} is a directory; give a file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target.parent, "output folder"):
+        target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         return JsonlWriter(target, per=per, model=model)
     if fmt == "trec":
@@ -97,7 +99,8 @@ def _best_first(scores: list[float]) -> list[int]:
 
 
 class _LineFile:
-    """An append-only file whose committed state is its byte length."""
+    """An append-only file whose committed state is its byte length; an OSError becomes a
+    `RerankerError` naming it (a full disk: free space and rerun to resume)."""
 
     def __init__(self, path: Path, kind: str) -> None:
         self.path = path
@@ -107,10 +110,18 @@ class _LineFile:
     def exists(self) -> bool:
         return self.path.exists()
 
+    @property
+    def is_open(self) -> bool:
+        return self._f is not None
+
     def truncate(self, size: int) -> None:
         """Open the file and cut it to `size` bytes, checking it holds whole lines that far."""
+        with writing(self.path):
+            self._truncate(size)
+
+    def _truncate(self, size: int) -> None:
         if self._f is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
             self._f = os.fdopen(fd, "r+b", buffering=1 << 20)
         have = os.fstat(self._f.fileno()).st_size
         if have < size:
@@ -125,21 +136,31 @@ class _LineFile:
         self._f.seek(size)
 
     def write(self, data: bytes) -> None:
-        self._f.write(data)
+        with writing(self.path):
+            self._f.write(data)
 
     def commit(self) -> dict:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        fsync_dir(self.path.parent)
+        with writing(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            fsync_dir(self.path.parent)
         return {"format": self.kind, "bytes": self._f.tell()}
 
     def close(self, durable: bool) -> None:
-        if self._f is not None:
-            if durable:
-                self._f.flush()
-                os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+        """`durable`: flush and fsync first. Otherwise the unflushed tail may be lost, as a resume cuts it anyway."""
+        if self._f is None:
+            return
+        f, self._f = self._f, None
+        if durable:
+            with writing(self.path):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        else:
+            try:
+                f.close()
+            except OSError:  # the flush failed (a full disk): the file is closed all the same
+                pass
 
 
 def _state_value(state: dict, kind: str, key: str, path: Path) -> int:
@@ -175,7 +196,7 @@ class _DraftWriter(_Resumable):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.draft = _LineFile(path.with_name(path.name + ".partial"), self.kind)
+        self.draft = _LineFile(beside(path, PARTIAL), self.kind)
         self._started = False
         self._finished = False  # a resumed run whose final close had already happened
         self._state: dict = {}
@@ -191,7 +212,8 @@ class _DraftWriter(_Resumable):
         if size and not self.draft.exists():
             raise RerankerError(f"{self.draft.path} is missing but the checkpoint recorded {size} bytes in it; "
                                 "start the job over instead of resuming")
-        self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
+        with writing(self.path):
+            self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
         self.draft.truncate(size)
         self._started = True
 
@@ -215,8 +237,9 @@ class _DraftWriter(_Resumable):
             return
         self._start()
         self.draft.close(durable=True)
-        self._finish()
-        fsync_dir(self.path.parent)
+        with writing(self.path):
+            self._finish()
+            fsync_dir(self.path.parent)
 
     def _finish(self) -> None:
         os.replace(self.draft.path, self.path)
@@ -317,7 +340,7 @@ class ParquetWriter(_Resumable):
     def __init__(self, path: Path, *, part_rows: int = PARQUET_ROW_GROUP) -> None:
         self.pa, self.pq = import_pyarrow(f"writing {path}")
         self.path = path
-        self.parts_dir = path.with_name(path.name + ".parts")
+        self.parts_dir = beside(path, PARTS)
         self.part_rows = part_rows
         self._parts = 0
         self._rows: tuple[list[str], list[str], list[float]] = ([], [], [])
@@ -339,18 +362,23 @@ class ParquetWriter(_Resumable):
         if missing:
             raise RerankerError(f"{self.parts_dir} lacks {', '.join(missing[:3])} that the checkpoint recorded; "
                                 "start the job over instead of resuming")
-        self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
-        shutil.rmtree(self._trash(), ignore_errors=True)
-        self.parts_dir.mkdir(exist_ok=True)
-        for p in self.parts_dir.iterdir():
-            if not (p.name.startswith("part-") and p.suffix == ".parquet" and p.stem[5:].isdigit() and int(p.stem[5:]) < parts):
-                p.unlink()
+        with writing(self.parts_dir, "parts folder"):
+            self.path.unlink(missing_ok=True)  # a finished file from an older run is stale now
+            shutil.rmtree(self._trash(), ignore_errors=True)
+            self.parts_dir.mkdir(exist_ok=True)
+            for p in self.parts_dir.iterdir():
+                number = _part_number(p.name)
+                if number is None:
+                    raise RerankerError(f"{self.parts_dir} holds {p.name}, which this job did not write; move it "
+                                        "elsewhere, then rerun")
+                if number >= parts:
+                    p.unlink()
         self._parts = parts
         self._rows = ([], [], [])
         self._started = True
 
     def _trash(self) -> Path:
-        return self.path.with_name(self.path.name + ".parts.old")
+        return beside(self.path, PARTS_OLD)
 
     def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
         values = _check_scores(unit, scores)
@@ -370,7 +398,7 @@ class ParquetWriter(_Resumable):
         pa = self.pa
         table = pa.table({"query_id": pa.array(qids, pa.string()), "doc_id": pa.array(doc_ids, pa.string()),
                           "score": pa.array(scores, pa.float32())})
-        with atomic_path(self._part(self._parts)) as tmp:
+        with writing(self._part(self._parts)), atomic_path(self._part(self._parts)) as tmp:
             self.pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
         self._parts += 1
         self._rows = ([], [], [])
@@ -380,7 +408,8 @@ class ParquetWriter(_Resumable):
         if not self._finished:
             self._start()
             self._flush_part()
-            fsync_dir(self.parts_dir)
+            with writing(self.parts_dir, "parts folder"):
+                fsync_dir(self.parts_dir)
         return {"format": self.kind, "parts": self._parts}
 
     def close(self, final: bool) -> None:
@@ -392,12 +421,13 @@ class ParquetWriter(_Resumable):
             return
         self._start()
         self._flush_part()
-        with atomic_path(self.path) as tmp:
-            self._merge(tmp)
-        # Rename first: a crash while deleting leaves no half-emptied parts folder to resume from.
-        os.replace(self.parts_dir, self._trash())
-        shutil.rmtree(self._trash())
-        fsync_dir(self.path.parent)
+        with writing(self.path):
+            with atomic_path(self.path) as tmp:
+                self._merge(tmp)
+            # Rename first: a crash while deleting leaves no half-emptied parts folder to resume from.
+            os.replace(self.parts_dir, self._trash())
+            shutil.rmtree(self._trash())
+            fsync_dir(self.path.parent)
         self._finished = True
 
     def _merge(self, tmp: Path) -> None:
@@ -434,6 +464,16 @@ class ParquetWriter(_Resumable):
             yield carry
 
 
+def _part_number(name: str) -> int | None:
+    """N of a part file `part-N.parquet`; None for a name this writer never uses."""
+    if name.startswith(".part-") and ".parquet.tmp-" in name:
+        return 1 << 62  # the temporary file of an interrupted part write: always dropped
+    stem, dot, ext = name.partition(".")
+    if stem.startswith("part-") and stem[5:].isdigit() and dot and ext == "parquet":
+        return int(stem[5:])
+    return None
+
+
 def _ranked(pa: Any, table: Any) -> Any:
     """`table` with a rank column: 1-based by descending score within runs of one query id, ties by row order."""
     import numpy as np
@@ -456,19 +496,27 @@ def _ranked(pa: Any, table: Any) -> Any:
 class RejectsWriter:
     """One `{"source", "reason", "raw"}` JSON line per reject (with `query_id` and `doc_index`
     for one bad document of a record), appended to `path` itself, with
-    the writers' commit/resume/close contract (the state is the byte length)."""
+    the writers' commit/resume/close contract (the state is the byte length).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With `create=False` (a job that stops at the first bad record) the file is created only
+    when a reject is written, so no empty rejects file is left behind.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise RerankerError(f"rejects file {self.path} is a directory; give a file name")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path, "rejects file"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = _LineFile(self.path, "rejects")
+        self._create = create
         self._started = False
 
     def resume(self, state: dict) -> None:
         """Cut the file back to the committed byte length (`{}`: empty it)."""
-        self._file.truncate(_state_value(state, "rejects", "bytes", self.path))
+        size = _state_value(state, "rejects", "bytes", self.path)
+        if size or self._create or self.path.exists():
+            self._file.truncate(size)
         self._started = True
 
     def _start(self) -> None:
@@ -477,12 +525,14 @@ class RejectsWriter:
 
     def write(self, reject: Reject) -> None:
         self._start()
+        if not self._file.is_open:
+            self._file.truncate(0)
         where = {} if reject.doc_index is None else {"query_id": reject.query_id, "doc_index": reject.doc_index}
         self._file.write(_dumps({"source": reject.source, **where, "reason": reject.reason, "raw": reject.raw}).encode("utf-8"))
 
     def commit(self) -> dict:
         self._start()
-        return self._file.commit()
+        return self._file.commit() if self._file.is_open else {"format": "rejects", "bytes": 0}
 
     def close(self, final: bool) -> None:
         if final:

@@ -1,0 +1,87 @@
+"""The query-id rule, checked between the input readers and the job's windows, for every format.
+
+Outputs key results by query id: a TREC run ranks each query's lines 1, 2, ..., evaluators read
+one ranking per query, and the writers re-rank runs of consecutive lines of one query. So:
+
+- a query id's records form one contiguous run: flat pairs of one query are adjacent records
+  (lines, rows), and a record holding documents (nested JSONL or Parquet, a BEIR query) is the
+  only record with its query id in the input;
+- a query id has one query text;
+- a (query id, doc id) pair appears once (inside one record the readers already reject a
+  repeated doc id).
+
+A unit that breaks a rule becomes a `Reject` (`--on-error fail`: the error that stops the job)
+whose reason names the query id and the earlier record; none of its pairs is scored or written,
+so nothing is written twice. The reader's own rejects pass through, and a rejected unit does
+not end the run of the query it interrupts.
+
+The stage yields one item per item it reads, and each decision depends only on the items
+before it, so a resumed job, which feeds the records it skips through the same stage, decides
+exactly as the uninterrupted run did. It keeps one entry per query id (its first record) and
+the doc ids of the current flat-pair run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+
+from reranker.jobs.records import Reject, Unit
+
+
+def _short(text: str, limit: int = 60) -> str:
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _raw(unit: Unit) -> str:
+    """The unit's record, rebuilt as JSON, for the rejects file."""
+    if unit.pair:
+        (doc_id, text), = unit.docs
+        obj = {"query_id": unit.query_id, "query": unit.query, "doc_id": doc_id, "document": text}
+    else:
+        obj = {"query_id": unit.query_id, "query": unit.query, "documents": [{"id": d, "text": t} for d, t in unit.docs]}
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def one_run_per_query(items: Iterable[Unit | Reject]) -> Iterator[Unit | Reject]:
+    """Pass `items` through, turning each unit that breaks the query-id rule into a `Reject`.
+
+    Accepted units are renumbered so their `index` stays dense.
+    """
+    first: dict[str, str] = {}  # query id -> source of its first record
+    run_qid: str | None = None  # the flat-pair run going on, its query text and doc ids
+    run_query = ""
+    run_docs: dict[str, str] = {}
+    index = 0
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        qid, reason = item.query_id, None
+        if item.pair and qid == run_qid:
+            doc_id = item.docs[0][0]
+            if item.query != run_query:
+                reason = (f'different query text: query "{qid}" is {_short(run_query)} at {first[qid]}, '
+                          f"here {_short(item.query)}; a query id has one text")
+            elif doc_id in run_docs:
+                reason = f'duplicate pair: query "{qid}" with doc "{doc_id}" is already at {run_docs[doc_id]}'
+            else:
+                run_docs[doc_id] = item.source
+        elif qid in first:
+            if item.pair:
+                reason = (f'query id not contiguous: query "{qid}" had its pairs from {first[qid]} on, and other '
+                          "records came since; a query's pairs must be adjacent records")
+            else:
+                reason = (f'duplicate query id: "{qid}" is already the query of {first[qid]}; one record must hold '
+                          "all of a query's documents")
+        else:
+            first[qid] = item.source
+            run_qid, run_query = (qid, item.query) if item.pair else (None, "")
+            run_docs = {item.docs[0][0]: item.source} if item.pair else {}
+        if reason is not None:
+            yield Reject(item.source, reason, _raw(item))
+            continue
+        yield item if item.index == index else dataclasses.replace(item, index=index)
+        index += 1
