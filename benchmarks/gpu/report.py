@@ -1,0 +1,199 @@
+"""results.json -> results.md (every table) and summary.txt (one screen). Pure functions, stdlib only."""
+
+from __future__ import annotations
+
+FLOPS_PER_TOKEN = 2 * 1.54e9
+LEVEL_STEPS = (("q8", "Q8_0"), ("f16", "F16"), ("q4", "Q4_K_M"), ("bf16", "BF16"))
+CHECK_STEPS = ("check-offload", "check-scores", "check-head", "check-job")
+
+
+def _r(data: dict, step: str) -> dict:
+    return (data["steps"].get(step) or {}).get("result") or {}
+
+
+def _f(x, fmt: str = "{:.0f}", none: str = "–") -> str:
+    if x is None:
+        return none
+    try:
+        return fmt.format(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _cell(x, n: int) -> str:
+    """Text for a markdown table cell: cut to `n` characters, pipes escaped, one line."""
+    return str(x)[:n].replace("|", "\\|").replace("\n", " ")
+
+
+def bf16_rate(data: dict) -> float | None:
+    return _r(data, "matmul").get("bf16_flops") or (_r(data, "head").get("matmul_flops") or {}).get("bfloat16")
+
+
+def level_rows(data: dict) -> list[dict]:
+    rate = bf16_rate(data)
+    rows = []
+    for step, level in LEVEL_STEPS:
+        r = _r(data, step)
+        if not r:
+            continue
+        job, ceil, up = r.get("job") or {}, r.get("ceiling") or {}, r.get("upstream") or {}
+        job_tps = job.get("tokens_per_s")
+        rows.append({
+            "level": level, "step": step, "file_gb": r.get("file_gb"), "vram_mib": (r.get("load") or {}).get("vram_mib"),
+            "offload": ", ".join((r.get("load") or {}).get("offload", {}).get("offloaded", [])) or None,
+            "pairs": job.get("pairs") or (r.get("pairs") or {}).get("n"), "tokens_per_pair": (r.get("pairs") or {}).get("tokens_per_pair"),
+            "job_pairs_per_s": job.get("pairs_per_s"), "job_tokens_per_s": job_tps, "ceiling_tokens_per_s": ceil.get("tokens_per_s"),
+            "job_over_ceiling": job.get("job_over_ceiling"), "upstream_tokens_per_s": up.get("tokens_per_s"),
+            "job_over_upstream": job_tps / up["tokens_per_s"] if job_tps and up.get("tokens_per_s") else None,
+            "fraction_of_bf16": job_tps * r.get("flops_per_token", FLOPS_PER_TOKEN) / rate if job_tps and rate else None,
+            "job_error": job.get("error"),
+        })
+    return rows
+
+
+def transformers_best(data: dict) -> tuple[int | None, float | None]:
+    r = _r(data, "transformers")
+    best = r.get("best_batch")
+    if best is None:
+        return None, None
+    return best, ((r.get("batches") or {}).get(str(best)) or (r.get("batches") or {}).get(best) or {}).get("tokens_per_s")
+
+
+def targets(data: dict) -> list[tuple[str, str, bool | None]]:
+    rows = {r["level"]: r for r in level_rows(data)}
+    out = []
+
+    def add(name: str, value: float | None, limit: float, fmt: str = "{:.2f}x") -> None:
+        out.append((name, _f(value, fmt), None if value is None else value >= limit))
+
+    for lv in ("Q8_0", "F16"):
+        add(f"job >= 2.5x the upstream recipe path ({lv})", (rows.get(lv) or {}).get("job_over_upstream"), 2.5)
+    bs, tf = transformers_best(data)
+    q8 = (rows.get("Q8_0") or {}).get("job_tokens_per_s")
+    add(f"job (Q8_0) >= 2x transformers bf16 (best batch {bs})", q8 / tf if q8 and tf else None, 2.0)
+    for lv in ("F16", "Q8_0"):
+        add(f"job >= 40% of the bf16 matmul rate ({lv})", (rows.get(lv) or {}).get("fraction_of_bf16"), 0.40, "{:.1%}")
+    head = [r for r in _r(data, "head").get("rows", []) if r.get("dtype") == "bfloat16" and r.get("where") == "device"
+            and r.get("n", 0) >= 10**6 and r.get("fraction_of_bf16") is not None]
+    add("head bf16 >= 70% of the bf16 matmul rate at 1e6+ embeddings (worst size)",
+        min((r["fraction_of_bf16"] for r in head), default=None), 0.70, "{:.1%}")
+    return out
+
+
+def checks(data: dict) -> list[dict]:
+    out = []
+    for s in CHECK_STEPS:
+        st = data["steps"].get(s) or {}
+        for c in (st.get("result") or {}).get("checks", []):
+            out.append({"step": s, **c})
+        if st.get("status") in ("error", "partial", "running"):
+            out.append({"step": s, "name": f"{s} did not complete", "ok": False,
+                        "detail": (st.get("result") or {}).get("error") or st.get("status")})
+        elif (st.get("status") or "").startswith("skipped"):
+            out.append({"step": s, "name": f"{s} not run", "ok": None, "detail": st.get("status")})
+    return out
+
+
+def render(data: dict) -> tuple[str, str]:
+    meta = data["meta"]
+    env = _r(data, "env")
+    md = [f"# GPU run ({meta.get('mode')})", "",
+          f"Started {meta.get('started')}; {meta.get('elapsed_s')} s elapsed of a {meta.get('budget_s')} s budget; "
+          f"{meta.get('seconds_per_path')} s of work per measured path. {'Finished.' if meta.get('finished') else 'NOT FINISHED (cut short?)'}", ""]
+    if meta.get("mode") != "gpu":
+        md += ["CPU rehearsal: the `small` model instead of m0 and torch on the CPU; the numbers only show that every step runs.", ""]
+    if env:
+        md += ["```", str(env.get("nvidia_smi", "")), f"python {env.get('python')} ({env.get('executable')}), {env.get('nproc')} cores; "
+               f"torch {(env.get('modules') or {}).get('torch')} cuda {(env.get('modules') or {}).get('torch.cuda')}; {env.get('nvcc', '')}",
+               "```", ""]
+    md += ["## Steps", "", "| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
+    for name, st in data["steps"].items():
+        r = st.get("result") or {}
+        note = r.get("error") or r.get("mode") or ""
+        if name == "build" and r.get("seconds") is not None:
+            note = f"{r.get('mode', '')}; build {r.get('seconds')} s"
+        md.append(f"| {name} | {st.get('status')} | {_f(st.get('seconds'), '{:.1f}')} | {_cell(note, 300)} |")
+    bg = data.get("background") or {}
+    models = {**(bg.get("models") or {})}
+    if models or bg:
+        md += ["", "Background model preparation (seconds): " + ", ".join(f"{k} {v}" for k, v in models.items()),
+               "", "Background processes: " + ", ".join(f"{k} {v}" for k, v in bg.items() if k != "models")]
+
+    cs = checks(data)
+    md += ["", "## Correctness checks", "", "| step | check | result | detail |", "| --- | --- | --- | --- |"]
+    md += [f"| {c['step']} | {c['name']} | {'not run' if c['ok'] is None else ('ok' if c['ok'] else '**FAIL**')} | "
+           f"{_cell(c['detail'], 400)} |" for c in cs]
+
+    rate = bf16_rate(data)
+    mm = _r(data, "matmul")
+    md += ["", "## Throughput at the m0 shape", "",
+           f"Dense bf16 matmul: {_f(rate and rate / 1e12, '{:.1f}')} TFLOP/s; fp32 (no TF32): {_f(mm.get('fp32_flops') and mm['fp32_flops'] / 1e12, '{:.1f}')} "
+           f"TFLOP/s; device copy {_f(mm.get('copy_bytes_per_s') and mm['copy_bytes_per_s'] / 1e12, '{:.2f}')} TB/s (read + write). "
+           "Fraction of bf16 = job tokens/s x 2 x 1.54e9 FLOP / that rate.", "",
+           "| level | file GB | VRAM MiB | layers on GPU | pairs | tokens/pair | job pairs/s | job tokens/s | ceiling tokens/s | job/ceiling | upstream tokens/s | job/upstream | of bf16 |",
+           "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in level_rows(data):
+        md.append(f"| {r['level']} | {_f(r['file_gb'], '{:.2f}')} | {_f(r['vram_mib'])} | {r['offload'] or '–'} | {_f(r['pairs'])} | "
+                  f"{_f(r['tokens_per_pair'])} | {_f(r['job_pairs_per_s'], '{:.1f}')} | {_f(r['job_tokens_per_s'])} | {_f(r['ceiling_tokens_per_s'])} | "
+                  f"{_f(r['job_over_ceiling'], '{:.3f}')} | {_f(r['upstream_tokens_per_s'])} | {_f(r['job_over_upstream'], '{:.2f}x')} | "
+                  f"{_f(r['fraction_of_bf16'], '{:.1%}')} |" + (f" job error: {r['job_error'][:200]}" if r["job_error"] else ""))
+    tr = _r(data, "transformers")
+    if tr:
+        md += ["", f"transformers (the original computation: Qwen2-VL text model, bf16, {tr.get('attn_implementation')} attention, "
+               f"batches sorted by length, left padding) on {(tr.get('pairs') or {}).get('n')} pairs; best batch {tr.get('best_batch')}; "
+               f"max |score diff| vs the Q8_0 job {_f(tr.get('max_diff_vs_q8_job'), '{:.2e}')}:", "",
+               "| batch | pairs/s | tokens/s | padding |", "| ---: | ---: | ---: | ---: |"]
+        for bs, b in (tr.get("batches") or {}).items():
+            md.append(f"| {bs} | {_f(b.get('pairs_per_s'), '{:.1f}')} | {_f(b.get('tokens_per_s'))} | {_f(b.get('padding_share'), '{:.0%}')} |"
+                      + (f" {b.get('skipped') or b.get('error')}" if not b.get("tokens_per_s") else ""))
+    hd = _r(data, "head")
+    if hd.get("rows"):
+        md += ["", "## Head alone (score_embeddings)", "", "| dtype | embeddings | input | emb/s | TFLOP/s | of bf16 rate | of own dtype's rate |",
+               "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for r in hd["rows"]:
+            md.append(f"| {r['dtype']} | {r['n']:,} | {r['where']} | {_f(r.get('emb_per_s'), '{:,.0f}')} | {_f(r.get('tflops'), '{:.1f}')} | "
+                      f"{_f(r.get('fraction_of_bf16'), '{:.1%}')} | {_f(r.get('fraction_of_own_dtype'), '{:.1%}')} |" + (f" {r['skipped']}" if r.get("skipped") else ""))
+    sw = _r(data, "sweep")
+    if sw.get("rows"):
+        md += ["", f"## Knob sweep (Q8_0, engine tokens/s on {(sw.get('pairs') or {}).get('n')} pairs)", "",
+               "| config | n_ctx | tokens/s | llama_decode tokens/s | decode calls | VRAM MiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sw["rows"]:
+            md.append(f"| {r['config']} | {_f(r.get('n_ctx'))} | {_f(r.get('tokens_per_s'))} | {_f(r.get('decode_tokens_per_s'))} | "
+                      f"{_f(r.get('decode_calls'))} | {_f(r.get('vram_mib'))} |" + (f" {r.get('error') or r.get('skipped')}" if not r.get("tokens_per_s") else ""))
+    tg = targets(data)
+    md += ["", "## Targets", "", "| target | value | met |", "| --- | ---: | --- |"]
+    md += [f"| {n} | {v} | {'–' if ok is None else ('yes' if ok else '**no**')} |" for n, v, ok in tg]
+    md.append("")
+
+    # one screen
+    s = []
+    nv = str(env.get("nvidia_smi", "")).splitlines()
+    s.append(f"GPU run summary ({meta.get('mode')}): {nv[1] if len(nv) > 1 else 'no nvidia-smi'}")
+    if meta.get("mode") != "gpu":
+        s.append("(CPU rehearsal with the small model: the numbers only show that every step runs; they measure nothing)")
+    b = data["steps"].get("build") or {}
+    br = b.get("result") or {}
+    s.append(f"build: {b.get('status')} in {_f(br.get('seconds'), '{:.0f}')} s ({br.get('mode', '')})"[:160])
+    bad = [c for c in cs if c["ok"] is False]
+    ran = [c for c in cs if c["ok"] is not None]
+    not_run = [c["step"] for c in cs if c["ok"] is None]
+    s.append(f"CORRECTNESS: {'ALL ' + str(len(ran)) + ' CHECKS PASSED' if ran and not bad else ('NO CHECKS RAN' if not ran else f'*** {len(bad)} OF {len(ran)} CHECKS FAILED ***')}"
+             + (f" ({', '.join(not_run)} NOT RUN)" if not_run else ""))
+    for c in bad:
+        s.append(f"  FAIL {c['step']}: {c['name']}: {str(c['detail'])[:150]}")
+    s.append(f"bf16 matmul {_f(rate and rate / 1e12, '{:.0f}')} TFLOP/s")
+    for r in level_rows(data):
+        s.append(f"{r['level']:<7} job {_f(r['job_pairs_per_s'], '{:.1f}')} pairs/s {_f(r['job_tokens_per_s'])} tok/s | ceiling {_f(r['ceiling_tokens_per_s'])} "
+                 f"| upstream {_f(r['upstream_tokens_per_s'])} ({_f(r['job_over_upstream'], '{:.2f}x')}) | {_f(r['fraction_of_bf16'], '{:.1%}')} of bf16 "
+                 f"| VRAM {_f(r['vram_mib'])} MiB")
+    bs, tf = transformers_best(data)
+    if tf:
+        s.append(f"transformers bf16 sdpa: {tf:.0f} tok/s at batch {bs}")
+    for n, v, ok in tg:
+        s.append(f"  [{'  ' if ok is None else ('OK' if ok else 'NO')}] {n}: {v}")
+    skipped = [n for n, st in data["steps"].items() if str(st.get("status", "")).startswith("skipped") or st.get("status") in ("error", "partial")]
+    if skipped:
+        s.append("not done: " + ", ".join(f"{n} ({str(data['steps'][n].get('status'))[:40]})" for n in skipped))
+    s.append("step seconds: " + ", ".join(f"{n} {_f(st.get('seconds'), '{:.0f}')}" for n, st in data["steps"].items()))
+    s.append(f"elapsed {meta.get('elapsed_s')} s of {meta.get('budget_s')} s; files in $OUT: log.txt build.log results.json results.md summary.txt")
+    return "\n".join(md), "\n".join(s) + "\n"
