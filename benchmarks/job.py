@@ -19,10 +19,13 @@ one more, in-process run of the job (`reranker.cli.main`) is printed too, free o
   obvious   `llama_cpp.Llama(embedding=True, pooling_type=LAST).embed(prompts)` + the numpy head
             formula, on the prompt strings in input order (it tokenises the scoring token as text,
             so its token count differs slightly; its scores are not comparable)
-  transformers  the original model's computation: transformers' Qwen2-VL text model (float32,
-            eager attention) on the synthetic checkpoint, batches of 8 left-padded prompts (our
-            prompt ids, attention mask, position ids from the mask), hidden_states[-1][:, -1],
-            then the checkpoint's score head; on few pairs (--transformers-pairs), rates scaled
+  transformers  the original model's computation: transformers' Qwen2-VL text model on the
+            synthetic checkpoint, left-padded batches (our prompt ids, attention mask, position ids
+            from the mask), hidden_states[-1][:, -1], then the checkpoint's score head; on few pairs
+            (--transformers-pairs), rates scaled. At its best (bf16 and fp32 tried, SDPA, sorted by
+            length, batch 8 or 16: the fastest is the row compared), with the weaker dtype and the
+            old float32 eager unsorted batch-8 form beside it. `benchmarks/peer.py` compares our
+            F16, BF16 and Q8_0 paths with it alone
 
     python benchmarks/job.py                          # builds the `small` synthetic model once
     python benchmarks/job.py --pairs 2048 --threads 2
@@ -352,11 +355,26 @@ def main() -> None:
             if checkpoint is None:
                 print("transformers path skipped: pass --checkpoint with --model", file=sys.stderr)
             else:
+                from peer import run_transformers as tf_configs
+
                 n_tf = min(args.transformers_pairs, len(pairs))
-                tf_scores, tf_wall, padded = run_transformers(Path(checkpoint), prompts[:n_tf], args.threads)
+                tf_ids = [p.ids for p in prompts[:n_tf]]
+                tf_tokens = sum(len(x) for x in tf_ids)
+                # The peer at its best: bf16 and fp32, SDPA, sorted by length, the best of a few batch sizes.
+                configs = tf_configs(Path(checkpoint), tf_ids, args.threads, ("bf16", "fp32"), ("sdpa",), (8, 16), 1,
+                                     both_orders=False)
+                best = max(configs, key=lambda r: r["tokens_per_s"])
+                tf_scores = next(r for r in configs if r["dtype"] == "fp32")["scores"]
+                row("transformers at its best", n_tf, tf_tokens, best["seconds"],
+                    f"first {n_tf} pairs; {best['dtype']}, sdpa, sorted, batch {best['batch']} (best of bf16/fp32 x 8/16)")
+                weak = max((r for r in configs if r["dtype"] != best["dtype"]), key=lambda r: r["tokens_per_s"], default=None)
+                if weak:
+                    row(f"transformers {weak['dtype']} sdpa (weaker)", n_tf, tf_tokens, weak["seconds"],
+                        f"sorted, batch {weak['batch']}")
+                _, eager_wall, padded = run_transformers(Path(checkpoint), prompts[:n_tf], args.threads)
                 loads.append(load_average())
-                row("transformers, batch 8, left pad", n_tf, sum(len(p.ids) for p in prompts[:n_tf]), tf_wall,
-                    f"first {n_tf} pairs; {padded} tokens with padding")
+                row("transformers fp32 eager (weakest)", n_tf, tf_tokens, eager_wall,
+                    f"input order, batch 8, left pad; {padded} tokens with padding")
 
     job_tps = rows["job (reranker score)"]["tokens_per_s"]
     print(f"model {gguf.name}; {len(pairs)} pairs, {tokens} prompt tokens ({tokens / len(pairs):.0f}/pair); "

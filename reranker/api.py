@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 
 from head import ScoringHead
 from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
-from reranker.engine.backbone import Backbone
-from reranker.engine.identity import with_identity_output
-from reranker.engine.prompts import PromptBuilder, check_pair
+from reranker.engine.backbone import Backbone, check_settings
+from reranker.engine.prompts import PromptBuilder, check_lengths, check_pairs, require_int
+from reranker.engine.weights import fast_path_gguf, use_bf16, weights_description
 from reranker.errors import RerankerError
+from reranker.gguf.header import check_file
 from reranker.gguf.hub import resolve
 
 log = logging.getLogger(__name__)
@@ -31,38 +32,75 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for the head: `device` checked (a RerankerError when unusable), else `default_device()`."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise RerankerError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RerankerError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU; use cpu or install torch's CUDA build")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise RerankerError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RerankerError(f"device {device!r}: MPS is not available here; use cpu")
+    return dev
+
+
+def check_options(max_length: int | None = None, max_query_length: int | None = None, batch_size: int | None = None,
+                  top_k: int | None = None) -> None:
+    """The per-call settings (None: the default); `top_k` must be None (all) or at least 1."""
+    check_lengths(max_length, max_query_length)
+    if batch_size is not None:
+        require_int("batch_size", batch_size, 1)
+    if top_k is not None:
+        require_int("top_k", top_k, 1)
+
+
 @dataclass
 class Usage:
-    """What the last call did: pairs scored, prompt tokens decoded, prompts truncated."""
+    """What the last call did: pairs scored, prompt tokens decoded, prompts truncated, and the
+    backbone's weight encoding (`Reranker.weights_dtype`: "BF16", "F16", "Q8_0", ...)."""
 
     pairs: int = 0
     tokens: int = 0
     truncated: int = 0
+    weights: str = ""
 
 
 class Reranker:
-    """jina-reranker-m0 from a GGUF backbone (llama.cpp) and a torch scoring head."""
+    """jina-reranker-m0 from a GGUF backbone (llama.cpp) and a torch scoring head.
+
+    One instance may be shared by many threads: the backbone serialises llama.cpp and the
+    tokenizer, the head runs concurrently. `last_usage` is that of the last call to finish.
+    After `close()` every call raises a `RerankerError`.
+    """
 
     def __init__(self, backbone: Backbone, head: ScoringHead, *, max_length: int = MAX_LENGTH,
                  max_query_length: int = MAX_QUERY_LENGTH, device: str | torch.device | None = None,
                  batch_size: int = BATCH_SIZE) -> None:
+        check_options(max_length, max_query_length, batch_size)
         if head.hidden_size != backbone.n_embd:
             raise RerankerError(f"the head has hidden size {head.hidden_size} but the backbone {backbone.path.name} "
                                 f"gives {backbone.n_embd}: use the mlp_weights.npz released with this GGUF")
         self.backbone = backbone
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.head = head.to(self.device).eval()
         self.max_length = max_length
         self.max_query_length = max_query_length
         self.batch_size = batch_size
-        self.last_usage = Usage()
+        #: The weights as llama.cpp runs them: "BF16" (also when the fast path re-encoded an F16 file), "F16", "Q8_0", ...
+        self.weights_dtype = weights_description(backbone.metadata)
+        self.last_usage = Usage(weights=self.weights_dtype)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
                         *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = N_BATCH,
                         n_seq_max: int = N_SEQ_MAX, n_gpu_layers: int = -1, n_threads: int | None = None,
                         flash_attn: bool | None = None, kv_type: str | None = None, fast: bool = True,
-                        identity_dtype: str = IDENTITY_DTYPE, max_length: int | None = None,
+                        identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = False, max_length: int | None = None,
                         max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> "Reranker":
         """Load a GGUF (a path, or a Hub id such as `jinaai/jina-reranker-m0-GGUF:Q8_0`) and its head.
@@ -72,26 +110,53 @@ class Reranker:
         `max_length` defaults to 10240 tokens, or `n_ctx` when that is given and smaller.
 
         `fast=True` (the default) reads hidden states in llama.cpp's generation mode through a
-        cached copy of the GGUF with an identity output projection (`identity_dtype` f32: the
-        same numbers as embedding mode; f16: half the memory, states rounded to half
-        precision). `fast=False` uses embedding mode, the upstream recipe's path.
+        cached copy of the GGUF with an identity output projection (`identity_dtype` f32: embedding
+        mode's states, bit-equal on the CPU at the same batch layout; f16: half the memory,
+        states rounded to half precision). `fast=False` uses embedding mode, the upstream recipe's path.
+
+        `bf16` (fast path, F16 GGUFs): that copy also stores each F16 tensor whose values are
+        exact in BF16 as BF16, for llama.cpp's native bf16 mat-muls. False (default): never (on a
+        2-core AMX Xeon it was no faster and moved scores 10x more than F16: benchmarks/RESULTS.md);
+        None: automatic, when the layers run on a CPU with avx512_bf16/amx_bf16 (`RERANKER_BF16=0/1`
+        overrides); True: always. `weights_dtype` (and `last_usage.weights`) says what was chosen.
+
+        Every setting is checked before any file is read. `quant` with a local .gguf file may
+        only restate that file's level (it selects a file in a folder or a Hub repo).
         """
+        check_options(max_length, max_query_length, batch_size)
+        check_settings(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
+                       n_gpu_layers=n_gpu_layers, kv_type=kv_type)
+        if bf16 and not fast:
+            raise RerankerError("bf16=True re-encodes the fast path's cached copy; it needs fast=True")
+        device = resolve_device(device)
         files = resolve(model, quant, cache_dir=cache_dir, local_files_only=local_files_only)
         if head is None:
             if files.head is None:
                 raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass head='path/to/{HEAD_FILE}'")
             head = files.head
+        if not isinstance(head, ScoringHead) and not os.path.isdir(head):  # a folder may hold a checkpoint
+            check_file(head, "head file", f"pass the {HEAD_FILE} released with the GGUF")
         scoring_head = head if isinstance(head, ScoringHead) else ScoringHead.load(head)
         if max_length is None:
             max_length = min(MAX_LENGTH, n_ctx) if n_ctx else MAX_LENGTH
-        gguf_path = with_identity_output(files.gguf, identity_dtype) if fast else files.gguf
+        want_bf16, why = use_bf16(bf16, n_gpu_layers)
+        gguf_path = fast_path_gguf(files.gguf, identity_dtype, want_bf16, n_gpu_layers) if fast else files.gguf
         backbone = Backbone(gguf_path, fast=fast, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
                             n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type)
-        return cls(backbone, scoring_head, max_length=max_length, max_query_length=max_query_length,
-                   device=device, batch_size=batch_size)
+        rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=max_query_length,
+                 device=device, batch_size=batch_size)
+        log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype,
+                 f" (BF16 re-encode of F16 tensors {'on' if want_bf16 else 'off'}: {why})" if fast else "")
+        return rr
+
+    def _check_open(self) -> None:
+        if self.backbone.closed:
+            raise RerankerError("this Reranker is closed; load a new one with Reranker.from_pretrained(...)")
 
     def prompt_builder(self, max_length: int | None = None, max_query_length: int | None = None) -> PromptBuilder:
         """The tokeniser for pairs, with the length limits of this call (capped by the context)."""
+        self._check_open()
+        check_options(max_length, max_query_length)
         max_length = max_length or self.max_length
         if max_length > self.backbone.n_ctx:
             log.warning("max_length=%d exceeds the context (n_ctx=%d); prompts are cut to %d tokens",
@@ -99,13 +164,18 @@ class Reranker:
             max_length = self.backbone.n_ctx
         return PromptBuilder(self.backbone.tokenizer, max_length, max_query_length or self.max_query_length)
 
-    def embed(self, pairs: Sequence[Sequence[str]], *, batch_size: int | None = None, max_length: int | None = None,
+    def embed(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, max_length: int | None = None,
               max_query_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
-        """Last-token hidden states of `[query, document]` pairs, shape (n, hidden), float32."""
-        pairs = [check_pair(p, i) for i, p in enumerate(pairs)]
+        """Last-token hidden states of `[query, document]` pairs, shape (n, hidden), float32.
+
+        `pairs` is any iterable of [query, document] lists or tuples (a generator is read once).
+        """
+        self._check_open()
+        check_options(batch_size=batch_size)
+        pairs = check_pairs(pairs)
         builder = self.prompt_builder(max_length, max_query_length)
         batch_size = batch_size or self.batch_size
-        usage = Usage()
+        usage = Usage(weights=self.weights_dtype)
         out = np.empty((len(pairs), self.backbone.n_embd), dtype=np.float32)
         with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
             for start in range(0, len(pairs), batch_size):
@@ -127,33 +197,46 @@ class Reranker:
         x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
         return self.head(x).float().cpu().numpy()
 
-    def compute_score(self, pairs: Sequence[Sequence[str]] | Sequence[str], *, batch_size: int | None = None,
+    def compute_score(self, pairs: Iterable[Sequence[str]] | Sequence[str], *, batch_size: int | None = None,
                       max_length: int | None = None, max_query_length: int | None = None,
                       show_progress_bar: bool = False) -> list[float] | float:
         """Scores of `[query, document]` pairs, like the original model's `compute_score`.
 
-        A single pair gives a float; a list of pairs a list of floats in input order.
+        A single pair (a list or tuple of two strings) gives a float; any other iterable of
+        pairs (a generator too) a list of floats in input order; `[]` gives `[]`. A non-finite
+        score (a broken GGUF or head) is a `RerankerError`, never a silent `nan`.
         """
-        single = len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+        single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
         batch = [pairs] if single else pairs
         embeddings = self.embed(batch, batch_size=batch_size, max_length=max_length,
                                 max_query_length=max_query_length, show_progress_bar=show_progress_bar)
-        scores = self.score_embeddings(embeddings).tolist()
-        return scores[0] if single else scores
+        scores = self.score_embeddings(embeddings)
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            i = int(bad[0])
+            part = "GGUF (its hidden state is not finite)" if not np.isfinite(embeddings[i]).all() else "head"
+            raise RerankerError(f"the model returned a non-finite score ({scores[i]}) for pair {i}; the {part} is likely broken")
+        return scores.tolist()[0] if single else scores.tolist()
 
-    def rank(self, query: str, documents: Sequence[str], *, top_k: int | None = None, return_documents: bool = False,
+    def rank(self, query: str, documents: Iterable[str], *, top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None, show_progress_bar: bool = False) -> list[dict]:
         """Documents sorted by relevance to `query`, like sentence-transformers' `CrossEncoder.rank`.
 
         Each result is `{"corpus_id": index, "score": float}` (plus `"text"` with `return_documents`).
+        `documents` is any iterable of strings; `top_k` is None (all) or at least 1.
         """
-        if isinstance(documents, str):
+        self._check_open()
+        check_options(batch_size=batch_size, top_k=top_k)
+        if isinstance(documents, (str, bytes)):
             raise RerankerError("documents must be a list of strings, not one string; wrap it: [document]")
+        if isinstance(documents, dict) or not isinstance(documents, Iterable):
+            raise RerankerError(f"documents must be a list of strings, got {type(documents).__name__} ({documents!r:.60})")
+        documents = list(documents)
         scores = self.compute_score([[query, d] for d in documents], batch_size=batch_size,
                                     show_progress_bar=show_progress_bar) if documents else []
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_k]
         return [{"corpus_id": i, "score": scores[i], **({"text": documents[i]} if return_documents else {})} for i in order]
 
     def close(self) -> None:
-        """Free the llama.cpp model and context."""
+        """Free the llama.cpp model and context; later calls raise a `RerankerError`. Closing twice is fine."""
         self.backbone.close()

@@ -175,7 +175,7 @@ def test_fidelity_hand_checked():
 
 @pytest.mark.slow
 def test_default_levels_and_level_files(small_f16, bench_out, tmp_path):
-    assert DEFAULT_LEVELS == ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
+    assert DEFAULT_LEVELS == ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
     plan = plan_levels([str(small_f16)], tmp_path)
     assert [lv.name for lv in plan.levels] == ["F16", *DEFAULT_LEVELS] and plan.reference.path == small_f16
     assert all(lv.path is None for lv in plan.levels[1:]) and plan.head == small_f16.parent / "mlp_weights.npz"

@@ -30,17 +30,18 @@ from reranker.atomic import atomic_path
 from reranker.bench.sets import EvalSet
 from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine.identity import with_identity_output
+from reranker.engine.weights import default_threads
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file, header_value
 from reranker.gguf.hub import resolve
-from reranker.gguf.quantize import QUANT_TYPES, RELEASE_LEVELS, level_in_name, quantize
+from reranker.gguf.quantize import BENCH_LEVELS, QUANT_TYPES, level_in_name, quantize
 
 log = logging.getLogger(__name__)
 
 #: Levels a reference can be, most precise first: the first one found is the reference.
 REFERENCE_TYPES = ("F32", "BF16", "F16")
-#: The levels measured unless told otherwise (the release's).
-DEFAULT_LEVELS = RELEASE_LEVELS
+#: The levels measured unless told otherwise: BF16, then the release's.
+DEFAULT_LEVELS = BENCH_LEVELS
 TOP_K = 10
 BENCH_EXTRA = "pip install 'jina-reranker-gguf[bench]'"
 
@@ -366,7 +367,7 @@ def environment(settings: Settings) -> dict[str, Any]:
     on_gpu = offload and settings.n_gpu_layers != 0
     return {
         "device": (f"cuda: {torch.cuda.get_device_name(0)}" if cuda else "gpu") if on_gpu else "cpu",
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": settings.n_threads or os.cpu_count(),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": settings.n_threads or default_threads(),
         "gpu": torch.cuda.get_device_name(0) if cuda else None, "llama_gpu_offload": offload,
         "n_gpu_layers": settings.n_gpu_layers,
         "llama_cpp_python": llama_cpp.__version__, "llama_cpp": lib_version,

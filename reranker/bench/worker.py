@@ -63,7 +63,8 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     rr = Reranker.from_pretrained(spec["gguf"], head=spec["head"], device=spec.get("device"), n_ctx=spec.get("n_ctx"),
                                   n_batch=spec["n_batch"], n_gpu_layers=spec["n_gpu_layers"], n_threads=spec.get("n_threads"),
-                                  max_length=spec.get("max_length"), max_query_length=spec["max_query_length"])
+                                  max_length=spec.get("max_length"), max_query_length=spec["max_query_length"],
+                                  bf16=False)  # each level as stored: the F16 row is F16, the BF16 row BF16
     load_s = time.perf_counter() - t0
     try:
         batch = spec["batch_size"]

@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 
-from reranker.cli import bench_quant, convert, embed, head, quantize, rerank, score, synth
+from reranker.cli import bench_quant, cache, convert, embed, head, quantize, rerank, score, synth
 from reranker.errors import RerankerError
 
-COMMANDS = (rerank, score, embed, head, bench_quant, synth, convert, quantize)
+COMMANDS = (rerank, score, embed, head, bench_quant, synth, convert, quantize, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def non_utf8_argument(argv: list[str]) -> str | None:
+    """A one-line error for the first argument that was not UTF-8 (Python keeps its bytes as lone surrogates)."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as e:
+            name = (arg.split("=", 1)[0] if arg.startswith("-") else
+                    f"the value of {argv[i - 1]}" if i and argv[i - 1].startswith("-") else f"argument {i + 1}")
+            return f"{name} is not valid UTF-8 (at character {e.start}: {arg!a:.60}); pass it as UTF-8"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if problem := non_utf8_argument(argv):
+        print(f"reranker: error: {problem}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("reranker.jobs").setLevel(logging.INFO)  # progress lines when stderr is not a terminal

@@ -6,7 +6,7 @@ import argparse
 
 from reranker.cli.common import add_backbone_args
 from reranker.errors import RerankerError
-from reranker.gguf.quantize import RELEASE_LEVELS
+from reranker.gguf.quantize import BENCH_LEVELS
 
 DEFAULT_OUT = "bench-quant"
 
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="an F16/BF16/F32 GGUF, a folder or Hub repo id holding several levels, or several GGUF files")
     p.add_argument("--levels", type=_levels, default=None,
-                   help=f"comma-separated levels (default: {','.join(RELEASE_LEVELS)}; with several files: those files)")
+                   help=f"comma-separated levels (default: {','.join(BENCH_LEVELS)}; with several files: those files)")
     p.add_argument("--reference", default=None, help="level of the reference file (default: the first of F32, BF16, F16 found)")
     p.add_argument("--head", default=None, help="mlp_weights.npz (default: the one beside the reference)")
     src = p.add_mutually_exclusive_group(required=True)

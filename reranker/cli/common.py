@@ -6,7 +6,6 @@ import argparse
 from typing import TYPE_CHECKING
 
 from reranker.defaults import DEFAULT_REPO, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH
-from reranker.errors import RerankerError
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +18,12 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload to the GPU; -1 all (default), 0 none")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: --max-length)")
     p.add_argument("--n-batch", type=int, default=N_BATCH, help="tokens per decode call (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the physical cores, one fewer when the load average says one is busy; "
+                        "RERANKER_THREADS overrides)")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
+                   help="store an F16 GGUF's bf16-exact tensors as BF16 in the fast path's copy: off (default, keep F16); "
+                        "auto: when the layers run on a CPU with avx512_bf16/amx_bf16; on")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"prompt tokens at most (default: {MAX_LENGTH}, or --n-ctx if smaller)")
     p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="query tokens at most (default: %(default)s)")
@@ -35,27 +39,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_reranker(args: argparse.Namespace) -> "Reranker":
-    """The `Reranker` the model options describe."""
+    """The `Reranker` the model options describe (`from_pretrained` checks them all before any heavy work)."""
     from reranker.api import Reranker
 
-    return Reranker.from_pretrained(args.model, head=args.head, device=resolve_device(args.device), n_ctx=args.n_ctx,
+    return Reranker.from_pretrained(args.model, head=args.head, device=args.device, n_ctx=args.n_ctx,
                                     n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                                    max_length=args.max_length, max_query_length=args.max_query_length)
+                                    max_length=args.max_length, max_query_length=args.max_query_length,
+                                    bf16=bf16_option(args))
+
+
+def bf16_option(args: argparse.Namespace) -> bool | None:
+    """`--bf16 auto|on|off` as `from_pretrained`'s `bf16` (None, True, False)."""
+    return {"auto": None, "on": True, "off": False}[getattr(args, "bf16", "off")]
 
 
 def resolve_device(device: str | None) -> "torch.device":
-    """The torch device for the head: the one asked for, checked, else CUDA/MPS when present."""
-    import torch
+    """The torch device for the head: `reranker.api.resolve_device`, imported only when a command needs it."""
+    from reranker.api import resolve_device
 
-    from reranker.api import default_device
-
-    if device is None:
-        return default_device()
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise RerankerError(f"--device {device}: not a torch device ({e}); use cpu, cuda, cuda:1 or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RerankerError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU; use --device cpu "
-                            "or install torch's CUDA build")
-    return dev
+    return resolve_device(device)

@@ -47,9 +47,10 @@ def check_options(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from reranker.engine.backbone import Backbone
+    from reranker.engine.backbone import Backbone, check_settings
     from reranker.gguf.hub import resolve
 
+    check_settings(n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     fmt = check_options(args)
     data, source = read_input(args)
     prompts = split_prompts(data, args.embd_separator, escape=args.escape, source=source)
@@ -99,6 +100,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="context size in tokens: the longest prompt allowed (default: %(default)s)")
     p.add_argument("-b", "--n-batch", "--batch-size", dest="n_batch", type=int, default=N_BATCH,
                    help="tokens per decode call (default: %(default)s)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores, one fewer when busy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=run)

@@ -6,15 +6,25 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reranker.atomic import open_output
 from reranker.cli.common import resolve_device
-from reranker.compat.head import JSON_CHUNK, JSON_FIX, NPY_CHUNK, OUTPUT_FORMATS, format_scores, is_npy, iter_json_rows, open_npy
+from reranker.compat.head import (
+    JSON_CHUNK,
+    JSON_FIX,
+    NPY_CHUNK,
+    OUTPUT_FORMATS,
+    first_non_finite,
+    format_scores,
+    is_npy,
+    iter_json_rows,
+    open_npy,
+)
 from reranker.errors import RerankerError
+from reranker.gguf.header import check_file
 
 if TYPE_CHECKING:
     from head import ScoringHead
@@ -24,9 +34,7 @@ def load_head(path: str) -> "ScoringHead":
     """The scoring head from an mlp_weights.npz (or any file `ScoringHead.load` reads)."""
     from head import ScoringHead
 
-    if not Path(path).is_file():
-        raise RerankerError(f"head file not found: {path}; pass the mlp_weights.npz released with the GGUF")
-    return ScoringHead.load(path)
+    return ScoringHead.load(check_file(path, "head file", "pass the mlp_weights.npz released with the GGUF"))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -39,11 +47,12 @@ def run(args: argparse.Namespace) -> None:
     fmt = args.format or ("npy" if (args.output or "").endswith(".npy") else "json" if (args.output or "").endswith(".json") else "txt")
     if fmt == "npy" and (args.output is None or args.output == "-"):
         raise RerankerError("--format npy writes a binary file; give it with -o FILE.npy")
-    if args.embeddings != "-" and not Path(args.embeddings).is_file():
-        raise RerankerError(f"embeddings file not found: {args.embeddings}; {JSON_FIX}")
-    head = load_head(args.head)
     device = resolve_device(args.device)
+    if args.embeddings != "-":
+        check_file(args.embeddings, "embeddings file", JSON_FIX)
+    head = load_head(args.head)
     hidden = head.hidden_size
+    source = "stdin" if args.embeddings == "-" else args.embeddings
 
     with contextlib.ExitStack() as stack:
         if is_npy(args.embeddings):
@@ -53,16 +62,24 @@ def run(args: argparse.Namespace) -> None:
             total: int | None = len(data)
         else:
             fh = sys.stdin.buffer if args.embeddings == "-" else stack.enter_context(open(args.embeddings, "rb"))
-            source = "stdin" if args.embeddings == "-" else args.embeddings
             rows = iter_json_rows(fh, source, hidden, args.head, chunk_rows=min(args.batch_size, JSON_CHUNK))
             total = None
         bar = stack.enter_context(tqdm(total=total, unit="row", desc="Scoring", file=sys.stderr,
                                        disable=args.quiet or not sys.stderr.isatty()))
 
         def scores() -> Iterator[np.ndarray]:
+            done = 0
             for chunk in rows:
-                yield score_embeddings(head, chunk, batch_size=args.batch_size, device=device, compile=args.compile)
+                if (bad := first_non_finite(chunk)) is not None:
+                    raise RerankerError(f"{source}: embedding {done + bad} holds NaN or inf; the model that wrote it "
+                                        "is likely broken: check its GGUF and re-run the embedding")
+                out = score_embeddings(head, chunk, batch_size=args.batch_size, device=device, compile=args.compile)
+                if (bad := first_non_finite(out)) is not None:
+                    raise RerankerError(f"the head {args.head} gave a non-finite score for embedding {done + bad}; "
+                                        "the head file is likely broken")
+                done += len(chunk)
                 bar.update(len(chunk))
+                yield out
 
         with open_output(args.output, binary=fmt == "npy") as (stream, tmp):
             if fmt == "npy":

@@ -17,12 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--query", required=True)
     p.add_argument("-d", "--document", dest="documents", action="append", help="a document (repeatable)")
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
-    p.add_argument("--top-n", type=int, default=None, help="show only the best N")
+    p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
     p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from reranker.api import check_options
+
+    check_options(top_k=args.top_n)
     docs = list(args.documents or []) + (read_documents(args.file) if args.file else [])
     if not docs:
         raise RerankerError("no documents: give -d DOC (repeatable) or -f FILE")

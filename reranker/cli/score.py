@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from reranker.cli.common import add_model_args, resolve_device
+from reranker.cli.common import add_model_args, bf16_option, resolve_device
 from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, RUN_TAG, WINDOW
 from reranker.errors import RerankerError
 
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> None:
 def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
     from reranker.api import Reranker
     from reranker.engine.backbone import VocabOnly
-    from reranker.engine.identity import with_identity_output
     from reranker.engine.prompts import PromptBuilder
     from reranker.engine.scoring import score_prompts
+    from reranker.engine.weights import fast_path_gguf, file_weights, use_bf16
     from reranker.jobs.devices import DevicePool, parse_devices
     from reranker.jobs.job import Job, JobAlreadyDone, model_fingerprint, write_summary
     from reranker.jobs.progress import Progress, count_records
@@ -85,14 +85,19 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
     load = dict(model=str(files.gguf), head=str(head_path), n_ctx=args.n_ctx, n_batch=args.n_batch,
                 n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_length=max_length,
                 max_query_length=args.max_query_length)
+    bf16, _ = use_bf16(bf16_option(args), args.n_gpu_layers)  # decided once, so every worker loads the same copy
+    load["bf16"] = bf16
     settings = {"fast": True, "identity_dtype": IDENTITY_DTYPE}
+    if bf16:  # BF16 mat-muls round activations differently: a job is not resumed across the two
+        settings["bf16"] = True
     fingerprint = model_fingerprint(files.gguf, head_path, settings)
     devices = parse_devices(args.devices)
 
     pool = reranker = None
     # A GPU other than the first must be pinned before CUDA starts, so it gets a process too.
     if len(devices) > 1 or devices[:1] not in ([], ["cpu"], ["0"]):
-        with_identity_output(files.gguf, IDENTITY_DTYPE)  # write the cached copy once, before the workers race for it
+        copy = fast_path_gguf(files.gguf, IDENTITY_DTYPE, bf16, args.n_gpu_layers)  # written once, before the workers race for it
+        weights = file_weights(copy)
         tokenizer = VocabOnly(files.gguf).tokenizer
         pool = DevicePool(devices, load)
         scorer = pool
@@ -100,6 +105,7 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
         device_kw = {"n_gpu_layers": 0, "device": "cpu"} if devices == ["cpu"] else {}
         reranker = Reranker.from_pretrained(**{**load, **device_kw, "device": resolve_device(args.device) if args.device else device_kw.get("device")})
         tokenizer = reranker.backbone.tokenizer
+        weights = reranker.weights_dtype
 
         def scorer(windows):
             for w in windows:
@@ -136,7 +142,7 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
             pool.close()
         if reranker is not None:
             reranker.close()
-    summary = write_summary(spec, stats, wall, progress.pairs, progress.tokens)
+    summary = write_summary(spec, stats, wall, progress.pairs, progress.tokens, extra={"weights": weights})
     print(f"reranker score: {summary['pairs']} pairs ({summary['queries']} records), {summary['tokens']} tokens, "
           f"{summary['truncated']} truncated, {summary['skipped']} skipped; this run {summary['pairs_this_run']} pairs "
           f"in {summary['wall_seconds']:.1f} s ({summary['pairs_per_second']} pairs/s, "

@@ -74,7 +74,8 @@ def iter_json_rows(fh: IO[bytes], source: str, hidden: int, head_path: str, *,
                 size = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
                 raise RerankerError(f"{source}: embedding {n} has {size}, expected a list of {hidden} numbers like the rows before it")
             try:
-                buf[k] = values
+                with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which the caller reports
+                    buf[k] = values
             except (TypeError, ValueError) as e:
                 raise RerankerError(f"{source}: embedding {n} holds a non-number ({e}); {JSON_FIX}") from e
             n += 1
@@ -110,6 +111,19 @@ def open_npy(path: str, hidden: int, head_path: str) -> np.ndarray:
     if data.shape[1] != hidden:
         raise _hidden_mismatch(path, data.shape[1], head_path, hidden)
     return data
+
+
+def first_non_finite(a: np.ndarray, block: int = 4096) -> int | None:
+    """The index of the first row (or value, for 1-D) of `a` holding NaN or inf, else None.
+
+    Checked `block` rows at a time, so a memory-mapped chunk needs no chunk-sized mask.
+    """
+    for start in range(0, len(a), block):
+        ok = np.isfinite(a[start : start + block])
+        ok = ok.reshape(len(ok), -1).all(axis=1)
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
 
 
 def is_npy(path: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 
 import llama_cpp
@@ -13,7 +15,9 @@ from reranker.defaults import MAX_LENGTH, N_BATCH, N_SEQ_MAX, N_UBATCH_CPU, N_UB
 from reranker.engine import llama_log
 from reranker.engine.batching import pack
 from reranker.engine.identity import MARKER_KEY
+from reranker.engine.prompts import MIN_LENGTH, require_int
 from reranker.engine.tokenizer import GGUFTokenizer
+from reranker.engine.weights import default_threads
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
 
@@ -33,6 +37,20 @@ def cpu_extra_buffers() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
+def check_settings(*, n_ctx: int | None = None, n_batch: int = N_BATCH, n_seq_max: int = N_SEQ_MAX,
+                   n_threads: int | None = None, n_gpu_layers: int = -1, kv_type: str | None = None) -> None:
+    """The backbone's settings, checked before any file is read (None: the default)."""
+    if kv_type is not None and kv_type not in _KV_TYPES:
+        raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(_KV_TYPES)}")
+    if n_ctx is not None:
+        require_int("n_ctx", n_ctx, MIN_LENGTH)
+    require_int("n_batch", n_batch, 1)
+    require_int("n_seq_max", n_seq_max, 1)
+    if n_threads is not None:
+        require_int("n_threads", n_threads, 1)
+    require_int("n_gpu_layers", n_gpu_layers, -1)
 
 
 def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
@@ -92,7 +110,8 @@ class _PackedBatch:
 class Backbone:
     """A jina-reranker-m0 GGUF in llama.cpp: token sequences -> last-token hidden states.
 
-    Two ways to read the hidden state, same numbers:
+    Two ways to read the hidden state, the same function up to summation order (bit-equal on
+    the CPU at the same batch layout, except a sequence that ends alone in a physical batch):
     - embedding mode (`fast=False`, the reference): pooling LAST, no normalisation; llama.cpp
       then outputs every token, computing and copying full-vocabulary logits for each;
     - generation mode (`fast=True`): only each sequence's last token is an output, and the
@@ -101,7 +120,12 @@ class Backbone:
 
     Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`
     tokens); the KV cache is cleared between calls. A sequence longer than `n_batch` is
-    fed in chunks, which causal attention makes exact.
+    fed in chunks: causal attention makes that the same function, though llama.cpp's kernels
+    sum in an order that depends on the chunk size (tests/test_fast_path.py bounds it).
+
+    Thread-safe: a lock serialises `embed` and `close`, and the tokenizer has its own (so a
+    window can be tokenised while another decodes); `close` takes both, and after it every
+    call raises a `RerankerError`.
     """
 
     def __init__(
@@ -118,8 +142,11 @@ class Backbone:
         kv_type: str | None = None,
         fast: bool = False,
     ) -> None:
-        self.path = check_gguf_file(path)
+        self._lock = threading.RLock()  # first, so close() (and __del__) always has it
         self._ctx = None
+        check_settings(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                       kv_type=kv_type)
+        self.path = check_gguf_file(path)
         self._model = _load_model(self.path, n_gpu_layers=n_gpu_layers)
         self.arch = self.metadata("general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
@@ -131,6 +158,7 @@ class Backbone:
             self.close()
             raise RerankerError(f"{self.path} has no identity output projection, which fast=True needs; "
                                 "pass the path from reranker.engine.identity.with_identity_output()")
+        # The tokenizer has its own lock: the job tokenises the next window while this one decodes.
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
 
         n_batch = min(n_batch, n_ctx)
@@ -146,16 +174,13 @@ class Backbone:
         cparams.kv_unified = True  # all sequences share the cache, so one may use all of it
         cparams.embeddings = not fast
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE if fast else llama_cpp.LLAMA_POOLING_TYPE_LAST
-        threads = n_threads or os.cpu_count() or 1
+        threads = n_threads or default_threads()  # physical cores, one fewer when the load says one is busy
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         # An F32 GGUF is a reference: keep the KV cache in F32 and attention unfused, since
         # an F16 cache or CPU flash attention alone costs ~1e-3 relative error.
         reference = self.metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
         kv_type = kv_type or ("f32" if reference else "f16")
-        if kv_type not in _KV_TYPES:
-            self.close()
-            raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(_KV_TYPES)}")
         cparams.type_k = cparams.type_v = _KV_TYPES[kv_type]
         if flash_attn is None and reference:
             flash_attn = False
@@ -172,14 +197,29 @@ class Backbone:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = _PackedBatch(n_batch)
 
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_model", None) is None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RerankerError(f"this Backbone ({self.path.name}) is closed; create a new one")
+
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None when absent."""
         buf = ctypes.create_string_buffer(1024)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        with self._lock:
+            self._check_open()
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Final-norm hidden state of each sequence's last token, shape (len(sequences), n_embd), float32."""
+        with self._lock:
+            self._check_open()
+            return self._embed(sequences)
+
+    def _embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         out = np.empty((len(sequences), self.n_embd), dtype=np.float32)
         n_vocab = self.tokenizer.n_vocab
         for i, ids in enumerate(sequences):
@@ -220,13 +260,17 @@ class Backbone:
         llama_cpp.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
-        """Free the context and the model (also done when the object is collected)."""
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+        """Free the context and the model (also done when the object is collected); closing twice is fine."""
+        tokenizer = getattr(self, "tokenizer", None)
+        with self._lock, (tokenizer.lock if tokenizer is not None else contextlib.nullcontext()):
+            if tokenizer is not None:
+                tokenizer.release()
+            if getattr(self, "_ctx", None):
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = None
+            if getattr(self, "_model", None):
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
 
     def __del__(self) -> None:
         self.close()
@@ -247,7 +291,13 @@ class VocabOnly:
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
         self.tokenizer.owner = self  # the vocabulary lives as long as the model does
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Free the model; the tokenizer then raises a `RerankerError` when used."""
         if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
+            with self.tokenizer.lock:
+                self.tokenizer.release()
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
+
+    def __del__(self) -> None:
+        self.close()

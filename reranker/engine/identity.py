@@ -5,6 +5,8 @@ full-vocabulary logits of each one. In generation mode only the tokens we mark p
 logits; with an output matrix whose first H rows are the identity, those logits' first H
 values are the final-norm hidden state. The release's GGUFs tie the output to the token
 embeddings, so they are rewritten once, with the identity added, into a cache folder.
+Each copy records the path of the GGUF it was made from; `cached_copies` lists them and
+`clear_cache` removes them (all, or the stale ones whose source is gone or changed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -25,6 +28,10 @@ from reranker.gguf.header import check_gguf_file, header_value
 log = logging.getLogger(__name__)
 
 MARKER_KEY = "jina_reranker.identity_output"
+SOURCE_KEY = "jina_reranker.identity_source"  # the absolute path of the GGUF the copy was made from
+REENCODE_KEY = "jina_reranker.identity_reencode"  # "bf16" when F16 tensors were asked to become BF16 (absent: none)
+BF16_TENSORS_KEY = "jina_reranker.bf16_tensors"  # how many F16 tensors became BF16 in the copy
+_PATTERN = "*.identity-*-*.gguf"
 _VERSION = "1"
 _DTYPES = {"f16": np.float16, "f32": np.float32}
 
@@ -41,24 +48,76 @@ def identity_marker(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _cache_path(src: Path, dtype: str, cache_dir: Path) -> Path:
+def _cache_path(src: Path, dtype: str, cache_dir: Path, reencode: str | None = None) -> Path:
     st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_VERSION}".encode()).hexdigest()[:16]
-    return cache_dir / f"{src.stem}.identity-{dtype}-{key}.gguf"
+    extra = f"|{reencode}" if reencode else ""  # no re-encode: the key of copies made before it existed
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_VERSION}{extra}".encode()).hexdigest()[:16]
+    return cache_dir / f"{src.stem}.identity-{dtype}{'-' + reencode if reencode else ''}-{key}.gguf"
 
 
-def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, cache_dir: str | os.PathLike | None = None) -> Path:
+def _reencode_of(copy: Path) -> str | None:
+    value = header_value(copy, REENCODE_KEY, within=4)
+    return value if isinstance(value, str) else None
+
+
+def _source_of(copy: Path) -> Path | None:
+    value = header_value(copy, SOURCE_KEY, within=4)
+    return Path(value) if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class CachedCopy:
+    """One cached identity copy: its file, size, source GGUF (None when not recorded) and whether it is stale."""
+
+    path: Path
+    size: int
+    source: Path | None
+    stale: bool  # the source is unknown, gone, or changed since: the copy will never be used again
+
+
+def cached_copies(cache_dir: str | os.PathLike | None = None) -> list[CachedCopy]:
+    """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path."""
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = []
+    for path in sorted(folder.glob(_PATTERN)):
+        source, dtype = _source_of(path), identity_marker(path)
+        try:
+            stale = source is None or dtype not in _DTYPES or _cache_path(source, dtype, folder, _reencode_of(path)) != path
+        except OSError:  # the source is gone (or unreadable)
+            stale = True
+        out.append(CachedCopy(path, path.stat().st_size, source, stale))
+    return out
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None, *, stale_only: bool = False) -> list[CachedCopy]:
+    """Delete the cached identity copies (only the stale ones with `stale_only`); returns what was deleted.
+
+    A copy in use elsewhere stays readable by that process until it closes it (POSIX unlink).
+    """
+    removed = [c for c in cached_copies(cache_dir) if c.stale or not stale_only]
+    for c in removed:
+        c.path.unlink(missing_ok=True)
+    return removed
+
+
+def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, cache_dir: str | os.PathLike | None = None,
+                         *, bf16: bool = False) -> Path:
     """Path of a GGUF equal to `src` but with an identity output projection (`dtype` f16 or f32).
 
     `src` itself when it already has one; otherwise a cached copy, written once (atomically,
     so concurrent processes are safe) and reused while `src` is unchanged.
+
+    `bf16=True` with an F16 `src` (`general.file_type` MOSTLY_F16): each F16 tensor whose every
+    value is exactly representable in BF16 is written as BF16 (the same values; checked per
+    tensor while copying), the others stay F16. The choice is part of the cache key.
     """
     if dtype not in _DTYPES:
         raise RerankerError(f"identity output dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
     src = check_gguf_file(src)
     if identity_marker(src) == dtype:
         return src
-    dst = _cache_path(src, dtype, Path(cache_dir) if cache_dir else default_cache_dir())
+    reencode = "bf16" if bf16 and header_value(src, gguf.Keys.General.FILE_TYPE) == gguf.LlamaFileType.MOSTLY_F16 else None
+    dst = _cache_path(src, dtype, Path(cache_dir) if cache_dir else default_cache_dir(), reencode)
     if dst.is_file():
         return dst
     try:
@@ -66,31 +125,85 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
     except (ValueError, IndexError, OSError) as e:
         raise RerankerError(f"{src} is a corrupt or truncated GGUF file ({e}); download or convert it again") from e
     dst.parent.mkdir(parents=True, exist_ok=True)
-    log.info("writing %s (one-time copy of %s with an identity output projection)", dst, src.name)
+    log.info("writing %s (one-time copy of %s with an identity output projection%s)", dst, src.name,
+             ", F16 tensors as BF16 where exact" if reencode else "")
     with atomic_path(dst) as tmp:
-        _write(reader, tmp, dtype)
+        _write(reader, tmp, dtype, src, reencode)
     return dst
 
 
-def _write(reader: gguf.GGUFReader, dst: Path, dtype: str) -> None:
-    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
-    n_vocab = len(reader.fields[gguf.Keys.Tokenizer.LIST].data)
+# Every F16 bit pattern -> whether its value is exact in BF16, and its BF16 bits (via float32, whose upper
+# half is the BF16 encoding: exact when the lower half is zero). F16 subnormals are normal in BF16.
+_F32_OF_F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+_BF16_EXACT = (_F32_OF_F16 & 0xFFFF) == 0
+_BF16_OF_F16 = (_F32_OF_F16 >> 16).astype(np.uint16)
+_CHUNK = 1 << 22  # elements per step: bounds the temporaries to a few MB
+
+
+def _f16_bits(data: np.ndarray, endianess: gguf.GGUFEndian) -> np.ndarray:
+    bits = data.reshape(-1).view(np.uint16)
+    native = gguf.GGUFEndian.LITTLE if np.little_endian else gguf.GGUFEndian.BIG
+    return bits if endianess == native else bits.byteswap()
+
+
+def bf16_exact(data: np.ndarray, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) -> bool:
+    """Whether every value of an F16 array is exactly representable in BF16 (NaN payloads included)."""
+    bits = _f16_bits(data, endianess)
+    return all(_BF16_EXACT[bits[i : i + _CHUNK]].all() for i in range(0, bits.size, _CHUNK))
+
+
+def to_bf16(data: np.ndarray, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) -> np.ndarray:
+    """The BF16 bits (uint16, native order, `data`'s shape) of an F16 array: exact where `bf16_exact` holds."""
+    bits = _f16_bits(data, endianess)
+    out = np.empty(bits.size, dtype=np.uint16)
+    for i in range(0, bits.size, _CHUNK):
+        out[i : i + _CHUNK] = _BF16_OF_F16[bits[i : i + _CHUNK]]
+    return out.reshape(data.shape)
+
+
+def _field(reader: gguf.GGUFReader, src: Path, key: str) -> gguf.ReaderField:
+    if key not in reader.fields:
+        raise RerankerError(f"{src} has no {key} entry: not a complete jina-reranker-m0 GGUF; "
+                            "download the release's file or run `reranker convert` again")
+    return reader.fields[key]
+
+
+def _write(reader: gguf.GGUFReader, dst: Path, dtype: str, src: Path, reencode: str | None = None) -> None:
+    arch = str(_field(reader, src, gguf.Keys.General.ARCHITECTURE).contents())
+    n_embd = int(_field(reader, src, f"{arch}.embedding_length").contents())
+    n_vocab = len(_field(reader, src, gguf.Keys.Tokenizer.LIST).data)
     if n_vocab < n_embd:
         raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
     writer = gguf.GGUFWriter(str(dst), arch)
     writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)  # first, so identity_marker() finds it fast
+    writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
+    tensors = [t for t in reader.tensors if t.name != "output.weight"]
+    f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
+    # The check reads each F16 tensor once more (a table lookup per value); tensors that would lose bits stay F16.
+    as_bf16 = {t.name for t in f16 if bf16_exact(t.data, reader.endianess)} if reencode == "bf16" else set()
+    if reencode:
+        writer.add_key_value(REENCODE_KEY, reencode, gguf.GGUFValueType.STRING)  # within the first 4 entries
+        writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)
+        log.info("%s: %d of %d F16 tensors written as BF16 (exact)%s", src.name, len(as_bf16), len(f16),
+                 "" if len(as_bf16) == len(f16) else "; the others would lose bits and stay F16")
+    all_bf16 = bool(f16) and len(as_bf16) == len(f16)
     for field in reader.fields.values():
         # GGUFWriter writes the architecture and GGUF.* header fields itself.
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name == MARKER_KEY:
+        if field.name in (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, REENCODE_KEY, BF16_TENSORS_KEY) \
+                or field.name.startswith("GGUF."):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE and all_bf16:
+            value = int(gguf.LlamaFileType.MOSTLY_BF16)  # stays truthful: every F16 weight is now BF16
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
-    tensors = [t for t in reader.tensors if t.name != "output.weight"]
     for t in tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        if t.name in as_bf16:
+            writer.add_tensor_info(t.name, t.data.shape, np.dtype(np.uint16), t.data.nbytes, gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     eye = np.zeros((n_vocab, n_embd), dtype=_DTYPES[dtype])
     eye[np.arange(n_embd), np.arange(n_embd)] = 1
     writer.add_tensor_info("output.weight", eye.shape, eye.dtype, eye.nbytes)
@@ -98,6 +211,9 @@ def _write(reader: gguf.GGUFReader, dst: Path, dtype: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in tensors:
-        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        if t.name in as_bf16:  # one tensor converted at a time
+            writer.write_tensor_data(to_bf16(t.data, reader.endianess))
+        else:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     writer.write_tensor_data(eye)
     writer.close()

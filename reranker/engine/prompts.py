@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from reranker.defaults import DOC_PREFIX, MAX_LENGTH, MAX_QUERY_LENGTH, QUERY_PREFIX, SCORE_TOKEN_ID
-from reranker.engine.tokenizer import GGUFTokenizer
+from reranker.engine.tokenizer import SURROGATE_FIX, GGUFTokenizer, lone_surrogate
 from reranker.errors import RerankerError
+
+#: The prompt template and the scoring token need this many tokens; `max_length` may not be less.
+MIN_LENGTH = 16
+
+
+def require_int(name: str, value: object, low: int) -> None:
+    """The rule for every count-like setting: an int (not a bool) of at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RerankerError(f"{name}={value!r} is invalid; it must be an integer >= {low}")
+
+
+def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
+    """Truncation limits, checked before any work (None: the default)."""
+    if max_length is not None:
+        require_int("max_length", max_length, MIN_LENGTH)
+    if max_query_length is not None:
+        require_int("max_query_length", max_query_length, 1)
 
 
 def format_prompt(query: str, document: str) -> str:
@@ -36,7 +54,17 @@ def check_pair(pair: object, index: int) -> tuple[str, str]:
                 f"pair {index}: the {name} must be a str, got {type(value).__name__} ({value!r:.60}); "
                 "convert it to text first (images are not supported by the GGUF backbone)"
             )
+        if problem := lone_surrogate(value):
+            raise RerankerError(f"pair {index}: the {name} holds {problem}; {SURROGATE_FIX}")
     return query, document
+
+
+def check_pairs(pairs: object) -> list[tuple[str, str]]:
+    """Validate `[query, document]` pairs: any iterable of them (a generator is read once, here)."""
+    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
+        raise RerankerError(f"pairs must be a list (or other iterable) of [query, document] pairs, "
+                            f"got {type(pairs).__name__} ({pairs!r:.60})")
+    return [check_pair(p, i) for i, p in enumerate(pairs)]
 
 
 class PromptBuilder:
@@ -48,10 +76,7 @@ class PromptBuilder:
     """
 
     def __init__(self, tokenizer: GGUFTokenizer, max_length: int = MAX_LENGTH, max_query_length: int = MAX_QUERY_LENGTH) -> None:
-        if max_length < 16:
-            raise RerankerError(f"max_length={max_length} is too small for the prompt template; use at least 16")
-        if max_query_length < 1:
-            raise RerankerError(f"max_query_length={max_query_length} must be at least 1")
+        check_lengths(max_length, max_query_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_query_length = max_query_length

@@ -6,7 +6,9 @@ per file); `header_value` reads only up to the entry it wants.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -20,15 +22,38 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _STRING, _ARRAY = 8, 9
 
 
-def check_gguf_file(path: str | os.PathLike) -> Path:
-    """Fail early, with the path in the message, on a missing or non-GGUF file."""
+GGUF_FIX = "pass an existing .gguf path or a Hub id like 'jinaai/jina-reranker-m0-GGUF:Q8_0'"
+_STAT_ERRORS = {errno.ENOENT: "not found", errno.ENOTDIR: "not found", errno.ELOOP: "is a symlink loop"}
+
+
+def check_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """`path` when it is a readable regular file, else a RerankerError saying why not:
+    not found, a broken symlink, a symlink loop, a directory, or not readable."""
     p = Path(path)
-    if not p.is_file():
-        raise RerankerError(f"GGUF file not found: {p}. Pass a local .gguf path or a Hub id like 'jinaai/jina-reranker-m0-GGUF:Q8_0'")
+    try:
+        st = p.stat()
+    except OSError as e:
+        reason = _STAT_ERRORS.get(e.errno, f"cannot be read ({e.strerror})")
+        if e.errno == errno.ENOENT and p.is_symlink():
+            reason = "is a broken symlink"
+    else:
+        if stat.S_ISREG(st.st_mode) and os.access(p, os.R_OK):
+            return p
+        reason = ("is a directory, not a file" if stat.S_ISDIR(st.st_mode) else
+                  "is not readable (permission denied)" if stat.S_ISREG(st.st_mode) else "is not a regular file")
+    raise RerankerError(f"{what} {reason}: {p}; {fix}")
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Fail early, with the path in the message, on a missing, unreadable or non-GGUF file, or one without a tokenizer."""
+    p = check_file(path, "GGUF file", GGUF_FIX)
     with p.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise RerankerError(f"{p} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); it may be truncated or another format")
+    if header_value(p, "tokenizer.ggml.model") is None:
+        raise RerankerError(f"{p} has no tokenizer (no tokenizer.ggml.model in its header, or the header is corrupt), so it is "
+                            "not a complete jina-reranker-m0 GGUF; download the release's file or run `reranker convert` again")
     return p
 
 

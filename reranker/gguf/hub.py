@@ -8,7 +8,8 @@ from pathlib import Path
 
 from reranker.defaults import DEFAULT_QUANT, DEFAULT_REPO, HEAD_FILE
 from reranker.errors import RerankerError
-from reranker.gguf.quantize import level_in_name
+from reranker.gguf.header import GGUF_FIX, check_file, header_value
+from reranker.gguf.quantize import QUANT_TYPES, level_in_name
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,22 @@ def split_ref(model: str, quant: str | None) -> tuple[str, str | None]:
             raise RerankerError(f"quant={quant!r} contradicts the tag in {model}:{tag}; give one of them")
         quant = tag
     return model, quant
+
+
+def file_level(path: Path) -> str | None:
+    """A GGUF's quantisation level: from its header's general.file_type, else from its name."""
+    names = {v: k for k, v in QUANT_TYPES.items()}
+    return names.get(header_value(path, "general.file_type")) or level_in_name(path.name)
+
+
+def _check_quant(path: Path, quant: str | None) -> None:
+    """`quant` with one local file may only restate the file's level."""
+    if quant is None:
+        return
+    level = file_level(path)
+    if level != quant.upper():
+        raise RerankerError(f"quant={quant!r} but {path} is {level or 'of an unknown level'}; quant selects a file in a "
+                            "folder or Hub repo, so drop it (or pass the folder, or the file of that level)")
 
 
 def _matches(path: Path, quant: str) -> bool:
@@ -51,15 +68,15 @@ def resolve(model: str = DEFAULT_REPO, quant: str | None = None, *, cache_dir: s
     """Find (or download) the GGUF and the head for `model`: a .gguf path, a folder, or a Hub repo id."""
     model, quant = split_ref(model, quant)
     local = Path(model).expanduser()
-    if local.is_file():
-        head = local.parent / HEAD_FILE
-        return ModelFiles(local, head if head.is_file() else None)
-    if local.is_dir():
+    if local.is_dir() and local.suffix.lower() != ".gguf":
         gguf = _pick(sorted(local.glob("*.gguf")), quant, str(local))
         head = local / HEAD_FILE
         return ModelFiles(gguf, head if head.is_file() else None)
-    if model.endswith(".gguf") or model.startswith((".", "/", "~")):
-        raise RerankerError(f"GGUF file not found: {model}; pass an existing .gguf path or a Hub id like '{DEFAULT_REPO}:Q8_0'")
+    if local.exists() or local.is_symlink() or model.endswith(".gguf") or model.startswith((".", "/", "~")):
+        gguf = check_file(local, "GGUF file", GGUF_FIX)
+        _check_quant(gguf, quant)
+        head = gguf.parent / HEAD_FILE
+        return ModelFiles(gguf, head if head.is_file() else None)
     return _from_hub(model, quant or DEFAULT_QUANT, cache_dir, local_files_only)
 
 

@@ -21,6 +21,9 @@ QUANT_TYPES: dict[str, int] = {
 
 #: The levels the release publishes, best first.
 RELEASE_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
+#: `bench-quant`'s default levels: BF16 (exact for a bf16 checkpoint, and llama.cpp's fastest unquantized
+#: type on CPUs with native bf16 dot products), then the release's.
+BENCH_LEVELS = ("BF16", *RELEASE_LEVELS)
 
 
 def level_in_name(name: str, extra: tuple[str, ...] = ()) -> str | None:

@@ -328,12 +328,13 @@ class JobAlreadyDone(Exception):
         self.stats = stats
 
 
-def write_summary(spec: JobSpec, stats: Stats, wall: float, run_pairs: int, run_tokens: int) -> dict:
-    """The final summary, also saved as `OUTPUT.summary.json`."""
+def write_summary(spec: JobSpec, stats: Stats, wall: float, run_pairs: int, run_tokens: int,
+                  extra: dict | None = None) -> dict:
+    """The final summary, also saved as `OUTPUT.summary.json` (`extra`: more keys, e.g. the weights' encoding)."""
     summary = {"output": str(spec.output), **asdict(stats), "wall_seconds": round(wall, 3),
                "pairs_this_run": run_pairs, "tokens_this_run": run_tokens,
                "pairs_per_second": round(run_pairs / wall, 2) if wall > 0 else None,
-               "tokens_per_second": round(run_tokens / wall, 1) if wall > 0 else None}
+               "tokens_per_second": round(run_tokens / wall, 1) if wall > 0 else None, **(extra or {})}
     path = spec.files().summary
     with writing(path, "summary"), atomic_write(path, "w") as f:
         f.write(json.dumps(summary, indent=1) + "\n")

@@ -1,0 +1,234 @@
+"""Ours at F16, BF16 and Q8_0 against transformers at its best, in one process, as ratios.
+
+The peer is transformers' Qwen2-VL text model + the checkpoint's score head (the original
+computation) in its strongest configuration on the machine at hand: every dtype it supports
+(bf16 and fp32; on the CPU bf16 is fast only with avx512_bf16/AMX, so both are tried), SDPA
+attention, prompts sorted by length (less padding), the best of several batch sizes. The weaker
+configurations are printed beside it. Ours is `Reranker.compute_score` (the fast path) on the
+same pairs, warm, best of `--rounds`:
+
+  F16    the F16 GGUF as stored (`bf16=False`)
+  BF16   the same F16 GGUF with the fast path's automatic BF16 re-encode (`bf16=True`: only
+         exact tensors; the same scores as a `convert --outtype bf16` GGUF)
+  Q8_0   llama.cpp's quantizer on the F16 GGUF
+
+The synthetic checkpoint is bf16, as the real one is; models are built once into --cache.
+
+    python benchmarks/peer.py                          # `small` shape (hidden 512, 4 layers)
+    python benchmarks/peer.py --preset m0 --pairs 16   # the real shapes: ~3 GB per GGUF, minutes to build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import numpy as np  # noqa: E402
+from job import load_average, synthetic_pairs  # noqa: E402
+
+
+def build(cache: Path, preset: str) -> tuple[Path, Path]:
+    """(F16 GGUF, bf16 checkpoint dir), built once; BF16/Q8_0 files are made beside the F16 one."""
+    from reranker.gguf.convert import convert
+    from reranker.synth.checkpoint import synth_checkpoint
+
+    root = cache / f"{preset}-bf16ckpt"
+    ckpt = root / f"jina-reranker-m0-{preset}"
+    f16 = root / "gguf" / f"jina-reranker-m0-{preset}-F16.gguf"
+    if not f16.is_file():
+        print(f"building the synthetic `{preset}` model (bf16 checkpoint, F16 GGUF) in {root} ...", file=sys.stderr, flush=True)
+        if not (ckpt / "model.safetensors").is_file():
+            synth_checkpoint(ckpt, preset=preset, seed=0, dtype="bfloat16")
+        convert(ckpt, root / "gguf", outtype="f16")
+    return f16, ckpt
+
+
+def level_file(f16: Path, level: str) -> Path:
+    from reranker.gguf.quantize import quantize
+
+    path = f16.with_name(f16.name.replace("-F16", f"-{level}"))
+    if not path.is_file():
+        print(f"quantizing {path.name} ...", file=sys.stderr, flush=True)
+        quantize(f16, path, level)
+    return path
+
+
+def run_ours(path: Path, pairs, threads: int, bf16: bool, rounds: int) -> dict:
+    from reranker import Reranker
+
+    rr = Reranker.from_pretrained(str(path), device="cpu", n_ctx=4096, n_threads=threads, bf16=bf16)
+    rr.compute_score(pairs[:4])  # warm: pages in the weights, sizes the buffers
+    best, scores = None, None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        scores = rr.compute_score(pairs, batch_size=len(pairs))
+        wall = time.perf_counter() - t
+        best = wall if best is None else min(best, wall)
+    out = {"weights": rr.weights_dtype, "tokens": rr.last_usage.tokens, "seconds": best,
+           "tokens_per_s": rr.last_usage.tokens / best, "scores": np.array(scores)}
+    rr.close()
+    return out
+
+
+def load_transformers(ckpt: Path, dtype_name: str = "bf16", attn: str = "sdpa"):
+    """(text model, score head) of the original-layout checkpoint in transformers, in `dtype_name` (bf16 or fp32)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+    sys.path.insert(0, os.path.join(_ROOT, "tests"))
+    from oracle import text_config
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    sd = load_file(str(ckpt / "model.safetensors"))
+    config = text_config(ckpt)
+    config._attn_implementation = attn
+    with torch.device("meta"):
+        model = Qwen2VLTextModel(config)
+    model.load_state_dict({k[6:]: v.to(dtype) for k, v in sd.items() if k.startswith("model.")}, strict=True, assign=True)
+    model.rotary_emb = type(model.rotary_emb)(config=config)
+    hidden = sd["score.0.weight"].shape[1]
+    head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)).eval()
+    head.load_state_dict({k[6:]: v.float() for k, v in sd.items() if k.startswith("score.")})
+    return model.to(dtype).eval(), head.to(dtype)
+
+
+def transformers_scorer(model, head):
+    """scores(batch of id lists) -> float32 tensor: left padding, position ids from the mask, last token, head."""
+    import torch
+
+    sys.path.insert(0, os.path.join(_ROOT, "tests"))
+    from oracle import LOGIT_BIAS
+
+    @torch.inference_mode()
+    def scores(batch):
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), 151643, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):  # left padding, as the original processor pads
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        h = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, -1]
+        return torch.sigmoid(head(h).squeeze(-1).float() - LOGIT_BIAS)
+
+    return scores
+
+
+def time_transformers(scores, ids: list[list[int]], batch: int, sort: bool, rounds: int) -> tuple[np.ndarray, float]:
+    """(scores in input order, best wall seconds of `rounds`, after one warm batch)."""
+    import torch
+
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
+    batches = [[ids[i] for i in order[s:s + batch]] for s in range(0, len(ids), batch)]
+    scores(batches[0])
+    best, out = None, None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = [scores(b) for b in batches]
+        wall = time.perf_counter() - t
+        best = wall if best is None else min(best, wall)
+    got = np.empty(len(ids), dtype=np.float32)
+    got[order] = torch.cat(out).numpy()
+    return got, best
+
+
+def run_transformers(ckpt: Path, ids: list[list[int]], threads: int, dtypes, attns, batch_sizes, rounds: int,
+                     both_orders: bool = True) -> list[dict]:
+    """Every (dtype, attention, sorted, batch size) configuration; tokens/s counts real prompt tokens only."""
+    import torch
+
+    torch.set_num_threads(threads)
+    tokens = sum(len(x) for x in ids)
+    rows = []
+    for dtype_name in dtypes:
+        for attn in attns:
+            scores = transformers_scorer(*load_transformers(ckpt, dtype_name, attn))
+            for sort in (True, False) if both_orders else (True,):
+                for bs in batch_sizes:
+                    got, best = time_transformers(scores, ids, bs, sort, rounds)
+                    rows.append({"dtype": dtype_name, "attn": attn, "sorted": sort, "batch": bs, "seconds": best,
+                                 "tokens_per_s": tokens / best, "scores": got})
+                    print(f"  transformers {dtype_name} {attn} {'sorted' if sort else 'input order'} batch {bs}: "
+                          f"{tokens / best:.1f} tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    from reranker.engine.weights import cpu_bf16_flags, default_threads
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "m0"])
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--doc-words", type=int, nargs=2, default=(40, 120), metavar=("MIN", "MAX"))
+    ap.add_argument("--threads", type=int, default=None, help="all paths (default: reranker's default_threads())")
+    ap.add_argument("--rounds", type=int, default=3, help="timed repeats per configuration, best kept")
+    ap.add_argument("--batch-sizes", default="4,8,16", help="transformers batch sizes tried")
+    ap.add_argument("--tf-dtypes", default="bf16,fp32")
+    ap.add_argument("--tf-attn", default="sdpa,eager")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    threads = args.threads or default_threads()
+
+    f16, ckpt = build(args.cache, args.preset)
+    q8 = level_file(f16, "Q8_0")
+    pairs = [list(p) for p in synthetic_pairs(args.pairs, tuple(args.doc_words))]
+    loads = [load_average()]
+    ours = {"F16": run_ours(f16, pairs, threads, False, args.rounds),
+            "BF16": run_ours(f16, pairs, threads, True, args.rounds),
+            "Q8_0": run_ours(q8, pairs, threads, False, args.rounds)}
+    loads.append(load_average())
+
+    from reranker import Reranker
+    from reranker.defaults import MAX_QUERY_LENGTH
+    from reranker.engine.prompts import PromptBuilder
+
+    rr = Reranker.from_pretrained(str(f16), device="cpu", n_ctx=4096, n_threads=threads, bf16=False)
+    builder = PromptBuilder(rr.backbone.tokenizer, 4096, MAX_QUERY_LENGTH)
+    ids = [builder.build(q, d).ids for q, d in pairs]
+    rr.close()
+    tf = run_transformers(ckpt, ids, threads, args.tf_dtypes.split(","), args.tf_attn.split(","),
+                          [int(b) for b in args.batch_sizes.split(",")], args.rounds)
+    loads.append(load_average())
+    best = max(tf, key=lambda r: r["tokens_per_s"])
+    tokens = ours["F16"]["tokens"]
+    print(f"preset {args.preset}; {len(pairs)} pairs of {args.doc_words[0]}-{args.doc_words[1]} words, {tokens} prompt tokens; "
+          f"{threads} threads; CPU bf16 flags: {','.join(cpu_bf16_flags()) or 'none'}; load average {loads[0]} at start, "
+          f"{loads[-1]} at end (shared machine: compare ratios)")
+    print(f"transformers best: {best['dtype']} {best['attn']} {'sorted' if best['sorted'] else 'input order'} batch "
+          f"{best['batch']}: {best['tokens_per_s']:.1f} tok/s")
+    print(f"{'path':<44}{'tok/s':>9}{'vs tf best':>12}")
+    for name, r in ours.items():
+        print(f"{'ours ' + name + ' (runs as ' + r['weights'] + ')':<44}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / best['tokens_per_s']:>11.2f}x")
+    for dt in dict.fromkeys(r["dtype"] for r in tf):
+        for attn in dict.fromkeys(r["attn"] for r in tf):
+            sub = [r for r in tf if r["dtype"] == dt and r["attn"] == attn]
+            if sub:
+                b = max(sub, key=lambda r: r["tokens_per_s"])
+                print(f"{'transformers ' + dt + ' ' + attn + ' (best batch ' + str(b['batch']) + (', sorted' if b['sorted'] else '') + ')':<44}"
+                      f"{b['tokens_per_s']:>9.1f}{b['tokens_per_s'] / best['tokens_per_s']:>11.2f}x")
+    ref = next(r for r in tf if r["dtype"] == "fp32") if any(r["dtype"] == "fp32" for r in tf) else best
+    print("scores, max |diff| vs transformers fp32: " + ", ".join(
+        f"{n} {np.abs(r['scores'] - ref['scores']).max():.1e}" for n, r in ours.items())
+        + f", transformers {best['dtype']} {np.abs(best['scores'] - ref['scores']).max():.1e}")
+    exact = max(ours["F16"]["tokens_per_s"], ours["BF16"]["tokens_per_s"])
+    print(f"our best exact path / transformers' best: {exact / best['tokens_per_s']:.2f}x")
+    if args.json:
+        strip = lambda r: {k: v for k, v in r.items() if k != "scores"}  # noqa: E731
+        args.json.write_text(json.dumps({"preset": args.preset, "pairs": len(pairs), "threads": threads, "load_average": loads,
+                                         "ours": {k: strip(v) for k, v in ours.items()}, "transformers": [strip(r) for r in tf]},
+                                        indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

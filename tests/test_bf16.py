@@ -1,0 +1,194 @@
+"""The fast path's BF16 re-encode of F16 GGUFs, its automatic choice, and the thread default."""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from reranker.engine import weights
+from reranker.engine.identity import BF16_TENSORS_KEY, REENCODE_KEY, bf16_exact, cached_copies, to_bf16, with_identity_output
+from reranker.errors import RerankerError
+
+N_EMBD, N_VOCAB = 8, 16
+
+
+def _all_f16() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+
+
+def test_tables_agree_with_torch_on_every_f16_value():
+    x = _all_f16()
+    finite = np.isfinite(x) | np.isinf(x)
+    t = torch.from_numpy(x.copy())
+    exact_torch = (t.to(torch.bfloat16).to(torch.float32) == t.to(torch.float32)).numpy()
+    exact_ours = np.array([bf16_exact(x[i : i + 1]) for i in range(x.size)])
+    assert np.array_equal(exact_ours[finite], exact_torch[finite])
+    bits = to_bf16(x)
+    torch_bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(bits[exact_ours & finite], torch_bits[exact_ours & finite])
+    assert exact_ours.sum() == 8960  # normals with 3 spare mantissa bits, short subnormals, zeros, inf and some NaNs
+
+
+def _tiny_gguf(path, tensors: dict[str, np.ndarray], file_type=gguf.LlamaFileType.MOSTLY_F16):
+    """A minimal GGUF that `with_identity_output` accepts (no llama.cpp involved)."""
+    w = gguf.GGUFWriter(str(path), "qwen2vl")
+    w.add_embedding_length(N_EMBD)
+    w.add_file_type(int(file_type))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(N_VOCAB)])
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_only_bf16_exact_tensors_are_reencoded(tmp_path):
+    rng = np.random.default_rng(0)
+    exact = torch.randn(N_VOCAB, N_EMBD).to(torch.bfloat16).to(torch.float16).numpy()
+    lossy = exact.copy()
+    lossy[3, 5] = np.float16(1.0009765625)  # 1 + 2^-10: the lowest F16 mantissa bit, not in BF16
+    norm = rng.standard_normal(N_EMBD).astype(np.float32)
+    src = _tiny_gguf(tmp_path / "m-F16.gguf", {"token_embd.weight": exact, "blk.0.attn_q.weight": lossy,
+                                               "output_norm.weight": norm})
+    cache = tmp_path / "cache"
+    copy = with_identity_output(src, "f32", cache, bf16=True)
+    r = gguf.GGUFReader(copy)
+    t = {x.name: x for x in r.tensors}
+    assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    got = torch.from_numpy(np.asarray(t["token_embd.weight"].data).view(np.int16).reshape(exact.shape).copy())
+    assert torch.equal(got.view(torch.bfloat16).to(torch.float32), torch.from_numpy(exact).to(torch.float32))
+    assert t["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # would lose a bit: kept
+    assert np.array_equal(np.asarray(t["blk.0.attn_q.weight"].data).reshape(lossy.shape), lossy)
+    assert t["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert r.fields[BF16_TENSORS_KEY].contents() == 1 and r.fields[REENCODE_KEY].contents() == "bf16"
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16  # not all: stays F16
+
+    # Off: another cache entry, the F16 tensors untouched; both copies are listed as live.
+    plain = with_identity_output(src, "f32", cache, bf16=False)
+    assert plain != copy and "bf16" not in plain.name
+    r2 = gguf.GGUFReader(plain)
+    assert REENCODE_KEY not in r2.fields and all(x.tensor_type != gguf.GGMLQuantizationType.BF16 for x in r2.tensors)
+    assert [c.stale for c in cached_copies(cache)] == [False, False]
+    assert with_identity_output(src, "f32", cache, bf16=True) == copy  # reused
+
+    # All exact: the file type says BF16. A non-F16 file is never re-encoded (same key as off).
+    src2 = _tiny_gguf(tmp_path / "all-F16.gguf", {"token_embd.weight": exact})
+    assert gguf.GGUFReader(with_identity_output(src2, "f32", cache, bf16=True)).fields["general.file_type"].contents() \
+        == gguf.LlamaFileType.MOSTLY_BF16
+    src3 = _tiny_gguf(tmp_path / "m-F32.gguf", {"token_embd.weight": exact.astype(np.float32)}, gguf.LlamaFileType.ALL_F32)
+    assert with_identity_output(src3, "f32", cache, bf16=True) == with_identity_output(src3, "f32", cache, bf16=False)
+
+
+def test_auto_choice(monkeypatch):
+    monkeypatch.delenv(weights.BF16_ENV, raising=False)
+    monkeypatch.setattr(weights, "cpu_bf16_flags", lambda: ())
+    assert weights.use_bf16(None, 0)[0] is False
+    assert weights.use_bf16(True, 0)[0] is True  # explicit wins
+    monkeypatch.setattr(weights, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    assert weights.use_bf16(None, 0)[0] is weights.native_bf16()[0]
+    assert weights.use_bf16(False, 0) == (False, "turned off")
+    monkeypatch.setenv(weights.BF16_ENV, "0")
+    assert weights.use_bf16(None, 0)[0] is False
+    assert weights.use_bf16(True, 0)[0] is True
+
+
+def test_cpu_flags_parse(monkeypatch):
+    monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 amx_bf16 avx512_bf16\n\n")
+    assert weights.cpu_bf16_flags() == ("avx512_bf16", "amx_bf16")
+    monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 f16c\n")
+    assert weights.cpu_bf16_flags() == ()
+    monkeypatch.setattr(weights, "_cpuinfo", lambda: "")  # macOS and others: auto keeps F16
+    assert weights.native_bf16()[0] is False
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.delenv(weights.THREADS_ENV, raising=False)
+    info = "".join(f"processor: {i}\nphysical id: 0\ncore id: {i // 2}\n\n" for i in range(8))  # 4 cores, SMT 2
+    monkeypatch.setattr(weights, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(weights.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    monkeypatch.setattr(weights.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert weights.default_threads() == 4
+    monkeypatch.setattr(weights.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert weights.default_threads() == 3
+    monkeypatch.setattr(weights.os, "sched_getaffinity", lambda _: {0}, raising=False)
+    assert weights.default_threads() == 1
+    monkeypatch.setenv(weights.THREADS_ENV, "2")
+    assert weights.default_threads() == 2
+
+
+def test_cli_option():
+    import argparse
+
+    from reranker.cli.common import add_model_args, bf16_option
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    assert bf16_option(p.parse_args([])) is False
+    assert bf16_option(p.parse_args(["--bf16", "auto"])) is None
+    assert bf16_option(p.parse_args(["--bf16", "off"])) is False
+    assert bf16_option(p.parse_args(["--bf16", "on"])) is True
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    """(F16 GGUF, BF16 GGUF) of one bf16 checkpoint whose values are all F16-exact, so both hold the same numbers."""
+    from safetensors.torch import load_file, save_file
+
+    from reranker.gguf.convert import convert
+    from reranker.synth.checkpoint import synth_checkpoint
+
+    ckpt = synth_checkpoint(tmp_path_factory.mktemp("bf16ck") / "jina-reranker-m0-tiny", preset="tiny", seed=0,
+                            dtype="bfloat16")
+    # bf16 -> f16 rounds values below 2^-14 (F16 subnormals); round-trip them so F16 and BF16 files agree.
+    sd = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: v.to(torch.float16).to(torch.bfloat16) if v.dim() > 1 else v for k, v in sd.items()},
+              str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    f16, _ = convert(ckpt, tmp_path_factory.mktemp("f16"), outtype="f16")
+    b16, _ = convert(ckpt, tmp_path_factory.mktemp("b16"), outtype="bf16")
+    return f16, b16
+
+
+@pytest.mark.slow
+def test_reencoded_copy_is_the_bf16_conversion(bf16_pair, tmp_path):
+    f16, b16 = bf16_pair
+    copy = with_identity_output(f16, "f32", tmp_path, bf16=True)
+    ours = {t.name: t for t in gguf.GGUFReader(copy).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(b16).tensors}
+    assert set(ours) == set(ref) | {"output.weight"} or set(ours) == set(ref)
+    for name, t in ref.items():
+        if name == "output.weight":
+            continue
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    r = gguf.GGUFReader(copy)
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    assert r.fields[BF16_TENSORS_KEY].contents() == sum(t.tensor_type == gguf.GGMLQuantizationType.BF16 for t in ref.values())
+
+
+@pytest.mark.slow
+def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tmp_path):
+    from conftest import PAIRS
+
+    from reranker import Reranker
+
+    f16, b16 = bf16_pair
+    shutil.copy(f16.parent / "mlp_weights.npz", tmp_path / "mlp_weights.npz")
+    load = dict(device="cpu", n_ctx=1024, n_batch=1024, n_threads=1)
+    got = {}
+    for name, path, bf16 in (("re", f16, True), ("ref", b16, False), ("off", f16, False)):
+        rr = Reranker.from_pretrained(str(path), bf16=bf16, **load)
+        got[name] = (np.array(rr.compute_score(PAIRS)), rr.weights_dtype, rr.last_usage.weights)
+        rr.close()
+    assert np.array_equal(got["re"][0], got["ref"][0])  # bit for bit
+    assert got["re"][1:] == ("BF16", "BF16") and got["ref"][1] == "BF16"
+    assert got["off"][1:] == ("F16", "F16")
+    assert np.abs(got["off"][0] - got["re"][0]).max() < 2e-2  # same weights; activations rounded to bf16 vs f16
+    with pytest.raises(RerankerError, match="fast=True"):
+        Reranker.from_pretrained(str(f16), bf16=True, fast=False, **load)
