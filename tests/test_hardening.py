@@ -241,6 +241,7 @@ def test_call_arguments_are_checked(tiny_reranker):
             tiny_reranker.compute_score(PAIRS, **kwargs)
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("args,needle", [
     (["rerank", "--max-length", "-1"], "max_length=-1"),
     (["rerank", "--max-query-length", "0"], "max_query_length=0"),
@@ -267,6 +268,7 @@ def test_head_command_checks_device(tmp_path, head_npz):
 
 # --- 7. non-UTF-8 command-line arguments -----------------------------------------------------------
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("args,needle", [
     ([b"-q", b"\xff", b"-d", b"d"], "the value of -q is not valid UTF-8"),
     ([b"-q", b"q", b"--document=a\xffb"], "--document is not valid UTF-8"),
@@ -321,6 +323,7 @@ def test_unreadable_gguf(tmp_path, gguf_path, head_npz):
         Reranker.from_pretrained(str(locked), head=head_npz)
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("case", ["no tokenizer", "model loop", "head loop", "head command loop", "directory"])
 def test_bad_files_on_the_command_line(tmp_path, gguf_path, head_npz, no_tokenizer_gguf, loop, case):
     rerank = ["rerank", "-q", "q", "-d", "d"]

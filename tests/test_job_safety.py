@@ -80,6 +80,7 @@ def snapshot(folder):
 # --- data loss: aliasing (real processes: each fails before the model loads) -------------------
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("how", ["same path", "hard link", "symlinked folder"])
 def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, how):
     inp = write_jsonl(tmp_path / "d.jsonl", NESTED)
@@ -96,6 +97,7 @@ def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("target", ["head", "input", "output", "summary"])
 def test_rejects_file_that_names_another_file_is_refused(model, head, tmp_path, target):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
@@ -108,6 +110,7 @@ def test_rejects_file_that_names_another_file_is_refused(model, head, tmp_path, 
     assert head.read_bytes() == head_bytes and snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # real processes
 def test_special_files_are_never_written(model, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
     fifo = tmp_path / "fifo.jsonl"
@@ -440,6 +443,7 @@ NEEDLES = {"no input": "give -i INPUT", "symlink loop as -i": "symbolic link loo
            "output in a file": "Not a directory"}
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_errors_are_one_line(model, tmp_path, case):
     write_jsonl(tmp_path / "in.jsonl", NESTED)
