@@ -54,6 +54,7 @@ def test_rerank_table_and_files(gguf, tmp_path):
     assert {r["document"]["text"] for r in json.loads(res.stdout)["results"]} == {"multi\nline doc", "another"}
 
 
+@pytest.mark.slow
 def test_errors_are_one_clear_line(gguf, tmp_path):
     res = run("rerank", "-m", str(tmp_path / "missing.gguf"), "-q", "q", "-d", "d")
     assert res.returncode == 2 and "GGUF file not found" in res.stderr and "Traceback" not in res.stderr

@@ -81,6 +81,7 @@ def test_chunk_size_changes_only_rounding(tiny_ggufs, outtype):
     assert errors.max() < TOL[outtype], errors
 
 
+@pytest.mark.slow
 def test_f16_identity_is_half_precision_rounding(tiny_ggufs):
     # Same GGUF and layout; only the output projection differs. ggml rounds an F16 matrix's input
     # to half precision (to nearest even, as numpy does), so the states are the F32 identity's,

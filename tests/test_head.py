@@ -408,6 +408,7 @@ def _compile_available() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _compile_available(), reason="torch.compile (dynamo + a C++ compiler) unavailable")
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # raised inside inductor
 def test_torch_compile_matches_eager_on_cpu(npz, x):
