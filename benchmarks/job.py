@@ -190,48 +190,6 @@ def run_job_in_process(gguf: Path, input_path: Path, output: Path, args) -> tupl
     return json.loads(output.with_name(output.name + ".summary.json").read_text()), timer
 
 
-def run_transformers(checkpoint: Path, prompts: list, threads: int, batch_size: int = 8) -> tuple[np.ndarray, float, int]:
-    """The original model's computation on `prompts` (left padding, batches of `batch_size`).
-
-    Returns (scores, wall seconds after a one-batch warm-up, padded tokens processed).
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, os.path.join(_ROOT, "tests"))
-    from oracle import LOGIT_BIAS, load_text_model
-
-    torch.set_num_threads(threads)
-    model = load_text_model(checkpoint)
-    sd = load_file(str(checkpoint / "model.safetensors"))
-    hidden = sd["score.0.weight"].shape[1]
-    score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)).float().eval()
-    score.load_state_dict({k.removeprefix("score."): v.float() for k, v in sd.items() if k.startswith("score.")})
-    pad_id = 151643  # <|endoftext|>, Qwen2-VL's pad token; masked out anyway
-
-    @torch.inference_mode()
-    def batch_scores(batch: list[list[int]]) -> torch.Tensor:
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):  # left padding, as the original processor pads
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            mask[i, width - len(ids) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # Qwen2-VL's get_rope_index for text
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        h = out.last_hidden_state[:, -1]  # hidden_states[-1][:, -1]
-        return torch.sigmoid(score(h).squeeze(-1) - LOGIT_BIAS)
-
-    ids = [p.ids for p in prompts]
-    batch_scores(ids[:batch_size])  # warm-up
-    t = time.perf_counter()
-    scores = [batch_scores(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
-    wall = time.perf_counter() - t
-    padded = sum(min(batch_size, len(ids) - i) * max(len(x) for x in ids[i : i + batch_size])
-                 for i in range(0, len(ids), batch_size))
-    return torch.cat(scores).numpy(), wall, padded
-
-
 def load_average() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -355,14 +313,14 @@ def main() -> None:
             if checkpoint is None:
                 print("transformers path skipped: pass --checkpoint with --model", file=sys.stderr)
             else:
-                from peer import run_transformers as tf_configs
+                from tf_peer import run_transformers as tf_configs
 
                 n_tf = min(args.transformers_pairs, len(pairs))
                 tf_ids = [p.ids for p in prompts[:n_tf]]
                 tf_tokens = sum(len(x) for x in tf_ids)
                 # The peer at its best: bf16 and fp32, SDPA, sorted by length, the best of a few batch sizes.
                 configs = tf_configs(Path(checkpoint), tf_ids, args.threads, ("bf16", "fp32"), ("sdpa",), (8, 16), 1,
-                                     both_orders=False)
+                                     orders=(True,))
                 best = max(configs, key=lambda r: r["tokens_per_s"])
                 tf_scores = next(r for r in configs if r["dtype"] == "fp32")["scores"]
                 row("transformers at its best", n_tf, tf_tokens, best["seconds"],
@@ -371,10 +329,10 @@ def main() -> None:
                 if weak:
                     row(f"transformers {weak['dtype']} sdpa (weaker)", n_tf, tf_tokens, weak["seconds"],
                         f"sorted, batch {weak['batch']}")
-                _, eager_wall, padded = run_transformers(Path(checkpoint), prompts[:n_tf], args.threads)
+                eager = tf_configs(Path(checkpoint), tf_ids, args.threads, ("fp32",), ("eager",), (8,), 1, orders=(False,))[0]
                 loads.append(load_average())
-                row("transformers fp32 eager (weakest)", n_tf, tf_tokens, eager_wall,
-                    f"input order, batch 8, left pad; {padded} tokens with padding")
+                row("transformers fp32 eager (weakest)", n_tf, tf_tokens, eager["seconds"],
+                    f"input order, batch 8, left pad; {eager['padded_tokens']} tokens with padding")
 
     job_tps = rows["job (reranker score)"]["tokens_per_s"]
     print(f"model {gguf.name}; {len(pairs)} pairs, {tokens} prompt tokens ({tokens / len(pairs):.0f}/pair); "

@@ -34,6 +34,7 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HE
 
 import numpy as np  # noqa: E402
 from job import load_average, synthetic_pairs  # noqa: E402
+from tf_peer import run_transformers  # noqa: E402
 
 
 def build(cache: Path, preset: str) -> tuple[Path, Path]:
@@ -77,90 +78,6 @@ def run_ours(path: Path, pairs, threads: int, bf16: bool, rounds: int) -> dict:
            "tokens_per_s": rr.last_usage.tokens / best, "scores": np.array(scores)}
     rr.close()
     return out
-
-
-def load_transformers(ckpt: Path, dtype_name: str = "bf16", attn: str = "sdpa"):
-    """(text model, score head) of the original-layout checkpoint in transformers, in `dtype_name` (bf16 or fp32)."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-
-    sys.path.insert(0, os.path.join(_ROOT, "tests"))
-    from oracle import text_config
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    sd = load_file(str(ckpt / "model.safetensors"))
-    config = text_config(ckpt)
-    config._attn_implementation = attn
-    with torch.device("meta"):
-        model = Qwen2VLTextModel(config)
-    model.load_state_dict({k[6:]: v.to(dtype) for k, v in sd.items() if k.startswith("model.")}, strict=True, assign=True)
-    model.rotary_emb = type(model.rotary_emb)(config=config)
-    hidden = sd["score.0.weight"].shape[1]
-    head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)).eval()
-    head.load_state_dict({k[6:]: v.float() for k, v in sd.items() if k.startswith("score.")})
-    return model.to(dtype).eval(), head.to(dtype)
-
-
-def transformers_scorer(model, head):
-    """scores(batch of id lists) -> float32 tensor: left padding, position ids from the mask, last token, head."""
-    import torch
-
-    sys.path.insert(0, os.path.join(_ROOT, "tests"))
-    from oracle import LOGIT_BIAS
-
-    @torch.inference_mode()
-    def scores(batch):
-        width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), 151643, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, x in enumerate(batch):  # left padding, as the original processor pads
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        h = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, -1]
-        return torch.sigmoid(head(h).squeeze(-1).float() - LOGIT_BIAS)
-
-    return scores
-
-
-def time_transformers(scores, ids: list[list[int]], batch: int, sort: bool, rounds: int) -> tuple[np.ndarray, float]:
-    """(scores in input order, best wall seconds of `rounds`, after one warm batch)."""
-    import torch
-
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort else list(range(len(ids)))
-    batches = [[ids[i] for i in order[s:s + batch]] for s in range(0, len(ids), batch)]
-    scores(batches[0])
-    best, out = None, None
-    for _ in range(rounds):
-        t = time.perf_counter()
-        out = [scores(b) for b in batches]
-        wall = time.perf_counter() - t
-        best = wall if best is None else min(best, wall)
-    got = np.empty(len(ids), dtype=np.float32)
-    got[order] = torch.cat(out).numpy()
-    return got, best
-
-
-def run_transformers(ckpt: Path, ids: list[list[int]], threads: int, dtypes, attns, batch_sizes, rounds: int,
-                     both_orders: bool = True) -> list[dict]:
-    """Every (dtype, attention, sorted, batch size) configuration; tokens/s counts real prompt tokens only."""
-    import torch
-
-    torch.set_num_threads(threads)
-    tokens = sum(len(x) for x in ids)
-    rows = []
-    for dtype_name in dtypes:
-        for attn in attns:
-            scores = transformers_scorer(*load_transformers(ckpt, dtype_name, attn))
-            for sort in (True, False) if both_orders else (True,):
-                for bs in batch_sizes:
-                    got, best = time_transformers(scores, ids, bs, sort, rounds)
-                    rows.append({"dtype": dtype_name, "attn": attn, "sorted": sort, "batch": bs, "seconds": best,
-                                 "tokens_per_s": tokens / best, "scores": got})
-                    print(f"  transformers {dtype_name} {attn} {'sorted' if sort else 'input order'} batch {bs}: "
-                          f"{tokens / best:.1f} tok/s", file=sys.stderr, flush=True)
-    return rows
 
 
 def main() -> None:

@@ -704,12 +704,10 @@ def step_level(ctx: dict, R: Result, step: str) -> None:
 def step_transformers(ctx: dict, R: Result) -> None:
     import numpy as np
     import torch
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from oracle import LOGIT_BIAS, text_config
     from tokenizers import Tokenizer
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+    sys.path.insert(0, str(BENCH))
+    from tf_peer import load_transformers, time_transformers, transformers_scorer
 
     from reranker.defaults import DOC_PREFIX, QUERY_PREFIX, SCORE_TOKEN_ID  # reranker.engine.prompts would import llama_cpp
 
@@ -717,22 +715,8 @@ def step_transformers(ctx: dict, R: Result) -> None:
     dev = device(ctx)
     seconds = float(ctx["seconds"])
     ckpt = wait_ready(P["ckpt"])
-    dtype = torch.bfloat16
     t = time.perf_counter()
-    config = text_config(ckpt)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = Qwen2VLTextModel(config)
-    sd = load_file(str(ckpt / "model.safetensors"))
-    state = {k[len("model."):]: v.to(dtype) for k, v in sd.items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rotary_emb = type(model.rotary_emb)(config=config)
-    model = model.to(dev).eval()  # weights are bf16 already; the rotary inv_freq buffer stays float32
-    hidden = sd["score.0.weight"].shape[1]
-    score = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-    score.load_state_dict({k.removeprefix("score."): v.float() for k, v in sd.items() if k.startswith("score.")})
-    score = score.to(dev, dtype).eval()
-    del sd, state
+    model, score = load_transformers(ckpt, "bf16", "sdpa", device=dev)
     R.set("load_s", time.perf_counter() - t)
     R.set("attn_implementation", model.config._attn_implementation)
     # The checkpoint's own tokenizer (this step may run while llama.cpp is still being built); the
@@ -757,33 +741,10 @@ def step_transformers(ctx: dict, R: Result) -> None:
     except Exception as e:  # noqa: BLE001 (llama.cpp not installed yet)
         R.set("ids_equal_to_gguf_tokenizer", f"not compared ({type(e).__name__})")
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    pad_id = 151643
-
-    @torch.inference_mode()
-    def batch_scores(batch: list[list[int]]) -> torch.Tensor:
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):  # left padding, as the original processor pads
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        out = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids.to(dev), use_cache=False)
-        return torch.sigmoid(score(out.last_hidden_state[:, -1]).squeeze(-1).float() - LOGIT_BIAS)
+    batch_scores = transformers_scorer(model, score, dev)
 
     def run_sorted(ids: list[list[int]], bs: int) -> tuple[np.ndarray, float, int]:
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out = np.empty(len(ids))
-        sync()
-        t = time.perf_counter()
-        padded = 0
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
-            batch = [ids[i] for i in idx]
-            padded += len(batch) * max(len(x) for x in batch)
-            out[idx] = batch_scores(batch).cpu().numpy()
-        sync()
-        return out, time.perf_counter() - t, padded
+        return time_transformers(batch_scores, ids, bs, True, 1, sync)
 
     calib = [builder.build(q, d).ids for q, d in pairs[:512]]
     run_sorted(calib[:32], 32)  # warm-up
