@@ -170,7 +170,7 @@ def small_input(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt,actors", [("jsonl", 1), ("jsonl", 2), ("parquet", 1), ("parquet", 2)])
+@pytest.mark.parametrize("fmt,actors", [("jsonl", 1), ("parquet", 1), ("parquet", 2)])  # JSONL with 2: the driver test
 def test_ray_job_equals_the_local_job(ray_cluster, model, small_input, tmp_path, fmt, actors):
     inp = small_input / f"in.{fmt}"
     local = tmp_path / "local.parquet"
