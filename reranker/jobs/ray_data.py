@@ -60,13 +60,14 @@ def node_lock(cache_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing drops the lock; the file stays, so every actor locks the same inode
 
 
-def prepare_model(model: str, head: str | None = None, *, bf16: bool = False, n_gpu_layers: int = -1,
-                  identity_dtype: str | None = None) -> tuple[str, str, bool]:
+def prepare_model(model: str, head: str | None = None, *, bf16: bool | None = False, n_gpu_layers: int = -1,
+                  identity_dtype: str | None = None, fast: bool = True) -> tuple[str, str, bool]:
     """(GGUF path, head path, whether this call wrote the fast path's copy), once per node.
 
     Resolves `model` (a path on this node or a shared file system, or a Hub id through the Hub
     cache) and makes the fast path's identity copy in `$RERANKER_CACHE`, both under `node_lock`,
-    so concurrent actors of one node resolve and copy once.
+    so concurrent actors of one node resolve and copy once. `bf16`, `n_gpu_layers`, `identity_dtype`
+    and `fast` are `from_pretrained`'s, so it then finds the very copy made here.
     """
     from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
     from reranker.engine.identity import default_cache_dir
@@ -76,9 +77,11 @@ def prepare_model(model: str, head: str | None = None, *, bf16: bool = False, n_
     cache = default_cache_dir()
     with node_lock(cache):
         files = resolve(model)
-        before = {p.name for p in cache.glob("*.gguf")}
-        copy = fast_path_gguf(files.gguf, identity_dtype or IDENTITY_DTYPE, bf16, n_gpu_layers)
-        wrote = copy.parent == cache and copy.name not in before
+        wrote = False
+        if fast:
+            before = {p.name for p in cache.glob("*.gguf")}
+            copy = fast_path_gguf(files.gguf, identity_dtype or IDENTITY_DTYPE, bf16, n_gpu_layers)
+            wrote = copy.parent == cache and copy.name not in before
     head_path = head or (str(files.head) if files.head else None)
     if head_path is None:
         raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass head='path/to/{HEAD_FILE}'")
@@ -107,8 +110,8 @@ class RayReranker:
         load = dict(load or {})
         if not _has_gpu():
             load.update(n_gpu_layers=0, device="cpu")
-        gguf, head_path, _ = prepare_model(model, head, bf16=bool(load.get("bf16")),
-                                           n_gpu_layers=load.get("n_gpu_layers", -1))
+        gguf, head_path, _ = prepare_model(model, head, bf16=load.get("bf16", False), n_gpu_layers=load.get("n_gpu_layers", -1),
+                                           identity_dtype=load.get("identity_dtype"), fast=load.get("fast", True))
         self.reranker = Reranker.from_pretrained(gguf, head=head_path, **load)
         self.builder = self.reranker.prompt_builder()
         self.columns = {**COLUMNS, **(columns or {})}

@@ -154,17 +154,19 @@ class RayJob:
     def _manifest(self) -> Path:
         return self.out / MANIFEST
 
+    def _rejects_id(self) -> str:
+        return os.path.realpath(self.spec.files().rejects)
+
     def _save_manifest(self, **extra: Any) -> None:
         with writing(self._manifest(), "manifest"), atomic_write(self._manifest(), "w") as f:
-            json.dump({"version": VERSION, "fingerprint": self.fingerprint, **extra}, f, indent=1)
+            json.dump({"version": VERSION, "fingerprint": self.fingerprint, "rejects_path": self._rejects_id(), **extra}, f, indent=1)
 
     def _open_folder(self) -> None:
         """Resume into the folder when its manifest matches, start it (empty) otherwise; never touch a foreign file."""
         out = self.out
-        with writing(out, "output folder"):
-            out.mkdir(parents=True, exist_ok=True)
-        ours = [p for p in out.iterdir() if _ours(p.name)]
-        foreign = [p.name for p in out.iterdir() if not _ours(p.name)]
+        names = [p.name for p in out.iterdir()] if out.is_dir() else []
+        ours = [out / n for n in names if _ours(n)]
+        foreign = [n for n in names if not _ours(n)]
         if foreign:
             raise RerankerError(f"{out} holds {', '.join(sorted(foreign)[:3])}, which this job did not write; "
                                 "move it elsewhere or choose another -o")
@@ -182,10 +184,19 @@ class RayJob:
             if changed:
                 raise RerankerError(f"{out} was started with a different {', '.join(changed)}; "
                                     "rerun with --restart to start over, or write to another -o")
-        elif ours and not self.spec.restart:
-            raise RerankerError(f"{out} holds parts that no job of this folder recorded; pass --restart to overwrite them, "
-                                "or choose another -o")
+            if state.get("rejects_path") != self._rejects_id():
+                raise RerankerError(f"{out} was started with the rejects file {state.get('rejects_path')}; "
+                                    "pass that --rejects to resume, or --restart to start over")
+        elif not self.spec.restart:
+            rejects = self.spec.files().rejects
+            if ours:
+                raise RerankerError(f"{out} holds parts that no job of this folder recorded; pass --restart to overwrite them, "
+                                    "or choose another -o")
+            if rejects.exists():
+                raise RerankerError(f"rejects file {rejects} exists and no unfinished job of {out} recorded it; pass --restart "
+                                    f"to overwrite it, or choose another {self.spec.files().flag('rejects file')}")
         with writing(out, "output folder"):
+            out.mkdir(parents=True, exist_ok=True)
             for p in ours:  # temporary files of killed writes always; everything with --restart
                 if self.spec.restart or p.name.startswith("."):
                     p.unlink()
@@ -339,6 +350,16 @@ class RayJob:
             ray.data.from_arrow_refs(blocks), scorer, fn_constructor_kwargs={"model": self.model, "head": self.head, "load": load, "group_column": "_window",
                                            "stats": True, "drop": ("query", "document")},
             batch_format="pyarrow", batch_size=None, **opts)
+        try:
+            self._collect(ds, pending, progress)
+        except RerankerError:
+            raise
+        except Exception as e:  # Ray wraps what an actor raised: show the cause, one line
+            raise RerankerError(f"the Ray job stopped: {_cause(e)}; the parts written are kept: fix it and rerun the same "
+                                "command to resume") from e
+
+    def _collect(self, ds: Any, pending: dict[int, _Shard], progress: Progress) -> None:
+        """Gather the actors' rows by shard; write each shard as soon as all its rows are back."""
         remaining = {i: s.pairs for i, s in pending.items()}
         seen: dict[int, set] = {i: set() for i in pending}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -359,6 +380,20 @@ class RayJob:
                     self.run_tokens += tokens
                     progress.update(shard.records, shard.pairs, tokens)
                     del seen[index]
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of an exception Ray wrapped (a `RerankerError` an actor raised, say), on one line."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return (text if isinstance(e, RerankerError) else f"{type(e).__name__}: {text}")[:500]
 
 
 def _ours(name: str) -> bool:
