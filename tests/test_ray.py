@@ -135,6 +135,33 @@ def test_shards_are_cut_between_queries_only():
     assert [i for i, _ in _shards(iter(windows), 2)] == [0, 1, 2]
 
 
+def test_an_actors_error_reaches_the_user_as_its_one_line():
+    from reranker.jobs.ray_job import _cause
+
+    class Wrapped(Exception):  # what Ray raises when an actor's __init__ failed: the traceback as text
+        pass
+
+    text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...).__init__()\n"
+            '  File "reranker/api.py", line 86, in __init__\n    raise RerankerError(...)\n'
+            "reranker.errors.RerankerError: the head has hidden size 72 but the backbone x.gguf gives 64: use the "
+            "mlp_weights.npz released with this GGUF")
+    try:
+        try:
+            raise RuntimeError("")
+        except RuntimeError as inner:
+            raise Wrapped(text) from inner
+    except Wrapped as e:
+        assert _cause(e).startswith("the head has hidden size 72 but")
+    try:
+        try:
+            raise RerankerError("input missing")
+        except RerankerError as inner:
+            raise RuntimeError("wrapper") from inner
+    except RuntimeError as e:
+        assert _cause(e) == "input missing"
+    assert _cause(OSError("disk\ngone")) == "OSError: gone"
+
+
 def test_fast_path_copy_is_made_once_per_node(model, tmp_path, monkeypatch):
     from reranker.jobs.ray_data import prepare_model
 
@@ -296,4 +323,9 @@ def test_killed_driver_reruns_and_skips_complete_shards(ray_cluster, model, big,
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
     assert summary["shards_skipped"] >= done_before >= 2 and summary["shards_skipped"] < summary["shards"]
     assert summary["pairs_this_run"] < summary["pairs"] == want.num_rows
+    assert pq.read_table(out).equals(want)
+    # The same folder with a changed input is refused, not resumed into.
+    changed = tmp_path / "in.jsonl"
+    changed.write_bytes(inp.read_bytes() + b'{"query": "one more", "documents": ["d"]}\n')
+    assert main(ray_args(model, changed, out, 2)) == 2
     assert pq.read_table(out).equals(want)

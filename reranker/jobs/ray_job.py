@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -383,17 +384,27 @@ class RayJob:
 
 
 def _cause(e: BaseException) -> str:
-    """The innermost message of an exception Ray wrapped (a `RerankerError` an actor raised, say), on one line."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
-    return (text if isinstance(e, RerankerError) else f"{type(e).__name__}: {text}")[:500]
+    """What went wrong, on one line, from an exception Ray wrapped: the `RerankerError` an actor raised
+    (Ray passes it on as text in the message of an `ActorDiedError`), else the innermost message."""
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and all(x is not c for c in chain):
+        chain.append(x)
+        x = getattr(x, "cause", None) or x.__cause__ or x.__context__
+        x = x if isinstance(x, BaseException) else None
+    for x in chain:
+        if isinstance(x, RerankerError):
+            return str(x)
+    for x in chain:
+        for line in reversed(str(x).splitlines()):
+            m = re.match(r"\s*[\w.]*(?:RerankerError|HeadLoadError): (.+)", line)
+            if m:
+                return m.group(1)
+    for x in chain:
+        lines = [ln.strip() for ln in str(x).splitlines() if ln.strip()]
+        if lines:
+            return f"{type(x).__name__}: {lines[-1]}"[:500]
+    return type(e).__name__
 
 
 def _ours(name: str) -> bool:
@@ -422,6 +433,8 @@ def run_cli(args: Any, spec: JobSpec, files: Any, head_path: Path, load: dict, f
     from reranker.jobs.ray_data import require_ray
 
     require_ray()
+    if args.devices:
+        raise RerankerError("--devices chooses the local engine's processes; with --engine ray give --actors N")
     options = RayOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.actor_cpus,
                          shard_windows=args.shard_windows)
     check_ray_job(spec, options, model=Path(files.gguf), head=head_path)
