@@ -360,7 +360,11 @@ class RayJob:
                                 "command to resume") from e
 
     def _collect(self, ds: Any, pending: dict[int, _Shard], progress: Progress) -> None:
-        """Gather the actors' rows by shard; write each shard as soon as all its rows are back."""
+        """Gather the actors' rows by shard; write each shard as soon as all its rows are back.
+
+        Rows are keyed by (shard, row): a row seen twice (a block redone after a crash) counts once,
+        and rows of a shard already written are dropped.
+        """
         remaining = {i: s.pairs for i, s in pending.items()}
         seen: dict[int, set] = {i: set() for i in pending}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -369,6 +373,8 @@ class RayJob:
             shard_ids = batch.column("_shard").to_numpy()
             for index in np.unique(shard_ids):
                 index = int(index)
+                if index not in seen:  # written already
+                    continue
                 rows = batch.filter(self.pa.array(shard_ids == index))
                 shard = pending[index]
                 shard.rows.append(rows)
