@@ -347,10 +347,11 @@ class RayJob:
             load["n_threads"] = max(1, int(self.options.cpus_per_actor))  # llama.cpp threads within the actor's share
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = not self.quiet
-        ds = map_batches_quietly(
-            ray.data.from_arrow_refs(blocks), scorer, fn_constructor_kwargs={"model": self.model, "head": self.head, "load": load, "group_column": "_window",
-                                           "stats": True, "drop": ("query", "document")},
-            batch_format="pyarrow", batch_size=None, **opts)
+        # One block per window, scored whole (`group_column`); the texts do not travel back.
+        kwargs = {"model": self.model, "head": self.head, "load": load, "group_column": "_window", "stats": True,
+                  "drop": ("query", "document")}
+        ds = map_batches_quietly(ray.data.from_arrow_refs(blocks), scorer, fn_constructor_kwargs=kwargs,
+                                 batch_format="pyarrow", batch_size=None, **opts)
         try:
             self._collect(ds, pending, progress)
         except RerankerError:
