@@ -162,6 +162,7 @@ def test_an_actors_error_reaches_the_user_as_its_one_line():
     assert _cause(OSError("disk\ngone")) == "OSError: gone"
 
 
+@pytest.mark.slow  # writes a fresh identity copy of the tiny model: ~20 s on two busy cores
 def test_fast_path_copy_is_made_once_per_node(model, tmp_path, monkeypatch):
     from reranker.jobs.ray_data import prepare_model
 
