@@ -51,6 +51,20 @@ def write_flat_parquet(nested_jsonl, path, bad_row=False):
     pq.write_table(pa.table(rows), path)
 
 
+def write_beir(nested_jsonl, folder):
+    """A BEIR folder with the same queries and documents, a run ranking them in input order, one unknown doc id."""
+    folder.mkdir()
+    with open(folder / "queries.jsonl", "w", encoding="utf-8") as qf, open(folder / "corpus.jsonl", "w", encoding="utf-8") as cf, \
+            open(folder / "run.trec", "w") as rf:
+        for line in open(nested_jsonl, encoding="utf-8"):
+            rec = json.loads(line)
+            qf.write(json.dumps({"_id": rec["query_id"], "text": rec["query"]}, ensure_ascii=False) + "\n")
+            for i, d in enumerate(rec["documents"]):
+                cf.write(json.dumps({"_id": f"{rec['query_id']}-d{i}", "title": "", "text": d}, ensure_ascii=False) + "\n")
+                rf.write(f"{rec['query_id']} Q0 {rec['query_id']}-d{i} {i + 1} {100 - i} bm25\n")
+        rf.write("q0 Q0 nowhere 99 0.5 bm25\n")
+
+
 @pytest.fixture(scope="module")
 def model(tiny_ggufs):
     return tiny_ggufs["f32"]
@@ -192,15 +206,16 @@ def small_input(tmp_path_factory):
     d = tmp_path_factory.mktemp("ray-in")
     write_nested(d / "in.jsonl", n_queries=40)
     write_flat_parquet(d / "in.jsonl", d / "in.parquet", bad_row=True)
+    write_beir(d / "in.jsonl", d / "beir")
     with open(d / "in.jsonl", "a", encoding="utf-8") as f:  # bad records follow --on-error
         f.write('{"query": "no documents"}\n{not json\n{"query_id": "q99", "query": "x", "documents": ["ok", 7]}\n')
     return d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt,actors", [("jsonl", 1), ("parquet", 1), ("parquet", 2)])  # JSONL with 2: the driver test
+@pytest.mark.parametrize("fmt,actors", [("jsonl", 1), ("parquet", 1), ("parquet", 2), ("beir", 2)])  # JSONL, 2: the driver test
 def test_ray_job_equals_the_local_job(ray_cluster, model, small_input, tmp_path, fmt, actors):
-    inp = small_input / f"in.{fmt}"
+    inp = small_input / ("beir" if fmt == "beir" else f"in.{fmt}")
     local = tmp_path / "local.parquet"
     assert main(local_args(model, inp, local, "--on-error", "skip")) == 0
     out = tmp_path / "ray"
