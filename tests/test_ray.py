@@ -149,6 +149,33 @@ def test_shards_are_cut_between_queries_only():
     assert [i for i, _ in _shards(iter(windows), 2)] == [0, 1, 2]
 
 
+def test_the_callable_scores_like_the_engine_and_ranks_per_query(tiny_ggufs, tiny_reranker):
+    """`RayReranker` called directly (what each actor runs): one batch is one window of `score_prompts`."""
+    from conftest import PAIRS
+
+    from reranker.engine.scoring import score_prompts
+    from reranker.jobs.ray_data import RayReranker
+
+    scorer = RayReranker(str(tiny_ggufs["f32"]), load={"n_ctx": 4096, "n_batch": 1024},
+                         columns={"query_id": "qid", "document": "text"}, rank=True, stats=True, drop=("text",))
+    qids = [f"q{i // 4}" for i in range(len(PAIRS))]
+    batch = pa.table({"qid": qids, "query": [q for q, _ in PAIRS], "text": [d for _, d in PAIRS]})
+    out = scorer(batch)
+    builder = tiny_reranker.prompt_builder()
+    prompts = [builder.build(q, d) for q, d in PAIRS]
+    assert out.column_names == ["qid", "query", "score", "rank", "_tokens", "_truncated"]
+    assert np.array_equal(out.column("score").to_numpy(), score_prompts(tiny_reranker, prompts))
+    assert out.column("_tokens").to_pylist() == [len(p.ids) for p in prompts]
+    scores, ranks = out.column("score").to_numpy(), out.column("rank").to_numpy()
+    for q in set(qids):
+        rows = [i for i, x in enumerate(qids) if x == q]
+        assert [int(ranks[i]) for i in sorted(rows, key=lambda i: (-scores[i], i))] == list(range(1, len(rows) + 1))
+    with pytest.raises(RerankerError, match="row 1 of the batch: 'text' is None"):
+        scorer(pa.table({"qid": ["a", "a"], "query": ["q", "q"], "text": ["d", None]}))
+    with pytest.raises(RerankerError, match="lacks the column"):
+        scorer(pa.table({"qid": ["a"], "query": ["q"]}))
+
+
 def test_an_actors_error_reaches_the_user_as_its_one_line():
     from reranker.jobs.ray_job import _cause
 

@@ -117,10 +117,6 @@ class RayReranker:
         self.columns = {**COLUMNS, **(columns or {})}
         self.rank, self.group_column, self.stats, self.drop = rank, group_column, stats, tuple(drop)
 
-    def pid(self) -> int:
-        """This actor's process id (tests kill it to check that Ray redoes its blocks)."""
-        return os.getpid()
-
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
@@ -135,6 +131,11 @@ class RayReranker:
                                 "pass columns={'query': ..., 'document': ...} to name yours")
         queries = table.column(c["query"]).to_pylist()
         documents = table.column(c["document"]).to_pylist()
+        for name, values in ((c["query"], queries), (c["document"], documents)):
+            bad_row = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            if bad_row is not None:  # `reranker score --engine ray` rejects these before they reach an actor
+                raise RerankerError(f"row {bad_row} of the batch: {name!r} is {values[bad_row]!r}, not a string; "
+                                    "filter or fill such rows first (e.g. ds.filter(expr=...))")
         prompts = [self.builder.build(q, d) for q, d in zip(queries, documents)]
         scores = np.empty(len(prompts), dtype=np.float32)
         for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(prompts)):
