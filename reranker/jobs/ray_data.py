@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,12 +162,11 @@ class RayReranker:
 
 
 def _has_gpu() -> bool:
-    try:
-        import ray
-
-        return bool(ray.get_gpu_ids())
-    except Exception:  # not in a Ray worker (a direct call): the GPU decision is from_pretrained's
+    """Whether Ray gave this actor a GPU; False outside Ray (where `get_gpu_ids` would start a cluster)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return False
+    return bool(ray.get_gpu_ids())
 
 
 def _runs(groups: np.ndarray | None, n: int) -> list[tuple[int, int]]:
