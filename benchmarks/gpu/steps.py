@@ -11,6 +11,7 @@ return a list of checks `{"name", "ok", "detail"}`; any false one makes the run 
   transformers  the original computation in transformers (bf16, SDPA, sorted batches of 8/32/128)
   head          the torch head alone, 1e5..1e7 embeddings, fp32/bf16, fraction of the bf16 rate
   sweep         n_batch, n_ubatch, sequences per call, flash attention, unified vs per-sequence KV
+  ray           `reranker score --engine ray` against the local job (benchmarks/ray_scale.py), when Ray is installed
   cli           `reranker ...` in this process (so llama.cpp's log can be captured, workers included)
 """
 
@@ -926,6 +927,30 @@ def step_sweep(ctx: dict, R: Result) -> None:
     llama_cpp.llama_init_from_model = orig_init
 
 
+def step_ray(ctx: dict, R: Result) -> None:
+    """`--engine ray` (1 GPU actor) against the local job on the GPU: benchmarks/ray_scale.py, when Ray is
+    installed on this machine. It is not carried (its wheel alone exceeds the 64 MiB that travels), so on a
+    bare machine the step only records that it was skipped."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        R.set("skipped", "ray is not installed on this machine (not carried: pip install 'jina-reranker-gguf[ray]')")
+        return
+    gguf = _level_setup(ctx, "Q8_0")
+    out = Path(ctx["work"]) / "results" / "ray_scale.json"
+    pairs = 4096 if ctx["preset"] == "m0" else 512
+    cmd = [sys.executable, str(BENCH / "ray_scale.py"), "--model", str(gguf), "--pairs", str(pairs), "--rounds", "1",
+           "--actors", "1", "--threads", "4", "--window", "512", "--n-ctx", "4096", "--json", str(out)]
+    rc, sec, text = run(cmd, timeout=max(10.0, left() - 10))
+    R.set("rc", rc)
+    R.set("seconds_total", round(sec, 1))
+    R.set("tail", tail_lines(text, 8))
+    if out.is_file():
+        R.set("ray_scale", json.loads(out.read_text()))
+    if rc != 0:
+        raise RuntimeError(f"ray_scale.py exited {rc}: {tail_lines(text)}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -957,7 +982,7 @@ def main() -> None:
     R.set("started", time.strftime("%H:%M:%S"))
     fn = {"check-offload": step_check_offload, "check-scores": step_check_scores, "check-head": step_check_head,
           "check-job": step_check_job, "matmul": step_matmul, "transformers": step_transformers, "head": step_head,
-          "sweep": step_sweep}.get(args.step)
+          "sweep": step_sweep, "ray": step_ray}.get(args.step)
     t = time.perf_counter()
     try:
         if fn is not None:

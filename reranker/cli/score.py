@@ -40,6 +40,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pairs per window: sorted by length for packing, and checkpointed together (default: %(default)s)")
     p.add_argument("--devices", default=None,
                    help="one backbone process per device: GPU indices '0,1', 'all', or 'cpu,cpu' (default: one, in-process)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine (default); ray: Ray Data actors on a Ray cluster, OUTPUT a folder of "
+                        "Parquet parts (pip install 'jina-reranker-gguf[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: the cluster ('auto': the running one; default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="--engine ray: scoring actors, one model each (default: one per GPU of the cluster, else 1)")
+    p.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="--engine ray: CPUs per actor; CPU actors run that many llama.cpp threads (default: %(default)s)")
+    p.add_argument("--shard-windows", type=int, default=8,
+                   help="--engine ray: windows per output part; a rerun skips complete parts (default: %(default)s)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress log lines")
     p.set_defaults(func=run)
@@ -56,10 +67,19 @@ def run(args: argparse.Namespace) -> None:
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
                    run_tag=args.run_tag)
+    if args.engine == "ray":
+        from reranker.jobs.ray_data import require_ray
+
+        require_ray()  # before the model is resolved: the one-line install hint comes first
     files = resolve(args.model)
     head_path = Path(args.head) if args.head else files.head
     if head_path is None:
         raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass --head path/to/{HEAD_FILE}")
+    if args.engine == "ray":
+        from reranker.jobs.ray_job import run_cli
+
+        load, fingerprint = _job_settings(args, files, head_path)
+        return run_cli(args, spec, files, head_path, load, fingerprint)
     # Everything that can be refused is refused before the model loads; the lock then keeps any
     # other job off this output (and rejects file) until this one ends, however it ends.
     check_job(spec, model=Path(files.gguf), head=head_path)
@@ -70,27 +90,36 @@ def run(args: argparse.Namespace) -> None:
             raise RerankerError(f"{e.filename or args.output}: {e.strerror or e}") from e
 
 
-def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
-    from reranker.api import Reranker
-    from reranker.engine.backbone import VocabOnly
-    from reranker.engine.prompts import PromptBuilder
-    from reranker.engine.scoring import score_prompts
-    from reranker.engine.weights import fast_path_gguf, file_weights, use_bf16
-    from reranker.jobs.devices import DevicePool, parse_devices
-    from reranker.jobs.job import Job, JobAlreadyDone, model_fingerprint, write_summary
-    from reranker.jobs.progress import Progress, count_records
-    from reranker.jobs.readers import detect_input_format
+def _job_settings(args: argparse.Namespace, files, head_path: Path) -> tuple[dict, dict]:
+    """(`from_pretrained` keyword arguments but model and head, the job's model fingerprint): the same for every engine."""
+    from reranker.engine.weights import use_bf16
+    from reranker.jobs.job import model_fingerprint
 
     max_length = args.max_length or min(MAX_LENGTH, args.n_ctx or MAX_LENGTH)
-    load = dict(model=str(files.gguf), head=str(head_path), n_ctx=args.n_ctx, n_batch=args.n_batch,
-                n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_length=max_length,
-                max_query_length=args.max_query_length)
+    load = dict(n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+                max_length=max_length, max_query_length=args.max_query_length)
     bf16, _ = use_bf16(bf16_option(args), args.n_gpu_layers)  # decided once, so every worker loads the same copy
     load["bf16"] = bf16
     settings = {"fast": True, "identity_dtype": IDENTITY_DTYPE}
     if bf16:  # BF16 mat-muls round activations differently: a job is not resumed across the two
         settings["bf16"] = True
-    fingerprint = model_fingerprint(files.gguf, head_path, settings)
+    return load, model_fingerprint(files.gguf, head_path, settings)
+
+
+def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
+    from reranker.api import Reranker
+    from reranker.engine.backbone import VocabOnly
+    from reranker.engine.prompts import PromptBuilder
+    from reranker.engine.scoring import score_prompts
+    from reranker.engine.weights import fast_path_gguf, file_weights
+    from reranker.jobs.devices import DevicePool, parse_devices
+    from reranker.jobs.job import Job, JobAlreadyDone, write_summary
+    from reranker.jobs.progress import Progress, count_records
+    from reranker.jobs.readers import detect_input_format
+
+    load, fingerprint = _job_settings(args, files, head_path)
+    max_length, bf16 = load["max_length"], load["bf16"]
+    load = dict(model=str(files.gguf), head=str(head_path), **load)
     devices = parse_devices(args.devices)
 
     pool = reranker = None

@@ -11,5 +11,7 @@ Read in this order:
 - `checkpoint.py`: what was consumed and written, and what it was computed from;
 - `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;
 - `devices.py`: one backbone process per GPU, fed windows from the same job;
-- `progress.py`: a tqdm bar on a terminal, log lines elsewhere.
+- `progress.py`: a tqdm bar on a terminal, log lines elsewhere;
+- `ray_data.py`: the scorer as a Ray Data callable class (one `Reranker` per actor, optional Ray);
+- `ray_job.py`: `--engine ray`: the same windows on a Ray cluster, written per shard, resumable by shard.
 """

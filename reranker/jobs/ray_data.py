@@ -1,0 +1,206 @@
+"""The scorer as a Ray Data callable class: `Dataset.map_batches(RayReranker, ...)`, one `Reranker` per actor.
+
+Each actor loads the model once (`prepare_model`: resolved and, for the fast path, copied once per
+node under a node-wide file lock) and scores `pyarrow.Table` batches with the local job's code:
+`PromptBuilder` tokenises, `score_prompts` sorts by length, packs decode calls and runs the torch
+head. A batch is scored as one window; with `group_column` (the driver's `_window`) each run of
+equal values is scored as its own window, so a batch holding the local job's windows gives its
+scores bit for bit.
+
+    import ray
+    from reranker.jobs.ray_data import RayReranker, actor_options
+
+    ds = ray.data.read_parquet("pairs/")          # query_id, query, doc_id, document
+    ds = ds.map_batches(RayReranker, fn_constructor_kwargs={"model": "model.gguf"},
+                        batch_format="pyarrow", batch_size=2048, **actor_options(actors=2))
+    ds.write_parquet("scored/")                   # the input columns plus score
+
+Ray is an optional dependency (`pip install 'jina-reranker-gguf[ray]'`); this module imports it
+only inside `require_ray`, so importing it, like importing `reranker`, works without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reranker.errors import RerankerError
+
+RAY_EXTRA = "pip install 'jina-reranker-gguf[ray]'"
+COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document"}
+NODE_LOCK = ".ray-node-setup.lock"
+
+
+def require_ray(why: str = "--engine ray") -> Any:
+    """The `ray` module with Ray Data, or a RerankerError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise RerankerError(f"{why} needs Ray with Ray Data, which is not installed: {RAY_EXTRA}") from e
+    return ray
+
+
+@contextlib.contextmanager
+def node_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive `flock` on `cache_dir/.ray-node-setup.lock`: actors starting together on one node
+    take turns, so the first makes the fast path's copy (or downloads) and the others find it done."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / NODE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock; the file stays, so every actor locks the same inode
+
+
+def prepare_model(model: str, head: str | None = None, *, bf16: bool | None = False, n_gpu_layers: int = -1,
+                  identity_dtype: str | None = None, fast: bool = True) -> tuple[str, str, bool]:
+    """(GGUF path, head path, whether this call wrote the fast path's copy), once per node.
+
+    Resolves `model` (a path on this node or a shared file system, or a Hub id through the Hub
+    cache) and makes the fast path's identity copy in `$RERANKER_CACHE`, both under `node_lock`,
+    so concurrent actors of one node resolve and copy once. `bf16`, `n_gpu_layers`, `identity_dtype`
+    and `fast` are `from_pretrained`'s, so it then finds the very copy made here.
+    """
+    from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
+    from reranker.engine.identity import default_cache_dir
+    from reranker.engine.weights import fast_path_gguf
+    from reranker.gguf.hub import resolve
+
+    cache = default_cache_dir()
+    with node_lock(cache):
+        files = resolve(model)
+        wrote = False
+        if fast:
+            before = {p.name for p in cache.glob("*.gguf")}
+            copy = fast_path_gguf(files.gguf, identity_dtype or IDENTITY_DTYPE, bf16, n_gpu_layers)
+            wrote = copy.parent == cache and copy.name not in before
+    head_path = head or (str(files.head) if files.head else None)
+    if head_path is None:
+        raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass head='path/to/{HEAD_FILE}'")
+    return str(files.gguf), head_path, wrote
+
+
+class RayReranker:
+    """A Ray Data callable class: `pyarrow.Table` batches in, the same columns plus `score` out.
+
+    `model`/`head`: as `Reranker.from_pretrained` (resolved on each node); `load`: its other
+    keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...). On an actor
+    without a GPU (`ray.get_gpu_ids()` empty) the backbone and head run on the CPU.
+    `columns` renames the four input columns (keys `query_id`, `query`, `doc_id`, `document`;
+    only `query` and `document` are needed unless `rank`). `rank=True` adds `rank`, 1-based by
+    descending score within each run of one query id in the batch (ties by row order): give it
+    batches that hold whole queries (e.g. `ds.groupby(query_id).map_groups(...)`, or the driver's
+    shards). `stats=True` adds `_tokens` (prompt length) and `_truncated`. `drop` removes
+    columns from the output (e.g. the texts, so they do not travel back).
+    """
+
+    def __init__(self, model: str, head: str | None = None, *, load: Mapping[str, Any] | None = None,
+                 columns: Mapping[str, str] | None = None, rank: bool = False, group_column: str | None = None,
+                 stats: bool = False, drop: tuple[str, ...] = ()) -> None:
+        from reranker.api import Reranker
+
+        load = dict(load or {})
+        if not _has_gpu():
+            load.update(n_gpu_layers=0, device="cpu")
+        gguf, head_path, _ = prepare_model(model, head, bf16=load.get("bf16", False), n_gpu_layers=load.get("n_gpu_layers", -1),
+                                           identity_dtype=load.get("identity_dtype"), fast=load.get("fast", True))
+        self.reranker = Reranker.from_pretrained(gguf, head=head_path, **load)
+        self.builder = self.reranker.prompt_builder()
+        self.columns = {**COLUMNS, **(columns or {})}
+        self.rank, self.group_column, self.stats, self.drop = rank, group_column, stats, tuple(drop)
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        from reranker.engine.scoring import score_prompts
+        from reranker.jobs.writers import _ranked
+
+        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        c = self.columns
+        missing = [c[k] for k in ("query", "document") if c[k] not in table.column_names]
+        if missing:
+            raise RerankerError(f"batch lacks the column(s) {', '.join(missing)} (columns: {', '.join(table.column_names)}); "
+                                "pass columns={'query': ..., 'document': ...} to name yours")
+        queries = table.column(c["query"]).to_pylist()
+        documents = table.column(c["document"]).to_pylist()
+        for name, values in ((c["query"], queries), (c["document"], documents)):
+            bad_row = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            if bad_row is not None:  # `reranker score --engine ray` rejects these before they reach an actor
+                raise RerankerError(f"row {bad_row} of the batch: {name!r} is {values[bad_row]!r}, not a string; "
+                                    "filter or fill such rows first (e.g. ds.filter(expr=...))")
+        prompts = [self.builder.build(q, d) for q, d in zip(queries, documents)]
+        scores = np.empty(len(prompts), dtype=np.float32)
+        for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(prompts)):
+            scores[start:end] = score_prompts(self.reranker, prompts[start:end])
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            raise RerankerError(f"the model returned a non-finite score ({scores[bad[0]]}) for row {int(bad[0])}; "
+                                "the GGUF or head is likely broken")
+        out = table.append_column("score", pa.array(scores, pa.float32()))
+        if self.rank:
+            if c["query_id"] not in out.column_names:
+                raise RerankerError(f"rank=True needs the query id column {c['query_id']!r}")
+            keys = pa.table({"query_id": out.column(c["query_id"]), "score": out.column("score")})
+            out = out.append_column("rank", _ranked(pa, keys).column("rank"))
+        if self.stats:
+            out = out.append_column("_tokens", pa.array([len(p.ids) for p in prompts], pa.int32()))
+            out = out.append_column("_truncated", pa.array([p.truncated for p in prompts], pa.bool_()))
+        return out.drop_columns([n for n in self.drop if n in out.column_names])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.reranker.close()
+
+
+def _has_gpu() -> bool:
+    """Whether Ray gave this actor a GPU; False outside Ray (where `get_gpu_ids` would start a cluster)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return bool(ray.get_gpu_ids())
+
+
+def _runs(groups: np.ndarray | None, n: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal values in `groups` (None: one run of all `n` rows)."""
+    if groups is None or n == 0:
+        return [(0, n)] if n else []
+    cuts = np.flatnonzero(groups[1:] != groups[:-1]) + 1
+    bounds = [0, *cuts.tolist(), n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def actor_options(actors: int = 1, *, gpus: bool | None = None, cpus_per_actor: float = 1.0,
+                  max_task_retries: int = 3) -> dict[str, Any]:
+    """`map_batches` keyword arguments for a fixed pool of `actors`, each one `Reranker`.
+
+    `gpus=None`: one GPU per actor when the cluster has GPUs, else CPU actors. A killed actor is
+    restarted (`max_restarts=-1`) and its batch retried up to `max_task_retries` times, so a
+    batch that crashes its actor every time fails the job instead of looping (Ray Data's own
+    default retries forever). Ray 2.60 deprecates passing these as `**ray_remote_args` without
+    naming a replacement; `map_batches_quietly` passes them without the warning.
+    """
+    ray = require_ray("Ray Data scoring")
+    if actors < 1:
+        raise RerankerError(f"--actors {actors}: run at least 1 actor")
+    if gpus is None:
+        gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_gpus": 1 if gpus else 0,
+            "num_cpus": cpus_per_actor, "max_restarts": -1, "max_task_retries": max_task_retries}
+
+
+def map_batches_quietly(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """`ds.map_batches(fn, **kwargs)` without Ray's deprecation warning for `max_restarts`/`max_task_retries`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs)
