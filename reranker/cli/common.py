@@ -80,8 +80,8 @@ def add_chunk_args(p: argparse.ArgumentParser) -> None:
                    help="split a document too long for --max-length into chunks, score each, and aggregate")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk (default: all the room a prompt leaves after the template and the query)")
-    g.add_argument("--chunk-overlap", type=int, default=CHUNK_OVERLAP,
-                   help="tokens shared by consecutive chunks, at most half a chunk (default: %(default)s)")
+    g.add_argument("--chunk-overlap", type=int, default=None,
+                   help=f"tokens shared by consecutive chunks (default: {CHUNK_OVERLAP}, at most half a chunk)")
     g.add_argument("--max-chunks", type=int, default=MAX_CHUNKS,
                    help="chunks per document at most; the rest of a longer document is not scored (default: %(default)s)")
     g.add_argument("--aggregate", choices=CHUNK_AGGREGATES, default=CHUNK_AGGREGATE,
@@ -92,7 +92,7 @@ def chunking_option(args: argparse.Namespace) -> "Chunking | None":
     """The `Chunking` of `--chunk ...` (checked), or None without `--chunk`."""
     if not args.chunk:
         given = [flag for flag, value, default in (("--chunk-size", args.chunk_size, None),
-                                                   ("--chunk-overlap", args.chunk_overlap, CHUNK_OVERLAP),
+                                                   ("--chunk-overlap", args.chunk_overlap, None),
                                                    ("--max-chunks", args.max_chunks, MAX_CHUNKS),
                                                    ("--aggregate", args.aggregate, CHUNK_AGGREGATE)) if value != default]
         if given:

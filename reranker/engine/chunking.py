@@ -34,25 +34,32 @@ class Chunking:
     """How documents that do not fit are split, and how their chunks' scores combine.
 
     `size`: tokens per chunk (None: all the room a prompt leaves, so the first chunk is about
-    what truncation keeps); `overlap`: tokens shared by consecutive chunks (at most half a
-    chunk); `max_chunks`: chunks per document at most, the rest of a longer document is not
-    scored and the document counts as capped; `aggregate`: "max", "mean" or "first".
+    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256, at most
+    half a chunk; a given overlap must be less than a given size, and is cut to one less than the
+    room when a prompt leaves less); `max_chunks`: chunks per document at most, the rest of a
+    longer document is not scored and the document counts as capped; `aggregate`: "max",
+    "mean" or "first".
     """
 
     size: int | None = None
-    overlap: int = CHUNK_OVERLAP
+    overlap: int | None = None
     max_chunks: int = MAX_CHUNKS
     aggregate: str = CHUNK_AGGREGATE
 
     def __post_init__(self) -> None:
         if self.size is not None:
             require_int("chunk size", self.size, MIN_CHUNK)
-        require_int("chunk overlap", self.overlap, 0)
+        if self.overlap is not None:
+            require_int("chunk overlap", self.overlap, 0)
         require_int("max_chunks", self.max_chunks, 1)
         if self.aggregate not in CHUNK_AGGREGATES:
             raise RerankerError(f"chunk aggregate {self.aggregate!r} is not one of {', '.join(CHUNK_AGGREGATES)}")
-        if self.size is not None and self.overlap >= self.size:
+        if self.size is not None and self.overlap is not None and self.overlap >= self.size:
             raise RerankerError(f"chunk overlap {self.overlap} must be less than the chunk size {self.size}")
+
+    def overlap_for(self, size: int) -> int:
+        """The overlap used for chunks of `size` tokens."""
+        return min(CHUNK_OVERLAP, size // 2) if self.overlap is None else min(self.overlap, size - 1)
 
     def settings(self) -> dict:
         """The settings as a JSON-able dict (a job's fingerprint)."""
@@ -107,14 +114,16 @@ def token_spans(safe: np.ndarray, size: int, overlap: int, max_chunks: int) -> t
     """
     n = len(safe) - 1
     spans: list[tuple[int, int]] = []
-    start = 0
+    start = previous_end = 0
     while True:
-        end = min(start + size, n)
-        while end > start + 1 and not safe[end]:
+        low = max(start, previous_end) + 1  # each chunk reaches past the one before
+        end = max(min(start + size, n), low)
+        while end > low and not safe[end]:
             end -= 1
-        while not safe[end]:  # one character longer than the chunk: take it whole
+        while not safe[end]:  # no character boundary in reach: take the character whole
             end += 1
         spans.append((start, end))
+        previous_end = end
         if end >= n:
             return spans, False
         if len(spans) == max_chunks:
@@ -154,7 +163,7 @@ class Chunker:
         if size < MIN_CHUNK:  # the query leaves no useful room: truncate as without chunking
             return None, False
         data, offsets, safe = char_boundaries(tokenizer.pieces(tokenizer.encode(document)))
-        spans, capped = token_spans(safe, size, min(self.chunking.overlap, size // 2), self.chunking.max_chunks)
+        spans, capped = token_spans(safe, size, self.chunking.overlap_for(size), self.chunking.max_chunks)
         return [data[offsets[a] : offsets[b]].decode("utf-8") for a, b in spans], capped
 
 
