@@ -225,6 +225,7 @@ def test_job_writes_chunk_counts_only_when_chunking(tiny_ggufs, det, tmp_path):
     assert main(job_args(model, inp, plain, "--chunk")) == 2
 
 
+@pytest.mark.slow
 def test_parquet_and_per_pair_outputs_carry_chunk_columns(tiny_ggufs, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     from reranker.cli import main
