@@ -130,9 +130,9 @@ class Reranker:
         None: automatic, when the layers run on a CPU with avx512_bf16/amx_bf16 (`RERANKER_BF16=0/1`
         overrides); True: always. `weights_dtype` (and `last_usage.weights`) says what was chosen.
 
-        `deterministic=True`: every prompt is decoded on its own from an empty KV cache, so a pair's
-        score does not depend on the other pairs of a call (bit-identical alone or in any batch, on
-        the CPU); slower, see README "Deterministic mode".
+        `deterministic=True`: every prompt is decoded on its own from an empty KV cache and the head
+        runs one row at a time, so a pair's score does not depend on the other pairs of a call
+        (bit-identical alone or in any batch, on the CPU); slower, see README "Deterministic mode".
 
         Every setting is checked before any file is read. `quant` with a local .gguf file may
         only restate that file's level (it selects a file in a folder or a Hub repo).

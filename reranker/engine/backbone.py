@@ -123,6 +123,11 @@ class Backbone:
     fed in chunks: causal attention makes that the same function, though llama.cpp's kernels
     sum in an order that depends on the chunk size (tests/test_fast_path.py bounds it).
 
+    Packing makes a sequence's state depend slightly on its neighbours (its KV cells, ubatch
+    split points, and whether its output is alone in a ubatch pick the summation order).
+    `deterministic=True` decodes each sequence alone from cell 0 of an empty cache, so its
+    state is a function of the sequence alone (tests/test_deterministic.py).
+
     Thread-safe: a lock serialises `embed` and `close`, and the tokenizer has its own (so a
     window can be tokenised while another decodes); `close` takes both, and after it every
     call raises a `RerankerError`.
