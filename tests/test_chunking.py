@@ -276,3 +276,16 @@ def test_sigkill_and_resume_across_chunked_documents_equals_clean_run(tiny_ggufs
     summary, clean_summary = (json.loads(p.with_name(p.name + ".summary.json").read_text()) for p in (out, clean))
     for key in ("pairs", "tokens", "chunked", "capped", "truncated"):
         assert summary[key] == clean_summary[key], key
+
+
+def test_chunks_are_packed_with_the_other_prompts(tiny_reranker, monkeypatch):
+    # Not one decode call per chunk: a chunked document's prompts share decode calls with the rest.
+    from reranker.engine.backbone import Backbone
+
+    calls = []
+    decode = Backbone._decode
+    monkeypatch.setattr(Backbone, "_decode", lambda self, chunks: calls.append(len(chunks)) or decode(self, chunks))
+    pairs = [["q", LONG["english"]], ["q", "short"], ["q", LONG["cjk-emoji"]]]
+    tiny_reranker.compute_score(pairs, max_length=MAX_LENGTH, chunking=Chunking(size=16, overlap=4))
+    chunks = sum(tiny_reranker.last_usage.chunks)
+    assert chunks > 40 and sum(calls) == chunks and len(calls) <= 2, calls
