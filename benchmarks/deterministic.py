@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -28,23 +29,33 @@ compute_score = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compute_score)
 
 
-def measure(gguf: Path, pairs: list[list[str]], deterministic: bool, threads: int | None, rounds: int) -> tuple[float, int, np.ndarray, np.ndarray]:
-    """(best seconds for all pairs in one call, prompt tokens, scores, scores of the reversed batch)."""
+def measure(gguf: Path, pairs: list[list[str]], threads: int | None, rounds: int) -> dict[bool, tuple[float, int, float]]:
+    """Per mode (deterministic or not): best seconds for all pairs in one call, prompt tokens, and
+    max |scores - scores of the reversed batch|. Rounds alternate between the modes, so a shared
+    machine's load falls on both alike."""
     from reranker import Reranker
 
-    rr = Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=4096, n_threads=threads, deterministic=deterministic)
+    rrs = {d: Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=4096, n_threads=threads, deterministic=d)
+           for d in (False, True)}
     try:
-        rr.compute_score(pairs[:4])  # warm-up
-        best = float("inf")
+        best = {d: float("inf") for d in rrs}
+        scores = {}
+        for rr in rrs.values():
+            rr.compute_score(pairs[:4])  # warm-up
         for _ in range(rounds):
-            t = time.perf_counter()
-            scores = np.array(rr.compute_score(pairs, batch_size=len(pairs)))
-            best = min(best, time.perf_counter() - t)
-        tokens = rr.last_usage.tokens
-        reversed_ = np.array(rr.compute_score(pairs[::-1], batch_size=len(pairs))[::-1])
+            for d, rr in rrs.items():
+                t = time.perf_counter()
+                scores[d] = np.array(rr.compute_score(pairs, batch_size=len(pairs)))
+                best[d] = min(best[d], time.perf_counter() - t)
+        out = {}
+        for d, rr in rrs.items():
+            tokens = rr.last_usage.tokens
+            reversed_ = np.array(rr.compute_score(pairs[::-1], batch_size=len(pairs))[::-1])
+            out[d] = (best[d], tokens, float(np.abs(scores[d] - reversed_).max()))
     finally:
-        rr.close()
-    return best, tokens, scores, reversed_
+        for rr in rrs.values():
+            rr.close()
+    return out
 
 
 def main() -> None:
@@ -56,8 +67,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
     args = ap.parse_args()
-
-    import os
 
     from reranker.gguf.quantize import quantize
 
@@ -72,16 +81,14 @@ def main() -> None:
     print(f"{args.pairs} pairs, {args.rounds} rounds (best kept), load average {os.getloadavg()[0]:.2f}")
     print(f"{'model':<36}{'mode':<15}{'pairs/s':>9}{'tokens/s':>10}{'max |batch - reversed|':>24}")
     for gguf in models:
-        runs = {}
-        for deterministic in (False, True):
-            seconds, tokens, scores, reversed_ = measure(gguf, pairs, deterministic, args.threads, args.rounds)
-            runs[deterministic] = seconds
+        runs = measure(gguf, pairs, args.threads, args.rounds)
+        for deterministic, (seconds, tokens, moved) in runs.items():
             mode = "deterministic" if deterministic else "default"
-            moved = float(np.abs(scores - reversed_).max())
             print(f"{gguf.name:<36}{mode:<15}{len(pairs) / seconds:>9.1f}{tokens / seconds:>10.0f}{moved:>24.3g}")
-            if deterministic and moved != 0.0:
-                print("  !! deterministic scores moved with the batch order")
-        print(f"{gguf.name:<36}deterministic / default time: {runs[True] / runs[False]:.2f}x")
+        if runs[True][2] != 0.0:
+            print("  !! deterministic scores moved with the batch order")
+        print(f"{gguf.name:<36}deterministic / default time: {runs[True][0] / runs[False][0]:.2f}x")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
