@@ -177,7 +177,7 @@ def test_chunking_settings_are_checked():
     add_chunk_args(p)
     assert chunking_option(p.parse_args([])) is None
     assert chunking_option(p.parse_args(["--chunk", "--chunk-size", "100", "--aggregate", "mean"])) == Chunking(100, aggregate="mean")
-    with pytest.raises(RerankerError, match="--chunk-size only apply with --chunk"):
+    with pytest.raises(RerankerError, match="without --chunk, --chunk-size has no effect"):
         chunking_option(p.parse_args(["--chunk-size", "100"]))
     with pytest.raises(RerankerError, match="chunk overlap"):
         chunking_option(p.parse_args(["--chunk", "--chunk-size", "100", "--chunk-overlap", "100"]))

@@ -96,7 +96,9 @@ def chunking_option(args: argparse.Namespace) -> "Chunking | None":
                                                    ("--max-chunks", args.max_chunks, MAX_CHUNKS),
                                                    ("--aggregate", args.aggregate, CHUNK_AGGREGATE)) if value != default]
         if given:
-            raise RerankerError(f"{', '.join(given)} only apply with --chunk; add --chunk, or drop them")
+            one = len(given) == 1
+            raise RerankerError(f"without --chunk, {', '.join(given)} {'has' if one else 'have'} no effect; "
+                                f"add --chunk, or drop {'it' if one else 'them'}")
         return None
     from reranker.engine.chunking import Chunking
 
