@@ -142,6 +142,8 @@ class Reranker:
                        n_gpu_layers=n_gpu_layers, kv_type=kv_type)
         if bf16 and not fast:
             raise RerankerError("bf16=True re-encodes the fast path's cached copy; it needs fast=True")
+        if not isinstance(deterministic, bool):
+            raise RerankerError(f"deterministic={deterministic!r} must be True or False")
         device = resolve_device(device)
         files = resolve(model, quant, cache_dir=cache_dir, local_files_only=local_files_only)
         if head is None:
@@ -157,7 +159,7 @@ class Reranker:
         gguf_path = fast_path_gguf(files.gguf, identity_dtype, want_bf16, n_gpu_layers) if fast else files.gguf
         backbone = Backbone(gguf_path, fast=fast, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
                             n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type,
-                            deterministic=bool(deterministic))
+                            deterministic=deterministic)
         rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=max_query_length,
                  device=device, batch_size=batch_size)
         log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype,

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from reranker import Reranker
+from reranker import Reranker, RerankerError
 from reranker.gguf.quantize import quantize
 
 WORDS = "alpha beta gamma delta 机器 学习 🎉 code() x=1 résumé rerank query".split()
@@ -46,6 +46,11 @@ def test_deterministic_scores_do_not_depend_on_the_batch_f16(tiny_ggufs):
     pairs = mixed_pairs(40)
     batched, alone, reversed_ = scores_alone_and_batched(tiny_ggufs["f16"], pairs, True)
     assert batched == alone == reversed_  # bit for bit
+
+
+def test_deterministic_must_be_a_bool(tiny_ggufs):
+    with pytest.raises(RerankerError, match="deterministic='yes' must be True or False"):
+        Reranker.from_pretrained(str(tiny_ggufs["f16"]), deterministic="yes")
 
 
 @pytest.fixture(scope="module")
