@@ -289,3 +289,20 @@ def test_chunks_are_packed_with_the_other_prompts(tiny_reranker, monkeypatch):
     tiny_reranker.compute_score(pairs, max_length=MAX_LENGTH, chunking=Chunking(size=16, overlap=4))
     chunks = sum(tiny_reranker.last_usage.chunks)
     assert chunks > 40 and sum(calls) == chunks and len(calls) <= 2, calls
+
+
+@pytest.mark.slow
+def test_chunked_job_on_two_device_processes_gives_the_same_bytes(tiny_ggufs, tmp_path):
+    import sys
+
+    from test_job import run
+
+    inp = tmp_path / "in.jsonl"
+    write_long_nested(inp, n_queries=8)
+    outs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl"]
+    for out, extra in zip(outs, ([], ["--devices", "cpu,cpu"])):
+        res = run([sys.executable, "-m", "reranker", *job_args(tiny_ggufs["f32"], inp, out, "--chunk", *extra)])
+        assert res.returncode == 0, res.stderr
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    lines = [json.loads(line) for line in outs[0].read_text().splitlines()]
+    assert max(r["chunks"] for line in lines for r in line["results"]) > 1
