@@ -18,13 +18,14 @@ from reranker.errors import RerankerError
 
 if TYPE_CHECKING:
     from reranker.api import Reranker, Usage
+    from reranker.engine.chunking import Chunking
     from reranker.engine.prompts import format_prompt
 
-__all__ = ["Reranker", "RerankerError", "Usage", "format_prompt"]
+__all__ = ["Chunking", "Reranker", "RerankerError", "Usage", "format_prompt"]
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import reranker.errors` (the `head` package does) needs no llama.cpp.
-_LAZY = {"Reranker": "reranker.api", "Usage": "reranker.api", "format_prompt": "reranker.engine.prompts"}
+_LAZY = {"Chunking": "reranker.engine.chunking", "Reranker": "reranker.api", "Usage": "reranker.api", "format_prompt": "reranker.engine.prompts"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,14 @@ HEAD_FILE = "mlp_weights.npz"
 MAX_LENGTH = 10240
 MAX_QUERY_LENGTH = 512
 
+# --- long documents: chunking (opt-in; the default is truncation) ------------------------------
+#: Overlap of consecutive chunks (at most half a chunk), chunks per document at most, and how chunk scores combine.
+#: A chunk's size defaults to all the room a prompt leaves (max_length minus template, query, scoring token).
+CHUNK_OVERLAP = 256
+MAX_CHUNKS = 64
+CHUNK_AGGREGATE = "max"
+CHUNK_AGGREGATES = ("max", "mean", "first")
+
 # --- the backbone ------------------------------------------------------------------------------
 #: Tokens per `llama_decode` call, sequences per call, and physical batch sizes by device.
 N_BATCH = 2048

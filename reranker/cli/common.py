@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from reranker.defaults import DEFAULT_REPO, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH
+from reranker.defaults import (
+    CHUNK_AGGREGATE,
+    CHUNK_AGGREGATES,
+    CHUNK_OVERLAP,
+    DEFAULT_REPO,
+    MAX_CHUNKS,
+    MAX_LENGTH,
+    MAX_QUERY_LENGTH,
+    N_BATCH,
+)
+from reranker.errors import RerankerError
 
 if TYPE_CHECKING:
     import torch
 
     from reranker.api import Reranker
+    from reranker.engine.chunking import Chunking
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +47,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a local .gguf, a folder, or a Hub id like jinaai/jina-reranker-m0-GGUF:Q8_0 (default: %(default)s)")
     p.add_argument("--head", help="mlp_weights.npz (default: the one beside the GGUF)")
     add_backbone_args(p)
+    p.add_argument("--deterministic", action="store_true",
+                   help="a pair's score independent of the other pairs: each prompt decoded alone (slower)")
 
 
 def load_reranker(args: argparse.Namespace) -> "Reranker":
@@ -45,7 +58,7 @@ def load_reranker(args: argparse.Namespace) -> "Reranker":
     return Reranker.from_pretrained(args.model, head=args.head, device=args.device, n_ctx=args.n_ctx,
                                     n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                                     max_length=args.max_length, max_query_length=args.max_query_length,
-                                    bf16=bf16_option(args))
+                                    bf16=bf16_option(args), deterministic=getattr(args, "deterministic", False))
 
 
 def bf16_option(args: argparse.Namespace) -> bool | None:
@@ -58,3 +71,35 @@ def resolve_device(device: str | None) -> "torch.device":
     from reranker.api import resolve_device
 
     return resolve_device(device)
+
+
+def add_chunk_args(p: argparse.ArgumentParser) -> None:
+    """`--chunk` and its settings: long documents split, every chunk scored, scores aggregated."""
+    g = p.add_argument_group("long documents (default: truncated to --max-length, as the original model)")
+    g.add_argument("--chunk", action="store_true",
+                   help="split a document too long for --max-length into chunks, score each, and aggregate")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk (default: all the room a prompt leaves after the template and the query)")
+    g.add_argument("--chunk-overlap", type=int, default=None,
+                   help=f"tokens shared by consecutive chunks (default: {CHUNK_OVERLAP}, at most half a chunk)")
+    g.add_argument("--max-chunks", type=int, default=MAX_CHUNKS,
+                   help="chunks per document at most; the rest of a longer document is not scored (default: %(default)s)")
+    g.add_argument("--aggregate", choices=CHUNK_AGGREGATES, default=CHUNK_AGGREGATE,
+                   help="a document's score from its chunks' (default: %(default)s)")
+
+
+def chunking_option(args: argparse.Namespace) -> "Chunking | None":
+    """The `Chunking` of `--chunk ...` (checked), or None without `--chunk`."""
+    if not args.chunk:
+        given = [flag for flag, value, default in (("--chunk-size", args.chunk_size, None),
+                                                   ("--chunk-overlap", args.chunk_overlap, None),
+                                                   ("--max-chunks", args.max_chunks, MAX_CHUNKS),
+                                                   ("--aggregate", args.aggregate, CHUNK_AGGREGATE)) if value != default]
+        if given:
+            one = len(given) == 1
+            raise RerankerError(f"without --chunk, {', '.join(given)} {'has' if one else 'have'} no effect; "
+                                f"add --chunk, or drop {'it' if one else 'them'}")
+        return None
+    from reranker.engine.chunking import Chunking
+
+    return Chunking(args.chunk_size, args.chunk_overlap, args.max_chunks, args.aggregate)

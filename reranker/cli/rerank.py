@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from reranker.cli.common import add_model_args, load_reranker
+from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
 
 
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
     p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
+    add_chunk_args(p)
     p.set_defaults(func=run)
 
 
@@ -26,22 +27,25 @@ def run(args: argparse.Namespace) -> None:
     from reranker.api import check_options
 
     check_options(top_k=args.top_n)
+    chunking = chunking_option(args)
     docs = list(args.documents or []) + (read_documents(args.file) if args.file else [])
     if not docs:
         raise RerankerError("no documents: give -d DOC (repeatable) or -f FILE")
     reranker = load_reranker(args)
-    ranked = reranker.rank(args.query, docs, top_k=args.top_n, return_documents=True)
+    ranked = reranker.rank(args.query, docs, top_k=args.top_n, return_documents=True, chunking=chunking)
     if args.json:
         out = {"model": args.model, "usage": {"total_tokens": reranker.last_usage.tokens},
-               "results": [{"index": r["corpus_id"], "relevance_score": r["score"], "document": {"text": r["text"]}}
+               "results": [{"index": r["corpus_id"], "relevance_score": r["score"], "document": {"text": r["text"]},
+                            **{k: r[k] for k in ("chunks", "best_chunk") if k in r}}
                            for r in ranked]}
         json.dump(out, sys.stdout, ensure_ascii=False, indent=2)
         sys.stdout.write("\n")
         return
-    print(f"{'rank':>4}  {'index':>5}  {'score':>8}  document")
+    print(f"{'rank':>4}  {'index':>5}  {'score':>8}  " + (f"{'chunk':>7}  " if chunking else "") + "document")
     for n, r in enumerate(ranked, 1):
         text = " ".join(r["text"].split())
-        print(f"{n:>4}  {r['corpus_id']:>5}  {r['score']:8.4f}  {text[:100] + ('…' if len(text) > 100 else '')}")
+        best = f"{r['best_chunk'] + 1:>3}/{r['chunks']:<3}  " if chunking else ""
+        print(f"{n:>4}  {r['corpus_id']:>5}  {r['score']:8.4f}  {best}{text[:100] + ('…' if len(text) > 100 else '')}")
 
 
 def read_documents(path: str | Path) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from reranker.cli.common import add_model_args, bf16_option, resolve_device
+from reranker.cli.common import add_chunk_args, add_model_args, bf16_option, chunking_option, resolve_device
 from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, RUN_TAG, WINDOW
 from reranker.errors import RerankerError
 
@@ -53,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--engine ray: windows per output part; a rerun skips complete parts (default: %(default)s)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress log lines")
+    add_chunk_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,10 +67,12 @@ def run(args: argparse.Namespace) -> None:
     spec = JobSpec(input=args.input, output=args.output, input_format=args.input_format, output_format=args.output_format,
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
-                   run_tag=args.run_tag)
+                   run_tag=args.run_tag, chunking=chunking_option(args))
     if args.engine == "ray":
         from reranker.jobs.ray_data import require_ray
 
+        if spec.chunking is not None:
+            raise RerankerError("--chunk is not supported with --engine ray yet; chunk long documents with the local engine")
         require_ray()  # before the model is resolved: the one-line install hint comes first
     files = resolve(args.model)
     head_path = Path(args.head) if args.head else files.head
@@ -97,12 +100,14 @@ def _job_settings(args: argparse.Namespace, files, head_path: Path) -> tuple[dic
 
     max_length = args.max_length or min(MAX_LENGTH, args.n_ctx or MAX_LENGTH)
     load = dict(n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                max_length=max_length, max_query_length=args.max_query_length)
+                max_length=max_length, max_query_length=args.max_query_length, deterministic=args.deterministic)
     bf16, _ = use_bf16(bf16_option(args), args.n_gpu_layers)  # decided once, so every worker loads the same copy
     load["bf16"] = bf16
     settings = {"fast": True, "identity_dtype": IDENTITY_DTYPE}
     if bf16:  # BF16 mat-muls round activations differently: a job is not resumed across the two
         settings["bf16"] = True
+    if args.deterministic:  # other summation orders: a job is not resumed across the two either
+        settings["deterministic"] = True
     return load, model_fingerprint(files.gguf, head_path, settings)
 
 
@@ -176,3 +181,6 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
           f"{summary['truncated']} truncated, {summary['skipped']} skipped; this run {summary['pairs_this_run']} pairs "
           f"in {summary['wall_seconds']:.1f} s ({summary['pairs_per_second']} pairs/s, "
           f"{summary['tokens_per_second']} tokens/s) -> {args.output}", file=sys.stderr)
+    if spec.chunking is not None:
+        print(f"reranker score: {summary['chunked']} documents chunked, {summary['capped']} of them had more than "
+              f"--max-chunks {spec.chunking.max_chunks} chunks (their ends were not scored)", file=sys.stderr)

@@ -123,6 +123,11 @@ class Backbone:
     fed in chunks: causal attention makes that the same function, though llama.cpp's kernels
     sum in an order that depends on the chunk size (tests/test_fast_path.py bounds it).
 
+    Packing makes a sequence's state depend slightly on its neighbours (its KV cells, ubatch
+    split points, and whether its output is alone in a ubatch pick the summation order).
+    `deterministic=True` decodes each sequence alone from cell 0 of an empty cache, so its
+    state is a function of the sequence alone (tests/test_deterministic.py).
+
     Thread-safe: a lock serialises `embed` and `close`, and the tokenizer has its own (so a
     window can be tokenised while another decodes); `close` takes both, and after it every
     call raises a `RerankerError`.
@@ -141,6 +146,7 @@ class Backbone:
         flash_attn: bool | None = None,
         kv_type: str | None = None,
         fast: bool = False,
+        deterministic: bool = False,
     ) -> None:
         self._lock = threading.RLock()  # first, so close() (and __del__) always has it
         self._ctx = None
@@ -154,6 +160,7 @@ class Backbone:
             raise RerankerError(f"{self.path} has architecture {self.arch!r}; jina-reranker-m0 GGUFs are 'qwen2vl'")
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.fast = fast
+        self.deterministic = deterministic
         if fast and self.metadata(MARKER_KEY) is None:
             self.close()
             raise RerankerError(f"{self.path} has no identity output projection, which fast=True needs; "
@@ -227,18 +234,28 @@ class Backbone:
                 raise RerankerError(f"sequence {i} has {len(ids)} tokens; it must have 1 to n_ctx={self.n_ctx}")
             if min(ids) < 0 or max(ids) >= n_vocab:  # llama.cpp would abort the process
                 raise RerankerError(f"sequence {i} has a token id outside the vocabulary [0, {n_vocab})")
+        if self.deterministic:
+            for i, ids in enumerate(sequences):
+                out[i] = self._hidden(0, self._decode_alone(ids))
+            return out
         for group in pack([len(s) for s in sequences], self.n_batch, self.n_seq_max):
-            self._clear()
-            if len(group) == 1 and len(sequences[group[0]]) > self.n_batch:
-                ids = sequences[group[0]]
-                for start in range(0, len(ids), self.n_batch):
-                    end = start + self.n_batch
-                    last = self._decode([(ids[start:end], 0, start, end >= len(ids))])
+            if len(group) == 1:
+                last = [self._decode_alone(sequences[group[0]])]
             else:
+                self._clear()
                 last = self._decode([(sequences[idx], seq, 0, True) for seq, idx in enumerate(group)])
             for seq, idx in enumerate(group):
-                out[idx] = self._hidden(seq, last[-1] if len(group) == 1 else last[seq])
+                out[idx] = self._hidden(seq, last[seq])
         return out
+
+    def _decode_alone(self, ids: Sequence[int]) -> int:
+        # One sequence in an empty cache from cell 0, fed in chunks of n_batch: its KV cells,
+        # ubatch split points and kernels are then a function of the sequence alone.
+        self._clear()
+        for start in range(0, len(ids), self.n_batch):
+            end = start + self.n_batch
+            last = self._decode([(ids[start:end], 0, start, end >= len(ids))])
+        return last[-1]
 
     def _decode(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]]) -> list[int]:
         last = self._batch.fill(chunks, all_outputs=not self.fast)

@@ -81,13 +81,26 @@ class PromptBuilder:
         self.max_length = max_length
         self.max_query_length = max_query_length
 
+    @property
+    def budget(self) -> int:
+        """Prompt tokens before the scoring token."""
+        return self.max_length - 1
+
+    def fit_query(self, query: str) -> tuple[str, bool]:
+        """The query cut to `max_query_length` tokens, and whether it was cut."""
+        query_ids = self.tokenizer.encode(query)
+        if len(query_ids) <= self.max_query_length:
+            return query, False
+        return self.tokenizer.decode(query_ids[: self.max_query_length]), True
+
     def build(self, query: str, document: str) -> Prompt:
         """Prompt ids of one pair; for text that needs no cut they equal tokenising the whole prompt."""
-        budget = self.max_length - 1  # room left once the scoring token is appended
-        query_ids = self.tokenizer.encode(query)
-        truncated = len(query_ids) > self.max_query_length
-        if truncated:
-            query = self.tokenizer.decode(query_ids[: self.max_query_length])
+        query, truncated = self.fit_query(query)
+        return self.build_fitted(query, document, truncated)
+
+    def build_fitted(self, query: str, document: str, truncated: bool = False) -> Prompt:
+        """`build` for a query already cut by `fit_query` (`truncated`: it was)."""
+        budget = self.budget
         ids = self.tokenizer.encode(format_prompt(query, document))
         if len(ids) > budget:
             truncated = True

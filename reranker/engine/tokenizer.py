@@ -81,9 +81,13 @@ class GGUFTokenizer:
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Bytes of `ids` as plain text pieces (used to cut text at a token boundary)."""
+        return b"".join(self.pieces(ids))
+
+    def pieces(self, ids: list[int]) -> list[bytes]:
+        """The bytes of each token of `ids` (a piece may hold part of a UTF-8 character)."""
         if self.swapped:
             ids = [ORIGINAL_BOX_END_ID if t == SCORE_TOKEN_ID else t for t in ids]
-        out = bytearray()
+        out = []
         buf = ctypes.create_string_buffer(256)
         with self.lock:
             vocab = self._live_vocab()
@@ -92,8 +96,8 @@ class GGUFTokenizer:
                 if n < 0:
                     buf = ctypes.create_string_buffer(-n)
                     n = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)
-                out += buf.raw[:n]
-        return bytes(out)
+                out.append(buf.raw[:n])
+        return out
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; an incomplete UTF-8 character at the end is dropped."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
+from reranker.engine.chunking import Chunker, Chunking, DocumentPrompts, aggregate
 from reranker.engine.prompts import Prompt, PromptBuilder
 from reranker.errors import RerankerError
 from reranker.jobs.checkpoint import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
@@ -59,6 +60,7 @@ class JobSpec:
     window: int = WINDOW
     restart: bool = False
     run_tag: str = RUN_TAG
+    chunking: Chunking | None = None  # None: documents are truncated; else chunked, scored and aggregated
 
     def files(self) -> JobFiles:
         """Every path the job writes: OUTPUT, its companions and the rejects file."""
@@ -105,6 +107,8 @@ class Stats:
     truncated: int = 0
     skipped: int = 0
     queries: int = 0
+    chunked: int = 0  # with chunking: documents split into chunks
+    capped: int = 0  # ... and those with more than max_chunks chunks (their ends not scored)
 
 
 @dataclass
@@ -115,6 +119,7 @@ class Window:
     units: list[Unit]
     rejects: list[Reject]
     prompts: list[Prompt] = field(default_factory=list)
+    docs: list[DocumentPrompts] | None = None  # with chunking: each pair's prompts (`prompts` holds them all, flat)
 
 
 Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
@@ -139,10 +144,24 @@ def _windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpe
         yield Window(consumed, units, rejects)
 
 
-def _tokenise(windows: Iterator[Window], builder: PromptBuilder) -> Iterator[Window]:
+def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunking | None = None) -> Iterator[Window]:
+    chunker = Chunker(builder, chunking) if chunking is not None else None
     for w in windows:
-        w.prompts = [builder.build(u.query, text) for u in w.units for _, text in u.docs]
+        if chunker is None:
+            w.prompts = [builder.build(u.query, text) for u in w.units for _, text in u.docs]
+        else:
+            # A window's chunks are scored with it, so a checkpoint never falls inside a document.
+            w.docs = [chunker.prompts(u.query, text) for u in w.units for _, text in u.docs]
+            w.prompts = [p for doc in w.docs for p in doc.prompts]
         yield w
+
+
+def _per_pair(window: Window, scores, chunking: Chunking | None):
+    """(scores, prompts of each pair, (chunks, best chunk) of each pair or None) of a scored window."""
+    if window.docs is None:
+        return scores, [[p] for p in window.prompts], None
+    result = aggregate(scores, [len(d.prompts) for d in window.docs], chunking.aggregate)
+    return result.scores, [d.prompts for d in window.docs], list(zip(result.chunks.tolist(), result.best.tolist()))
 
 
 def _prefetch(it: Iterator[Window], stop: threading.Event, depth: int = 2) -> Iterator[Window]:
@@ -196,7 +215,8 @@ class Job:
         s = self.spec
         return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
                 "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
-                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length}
+                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length,
+                **({"chunking": s.chunking.settings()} if s.chunking is not None else {})}
 
     def _rejects_id(self) -> str:
         return os.path.realpath(self.files.rejects)
@@ -252,7 +272,8 @@ class Job:
         """
         resume = self._start()
         spec = self.spec
-        writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name)
+        writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name,
+                             chunks=spec.chunking is not None)
         rejects = RejectsWriter(self.files.rejects, create=spec.on_error == "skip")
         writer.resume(resume[0] if resume else {})
         rejects.resume(resume[1] if resume else {})
@@ -269,7 +290,7 @@ class Job:
         writer_thread.start()
         finished = False
         try:
-            for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder), stop)):
+            for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder, spec.chunking), stop)):
                 if failure:
                     break
                 out_q.put((window, scores))
@@ -299,14 +320,21 @@ class Job:
                 continue
             window, scores = item
             try:
+                scores, pair_prompts, chunks = _per_pair(window, scores, self.spec.chunking)
                 k = 0
                 for unit in window.units:
                     n = len(unit.docs)
-                    prompts = window.prompts[k : k + n]
-                    writer.write(unit, scores[k : k + n].tolist(), sum(len(p.ids) for p in prompts))
+                    tokens = sum(len(p.ids) for prompts in pair_prompts[k : k + n] for p in prompts)
+                    writer.write(unit, scores[k : k + n].tolist(), tokens, **({"chunks": chunks[k : k + n]} if chunks else {}))
                     self.stats.pairs += n
-                    self.stats.tokens += sum(len(p.ids) for p in prompts)
-                    self.stats.truncated += sum(p.truncated for p in prompts)
+                    self.stats.tokens += tokens
+                    if window.docs is None:
+                        self.stats.truncated += sum(p.truncated for (p,) in pair_prompts[k : k + n])
+                    else:
+                        docs = window.docs[k : k + n]
+                        self.stats.truncated += sum(d.truncated for d in docs)
+                        self.stats.chunked += sum(d.split for d in docs)
+                        self.stats.capped += sum(d.capped for d in docs)
                     k += n
                 for r in window.rejects:
                     rejects.write(r)
@@ -331,7 +359,10 @@ class JobAlreadyDone(Exception):
 def write_summary(spec: JobSpec, stats: Stats, wall: float, run_pairs: int, run_tokens: int,
                   extra: dict | None = None) -> dict:
     """The final summary, also saved as `OUTPUT.summary.json` (`extra`: more keys, e.g. the weights' encoding)."""
-    summary = {"output": str(spec.output), **asdict(stats), "wall_seconds": round(wall, 3),
+    totals = asdict(stats)
+    if spec.chunking is None:  # a job without chunking keeps its summary's keys
+        del totals["chunked"], totals["capped"]
+    summary = {"output": str(spec.output), **totals, "wall_seconds": round(wall, 3),
                "pairs_this_run": run_pairs, "tokens_this_run": run_tokens,
                "pairs_per_second": round(run_pairs / wall, 2) if wall > 0 else None,
                "tokens_per_second": round(run_tokens / wall, 1) if wall > 0 else None, **(extra or {})}

@@ -32,11 +32,21 @@ PARQUET_ROW_GROUP = 65536
 PARQUET_COMPRESSION = "zstd"
 
 
+#: Per document of a unit, with chunking: (number of chunks, index of the best-scoring chunk).
+Chunks = Sequence[tuple[int, int]] | None
+
+
+def _chunk_fields(chunks: Chunks, i: int) -> dict:
+    """The output fields of document `i`'s chunks: none without chunking, so those outputs keep their bytes."""
+    return {} if chunks is None else {"chunks": int(chunks[i][0]), "best_chunk": int(chunks[i][1])}
+
+
 class Writer(Protocol):
     """What the job needs of an output writer."""
 
-    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
-        """Add the results of one unit; `scores[i]` belongs to `unit.docs[i]`."""
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int, chunks: Chunks = None) -> None:
+        """Add the results of one unit; `scores[i]` belongs to `unit.docs[i]` (`chunks[i]`: its chunk
+        count and best chunk, given only when the job chunks long documents)."""
 
     def commit(self) -> dict:
         """Make everything written so far durable; return the JSON-able state to checkpoint."""
@@ -62,9 +72,10 @@ def detect_output_format(path: str | os.PathLike[str], output_format: str | None
 
 
 def open_writer(path: str | os.PathLike[str], output_format: str | None = None, *, per: str = "query",
-                run_tag: str = RUN_TAG, model: str = "") -> Writer:
+                run_tag: str = RUN_TAG, model: str = "", chunks: bool = False) -> Writer:
     """A writer for `path`: "jsonl" (`per` "query": Jina rerank responses; "pair": one score per line),
     "parquet" (one row per pair, with its rank) or "trec" (a run file tagged `run_tag`).
+    `chunks`: JSONL gets `chunks` and `best_chunk` fields, Parquet such columns (TREC has no room for them).
 
     Nothing on disk changes until `resume` or the first write/commit/close (a fresh start
     then empties the output).
@@ -81,7 +92,7 @@ def open_writer(path: str | os.PathLike[str], output_format: str | None = None, 
         return JsonlWriter(target, per=per, model=model)
     if fmt == "trec":
         return TrecWriter(target, run_tag=run_tag)
-    return ParquetWriter(target)
+    return ParquetWriter(target, chunks=chunks)
 
 
 def _check_scores(unit: Unit, scores: Sequence[float]) -> list[float]:
@@ -256,12 +267,14 @@ class JsonlWriter(_DraftWriter):
         self.per = per
         self.model = model
 
-    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int, chunks: Chunks = None) -> None:
         values = _check_scores(unit, scores)
         if self.per == "pair":
-            lines = [_dumps({"query_id": unit.query_id, "doc_id": doc_id, "score": s}) for (doc_id, _), s in zip(unit.docs, values)]
+            lines = [_dumps({"query_id": unit.query_id, "doc_id": doc_id, "score": s, **_chunk_fields(chunks, i)})
+                     for i, ((doc_id, _), s) in enumerate(zip(unit.docs, values))]
         else:
-            results = [{"index": unit.position(i), "doc_id": unit.docs[i][0], "relevance_score": values[i], "document": {"text": unit.docs[i][1]}}
+            results = [{"index": unit.position(i), "doc_id": unit.docs[i][0], "relevance_score": values[i], "document": {"text": unit.docs[i][1]},
+                        **_chunk_fields(chunks, i)}
                        for i in _best_first(values)]
             lines = [_dumps({"query_id": unit.query_id, "query": unit.query, "model": self.model,
                              "usage": {"total_tokens": int(tokens)}, "results": results})]
@@ -289,7 +302,7 @@ class TrecWriter(_DraftWriter):
         super().__init__(path)
         self.run_tag = run_tag
 
-    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int, chunks: Chunks = None) -> None:
         values = _check_scores(unit, scores)
         _trec_id(unit.query_id, "query id", unit)
         lines = []
@@ -337,13 +350,14 @@ class ParquetWriter(_Resumable):
 
     kind = "parquet"
 
-    def __init__(self, path: Path, *, part_rows: int = PARQUET_ROW_GROUP) -> None:
+    def __init__(self, path: Path, *, part_rows: int = PARQUET_ROW_GROUP, chunks: bool = False) -> None:
         self.pa, self.pq = import_pyarrow(f"writing {path}")
         self.path = path
         self.parts_dir = beside(path, PARTS)
         self.part_rows = part_rows
+        self.chunks = chunks  # two more columns: chunks and best_chunk (int32)
         self._parts = 0
-        self._rows: tuple[list[str], list[str], list[float]] = ([], [], [])
+        self._rows: tuple[list, ...] = self._empty_rows()
         self._started = False
         self._finished = False
 
@@ -374,34 +388,45 @@ class ParquetWriter(_Resumable):
                 if number >= parts:
                     p.unlink()
         self._parts = parts
-        self._rows = ([], [], [])
+        self._rows = self._empty_rows()
         self._started = True
 
     def _trash(self) -> Path:
         return beside(self.path, PARTS_OLD)
 
-    def write(self, unit: Unit, scores: Sequence[float], tokens: int) -> None:
+    def _empty_rows(self) -> tuple[list, ...]:
+        return tuple([] for _ in self._columns())
+
+    def _columns(self) -> list[tuple[str, Any]]:
+        """The parts' columns (the final file adds `rank`)."""
+        pa = self.pa
+        columns = [("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())]
+        return columns + ([("chunks", pa.int32()), ("best_chunk", pa.int32())] if self.chunks else [])
+
+    def write(self, unit: Unit, scores: Sequence[float], tokens: int, chunks: Chunks = None) -> None:
         values = _check_scores(unit, scores)
+        if self.chunks != (chunks is not None):
+            raise ValueError(f"{unit.source}: chunk counts {'missing' if self.chunks else 'given'} for {self.path}")
         self._start()
-        qids, doc_ids, out = self._rows
-        for (doc_id, _), s in zip(unit.docs, values):
+        qids, doc_ids, out, *chunk_columns = self._rows
+        for i, ((doc_id, _), s) in enumerate(zip(unit.docs, values)):
             qids.append(unit.query_id)
             doc_ids.append(doc_id)
             out.append(s)
+            for column, value in zip(chunk_columns, chunks[i] if chunks is not None else ()):
+                column.append(value)
         if len(qids) >= self.part_rows:  # bounds memory; part boundaries never show in the final file
             self._flush_part()
 
     def _flush_part(self) -> None:
-        qids, doc_ids, scores = self._rows
-        if not qids:
+        if not self._rows[0]:
             return
         pa = self.pa
-        table = pa.table({"query_id": pa.array(qids, pa.string()), "doc_id": pa.array(doc_ids, pa.string()),
-                          "score": pa.array(scores, pa.float32())})
+        table = pa.table({name: pa.array(values, kind) for (name, kind), values in zip(self._columns(), self._rows)})
         with writing(self._part(self._parts)), atomic_path(self._part(self._parts)) as tmp:
             self.pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
         self._parts += 1
-        self._rows = ([], [], [])
+        self._rows = self._empty_rows()
 
     def commit(self) -> dict:
         """Write the pending rows as a part and fsync; the state is the number of parts."""
@@ -415,7 +440,7 @@ class ParquetWriter(_Resumable):
     def close(self, final: bool) -> None:
         """`final`: merge the parts into OUTPUT and remove them; otherwise drop uncommitted rows."""
         if not final:
-            self._rows = ([], [], [])
+            self._rows = self._empty_rows()
             return
         if self._finished:
             return
@@ -432,7 +457,7 @@ class ParquetWriter(_Resumable):
 
     def _merge(self, tmp: Path) -> None:
         pa, pq = self.pa, self.pq
-        schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32()), ("rank", pa.int32())])
+        schema = pa.schema(self._columns() + [("rank", pa.int32())])
         with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION) as out:
             pending = pa.table({name: pa.array([], schema.field(name).type) for name in schema.names})
             for table in self._whole_queries():

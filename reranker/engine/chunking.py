@@ -1,0 +1,193 @@
+"""Long documents: split into overlapping token chunks, score each as its own prompt, aggregate.
+
+A document longer than the room a prompt leaves (`max_length` minus the template, the query and
+the scoring token) is cut on token boundaries into chunks of `size` tokens, consecutive chunks
+sharing `overlap` tokens. m0 puts the document first, so every chunk's prompt still ends with the
+query and the scoring token; chunks are ordinary prompts (`PromptBuilder`), packed into decode
+calls with everything else. The document's score is the max (or mean, or first) of its chunks'.
+
+A boundary never splits a character: Qwen2's byte-level BPE has tokens that hold part of a
+UTF-8 character (CJK, emoji), so a boundary moves down to the nearest token boundary that is
+also a character boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS
+from reranker.engine.prompts import Prompt, PromptBuilder, format_prompt, require_int
+from reranker.errors import RerankerError
+
+#: The smallest chunk, in tokens; a prompt with less room than this (a query filling max_length) is truncated.
+MIN_CHUNK = 8
+#: Tokens kept free in each prompt: a chunk's text may tokenise into a few more tokens than its
+#: span (BPE merges differ at its edges), and a prompt that still does not fit loses the excess.
+MARGIN = 8
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How documents that do not fit are split, and how their chunks' scores combine.
+
+    `size`: tokens per chunk (None: all the room a prompt leaves, so the first chunk is about
+    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256, at most
+    half a chunk; a given overlap must be less than a given size, and is cut to one less than the
+    room when a prompt leaves less); `max_chunks`: chunks per document at most, the rest of a
+    longer document is not scored and the document counts as capped; `aggregate`: "max",
+    "mean" or "first".
+    """
+
+    size: int | None = None
+    overlap: int | None = None
+    max_chunks: int = MAX_CHUNKS
+    aggregate: str = CHUNK_AGGREGATE
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            require_int("chunk size", self.size, MIN_CHUNK)
+        if self.overlap is not None:
+            require_int("chunk overlap", self.overlap, 0)
+        require_int("max_chunks", self.max_chunks, 1)
+        if self.aggregate not in CHUNK_AGGREGATES:
+            raise RerankerError(f"chunk aggregate {self.aggregate!r} is not one of {', '.join(CHUNK_AGGREGATES)}")
+        if self.size is not None and self.overlap is not None and self.overlap >= self.size:
+            raise RerankerError(f"chunk overlap {self.overlap} must be less than the chunk size {self.size}")
+
+    def overlap_for(self, size: int) -> int:
+        """The overlap used for chunks of `size` tokens."""
+        return min(CHUNK_OVERLAP, size // 2) if self.overlap is None else min(self.overlap, size - 1)
+
+    def settings(self) -> dict:
+        """The settings as a JSON-able dict (a job's fingerprint)."""
+        return asdict(self)
+
+
+def as_chunking(value: object) -> Chunking | None:
+    """`chunking=` as the API takes it: None/False (truncate), True (the defaults) or a `Chunking`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Chunking()
+    if isinstance(value, Chunking):
+        return value
+    raise RerankerError(f"chunking={value!r:.60} must be True, False, None or a reranker.Chunking(...)")
+
+
+@dataclass(frozen=True)
+class DocumentPrompts:
+    """The prompts of one pair: one, or one per chunk when the document did not fit.
+
+    `split`: the document was chunked; `capped`: it had more than `max_chunks` chunks, and its
+    end was not scored.
+    """
+
+    prompts: list[Prompt]
+    split: bool = False
+    capped: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        """Some of the pair was not scored: a cut query, a capped document, or a cut chunk."""
+        return self.capped or any(p.truncated for p in self.prompts)
+
+
+def char_boundaries(pieces: Sequence[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The text's bytes, each token boundary's byte offset (n + 1), and which boundaries start a character."""
+    data = b"".join(pieces)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    raw = np.frombuffer(data + b"\0", dtype=np.uint8)  # the sentinel makes the end a boundary
+    safe = (raw[offsets] & 0xC0) != 0x80  # not a UTF-8 continuation byte
+    return data, offsets, safe
+
+
+def token_spans(safe: np.ndarray, size: int, overlap: int, max_chunks: int) -> tuple[list[tuple[int, int]], bool]:
+    """Chunks `[start, end)` of the tokens whose boundaries `safe` (n + 1 flags) may be cut at.
+
+    Each chunk holds at most `size` tokens (more only when one character spans more tokens than
+    that) and starts `overlap` tokens before the previous one ends, moved down to a character
+    boundary. Returns the spans and whether `max_chunks` stopped them before the end.
+    """
+    n = len(safe) - 1
+    spans: list[tuple[int, int]] = []
+    start = previous_end = 0
+    while True:
+        low = max(start, previous_end) + 1  # each chunk reaches past the one before
+        end = max(min(start + size, n), low)
+        while end > low and not safe[end]:
+            end -= 1
+        while not safe[end]:  # no character boundary in reach: take the character whole
+            end += 1
+        spans.append((start, end))
+        previous_end = end
+        if end >= n:
+            return spans, False
+        if len(spans) == max_chunks:
+            return spans, True
+        nxt = end - overlap
+        while nxt > start and not safe[nxt]:
+            nxt -= 1
+        start = nxt if nxt > start else end
+
+
+class Chunker:
+    """Pairs -> `DocumentPrompts`: the builder's prompt when the document fits, else one per chunk."""
+
+    def __init__(self, builder: PromptBuilder, chunking: Chunking) -> None:
+        self.builder = builder
+        self.chunking = chunking
+
+    def prompts(self, query: str, document: str) -> DocumentPrompts:
+        """The prompts of one pair (a document that fits gives exactly `builder.build`'s prompt)."""
+        query, query_cut = self.builder.fit_query(query)
+        texts, capped = self._texts(query, document)
+        if texts is None:
+            return DocumentPrompts([self.builder.build_fitted(query, document, query_cut)])
+        return DocumentPrompts([self.builder.build_fitted(query, t, query_cut) for t in texts], split=True, capped=capped)
+
+    def chunk_texts(self, query: str, document: str) -> list[str]:
+        """The text of each chunk (`[document]` when it fits): what each chunk's prompt holds as its document."""
+        texts, _ = self._texts(self.builder.fit_query(query)[0], document)
+        return [document] if texts is None else texts
+
+    def _texts(self, query: str, document: str) -> tuple[list[str] | None, bool]:
+        tokenizer, budget = self.builder.tokenizer, self.builder.budget
+        if len(tokenizer.encode(format_prompt(query, document))) <= budget:
+            return None, False
+        room = budget - len(tokenizer.encode(format_prompt(query, ""))) - MARGIN
+        size = min(self.chunking.size or room, room)
+        if size < MIN_CHUNK:  # the query leaves no useful room: truncate as without chunking
+            return None, False
+        data, offsets, safe = char_boundaries(tokenizer.pieces(tokenizer.encode(document)))
+        spans, capped = token_spans(safe, size, self.chunking.overlap_for(size), self.chunking.max_chunks)
+        return [data[offsets[a] : offsets[b]].decode("utf-8") for a, b in spans], capped
+
+
+@dataclass
+class ChunkScores:
+    """Per document: its score, its number of chunks and the index of its best-scoring chunk."""
+
+    scores: np.ndarray
+    chunks: np.ndarray
+    best: np.ndarray
+
+
+def aggregate(chunk_scores: np.ndarray, counts: Sequence[int], how: str) -> ChunkScores:
+    """Combine consecutive runs of `counts` chunk scores: "max", "mean" (in float64) or "first".
+
+    `best` is the run's highest-scoring chunk (the first of equals) whatever `how` is.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    scores = np.empty(len(counts), dtype=np.float32)
+    best = np.empty(len(counts), dtype=np.int64)
+    for i, (a, k) in enumerate(zip(starts, counts)):
+        run = chunk_scores[a : a + k]
+        best[i] = int(np.argmax(run))
+        scores[i] = run[best[i]] if how == "max" else run[0] if how == "first" else run.astype(np.float64).mean()
+    return ChunkScores(scores, counts, best)
