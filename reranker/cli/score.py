@@ -40,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pairs per window: sorted by length for packing, and checkpointed together (default: %(default)s)")
     p.add_argument("--devices", default=None,
                    help="one backbone process per device: GPU indices '0,1', 'all', or 'cpu,cpu' (default: one, in-process)")
+    p.add_argument("--save-hidden", type=Path, default=None, metavar="PATH.npy",
+                   help="also write each scored pair's last hidden state: a memory-mapped (n, hidden) .npy in input order, "
+                        "and PATH.ids.jsonl with each row's query_id, doc_id and score; resumable like the output")
+    p.add_argument("--hidden-dtype", choices=["float32", "float16"], default="float32",
+                   help="--save-hidden's dtype (default: %(default)s; float16 halves the file)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress log lines")
     p.set_defaults(func=run)
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     spec = JobSpec(input=args.input, output=args.output, input_format=args.input_format, output_format=args.output_format,
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
-                   run_tag=args.run_tag)
+                   run_tag=args.run_tag, hidden=args.save_hidden, hidden_dtype=args.hidden_dtype)
     files = resolve(args.model)
     head_path = Path(args.head) if args.head else files.head
     if head_path is None:
@@ -99,23 +104,29 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
         copy = fast_path_gguf(files.gguf, IDENTITY_DTYPE, bf16, args.n_gpu_layers)  # written once, before the workers race for it
         weights = file_weights(copy)
         tokenizer = VocabOnly(files.gguf).tokenizer
-        pool = DevicePool(devices, load)
+        pool = DevicePool(devices, load, keep_hidden=spec.hidden is not None)
         scorer = pool
+        hidden_size = _n_embd(files.gguf)
     else:
         device_kw = {"n_gpu_layers": 0, "device": "cpu"} if devices == ["cpu"] else {}
         reranker = Reranker.from_pretrained(**{**load, **device_kw, "device": resolve_device(args.device) if args.device else device_kw.get("device")})
         tokenizer = reranker.backbone.tokenizer
         weights = reranker.weights_dtype
+        hidden_size = reranker.backbone.n_embd
 
         def scorer(windows):
             for w in windows:
-                yield w, score_prompts(reranker, w.prompts)
+                if spec.hidden is not None:  # kept from the same decode, no second backbone pass
+                    scores, w.hidden = score_prompts(reranker, w.prompts, keep_hidden=True)
+                    yield w, scores
+                else:
+                    yield w, score_prompts(reranker, w.prompts)
 
     builder = PromptBuilder(tokenizer, min(max_length, args.n_ctx or max_length), load["max_query_length"])
     fmt = detect_input_format(args.input, args.input_format, beir_files=args.input is None)
     progress = None
     try:
-        job = Job(spec, builder, scorer, fingerprint, model_name=str(args.model))
+        job = Job(spec, builder, scorer, fingerprint, model_name=str(args.model), hidden_size=hidden_size)
         try:
             start = job.checkpoint.load() if not args.restart else None
         except RerankerError:
@@ -147,3 +158,11 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
           f"{summary['truncated']} truncated, {summary['skipped']} skipped; this run {summary['pairs_this_run']} pairs "
           f"in {summary['wall_seconds']:.1f} s ({summary['pairs_per_second']} pairs/s, "
           f"{summary['tokens_per_second']} tokens/s) -> {args.output}", file=sys.stderr)
+
+
+def _n_embd(gguf) -> int:
+    """The model's hidden size from the GGUF header (for the device pool, whose backbones load elsewhere)."""
+    from reranker.gguf.header import header_value
+
+    arch = header_value(gguf, "general.architecture")
+    return int(header_value(gguf, f"{arch}.embedding_length"))

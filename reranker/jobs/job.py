@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
 from reranker.engine.prompts import Prompt, PromptBuilder
@@ -59,10 +61,12 @@ class JobSpec:
     window: int = WINDOW
     restart: bool = False
     run_tag: str = RUN_TAG
+    hidden: Path | None = None  # `--save-hidden`: also write each pair's last hidden state (jobs/hidden.py)
+    hidden_dtype: str = "float32"
 
     def files(self) -> JobFiles:
-        """Every path the job writes: OUTPUT, its companions and the rejects file."""
-        return JobFiles.of(self.output, self.rejects)
+        """Every path the job writes: OUTPUT, its companions, the rejects file (and the hidden-state files)."""
+        return JobFiles.of(self.output, self.rejects, self.hidden)
 
     def rejects_path(self) -> Path:
         return self.files().rejects
@@ -88,6 +92,10 @@ def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None
     if spec.per not in ("query", "pair"):
         raise RerankerError(f"per={spec.per!r} must be 'query' or 'pair'")
     detect_output_format(spec.output, spec.output_format)
+    if spec.hidden is not None:
+        from reranker.jobs.hidden import check_hidden_path
+
+        check_hidden_path(spec.hidden, spec.hidden_dtype)
     reads = spec.input_reads()
     check_job_files(spec.files(), reads + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None])
     items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus, run=spec.run)
@@ -115,6 +123,7 @@ class Window:
     units: list[Unit]
     rejects: list[Reject]
     prompts: list[Prompt] = field(default_factory=list)
+    hidden: np.ndarray | None = None  # the prompts' last hidden states, in order, when the job saves them
 
 
 Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
@@ -179,7 +188,7 @@ class Job:
     """One run of `reranker score`: resume or start, then stream to the end or to an interrupt."""
 
     def __init__(self, spec: JobSpec, builder: PromptBuilder, scorer: Scorer, fingerprint: dict, model_name: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, hidden_size: int | None = None) -> None:
         self.spec = spec
         self.builder = builder
         self.scorer = scorer
@@ -191,12 +200,16 @@ class Job:
         self.model_name = model_name
         self.stats = Stats()
         self.consumed = 0
+        self.hidden_size = hidden_size  # the width of `--save-hidden` rows (the model's n_embd)
+        if spec.hidden is not None and hidden_size is None:
+            raise ValueError("a job that saves hidden states needs the model's hidden_size")
 
     def _settings(self) -> dict:
         s = self.spec
         return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
                 "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
-                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length}
+                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length,
+                **({"hidden": os.path.realpath(s.hidden), "hidden_dtype": s.hidden_dtype} if s.hidden is not None else {})}
 
     def _rejects_id(self) -> str:
         return os.path.realpath(self.files.rejects)
@@ -221,41 +234,55 @@ class Job:
                 raise RerankerError(f"{files.output} was started with the rejects file {state.get('rejects_path')}; "
                                     "pass that --rejects to resume, or --restart to start over")
             if state.get("done"):
-                if files.output.is_file():
+                if files.output.is_file() and all(p.is_file() for what, p in files.hidden_written() if "draft" not in what):
                     raise JobAlreadyDone(Stats(**state["stats"]))
-                log.warning("%s is missing although its checkpoint says the job finished; scoring it again",
-                            files.output)
+                log.warning("%s (or its hidden-state files) is missing although its checkpoint says the job finished; "
+                            "scoring it again", files.output)
                 state = None
         if state is None:
             if not self.spec.restart and not recorded:
-                for what, path in (("", files.output), ("rejects file ", files.rejects)):
+                hidden = [(what + " ", p) for what, p in files.hidden_written() if "draft" not in what]
+                for what, path in [("", files.output), ("rejects file ", files.rejects)] + hidden:
                     if path.exists():
                         raise RerankerError(f"{what}{path} exists and no unfinished job of {files.output} recorded it; "
                                             "pass --restart to overwrite it, or choose another "
-                                            f"{files.flag('rejects file') if what else '-o'}")
+                                            f"{files.flag(what) if what else '-o'}")
             self.stats, self.consumed = Stats(), 0
             self._save({}, {})
             return None
         self.stats = Stats(**state["stats"])
         self.consumed = state["consumed"]
+        self._hidden_state = state.get("hidden", {})
         return state["writer"], state["rejects"]
 
-    def _save(self, writer_state: dict, rejects_state: dict, done: bool = False) -> None:
+    def _save(self, writer_state: dict, rejects_state: dict, done: bool = False, hidden_state: dict | None = None) -> None:
         self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "done": done,
                               "writer": writer_state, "rejects": rejects_state, "rejects_path": self._rejects_id(),
-                              "stats": asdict(self.stats)})
+                              "stats": asdict(self.stats), **({"hidden": hidden_state} if hidden_state is not None else {})})
+
+    def _open_hidden(self, resume: bool):
+        """The `--save-hidden` writer, resumed to the checkpoint (None without the option)."""
+        if self.spec.hidden is None:
+            return None
+        from reranker.jobs.hidden import HiddenWriter
+
+        writer = HiddenWriter(self.spec.hidden, self.hidden_size, self.spec.hidden_dtype)
+        writer.resume(self._hidden_state if resume else {})
+        return writer
 
     def run(self) -> Stats:
         """Score everything not yet done; returns the job's totals. Ctrl-C keeps what is written.
 
         The caller checked the job (`check_job`) and holds its `JobLock`.
         """
+        self._hidden_state: dict = {}
         resume = self._start()
         spec = self.spec
         writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name)
         rejects = RejectsWriter(self.files.rejects, create=spec.on_error == "skip")
         writer.resume(resume[0] if resume else {})
         rejects.resume(resume[1] if resume else {})
+        self.hidden = self._open_hidden(resume is not None)
         if resume:
             log.info("resuming %s after %d input records", spec.output, self.consumed)
         stop = threading.Event()
@@ -278,18 +305,26 @@ class Job:
             stop.set()
             out_q.put(None)
             writer_thread.join()
+            hidden = self.hidden
             if failure:
                 writer.close(final=False)
                 rejects.close(final=False)
+                if hidden is not None:
+                    hidden.close(final=False)
                 raise failure[0]
             if finished:
                 states = writer.commit(), rejects.commit()  # the state a resume finds once closed
+                hidden_state = hidden.commit() if hidden is not None else None
                 writer.close(final=True)
                 rejects.close(final=True)
-                self._save(*states, done=True)
+                if hidden is not None:
+                    hidden.close(final=True)
+                self._save(*states, done=True, hidden_state=hidden_state)
             else:
                 writer.close(final=False)
                 rejects.close(final=False)
+                if hidden is not None:
+                    hidden.close(final=False)
         return self.stats
 
     def _write_loop(self, out_q: queue.Queue, writer, rejects: RejectsWriter, failure: list[BaseException]) -> None:
@@ -304,6 +339,10 @@ class Job:
                     n = len(unit.docs)
                     prompts = window.prompts[k : k + n]
                     writer.write(unit, scores[k : k + n].tolist(), sum(len(p.ids) for p in prompts))
+                    if self.hidden is not None:
+                        if window.hidden is None:
+                            raise ValueError("the scorer kept no hidden states for a job that saves them")
+                        self.hidden.write(unit, scores[k : k + n].tolist(), window.hidden[k : k + n])
                     self.stats.pairs += n
                     self.stats.tokens += sum(len(p.ids) for p in prompts)
                     self.stats.truncated += sum(p.truncated for p in prompts)
@@ -313,7 +352,8 @@ class Job:
                 self.stats.queries += len(window.units)
                 self.stats.skipped += len(window.rejects)
                 self.consumed = window.end
-                self._save(writer.commit(), rejects.commit())
+                self._save(writer.commit(), rejects.commit(),
+                           hidden_state=self.hidden.commit() if self.hidden is not None else None)
                 records = len({u.source for u in window.units} | {r.source for r in window.rejects})  # a record's rejects share its source
                 self.progress.update(records, k, sum(len(p.ids) for p in window.prompts))
             except BaseException as e:
