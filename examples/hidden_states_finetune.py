@@ -37,7 +37,8 @@ FILLER = "the a of and report notes about with for some many new old data page t
 
 
 def synthetic_task(work: Path, n_queries: int, docs_per_query: int, seed: int = 0) -> tuple[Path, Path]:
-    """Queries about a topic word; half of each query's documents mention it (label 1), half another topic."""
+    """One-word queries (a topic); half of each query's short documents are about it (label 1), half about
+    another topic. Short and repetitive, so that even a random-weight backbone's state carries the match."""
     rng = random.Random(seed)
     inp, labels = work / "pairs.jsonl", work / "labels.jsonl"
     with open(inp, "w", encoding="utf-8") as f, open(labels, "w", encoding="utf-8") as g:
@@ -47,11 +48,11 @@ def synthetic_task(work: Path, n_queries: int, docs_per_query: int, seed: int = 
             for d in range(docs_per_query):
                 relevant = d % 2 == 0
                 word = topic if relevant else rng.choice([t for t in TOPICS if t != topic])
-                words = rng.choices(FILLER, k=rng.randint(4, 20))
-                words.insert(rng.randrange(len(words) + 1), word)
+                words = rng.choices(FILLER, k=rng.randint(2, 6)) + [word] * 3
+                rng.shuffle(words)
                 docs.append({"id": f"d{d}", "text": " ".join(words)})
                 g.write(json.dumps({"query_id": f"q{q}", "doc_id": f"d{d}", "label": int(relevant)}) + "\n")
-            f.write(json.dumps({"query_id": f"q{q}", "query": f"{topic} {rng.choice(FILLER)}", "documents": docs}) + "\n")
+            f.write(json.dumps({"query_id": f"q{q}", "query": topic, "documents": docs}) + "\n")
     return inp, labels
 
 
@@ -84,8 +85,8 @@ def main() -> None:
     p.add_argument("--labels", type=Path, help='JSONL {"query_id", "doc_id", "label"} (with --input)')
     p.add_argument("--work", type=Path, default=Path("hidden_states_demo"), help="where everything is written")
     p.add_argument("--hidden-dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--queries", type=int, default=120, help="synthetic queries")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--queries", type=int, default=150, help="synthetic queries")
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     args = p.parse_args()
     if (args.input is None) != (args.labels is None):
@@ -117,7 +118,7 @@ def main() -> None:
     head = ScoringHead.from_npz(head_file)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    train_idx = torch.flatnonzero(~is_val)
+    train_idx = torch.nonzero(~is_val).squeeze(1)
 
     def val_report(tag: str) -> None:
         with torch.no_grad():

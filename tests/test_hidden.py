@@ -225,3 +225,20 @@ def test_sigkill_and_resume_give_the_clean_hidden_files(model, tmp_path, dtype, 
     assert index_path(out_h).read_bytes() == index_path(clean_h).read_bytes()
     assert not (tmp_path / "out.npy.partial").exists() and not (tmp_path / "out.ids.jsonl.partial").exists()
     assert len(np.load(out_h)) == len(lines(index_path(out_h)))
+
+
+@pytest.mark.slow
+def test_example_finetunes_on_saved_states_and_a_fresh_job_agrees(model, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hidden_states_finetune.py"
+    res = subprocess.run([sys.executable, str(script), "-m", str(model), "--work", str(tmp_path), "--queries", "30",
+                          "--epochs", "5"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "rescored from saved states vs a fresh job with the fine-tuned head: max |diff|" in res.stdout
+    tuned = ScoringHead.from_npz(tmp_path / "finetuned" / "mlp_weights.npz")
+    assert not torch.equal(tuned.fc1.weight, ScoringHead.from_npz(model.parent / "mlp_weights.npz").fc1.weight)
+    fresh = lines(tmp_path / "finetuned.jsonl")
+    np.testing.assert_allclose(score_embeddings(tuned, tmp_path / "hidden.npy"), [r["score"] for r in fresh], rtol=0, atol=1e-6)
