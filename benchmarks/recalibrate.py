@@ -19,10 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/head.py would shadow the `head` package: keep this folder last on sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 KEYS = ("spearman", "kendall", "top10_overlap", "order_flips", "mean_abs_diff", "max_abs_diff")
 

@@ -197,6 +197,12 @@ def test_save_hidden_paths_are_checked_and_owned(model, head_path, tmp_path, cap
     hid.unlink()
     assert main(args(model, inp, out, "--save-hidden", hid)) == 0
     assert hid.read_bytes() == done
+    # `reranker head --format jsonl` needs the index beside the .npy
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.load(hid))
+    capsys.readouterr()
+    assert main(["head", str(plain), "--head", str(head_path), "-o", str(tmp_path / "s.jsonl")]) == 2
+    assert f"needs a hidden-state .npy with its index {tmp_path / 'plain.ids.jsonl'}" in capsys.readouterr().err
 
 
 # --- SIGKILL of a real job: the files of an uninterrupted run -----------------------------------
