@@ -108,3 +108,33 @@ def recalibrate(head, ref_hidden: np.ndarray, level_hidden: np.ndarray, groups: 
     out["fc2"] = {"lambda": lam, "relative_change": float(np.linalg.norm(w - w2) / np.linalg.norm(w2)),
                   **fidelity(ref_held, sigmoid(phi[~mask] @ w + c - bias), held_groups)}
     return out
+
+
+def corrected_head(head, w2: np.ndarray, b2: float):
+    """A copy of `head` whose last layer is `w2`, `b2` (float64 in, the head's float32 out)."""
+    import dataclasses
+
+    import torch
+
+    from head import ScoringHead
+
+    w = head.weights()
+    return ScoringHead.from_weights(dataclasses.replace(
+        w, fc2_weight=torch.as_tensor(w2, dtype=torch.float64).reshape(1, -1).float(),
+        fc2_bias=torch.tensor([b2], dtype=torch.float64).float()))
+
+
+def affine_head(head, a: float, b: float):
+    """`head` with `a * logit + b` folded into its last layer: sigmoid(a * (fc2(.) - bias) + b)."""
+    _, _, w2, b2, bias = head_parts(head)
+    return corrected_head(head, a * w2, a * (b2 - bias) + b + bias)
+
+
+def fit_corrections(head, ref_hidden: np.ndarray, level_hidden: np.ndarray, groups: Sequence[int]) -> dict:
+    """Both corrections fitted on all of the given pairs, as heads: {"affine": head, "fc2": head}."""
+    _, _, w2, b2, bias = head_parts(head)
+    phi = features(head, level_hidden)
+    ref_l = logits(head, ref_hidden)
+    a, b = fit_affine(phi @ w2 + b2 - bias, ref_l)
+    w, c, _ = fit_fc2(phi, ref_l + bias, w2, b2, groups)
+    return {"affine": affine_head(head, a, b), "fc2": corrected_head(head, w, c)}
