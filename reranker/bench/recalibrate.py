@@ -1,6 +1,6 @@
-"""Can a small fit on a quantized level's hidden states make its scores track the reference's?
+"""`bench-quant --recalibrate`: a small fit on a quantized level's hidden states so its scores track the reference's.
 
-The experiment behind `benchmarks/recalibrate.py`: the pairs' queries are split in two
+Also run by `benchmarks/recalibrate.py` (several splits). The pairs' queries are split in two
 (seeded); on the calibration half a correction is fitted from the level's hidden states
 towards the reference's (F16) logits, and both are compared on the held-out half with
 `quant.fidelity`:
@@ -8,7 +8,7 @@ towards the reference's (F16) logits, and both are compared on the held-out half
 - `affine`: `a * logit + b` (least squares on the logits). Monotone, so it can only move
   score differences, never a ranking;
 - `fc2`: the head's last layer refitted on the level's features `relu(fc1 h)`, ridge-regularised
-  towards the released `fc2` (the strength picked by leave-a-query-group-out validation on the
+  towards the released `fc2` (the strength picked by 4-fold validation, whole queries per fold, on the
   calibration half): it can reorder documents.
 """
 
