@@ -6,6 +6,7 @@ plain job's in the same run, and the hidden-state file sizes are printed.
 
     python benchmarks/hidden.py                      # the tiny synthetic model, 2048 pairs
     python benchmarks/hidden.py --model m.gguf --pairs 4096 --threads 2
+    python benchmarks/hidden.py --writer-only 1536     # the writer alone, at m0's width
 """
 
 from __future__ import annotations
@@ -33,6 +34,34 @@ def write_input(path: Path, pairs: int, seed: int = 0) -> None:
             f.write(json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(WORDS, k=5)), "documents": docs}) + "\n")
 
 
+def writer_cost(work: Path, width: int, windows: int, window: int = 2048) -> None:
+    """Seconds per window that `--save-hidden` adds on the writer thread: rows + index written and fsynced."""
+    import time
+
+    import numpy as np
+
+    from reranker.jobs.hidden import HiddenWriter
+    from reranker.jobs.records import Unit
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((window, width)).astype(np.float32)
+    units = [Unit(i, f"q{i}", "query", [(f"d{j}", "") for j in range(16)], f"in:{i}") for i in range(window // 16)]
+    scores = rng.random(16).tolist()
+    for dtype in ("float32", "float16"):
+        w = HiddenWriter(work / f"writer-{dtype}.npy", width, dtype)
+        w.resume({})
+        t = time.perf_counter()
+        for _ in range(windows):
+            for k, u in enumerate(units):
+                w.write(u, scores, rows[16 * k : 16 * (k + 1)])
+            w.commit()
+        per = (time.perf_counter() - t) / windows
+        w.close(final=True)
+        mb = (work / f"writer-{dtype}.npy").stat().st_size / 2**20
+        print(f"writer {dtype}, width {width}: {per * 1e3:.1f} ms per {window}-pair window "
+              f"({per / window * 1e6:.1f} us/pair), {mb:.0f} MiB written")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="a GGUF with mlp_weights.npz beside it (default: tiny synthetic, made here)")
@@ -40,9 +69,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("bench-hidden"))
+    p.add_argument("--writer-only", type=int, metavar="WIDTH", default=None,
+                   help="only time the hidden-state writer alone at this width (1536: m0), 10 windows of 2048 pairs")
     args = p.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.writer_only:
+        writer_cost(work, args.writer_only, 10)
+        return
     model = args.model
     if model is None:
         from reranker.gguf.convert import convert
