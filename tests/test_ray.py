@@ -136,6 +136,15 @@ def test_output_must_be_a_folder(tmp_path, capsys, model):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("flags", [["--chunk"], ["--save-hidden", "h.npy"]], ids=["chunk", "save-hidden"])
+def test_local_only_options_are_refused_at_once(tmp_path, capsys, model, flags):
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "documents": ["d"]}\n')
+    assert main(ray_args(model, tmp_path / "in.jsonl", tmp_path / "out") + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flags[0]} is not supported with --engine ray" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_shards_are_cut_between_queries_only():
     from reranker.jobs.ray_job import _shards
 

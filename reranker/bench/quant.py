@@ -300,6 +300,9 @@ def _run_dict(eval_set: EvalSet, scores: np.ndarray) -> dict[str, dict[str, floa
 
 # --- measuring ----------------------------------------------------------------------------
 
+HIDDEN_FILE = "hidden.npy"
+RECALIBRATED_DIR = "recalibrated"
+
 
 @dataclass
 class Settings:
@@ -317,10 +320,11 @@ class Settings:
 
 
 def _measure(level: Level, head: Path, pairs_file: Path, n_pairs: int, settings: Settings, work: Path,
-             bar: tqdm) -> tuple[dict, np.ndarray]:
+             bar: tqdm, hidden: bool = False) -> tuple[dict, np.ndarray]:
     work.mkdir(parents=True, exist_ok=True)
     spec = {"gguf": str(level.path), "head": str(head), "pairs": str(pairs_file),
             "scores": str(work / "scores.npy"), "result": str(work / "result.json"),
+            **({"hidden": str(work / HIDDEN_FILE)} if hidden else {}),
             **{k: getattr(settings, k) for k in Settings.__dataclass_fields__}}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -377,8 +381,15 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, settings: Settings | None = None, *,
-                quantize_threads: int | None = None, progress: bool = True) -> BenchReport:
-    """Make the missing levels of `plan`, score `eval_set` with every level, compare each with the reference."""
+                quantize_threads: int | None = None, progress: bool = True, recalibrate: bool = False) -> BenchReport:
+    """Make the missing levels of `plan`, score `eval_set` with every level, compare each with the reference.
+
+    `recalibrate`: keep every level's hidden states, and add to each quantized level's row the
+    held-out fidelity before and after a correction fitted towards the reference (`recalibrate.py`).
+    """
+    if recalibrate and len(eval_set.groups()) < 4:
+        raise RerankerError(f"--recalibrate fits on half of the queries and measures on the other half: it needs at least "
+                            f"4 queries, the evaluation set has {len(eval_set.groups())}")
     settings = dataclasses.replace(settings or Settings())
     out = Path(out_dir)
     work = out / "work"
@@ -402,7 +413,8 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
             levels_bar.set_postfix_str(f"{level.name}: scoring")
             with tqdm(total=len(pairs), desc=f"{level.name} pairs", unit="pair", disable=not progress,
                       position=1, leave=False) as pairs_bar:
-                numbers, scores = _measure(level, plan.head, pairs_file, len(pairs), settings, work / level.name, pairs_bar)
+                numbers, scores = _measure(level, plan.head, pairs_file, len(pairs), settings, work / level.name, pairs_bar,
+                                           hidden=recalibrate)
             if ref_scores is None:
                 ref_scores = scores
             all_scores[level.name] = scores
@@ -417,9 +429,31 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
                 row.update({key: None for key in RETRIEVAL_MEASURES})
             rows.append(row)
             levels_bar.update(1)
+    if recalibrate:
+        _recalibrate(plan, rows, work, out, groups)
     summary = eval_set.summary()
     return BenchReport(rows, summary,
                        {"reference": plan.reference.name, "reference_path": str(plan.reference.path),
                         "head": str(plan.head), "levels": [lv.name for lv in plan.levels], **vars(settings)},
                        environment(settings), all_scores,
                        [(q.query_id, doc_id) for q in eval_set.queries for doc_id, _ in q.docs])
+
+
+def _recalibrate(plan: Plan, rows: list[dict[str, Any]], work: Path, out: Path, groups: Sequence[int]) -> None:
+    """Each quantized row gets `recalibrated` (held-out fidelity before/after each correction), and the
+    corrections fitted on all pairs are written as heads, `OUT/recalibrated/LEVEL-CORRECTION-mlp_weights.npz`."""
+    from head import ScoringHead
+    from reranker.bench.recalibrate import fit_corrections, recalibrate
+
+    head = ScoringHead.load(plan.head)
+    ref_hidden = np.load(work / plan.reference.name / HIDDEN_FILE)
+    (out / RECALIBRATED_DIR).mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if row["reference"]:
+            continue
+        hidden = np.load(work / row["level"] / HIDDEN_FILE)
+        row["recalibrated"] = recalibrate(head, ref_hidden, hidden, groups)
+        for kind, fitted in fit_corrections(head, ref_hidden, hidden, groups).items():
+            path = out / RECALIBRATED_DIR / f"{row['level']}-{kind}-mlp_weights.npz"
+            fitted.save_npz(path)
+            row["recalibrated"][kind]["head"] = str(path)

@@ -56,6 +56,31 @@ def markdown_table(report: BenchReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+RECALIBRATION_KEYS = ("spearman", "kendall", "top10_overlap", "order_flips", "mean_abs_diff", "max_abs_diff")
+
+
+def recalibration_table(report: BenchReport) -> str:
+    """Held-out fidelity of each quantized level before and after each correction (`--recalibrate`); "" without."""
+    rows = [r for r in report.rows if r.get("recalibrated")]
+    if not rows:
+        return ""
+    fmts = {key: fmt for key, _, fmt in COLUMNS}
+    headers = {key: header for key, header, _ in COLUMNS}
+    first = rows[0]["recalibrated"]
+    lines = [f"Recalibrated towards the reference on {first['calibration_queries']} queries ({first['calibration_pairs']} "
+             f"pairs), measured on the other {first['held_out_queries']} ({first['held_out_pairs']} pairs). affine: "
+             "a * logit + b; fc2: the head's last layer refitted (ridge towards the original). Heads fitted on all pairs: "
+             "recalibrated/LEVEL-CORRECTION-mlp_weights.npz.",
+             "",
+             "| level | correction | " + " | ".join(headers[k] for k in RECALIBRATION_KEYS) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in RECALIBRATION_KEYS) + " |"]
+    for row in rows:
+        for kind in ("before", "affine", "fc2"):
+            got = row["recalibrated"][kind]
+            lines.append(f"| {row['level']} | {kind} | " + " | ".join(_cell(got.get(k), fmts[k]) for k in RECALIBRATION_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: BenchReport) -> str:
     """The table with a short header: evaluation set, reference, machine."""
     env, ev, st = report.environment, report.eval_set, report.settings
@@ -70,7 +95,8 @@ def markdown(report: BenchReport) -> str:
         "",
         markdown_table(report),
     ]
-    return "\n".join(lines)
+    recal = recalibration_table(report)
+    return "\n".join(lines + (["", recal] if recal else []))
 
 
 def _clean(value: Any) -> Any:

@@ -73,11 +73,16 @@ def measure(spec: dict) -> dict:
             rr.compute_score(pairs[: spec["warmup"]], batch_size=batch)  # pages in the weights, sizes the buffers
         warmup_s = time.perf_counter() - t0
         scores = np.empty(len(pairs), dtype=np.float32)
+        hidden = np.empty((len(pairs), rr.backbone.n_embd), dtype=np.float32) if spec.get("hidden") else None
         tokens = truncated = 0
         t0 = time.perf_counter()
         for start in range(0, len(pairs), batch):
             chunk = pairs[start : start + batch]
-            scores[start : start + len(chunk)] = rr.compute_score(chunk, batch_size=batch)
+            if hidden is None:
+                scores[start : start + len(chunk)] = rr.compute_score(chunk, batch_size=batch)
+            else:  # compute_score's two steps, keeping the states (bench-quant --recalibrate)
+                hidden[start : start + len(chunk)] = rr.embed(chunk, batch_size=batch)
+                scores[start : start + len(chunk)] = rr.score_embeddings(hidden[start : start + len(chunk)])
             tokens += rr.last_usage.tokens
             truncated += rr.last_usage.truncated
             print(f"progress {start + len(chunk)}", flush=True)
@@ -86,6 +91,8 @@ def measure(spec: dict) -> dict:
     finally:
         rr.close()
     np.save(spec["scores"], scores)
+    if hidden is not None:
+        np.save(spec["hidden"], hidden)
     return {
         "load_s": load_s, "warmup_s": warmup_s, "score_s": score_s,
         "pairs": len(pairs), "tokens": tokens, "truncated": truncated,

@@ -43,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_backbone_args(p)
     p.add_argument("--batch-size", type=int, default=256, help="pairs per compute_score batch (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=8, help="pairs scored before timing (default: %(default)s)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="fit a correction of each level's scores towards the reference (a*logit+b, and a refit of the head's "
+                        "last layer) on half of the queries; report fidelity before/after on the other half, and write the "
+                        "corrected heads to OUT/recalibrated/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
     settings = Settings(n_threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
                         batch_size=args.batch_size, max_length=args.max_length, max_query_length=args.max_query_length,
                         device=args.device, warmup=args.warmup)
-    report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress)
+    report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress,
+                         recalibrate=args.recalibrate)
     paths = write_outputs(report, args.out)
     print(markdown(report))
     for path in paths.values():

@@ -21,6 +21,7 @@ from reranker.compat.head import (
     format_scores,
     is_npy,
     iter_json_rows,
+    keyed_scores,
     open_npy,
 )
 from reranker.errors import RerankerError
@@ -44,12 +45,21 @@ def run(args: argparse.Namespace) -> None:
 
     if args.batch_size <= 0:
         raise RerankerError(f"--batch-size {args.batch_size} must be positive")
-    fmt = args.format or ("npy" if (args.output or "").endswith(".npy") else "json" if (args.output or "").endswith(".json") else "txt")
+    out_name = args.output or ""
+    fmt = args.format or ("npy" if out_name.endswith(".npy") else "json" if out_name.endswith(".json") else
+                          "jsonl" if out_name.endswith(".jsonl") else "txt")
     if fmt == "npy" and (args.output is None or args.output == "-"):
         raise RerankerError("--format npy writes a binary file; give it with -o FILE.npy")
     device = resolve_device(args.device)
     if args.embeddings != "-":
         check_file(args.embeddings, "embeddings file", JSON_FIX)
+    if fmt == "jsonl":
+        from head.hidden_states import index_path
+
+        index = index_path(args.embeddings)
+        if not is_npy(args.embeddings) or not index.is_file():
+            raise RerankerError(f"--format jsonl keys each score by its pair: it needs a hidden-state .npy with its index "
+                                f"{index} beside it (`reranker score --save-hidden`); use txt, json or npy otherwise")
     head = load_head(args.head)
     hidden = head.hidden_size
     source = "stdin" if args.embeddings == "-" else args.embeddings
@@ -88,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
                 with open(tmp, "wb") as out:
                     np.save(out, np.concatenate(parts) if parts else np.empty(0, np.float32))
             else:
-                for piece in format_scores(scores(), fmt):
+                pieces = keyed_scores(scores(), str(index)) if fmt == "jsonl" else format_scores(scores(), fmt)
+                for piece in pieces:
                     stream.write(piece)
 
 
@@ -98,12 +109,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "head", help="score llama-embedding JSON (or a .npy) with the scoring head, streaming",
         description="The upstream recipe's numpy MLP step on existing embeddings, in torch (GPU when present), "
                     "streaming so files larger than memory work. Prints one score per row, in file order.")
-    p.add_argument("embeddings", help="llama-embedding --embd-output-format json (or array) output, '-' for stdin, or a .npy")
+    p.add_argument("embeddings", help="llama-embedding --embd-output-format json (or array) output, '-' for stdin, or a .npy "
+                                      "(float32 or float16, e.g. from reranker score --save-hidden)")
     p.add_argument("--head", required=True, help="mlp_weights.npz released with the GGUF")
     p.add_argument("-o", "--output", default=None, help="output file (default: stdout); written whole or not at all")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
-                   help="txt: one score per line (default); json: a list; npy: float32 array (needs -o). "
-                        "Default from -o's suffix")
+                   help="txt: one score per line (default); json: a list; npy: float32 array (needs -o); "
+                        "jsonl: {query_id, doc_id, score} lines, for a `reranker score --save-hidden` .npy (ids from "
+                        "its index). Default from -o's suffix")
     p.add_argument("--batch-size", type=int, default=65536, help="rows per head call (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the head (pays off only for huge .npy inputs on CUDA)")

@@ -51,6 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--engine ray: CPUs per actor; CPU actors run that many llama.cpp threads (default: %(default)s)")
     p.add_argument("--shard-windows", type=int, default=8,
                    help="--engine ray: windows per output part; a rerun skips complete parts (default: %(default)s)")
+    p.add_argument("--save-hidden", type=Path, default=None, metavar="PATH.npy",
+                   help="also write each scored pair's last hidden state: a memory-mapped (n, hidden) .npy in input order, "
+                        "and PATH.ids.jsonl with each row's query_id, doc_id and score; resumable like the output")
+    p.add_argument("--hidden-dtype", choices=["float32", "float16"], default="float32",
+                   help="--save-hidden's dtype (default: %(default)s; float16 halves the file)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress log lines")
     add_chunk_args(p)
@@ -67,12 +72,14 @@ def run(args: argparse.Namespace) -> None:
     spec = JobSpec(input=args.input, output=args.output, input_format=args.input_format, output_format=args.output_format,
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
-                   run_tag=args.run_tag, chunking=chunking_option(args))
+                   run_tag=args.run_tag, chunking=chunking_option(args), hidden=args.save_hidden,
+                   hidden_dtype=args.hidden_dtype)
     if args.engine == "ray":
         from reranker.jobs.ray_data import require_ray
 
-        if spec.chunking is not None:
-            raise RerankerError("--chunk is not supported with --engine ray yet; chunk long documents with the local engine")
+        for flag, used in (("--chunk", spec.chunking is not None), ("--save-hidden", spec.hidden is not None)):
+            if used:
+                raise RerankerError(f"{flag} is not supported with --engine ray yet; use the local engine for it")
         require_ray()  # before the model is resolved: the one-line install hint comes first
     files = resolve(args.model)
     head_path = Path(args.head) if args.head else files.head
@@ -133,23 +140,29 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
         copy = fast_path_gguf(files.gguf, IDENTITY_DTYPE, bf16, args.n_gpu_layers)  # written once, before the workers race for it
         weights = file_weights(copy)
         tokenizer = VocabOnly(files.gguf).tokenizer
-        pool = DevicePool(devices, load)
+        pool = DevicePool(devices, load, keep_hidden=spec.hidden is not None)
         scorer = pool
+        hidden_size = _n_embd(files.gguf)
     else:
         device_kw = {"n_gpu_layers": 0, "device": "cpu"} if devices == ["cpu"] else {}
         reranker = Reranker.from_pretrained(**{**load, **device_kw, "device": resolve_device(args.device) if args.device else device_kw.get("device")})
         tokenizer = reranker.backbone.tokenizer
         weights = reranker.weights_dtype
+        hidden_size = reranker.backbone.n_embd
 
         def scorer(windows):
             for w in windows:
-                yield w, score_prompts(reranker, w.prompts)
+                if spec.hidden is not None:  # kept from the same decode, no second backbone pass
+                    scores, w.hidden = score_prompts(reranker, w.prompts, keep_hidden=True)
+                    yield w, scores
+                else:
+                    yield w, score_prompts(reranker, w.prompts)
 
     builder = PromptBuilder(tokenizer, min(max_length, args.n_ctx or max_length), load["max_query_length"])
     fmt = detect_input_format(args.input, args.input_format, beir_files=args.input is None)
     progress = None
     try:
-        job = Job(spec, builder, scorer, fingerprint, model_name=str(args.model))
+        job = Job(spec, builder, scorer, fingerprint, model_name=str(args.model), hidden_size=hidden_size)
         try:
             start = job.checkpoint.load() if not args.restart else None
         except RerankerError:
@@ -184,3 +197,11 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
     if spec.chunking is not None:
         print(f"reranker score: {summary['chunked']} documents chunked, {summary['capped']} of them had more than "
               f"--max-chunks {spec.chunking.max_chunks} chunks (their ends were not scored)", file=sys.stderr)
+
+
+def _n_embd(gguf) -> int:
+    """The model's hidden size from the GGUF header (for the device pool, whose backbones load elsewhere)."""
+    from reranker.gguf.header import header_value
+
+    arch = header_value(gguf, "general.architecture")
+    return int(header_value(gguf, f"{arch}.embedding_length"))

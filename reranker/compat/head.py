@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     pass
 
-OUTPUT_FORMATS = ("txt", "json", "npy")
+OUTPUT_FORMATS = ("txt", "json", "npy", "jsonl")  # jsonl: a hidden-state file's ids with each score
 JSON_CHUNK = 4096  # rows parsed before each head call: the parser, not the head, is the bottleneck
 NPY_CHUNK = 1 << 18  # rows per head call on a memory-mapped .npy (scores are written out between calls)
 JSON_FIX = ("pass llama-embedding's `--embd-output-format json` output ({\"data\": [{\"embedding\": [...]}, ...]}), "
@@ -154,3 +154,30 @@ def format_scores(chunks: Iterable[np.ndarray], fmt: str = "txt") -> Iterator[st
                 first = False
     if fmt == "json":
         yield "\n]\n" if not first else "]\n"
+
+
+def keyed_scores(chunks: Iterable[np.ndarray], index: str) -> Iterator[str]:
+    """`{"query_id", "doc_id", "score"}` lines: row i's ids from the hidden-state index `index`, its new score.
+
+    The line layout of `reranker score --per pair` (and of the index itself), so a rescored
+    file lines up with the job's output. The index is streamed beside the scores.
+    """
+    import json
+
+    with open(index, encoding="utf-8") as ids:
+        n = 0
+        for chunk in chunks:
+            lines = []
+            for score in chunk.tolist():
+                line = ids.readline()
+                try:
+                    rec = json.loads(line)
+                    key = {"query_id": rec["query_id"], "doc_id": rec["doc_id"]}
+                except (ValueError, KeyError, TypeError) as e:
+                    raise RerankerError(f"{index}:{n + 1}: not a line of a hidden-state index ({e}); the .npy and its "
+                                        "index must come from the same `reranker score --save-hidden` job") from e
+                lines.append(json.dumps({**key, "score": score}, ensure_ascii=False) + "\n")
+                n += 1
+            yield "".join(lines)
+        if ids.readline():
+            raise RerankerError(f"{index} lists more pairs than the .npy holds rows ({n}); they are not from the same job")

@@ -10,6 +10,7 @@ Read in this order:
 - `job.py`: the loop: windows tokenised ahead, scored, written and checkpointed behind;
 - `checkpoint.py`: what was consumed and written, and what it was computed from;
 - `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;
+- `hidden.py`: `--save-hidden`: each pair's hidden state (.npy + ids index), with the same protocol;
 - `devices.py`: one backbone process per GPU, fed windows from the same job;
 - `progress.py`: a tqdm bar on a terminal, log lines elsewhere;
 - `ray_data.py`: the scorer as a Ray Data callable class (one `Reranker` per actor, optional Ray);

@@ -31,7 +31,7 @@ def parse_devices(spec: str | None) -> list[str]:
     return devices
 
 
-def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue) -> None:
+def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue, keep_hidden: bool = False) -> None:
     # Ctrl-C is the job's to handle: it stops feeding windows and closes the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Pin the GPU before llama.cpp or torch initialise CUDA in this process.
@@ -58,7 +58,7 @@ def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue) -> None:
             break
         wid, prompts = msg
         try:
-            outbox.put((wid, score_prompts(reranker, prompts), None))
+            outbox.put((wid, score_prompts(reranker, prompts, keep_hidden=keep_hidden), None))
         except BaseException as e:
             outbox.put((wid, None, f"device {device}: {type(e).__name__}: {e}"))
     reranker.close()
@@ -67,11 +67,13 @@ def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue) -> None:
 class DevicePool:
     """Scores windows on several processes; any free process takes the next window."""
 
-    def __init__(self, devices: list[str], load: dict) -> None:
+    def __init__(self, devices: list[str], load: dict, keep_hidden: bool = False) -> None:
+        """`keep_hidden`: each window also gets its prompts' hidden states (`window.hidden`)."""
         ctx = mp.get_context("spawn")
+        self.keep_hidden = keep_hidden
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(d, load, self.inbox, self.outbox), daemon=True,
+        self.procs = [ctx.Process(target=_worker, args=(d, load, self.inbox, self.outbox, keep_hidden), daemon=True,
                                   name=f"reranker-device-{d}") for d in devices]
         for p in self.procs:
             p.start()
@@ -99,7 +101,10 @@ class DevicePool:
                 raise RerankerError(error)
             ready[wid] = scores
             while next_out in ready:
-                yield pending.pop(next_out), ready.pop(next_out)
+                window, result = pending.pop(next_out), ready.pop(next_out)
+                if self.keep_hidden:
+                    result, window.hidden = result
+                yield window, result
                 next_out += 1
 
     def _get(self):

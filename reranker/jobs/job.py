@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
 from reranker.engine.chunking import Chunker, Chunking, DocumentPrompts, aggregate
@@ -61,10 +63,12 @@ class JobSpec:
     restart: bool = False
     run_tag: str = RUN_TAG
     chunking: Chunking | None = None  # None: documents are truncated; else chunked, scored and aggregated
+    hidden: Path | None = None  # `--save-hidden`: also write each pair's last hidden state (jobs/hidden.py)
+    hidden_dtype: str = "float32"
 
     def files(self) -> JobFiles:
-        """Every path the job writes: OUTPUT, its companions and the rejects file."""
-        return JobFiles.of(self.output, self.rejects)
+        """Every path the job writes: OUTPUT, its companions, the rejects file (and the hidden-state files)."""
+        return JobFiles.of(self.output, self.rejects, self.hidden)
 
     def rejects_path(self) -> Path:
         return self.files().rejects
@@ -90,6 +94,13 @@ def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None
     if spec.per not in ("query", "pair"):
         raise RerankerError(f"per={spec.per!r} must be 'query' or 'pair'")
     detect_output_format(spec.output, spec.output_format)
+    if spec.hidden is not None:
+        from reranker.jobs.hidden import check_hidden_path
+
+        check_hidden_path(spec.hidden, spec.hidden_dtype)
+        if spec.chunking is not None and spec.chunking.aggregate == "mean":
+            raise RerankerError("--save-hidden with --aggregate mean: a mean of chunk scores is no one hidden state's "
+                                "score; use --aggregate max or first (the saved state is then the scoring chunk's)")
     reads = spec.input_reads()
     check_job_files(spec.files(), reads + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None])
     items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus, run=spec.run)
@@ -120,6 +131,7 @@ class Window:
     rejects: list[Reject]
     prompts: list[Prompt] = field(default_factory=list)
     docs: list[DocumentPrompts] | None = None  # with chunking: each pair's prompts (`prompts` holds them all, flat)
+    hidden: np.ndarray | None = None  # the prompts' last hidden states, in order, when the job saves them
 
 
 Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
@@ -157,11 +169,16 @@ def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunk
 
 
 def _per_pair(window: Window, scores, chunking: Chunking | None):
-    """(scores, prompts of each pair, (chunks, best chunk) of each pair or None) of a scored window."""
+    """(scores, prompts of each pair, (chunks, best chunk) of each pair or None, each pair's row in the window's
+    hidden states) of a scored window. With chunking a pair's row is the chunk its score is: the best one for
+    "max", the first for "first" (`check_job` refuses --save-hidden with "mean", a score no one state gives)."""
     if window.docs is None:
-        return scores, [[p] for p in window.prompts], None
-    result = aggregate(scores, [len(d.prompts) for d in window.docs], chunking.aggregate)
-    return result.scores, [d.prompts for d in window.docs], list(zip(result.chunks.tolist(), result.best.tolist()))
+        return scores, [[p] for p in window.prompts], None, np.arange(len(window.prompts))
+    counts = [len(d.prompts) for d in window.docs]
+    result = aggregate(scores, counts, chunking.aggregate)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rows = starts + (result.best if chunking.aggregate == "max" else 0)
+    return result.scores, [d.prompts for d in window.docs], list(zip(result.chunks.tolist(), result.best.tolist())), rows
 
 
 def _prefetch(it: Iterator[Window], stop: threading.Event, depth: int = 2) -> Iterator[Window]:
@@ -198,7 +215,7 @@ class Job:
     """One run of `reranker score`: resume or start, then stream to the end or to an interrupt."""
 
     def __init__(self, spec: JobSpec, builder: PromptBuilder, scorer: Scorer, fingerprint: dict, model_name: str,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, hidden_size: int | None = None) -> None:
         self.spec = spec
         self.builder = builder
         self.scorer = scorer
@@ -210,13 +227,17 @@ class Job:
         self.model_name = model_name
         self.stats = Stats()
         self.consumed = 0
+        self.hidden_size = hidden_size  # the width of `--save-hidden` rows (the model's n_embd)
+        if spec.hidden is not None and hidden_size is None:
+            raise ValueError("a job that saves hidden states needs the model's hidden_size")
 
     def _settings(self) -> dict:
         s = self.spec
         return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
                 "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
                 "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length,
-                **({"chunking": s.chunking.settings()} if s.chunking is not None else {})}
+                **({"chunking": s.chunking.settings()} if s.chunking is not None else {}),
+                **({"hidden": os.path.realpath(s.hidden), "hidden_dtype": s.hidden_dtype} if s.hidden is not None else {})}
 
     def _rejects_id(self) -> str:
         return os.path.realpath(self.files.rejects)
@@ -241,35 +262,48 @@ class Job:
                 raise RerankerError(f"{files.output} was started with the rejects file {state.get('rejects_path')}; "
                                     "pass that --rejects to resume, or --restart to start over")
             if state.get("done"):
-                if files.output.is_file():
+                if files.output.is_file() and all(p.is_file() for what, p in files.hidden_written() if "draft" not in what):
                     raise JobAlreadyDone(Stats(**state["stats"]))
-                log.warning("%s is missing although its checkpoint says the job finished; scoring it again",
-                            files.output)
+                log.warning("%s (or its hidden-state files) is missing although its checkpoint says the job finished; "
+                            "scoring it again", files.output)
                 state = None
         if state is None:
             if not self.spec.restart and not recorded:
-                for what, path in (("", files.output), ("rejects file ", files.rejects)):
+                hidden = [(what + " ", p) for what, p in files.hidden_written() if "draft" not in what]
+                for what, path in [("", files.output), ("rejects file ", files.rejects)] + hidden:
                     if path.exists():
                         raise RerankerError(f"{what}{path} exists and no unfinished job of {files.output} recorded it; "
                                             "pass --restart to overwrite it, or choose another "
-                                            f"{files.flag('rejects file') if what else '-o'}")
+                                            f"{files.flag(what) if what else '-o'}")
             self.stats, self.consumed = Stats(), 0
             self._save({}, {})
             return None
         self.stats = Stats(**state["stats"])
         self.consumed = state["consumed"]
+        self._hidden_state = state.get("hidden", {})
         return state["writer"], state["rejects"]
 
-    def _save(self, writer_state: dict, rejects_state: dict, done: bool = False) -> None:
+    def _save(self, writer_state: dict, rejects_state: dict, done: bool = False, hidden_state: dict | None = None) -> None:
         self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "done": done,
                               "writer": writer_state, "rejects": rejects_state, "rejects_path": self._rejects_id(),
-                              "stats": asdict(self.stats)})
+                              "stats": asdict(self.stats), **({"hidden": hidden_state} if hidden_state is not None else {})})
+
+    def _open_hidden(self, resume: bool):
+        """The `--save-hidden` writer, resumed to the checkpoint (None without the option)."""
+        if self.spec.hidden is None:
+            return None
+        from reranker.jobs.hidden import HiddenWriter
+
+        writer = HiddenWriter(self.spec.hidden, self.hidden_size, self.spec.hidden_dtype)
+        writer.resume(self._hidden_state if resume else {})
+        return writer
 
     def run(self) -> Stats:
         """Score everything not yet done; returns the job's totals. Ctrl-C keeps what is written.
 
         The caller checked the job (`check_job`) and holds its `JobLock`.
         """
+        self._hidden_state: dict = {}
         resume = self._start()
         spec = self.spec
         writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name,
@@ -277,6 +311,7 @@ class Job:
         rejects = RejectsWriter(self.files.rejects, create=spec.on_error == "skip")
         writer.resume(resume[0] if resume else {})
         rejects.resume(resume[1] if resume else {})
+        self.hidden = self._open_hidden(resume is not None)
         if resume:
             log.info("resuming %s after %d input records", spec.output, self.consumed)
         stop = threading.Event()
@@ -299,18 +334,26 @@ class Job:
             stop.set()
             out_q.put(None)
             writer_thread.join()
+            hidden = self.hidden
             if failure:
                 writer.close(final=False)
                 rejects.close(final=False)
+                if hidden is not None:
+                    hidden.close(final=False)
                 raise failure[0]
             if finished:
                 states = writer.commit(), rejects.commit()  # the state a resume finds once closed
+                hidden_state = hidden.commit() if hidden is not None else None
                 writer.close(final=True)
                 rejects.close(final=True)
-                self._save(*states, done=True)
+                if hidden is not None:
+                    hidden.close(final=True)
+                self._save(*states, done=True, hidden_state=hidden_state)
             else:
                 writer.close(final=False)
                 rejects.close(final=False)
+                if hidden is not None:
+                    hidden.close(final=False)
         return self.stats
 
     def _write_loop(self, out_q: queue.Queue, writer, rejects: RejectsWriter, failure: list[BaseException]) -> None:
@@ -320,12 +363,16 @@ class Job:
                 continue
             window, scores = item
             try:
-                scores, pair_prompts, chunks = _per_pair(window, scores, self.spec.chunking)
+                scores, pair_prompts, chunks, rows = _per_pair(window, scores, self.spec.chunking)
                 k = 0
                 for unit in window.units:
                     n = len(unit.docs)
                     tokens = sum(len(p.ids) for prompts in pair_prompts[k : k + n] for p in prompts)
                     writer.write(unit, scores[k : k + n].tolist(), tokens, **({"chunks": chunks[k : k + n]} if chunks else {}))
+                    if self.hidden is not None:
+                        if window.hidden is None:
+                            raise ValueError("the scorer kept no hidden states for a job that saves them")
+                        self.hidden.write(unit, scores[k : k + n].tolist(), window.hidden[rows[k : k + n]])
                     self.stats.pairs += n
                     self.stats.tokens += tokens
                     if window.docs is None:
@@ -341,7 +388,8 @@ class Job:
                 self.stats.queries += len(window.units)
                 self.stats.skipped += len(window.rejects)
                 self.consumed = window.end
-                self._save(writer.commit(), rejects.commit())
+                self._save(writer.commit(), rejects.commit(),
+                           hidden_state=self.hidden.commit() if self.hidden is not None else None)
                 records = len({u.source for u in window.units} | {r.source for r in window.rejects})  # a record's rejects share its source
                 self.progress.update(records, k, sum(len(p.ids) for p in window.prompts))
             except BaseException as e:

@@ -53,10 +53,12 @@ class JobFiles:
     output: Path
     rejects: Path
     rejects_given: bool = False
+    hidden: Path | None = None  # `--save-hidden`: the hidden-state .npy, written with its index (jobs/hidden.py)
 
     @classmethod
-    def of(cls, output: Path, rejects: Path | None = None) -> JobFiles:
-        return cls(Path(output), Path(rejects) if rejects is not None else beside(Path(output), REJECTS), rejects is not None)
+    def of(cls, output: Path, rejects: Path | None = None, hidden: Path | None = None) -> JobFiles:
+        return cls(Path(output), Path(rejects) if rejects is not None else beside(Path(output), REJECTS), rejects is not None,
+                   Path(hidden) if hidden is not None else None)
 
     @property
     def partial(self) -> Path:
@@ -76,8 +78,14 @@ class JobFiles:
 
     @property
     def locks(self) -> list[Path]:
-        """`OUTPUT.lock`, then `REJECTS.lock`: a job on either refuses to share it."""
-        return [beside(self.output, LOCK), beside(self.rejects, LOCK)]
+        """`OUTPUT.lock`, then `REJECTS.lock` (and `HIDDEN.lock`): a job on either refuses to share it."""
+        return [beside(self.output, LOCK), beside(self.rejects, LOCK)] + ([beside(self.hidden, LOCK)] if self.hidden else [])
+
+    def hidden_written(self) -> list[tuple[str, Path]]:
+        """(what, path) of the `--save-hidden` files: the .npy, its index, their drafts (none without it)."""
+        from reranker.jobs.hidden import hidden_files
+
+        return hidden_files(self.hidden) if self.hidden is not None else []
 
     def written(self) -> list[tuple[str, Path, bool]]:
         """(what, path, is a folder) of every path the job may create, replace or remove."""
@@ -85,9 +93,13 @@ class JobFiles:
         return [("output", o, False), ("draft", self.partial, False), ("parts folder", self.parts, True),
                 ("old parts folder", beside(o, PARTS_OLD), True), ("checkpoint", self.checkpoint, False),
                 ("summary", self.summary, False), ("rejects file", self.rejects, False),
-                ("lock file", self.locks[0], False), ("rejects lock file", self.locks[1], False)]
+                ("lock file", self.locks[0], False), ("rejects lock file", self.locks[1], False)] + \
+            [(what, p, False) for what, p in self.hidden_written()] + \
+            ([("hidden-state lock file", self.locks[2], False)] if self.hidden else [])
 
     def flag(self, what: str) -> str:
+        if what.startswith("hidden-state"):
+            return "--save-hidden"
         return "--rejects" if what.startswith("rejects") and self.rejects_given else "-o"
 
 
@@ -200,7 +212,7 @@ class JobLock:
 
     def acquire(self) -> None:
         try:
-            for path, what in zip(self.files.locks, ("lock file", "rejects lock file")):
+            for path, what in zip(self.files.locks, ("lock file", "rejects lock file", "hidden-state lock file")):
                 self._held.append((path, self._lock(path, what)))
         except BaseException:
             self.release()
@@ -218,7 +230,8 @@ class JobLock:
                 holder = _read_pid(fd)
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    name = "the rejects file " + str(self.files.rejects) if what.startswith("rejects") else self.files.output
+                    name = ("the rejects file " + str(self.files.rejects) if what.startswith("rejects") else
+                            "the hidden-state file " + str(self.files.hidden) if what.startswith("hidden") else self.files.output)
                     raise RerankerError(f"{name} is in use: another `reranker score` job{holder} holds {path}; wait "
                                         f"for it to finish, or choose another {self.files.flag(what)}") from None
                 raise RerankerError(f"cannot lock {path}: {_why(e)}") from None
