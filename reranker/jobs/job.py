@@ -78,6 +78,16 @@ class JobSpec:
         return input_reads(self.input, self.input_format, self.queries, self.corpus, self.run)
 
 
+def check_spec_settings(spec: JobSpec) -> None:
+    """The settings every engine shares: window, depth and the error rule."""
+    if spec.window < 1:
+        raise RerankerError(f"--window {spec.window}: a window holds at least 1 pair")
+    if spec.depth < 1:
+        raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
+    if spec.on_error not in ("fail", "skip"):
+        raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
+
+
 def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None) -> None:
     """Refuse, before the model loads or any file is touched, a job that cannot run or could destroy data.
 
@@ -85,12 +95,7 @@ def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None
     companion may be or alias an input, the model, the head or each other, and only regular
     files are written), and opens the input once (a Parquet footer, a BEIR folder's files).
     """
-    if spec.window < 1:
-        raise RerankerError(f"--window {spec.window}: a window holds at least 1 pair")
-    if spec.depth < 1:
-        raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
-    if spec.on_error not in ("fail", "skip"):
-        raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
+    check_spec_settings(spec)
     if spec.per not in ("query", "pair"):
         raise RerankerError(f"per={spec.per!r} must be 'query' or 'pair'")
     detect_output_format(spec.output, spec.output_format)

@@ -44,7 +44,7 @@ import numpy as np
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
 from reranker.jobs.checkpoint import changed_parts, input_fingerprint
-from reranker.jobs.job import JobSpec, Stats, Window, _windows, write_summary
+from reranker.jobs.job import JobSpec, Stats, Window, _windows, check_spec_settings, write_summary
 from reranker.jobs.paths import _check_written, _identity, _same, input_files, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import import_pyarrow, read_input
@@ -101,12 +101,7 @@ def _shards(windows: Iterator[Window], size: int) -> Iterator[tuple[int, list[Wi
 
 def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None, head: Path | None = None) -> None:
     """Refuse before anything loads: bad settings, an output that is not a folder of ours, aliases of what is read."""
-    if spec.window < 1:
-        raise RerankerError(f"--window {spec.window}: a window holds at least 1 pair")
-    if spec.depth < 1:
-        raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
-    if spec.on_error not in ("fail", "skip"):
-        raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
+    check_spec_settings(spec)
     if options.shard_windows < 1:
         raise RerankerError(f"--shard-windows {options.shard_windows}: a shard holds at least 1 window")
     if options.actors is not None and options.actors < 1:
