@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -377,3 +380,109 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
             assert err.startswith("reranker serve: error:") and message in err and err.count("\n") == 1, err
     finally:
         taken.close()
+
+
+# --- the real command under load (slow tier) -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_process(gguf, log_path, *extra: str):
+    """`reranker serve` in its own process on a free port: (process, base URL)."""
+    cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--device", "cpu", "--n-ctx", "4096",
+           "--n-batch", "1024", "--threads", "1", *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"listening on (http://\S+)", log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        url = m.group(1)
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server is not healthy:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def request_pool(tiny_reranker, n: int, seed: int = 0) -> list[tuple[dict, dict[int, float]]]:
+    """`n` varied Jina requests (1-8 documents from PAIRS and longer texts) with their expected scores."""
+    rng = np.random.default_rng(seed)
+    queries = [q for q, _ in PAIRS[:4]]
+    docs = DOCS + [" ".join(rng.choice(["rank", "doc", "检索", "🎉", "query", "token"], size=int(k))) for k in rng.integers(20, 150, 12)]
+    want = {q: tiny_reranker.compute_score([[q, d] for d in docs]) for q in queries}
+    pool = []
+    for _ in range(n):
+        q = queries[int(rng.integers(len(queries)))]
+        idx = rng.choice(len(docs), size=int(rng.integers(1, 9)), replace=False).tolist()
+        pool.append(({"query": q, "documents": [docs[i] for i in idx]}, {j: want[q][i] for j, i in enumerate(idx)}))
+    return pool
+
+
+def check_response(r: httpx.Response, want: dict[int, float]) -> None:
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert got == pytest.approx(want, abs=TOL)
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_get_every_answer_right(tiny_ggufs, tiny_reranker, tmp_path):
+    pool = request_pool(tiny_reranker, 256)
+    with serve_process(tiny_ggufs["f32"], tmp_path / "serve.log") as (_, url):
+        def client(k: int) -> int:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for body, want in pool[k::32]:
+                    check_response(c.post("/v1/rerank", json=body), want)
+            return len(pool[k::32])
+
+        jobs = [in_background(client, k) for k in range(32)]
+        assert sum(job(300) for job in jobs) == len(pool)
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, 'reranker_requests_total{code="200",endpoint="/v1/rerank"}') == len(pool)
+        assert metric(text, "reranker_pairs_total") == sum(len(b["documents"]) for b, _ in pool)
+        batches = metric(text, "reranker_batch_pairs_count")
+        assert batches < len(pool) / 2, f"{batches} batches for {len(pool)} concurrent requests: they should share batches"
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_loses_no_accepted_request(tiny_ggufs, tiny_reranker, tmp_path):
+    pool = request_pool(tiny_reranker, 64, seed=1)
+    log_path = tmp_path / "serve.log"
+    with serve_process(tiny_ggufs["f32"], log_path) as (proc, url):
+        answered: list[tuple[float, float]] = []
+        stop_at = {"t": None}
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for i in range(10**6):
+                    body, want = pool[(k + 16 * i) % len(pool)]
+                    t0 = time.monotonic()
+                    try:
+                        r = c.post("/v1/rerank", json=body)
+                    except httpx.TransportError:
+                        return  # refused or cut before the server took it: checked against the server's count below
+                    check_response(r, want)
+                    with lock:
+                        answered.append((t0, time.monotonic()))
+
+        jobs = [in_background(client, k) for k in range(16)]
+        wait_until(lambda: len(answered) >= 40, "40 answers before the SIGTERM", timeout=120)
+        stop_at["t"] = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        for job in jobs:
+            job(60)
+    log = log_path.read_text()
+    m = re.search(r"stopped; (\d+) rerank requests accepted, (\d+) answered \((.*)\)", log)
+    assert m, log
+    accepted, n_answered, codes = int(m.group(1)), int(m.group(2)), m.group(3)
+    assert accepted == n_answered == len(answered) and codes == f"200: {accepted}", log
+    in_flight = sum(t0 < stop_at["t"] < t1 for t0, t1 in answered)
+    assert in_flight > 0, "no request was in flight at the SIGTERM: the test proved nothing"
