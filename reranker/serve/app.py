@@ -35,7 +35,7 @@ CLIENT_CLOSED = 499
 
 
 class ServerStats:
-    """Rerank requests accepted (their body was read) and answered, by status: checked at shutdown."""
+    """Rerank requests taken by a handler and answered, by status: equal at a clean shutdown."""
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -79,6 +79,8 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
         """Auth, then `handler()`; every answer (errors too) is counted and timed under `endpoint`."""
         start = time.perf_counter()
         code = 500
+        if rerank:
+            stats.accepted += 1
         try:
             authorize(request)
             response = await handler()
@@ -117,8 +119,11 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
     async def rerank(request: Request, schema: type[BaseModel], endpoint: str, respond) -> Response:
         async def handler():
             deadline = time.monotonic() + settings.request_timeout
-            req = parse(schema, await read_body(request, settings.max_request_bytes))
-            stats.accepted += 1
+            try:
+                body = await asyncio.wait_for(read_body(request, settings.max_request_bytes), settings.request_timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "the request body did not arrive within --request-timeout") from None
+            req = parse(schema, body)
             n = len(req.documents)
             if n > settings.max_documents:
                 raise HTTPException(422, f"documents: {n} documents; this server takes at most {settings.max_documents} "
