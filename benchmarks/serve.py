@@ -77,7 +77,9 @@ class Server:
     """`reranker serve` in its own process on a free loopback port."""
 
     def __init__(self, gguf: Path, log: Path, args) -> None:
-        cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", *model_args(args)]
+        # No request may time out: a burst queues every request at once, and this measures throughput.
+        cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--request-timeout", "86400",
+               *model_args(args)]
         if args.batch_tokens:
             cmd += ["--batch-tokens", str(args.batch_tokens)]
         self.log = log

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     print(f"reranker serve: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
-          f"(model {reranker.backbone.path.name}, weights {reranker.weights_dtype}, "
+          f"(model {args.model}, weights {reranker.weights_dtype}, "
           f"auth {'on' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
     # uvicorn turns SIGTERM / SIGINT into a graceful stop, then raises the signal again once done:
     # these handlers take that second one, so the process exits 0 after a clean stop.
