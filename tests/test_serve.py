@@ -486,3 +486,30 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_ggufs, tiny_reranker,
     assert accepted == n_answered == len(answered) and codes == f"200: {accepted}", log
     in_flight = sum(t0 < stop_at["t"] < t1 for t0, t1 in answered)
     assert in_flight > 0, "no request was in flight at the SIGTERM: the test proved nothing"
+
+
+def test_a_failing_batch_costs_only_its_bad_request(tiny_reranker):
+    """The scheduler alone: a prompt the backbone refuses (an id outside the vocabulary) shares a batch with a
+    good request; the batch fails, each request is retried alone, and only the bad one gets the error."""
+    from reranker.engine.prompts import Prompt
+    from reranker.errors import RerankerError
+    from reranker.serve.scheduler import Scheduler
+
+    sched = Scheduler(tiny_reranker, batch_tokens=4096, max_queue=100)
+    sched.start()
+    try:
+        builder = tiny_reranker.prompt_builder()
+        good = [builder.build(QUERY, d) for d in DOCS[:4]]
+        with model_busy(tiny_reranker):
+            first = sched.submit(good[:1])
+            wait_until(lambda: sched.scoring == 1, "the first ticket is being decoded")
+            bad = sched.submit([good[1], Prompt([10**9], False)])
+            other = sched.submit(good[2:])
+        assert first.future.result(30) == pytest.approx(tiny_reranker.compute_score([[QUERY, DOCS[0]]]), abs=TOL)
+        with pytest.raises(RerankerError, match="outside the vocabulary"):
+            bad.future.result(30)
+        want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS[2:4]])
+        assert other.future.result(30).tolist() == pytest.approx(want, abs=TOL)
+    finally:
+        sched.stop(30)
+    assert not sched.running
