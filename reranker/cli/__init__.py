@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 
-from reranker.cli import bench_quant, cache, convert, embed, head, quantize, rerank, score, synth
+from reranker.cli import bench_quant, cache, convert, embed, head, quantize, rerank, score, serve, synth
 from reranker.errors import RerankerError
 
-COMMANDS = (rerank, score, embed, head, bench_quant, synth, convert, quantize, cache)
+COMMANDS = (rerank, score, serve, embed, head, bench_quant, synth, convert, quantize, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,96 @@
+"""`reranker serve`: the Jina- and Cohere-compatible rerank server (uvicorn), with graceful shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from reranker.cli.common import add_model_args, load_reranker
+from reranker.errors import RerankerError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from reranker.serve.settings import API_KEY_ENV, ServeSettings
+
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="serve /v1/rerank (Jina) and /v2/rerank (Cohere) over HTTP",
+                       description="A rerank server: requests in the Jina and Cohere API shapes, batched across clients. "
+                                   "SIGTERM or Ctrl-C stops accepting, finishes what is in flight, then exits.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--served-model-name", default=d.model_name, help="model id in /v1/models and responses (default: %(default)s)")
+    p.add_argument("--max-documents", type=int, default=d.max_documents, help="documents per request (default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="request body size (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="pairs waiting for the model before requests get 503 + Retry-After (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds from arrival to answer, else 504 (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="prompt tokens per batch across requests (default: 4 x --n-batch)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most; beyond, uvicorn answers 503 (default: %(default)s)")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from reranker.serve.settings import API_KEY_ENV, ServeSettings
+
+    try:
+        import uvicorn
+
+        from reranker.serve.app import create_app
+    except ImportError as e:
+        raise RerankerError(f"reranker serve needs {e.name}: pip install 'jina-reranker-gguf[serve]'") from e
+    settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                             max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
+                             max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens)
+    settings.check()
+    if not 0 <= args.port <= 65535:
+        raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")
+    sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
+    reranker = load_reranker(args)
+    app = create_app(reranker, settings)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=args.access_log,
+                            limit_concurrency=args.max_connections, lifespan="on",
+                            timeout_graceful_shutdown=int(settings.request_timeout) + 5)
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    print(f"reranker serve: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
+          f"(model {args.model}, weights {reranker.weights_dtype}, "
+          f"auth {'on' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
+    # uvicorn turns SIGTERM / SIGINT into a graceful stop, then raises the signal again once done:
+    # these handlers take that second one, so the process exits 0 after a clean stop.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        reranker.close()
+    print(f"reranker serve: stopped; {app.state.stats.summary()}", file=sys.stderr, flush=True)
+    if not server.started:
+        raise RerankerError("the server did not start (see the messages above)")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (uvicorn listens once the model is ready)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise RerankerError(f"--host {host!r} cannot be resolved ({e.strerror})") from e
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RerankerError(f"cannot bind {host}:{port} ({e.strerror}); choose another --port or stop what uses it") from e
+    sock.set_inheritable(True)
+    return sock

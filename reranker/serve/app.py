@@ -1,0 +1,236 @@
+"""The FastAPI app: the Jina and Cohere rerank endpoints over one `Reranker` and its `Scheduler`.
+
+A rerank request is read (at most `max_request_bytes`), validated (400 for a body that is not
+JSON, 422 naming the field otherwise), refused early when the queue is full (503 + Retry-After),
+tokenised in a worker thread, queued, and awaited until its scores arrive, its client leaves
+(its work is cancelled) or its time is up (504, work cancelled). Errors are `{"detail": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections import Counter
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from reranker.errors import RerankerError
+from reranker.serve.metrics import Metrics
+from reranker.serve.prepare import build_prompts
+from reranker.serve.scheduler import Closed, Overloaded, Scheduler
+from reranker.serve.schemas import CohereRerankRequest, JinaRerankRequest, cohere_response, jina_response
+from reranker.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+#: The status recorded for a request whose client left before its answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+class ServerStats:
+    """Rerank requests taken by a handler and answered, by status: equal at a clean shutdown."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.answered: Counter[int] = Counter()
+
+    def summary(self) -> str:
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.answered.items()))
+        return f"{self.accepted} rerank requests accepted, {sum(self.answered.values())} answered ({codes or 'none'})"
+
+
+def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
+    """The server's app over a loaded `reranker`; the scheduler runs between startup and shutdown."""
+    settings = settings or ServeSettings()
+    settings.check()
+    batch_tokens = settings.batch_tokens or 4 * reranker.backbone.n_batch
+    scheduler: Scheduler
+    metrics = Metrics(lambda: scheduler.pending, lambda: scheduler.scoring)
+    scheduler = Scheduler(reranker, batch_tokens, settings.max_queue, on_batch=metrics.observe_batch)
+    stats = ServerStats()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        log.info("scheduler started: batches of up to %d tokens, queue of %d pairs", batch_tokens, settings.max_queue)
+        yield
+        await run_in_threadpool(scheduler.stop)  # in-flight requests have finished; anything queued is scored
+
+    app = FastAPI(title="jina-reranker-gguf", description="Jina- and Cohere-compatible rerank API for jina-reranker-m0 GGUFs",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.metrics, app.state.stats, app.state.settings = scheduler, metrics, stats, settings
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def handled(endpoint: str, request: Request, handler, rerank: bool = False) -> Response:
+        """Auth, then `handler()`; every answer (errors too) is counted and timed under `endpoint`."""
+        start = time.perf_counter()
+        code = 500
+        if rerank:
+            stats.accepted += 1
+        try:
+            authorize(request)
+            response = await handler()
+            code = response.status_code
+            return response
+        except HTTPException as e:
+            code = e.status_code
+            raise
+        except Exception as e:
+            log.exception("%s failed", endpoint)
+            raise HTTPException(500, f"internal error: {type(e).__name__}: {e}") from e
+        finally:
+            metrics.requests.labels(endpoint, str(code)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if rerank:
+                stats.answered[code] += 1
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = scheduler.running
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": settings.model_name}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        async def handler():
+            return JSONResponse({"object": "list", "data": [{"id": settings.model_name, "object": "model",
+                                                              "created": 0, "owned_by": "jina-reranker-gguf"}]})
+        return await handled("/v1/models", request, handler)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        async def handler():
+            return Response(metrics.render(), media_type=metrics.content_type)
+        return await handled("/metrics", request, handler)
+
+    async def rerank(request: Request, schema: type[BaseModel], endpoint: str, respond) -> Response:
+        async def handler():
+            deadline = time.monotonic() + settings.request_timeout
+            try:
+                body = await asyncio.wait_for(read_body(request, settings.max_request_bytes), settings.request_timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "the request body did not arrive within --request-timeout") from None
+            req = parse(schema, body)
+            n = len(req.documents)
+            if n > settings.max_documents:
+                raise HTTPException(422, f"documents: {n} documents; this server takes at most {settings.max_documents} "
+                                         "per request (--max-documents): split the request")
+            if not scheduler.running:
+                raise HTTPException(503, "the server is shutting down", headers={"Retry-After": str(settings.retry_after)})
+            if not scheduler.has_room(n):
+                raise overloaded(f"{scheduler.pending} pairs are queued")
+            metrics.in_flight.inc()
+            try:
+                try:
+                    prompts = await run_in_threadpool(build_prompts, reranker, req.query_text(), req.texts(), req.options())
+                except RerankerError as e:
+                    raise HTTPException(422, str(e)) from e
+                try:
+                    ticket = scheduler.submit(prompts)
+                except Overloaded as e:
+                    raise overloaded(str(e)) from e
+                except Closed as e:
+                    raise HTTPException(503, str(e), headers={"Retry-After": str(settings.retry_after)}) from e
+                scores = await wait_for(request, scheduler, ticket, deadline)
+            finally:
+                metrics.in_flight.dec()
+            if scores is None:  # the client left: nobody reads this
+                return Response(status_code=CLIENT_CLOSED)
+            return JSONResponse(respond(req, scores.tolist(), ticket.tokens))
+        return await handled(endpoint, request, handler, rerank=True)
+
+    def overloaded(why: str) -> HTTPException:
+        return HTTPException(503, f"overloaded: {why}; retry after {settings.retry_after} s",
+                             headers={"Retry-After": str(settings.retry_after)})
+
+    @app.post("/v1/rerank")
+    async def rerank_jina(request: Request) -> Response:
+        return await rerank(request, JinaRerankRequest, "/v1/rerank",
+                            lambda req, scores, tokens: jina_response(req, settings.model_name, scores, tokens))
+
+    @app.post("/v2/rerank")
+    async def rerank_cohere(request: Request) -> Response:
+        return await rerank(request, CohereRerankRequest, "/v2/rerank",
+                            lambda req, scores, tokens: cohere_response(req, str(uuid.uuid4()), scores, tokens))
+
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_big = HTTPException(413, f"the request body exceeds {limit} bytes (--max-request-bytes); send fewer or shorter documents")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+_UNION_TAGS = {"str", "TextObject"}
+
+
+def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
+    """The request as `schema`: 400 when the body is not JSON, 422 naming each bad field otherwise."""
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(x["type"] == "json_invalid" for x in errors):
+            raise HTTPException(400, f"the body is not valid JSON ({errors[0]['msg']}); send a JSON object") from None
+        by_field: dict[str, list[dict]] = {}
+        for x in errors:
+            # A union's errors carry the member's name ('str', 'TextObject') in their location: merge them.
+            loc = ".".join(str(p) for p in x["loc"] if str(p) not in _UNION_TAGS and not str(p).startswith("function-")) or "body"
+            by_field.setdefault(loc, []).append(x)
+        parts = [f"{loc}: {_message(xs)}" for loc, xs in by_field.items()]
+        raise HTTPException(422, "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")) from None
+
+
+def _message(errors: list[dict]) -> str:
+    """One field's message; of a union's, our own validator's (an object's problem) when there is one."""
+    own = [x["msg"].removeprefix("Value error, ") for x in errors if x["type"] == "value_error"]
+    if own or len(errors) == 1:
+        return (own or [errors[0]["msg"]])[0]
+    return "must be a string or an object with a string text field"
+
+
+async def wait_for(request: Request, scheduler: Scheduler, ticket, deadline: float):
+    """The ticket's scores; None when the client left first; 504 when the deadline comes first (work cancelled)."""
+    result = asyncio.wrap_future(ticket.future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if result in done:
+            return result.result()
+        scheduler.cancel(ticket)
+        if gone in done:
+            return None
+        raise HTTPException(504, "the request timed out waiting for the model (--request-timeout); retry later or send fewer documents")
+    finally:
+        gone.cancel()
+        if not ticket.future.done():  # this task was cancelled (e.g. a forced shutdown): drop the work too
+            scheduler.cancel(ticket)
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body, the server's next ASGI message for this request is http.disconnect, sent when the client leaves.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

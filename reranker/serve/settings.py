@@ -1,0 +1,46 @@
+"""The server's limits and identity, checked before the model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reranker.errors import RerankerError
+
+API_KEY_ENV = "RERANKER_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `reranker serve` enforces.
+
+    - `model_name`: the id in `/v1/models` and in responses when a request names none;
+    - `api_key`: when set, every endpoint but `/health` needs `Authorization: Bearer <key>`;
+    - `max_documents`: documents per request; `max_request_bytes`: request body size;
+    - `max_queue`: pairs waiting for the scheduler before new requests get 503 + Retry-After;
+    - `request_timeout`: seconds from a request's arrival to its answer, else 504 (its work is dropped);
+    - `batch_tokens`: prompt tokens per scheduler batch (None: 4 x the backbone's n_batch);
+    - `retry_after`: the Retry-After seconds of an overload answer.
+    """
+
+    model_name: str = "jina-reranker-m0"
+    api_key: str | None = None
+    max_documents: int = 1024
+    max_request_bytes: int = 16 * 2**20
+    max_queue: int = 8192
+    request_timeout: float = 60.0
+    batch_tokens: int | None = None
+    retry_after: int = 1
+
+    def check(self) -> None:
+        from reranker.engine.prompts import require_int  # imports llama.cpp: not at CLI start-up
+
+        require_int("max_documents", self.max_documents, 1)
+        require_int("max_request_bytes", self.max_request_bytes, 64)
+        require_int("max_queue", self.max_queue, 1)
+        require_int("retry_after", self.retry_after, 1)
+        if self.batch_tokens is not None:
+            require_int("batch_tokens", self.batch_tokens, 1)
+        if not self.request_timeout > 0:
+            raise RerankerError(f"request_timeout={self.request_timeout!r} is invalid; it must be > 0 seconds")
+        if self.api_key is not None and not self.api_key.strip():
+            raise RerankerError(f"the API key is empty; give a non-empty --api-key (or {API_KEY_ENV}), or none to turn auth off")

@@ -1,0 +1,515 @@
+"""`reranker serve` through real HTTP on loopback (uvicorn on a real socket, httpx as the client).
+
+Scores are compared with `Reranker.compute_score` on the tiny F32 model: within 1e-5 where the
+server packs a request with others (a pair's score may move with its batch neighbours), and
+exactly where the layout is the same (one request alone, in the engine's length order).
+To hold work in the queue, a test takes the backbone's lock: the scheduler's worker then
+blocks in its next decode, as it would behind a long batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import PAIRS
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from reranker.serve.app import create_app  # noqa: E402
+from reranker.serve.settings import ServeSettings  # noqa: E402
+
+QUERY = "what is a reranker?"
+DOCS = [d for _, d in PAIRS]
+TOL = 1e-5
+
+
+@contextlib.contextmanager
+def running_server(reranker, settings: ServeSettings | None = None):
+    """(base URL, app) of a uvicorn server on an ephemeral loopback port, in a thread; stopped on exit."""
+    app = create_app(reranker, settings or ServeSettings())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_reranker):
+    with running_server(tiny_reranker, ServeSettings(max_documents=16, max_request_bytes=64 * 1024)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def model_busy(reranker):
+    """Hold the backbone's lock: the scheduler's next decode waits until the block ends."""
+    lock = reranker.backbone._lock
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def wait_until(cond, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def in_background(fn, *args):
+    """Run `fn(*args)` in a thread; the returned function joins it and gives its result (or raises)."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+
+    def result(timeout: float = 60):
+        t.join(timeout)
+        assert not t.is_alive(), "the background request did not finish"
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    return result
+
+
+# --- the two API shapes --------------------------------------------------------------------------
+
+
+def test_jina_shape_and_scores_equal_compute_score(client, tiny_reranker):
+    r = client.post("/v1/rerank", json={"model": "jina-reranker-m0", "query": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"model", "usage", "results"} and body["model"] == "jina-reranker-m0"
+    want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS])
+    results = body["results"]
+    assert sorted(x["index"] for x in results) == list(range(len(DOCS)))
+    for x in results:
+        assert set(x) == {"index", "relevance_score", "document"}
+        assert x["document"] == {"text": DOCS[x["index"]]}
+        assert x["relevance_score"] == pytest.approx(want[x["index"]], abs=TOL)
+    got = [x["relevance_score"] for x in results]
+    assert got == sorted(got, reverse=True), "results must be best first"
+    assert np.std(got) > 0.01, "scores should spread, else the comparison proves little"
+    builder = tiny_reranker.prompt_builder()
+    assert body["usage"]["total_tokens"] == sum(len(builder.build(QUERY, d).ids) for d in DOCS)
+
+
+def test_one_request_alone_is_bit_equal_at_the_same_layout(client, tiny_reranker):
+    """Alone in its batch, a request is decoded in the engine's length order: compute_score on the
+    pairs in that order, in one batch, has the same layout and so the same bits."""
+    builder = tiny_reranker.prompt_builder()
+    lengths = np.array([len(builder.build(QUERY, d).ids) for d in DOCS])
+    order = np.argsort(-lengths, kind="stable")
+    want = dict(zip(order.tolist(), tiny_reranker.compute_score([[QUERY, DOCS[i]] for i in order], batch_size=len(DOCS))))
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == want
+
+
+def test_cohere_shape_and_scores(client, tiny_reranker):
+    docs = DOCS[:7]
+    r = client.post("/v2/rerank", json={"model": "rerank-v3.5", "query": QUERY, "documents": docs, "top_n": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "results", "meta"} and isinstance(body["id"], str) and body["id"]
+    want = tiny_reranker.compute_score([[QUERY, d] for d in docs])
+    best = sorted(range(len(docs)), key=lambda i: -want[i])[:3]
+    assert [x["index"] for x in body["results"]] == best
+    for x in body["results"]:
+        assert set(x) == {"index", "relevance_score"}
+        assert x["relevance_score"] == pytest.approx(want[x["index"]], abs=TOL)
+    builder = tiny_reranker.prompt_builder()
+    assert body["meta"]["billed_units"] == {"search_units": 1}
+    assert body["meta"]["tokens"] == {"input_tokens": sum(len(builder.build(QUERY, d).ids) for d in docs), "output_tokens": 0}
+    assert body["meta"]["api_version"]["version"] == "2"
+
+
+def test_top_n_return_documents_and_text_objects(client, tiny_reranker):
+    docs = DOCS[:6]
+    r = client.post("/v1/rerank", json={"query": {"text": QUERY}, "documents": [{"text": d} for d in docs],
+                                        "top_n": 2, "return_documents": False})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    want = tiny_reranker.compute_score([[QUERY, d] for d in docs])
+    assert [x["index"] for x in results] == sorted(range(6), key=lambda i: -want[i])[:2]
+    assert all(set(x) == {"index", "relevance_score"} for x in results)
+    # top_n beyond the documents gives them all, as the hosted APIs do.
+    assert len(client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "top_n": 99}).json()["results"]) == 6
+
+
+def test_max_tokens_per_doc_cuts_documents(client, tiny_reranker):
+    long_doc = " ".join(["relevance ranking of long documents"] * 200)
+    docs = [long_doc, DOCS[0]]
+    r = client.post("/v2/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 40})
+    assert r.status_code == 200, r.text
+    base = len(tiny_reranker.prompt_builder().build(QUERY, "").ids)
+    full = len(tiny_reranker.prompt_builder().build(QUERY, long_doc).ids)
+    cut = r.json()["meta"]["tokens"]["input_tokens"] - len(tiny_reranker.prompt_builder().build(QUERY, DOCS[0]).ids)
+    assert cut <= base + 40 < full
+    want = tiny_reranker.compute_score([[QUERY, d] for d in docs], max_length=base + 40)
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+ERRORS = [
+    ("/v1/rerank", b'{"query": "q", "documents": ["a"', 400, "not valid JSON"),
+    ("/v1/rerank", b"", 400, "not valid JSON"),
+    ("/v1/rerank", b"\xff\xfe not utf-8", 400, "not valid JSON"),
+    ("/v1/rerank", [1, 2], 422, "body"),
+    ("/v1/rerank", {"documents": ["a"]}, 422, "query"),
+    ("/v1/rerank", {"query": "q", "documents": []}, 422, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": "just one string"}, 422, "documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", 7]}, 422, "documents.1"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"image": "http://x/y.png"}]}, 422, "image"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"txt": "a"}]}, 422, "documents.1"),
+    ("/v1/rerank", {"query": 5, "documents": ["a"]}, 422, "query"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "3"}, 422, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": "yes"}, 422, "return_documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"] * 17}, 422, "documents: 17 documents"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", "lone \ud800 surrogate"]}, 400, "not valid JSON"),  # no UTF-8 form
+    ("/v1/rerank", {"query": "q", "documents": ["x" * 70000]}, 413, "exceeds 65536 bytes"),
+    ("/v2/rerank", {"query": "q", "documents": [{"text": "a"}]}, 422, "documents.0"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422, "max_tokens_per_doc"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 422, "top_n"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), ERRORS)
+def test_bad_requests_get_a_status_and_a_message_naming_the_field(client, path, body, status, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+
+
+def test_bad_requests_do_not_disturb_good_ones(server, tiny_reranker):
+    want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS[:5]])
+
+    def good():
+        with httpx.Client(base_url=server[0], timeout=30) as c:
+            return [c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:5]}) for _ in range(5)]
+
+    def bad():
+        with httpx.Client(base_url=server[0], timeout=30) as c:
+            return [c.post(p, content=b if isinstance(b, bytes) else json.dumps(b).encode()) for p, b, _, _ in ERRORS]
+
+    jobs = [in_background(good), in_background(bad), in_background(good), in_background(bad)]
+    for i, job in enumerate(jobs):
+        for r in job():
+            if i % 2 == 0:
+                assert r.status_code == 200, r.text
+                got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+                assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+            else:
+                assert r.status_code in (400, 413, 422)
+
+
+# --- auth, health, models, metrics ------------------------------------------------------------------
+
+
+def test_api_key_is_checked_on_every_endpoint_but_health(tiny_reranker):
+    with running_server(tiny_reranker, ServeSettings(api_key="s3cret")) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        body = {"query": QUERY, "documents": DOCS[:2]}
+        assert c.get("/health").status_code == 200
+        for method, path, kw in (("POST", "/v1/rerank", {"json": body}), ("POST", "/v2/rerank", {"json": body}),
+                                 ("GET", "/v1/models", {}), ("GET", "/metrics", {})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"}):
+                r = c.request(method, path, headers=headers, **kw)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, headers, r.text)
+                assert "API key" in r.json()["detail"]
+            r = c.request(method, path, headers={"Authorization": "Bearer s3cret"}, **kw)
+            assert r.status_code == 200, (path, r.text)
+
+
+def test_without_a_key_every_endpoint_is_open(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "jina-reranker-m0"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["jina-reranker-m0"]
+    assert client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]}).status_code == 200
+
+
+def test_metrics_count_requests_pairs_tokens_and_batches(client):
+    before = client.get("/metrics").text
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:4]})
+    client.post("/v1/rerank", json={"query": QUERY, "documents": []})
+    after = client.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert metric(text, "reranker_pairs_total") - metric(before, "reranker_pairs_total") == 4
+    assert metric(text, "reranker_tokens_total") - metric(before, "reranker_tokens_total") == r.json()["usage"]["total_tokens"]
+    for name in ('reranker_requests_total{code="200",endpoint="/v1/rerank"}', 'reranker_requests_total{code="422",endpoint="/v1/rerank"}',
+                 'reranker_request_seconds_count{endpoint="/v1/rerank"}', "reranker_batch_pairs_count", "reranker_batch_tokens_count",
+                 "reranker_batch_seconds_count"):
+        assert metric(text, name) >= 1, name
+    assert metric(text, "reranker_queue_pairs") == 0 and metric(text, "reranker_requests_in_flight") == 0
+
+
+# --- batching, overload, timeouts, disconnects -------------------------------------------------------
+
+
+def test_concurrent_requests_share_batches(server, tiny_reranker):
+    url, app = server
+    sched = app.state.scheduler
+    post = lambda docs: httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=30)
+    metrics = lambda: httpx.get(f"{url}/metrics").text
+    before = metric(metrics(), "reranker_batch_pairs_count")
+    with model_busy(tiny_reranker):
+        first = in_background(post, DOCS[:1])
+        wait_until(lambda: sched.scoring == 1, "the first request is being decoded")
+        second, third = in_background(post, DOCS[1:4]), in_background(post, DOCS[4:9])
+        wait_until(lambda: sched.pending == 8, "both later requests are queued")
+    responses = [first(), second(), third()]
+    assert metric(metrics(), "reranker_batch_pairs_count") - before == 2, "the two queued requests should share one batch"
+    for r, docs in zip(responses, (DOCS[:1], DOCS[1:4], DOCS[4:9])):
+        want = tiny_reranker.compute_score([[QUERY, d] for d in docs])
+        assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(dict(enumerate(want)), abs=TOL)
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_reranker):
+    with running_server(tiny_reranker, ServeSettings(max_queue=4, retry_after=2)) as (url, app):
+        sched = app.state.scheduler
+        post = lambda docs: httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=30)
+        with model_busy(tiny_reranker):
+            first = in_background(post, DOCS[:1])
+            wait_until(lambda: sched.scoring == 1, "the first request is being decoded")
+            second = in_background(post, DOCS[1:5])
+            wait_until(lambda: sched.pending == 4, "the second request fills the queue")
+            r = post(DOCS[5:6])
+            assert r.status_code == 503 and r.headers["retry-after"] == "2" and "overloaded" in r.json()["detail"]
+        assert first().status_code == 200 and second().status_code == 200
+        assert post(DOCS[5:6]).status_code == 200, "once the queue drains, requests are taken again"
+
+
+def test_a_request_past_its_timeout_gets_504_and_its_work_is_dropped(tiny_reranker):
+    with running_server(tiny_reranker, ServeSettings(request_timeout=0.5)) as (url, app):
+        sched = app.state.scheduler
+        post = lambda docs: httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=30)
+        with model_busy(tiny_reranker):
+            first = in_background(post, DOCS[:1])
+            wait_until(lambda: sched.scoring == 1, "the first request is being decoded")
+            r = post(DOCS[1:6])
+            assert r.status_code == 504 and "timed out" in r.json()["detail"]
+            assert sched.pending == 0, "the timed-out request's pairs must leave the queue"
+        assert first().status_code == 504  # it too waited past its time, inside its decode
+        pairs = metric(httpx.get(f"{url}/metrics").text, "reranker_pairs_total")
+        assert pairs == 1, "only the pair already in the decode call is scored"
+
+
+def test_a_client_that_disconnects_frees_its_work(server, tiny_reranker):
+    url, app = server
+    sched = app.state.scheduler
+    metrics = lambda: httpx.get(f"{url}/metrics").text
+    before = metric(metrics(), "reranker_pairs_total")
+    body = json.dumps({"query": QUERY, "documents": DOCS[1:8]}).encode()
+    with model_busy(tiny_reranker):
+        first = in_background(lambda: httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": DOCS[:1]}, timeout=30))
+        wait_until(lambda: sched.scoring == 1, "the first request is being decoded")
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: sched.pending == 7, "the request is queued")
+        wait_until(lambda: sched.pending == 0, "the disconnected request's pairs leave the queue")
+    assert first().status_code == 200
+    assert metric(metrics(), "reranker_pairs_total") - before == 1, "the disconnected request must not be scored"
+    assert 'code="499"' in metrics()
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
+    from reranker.cli import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for argv, message in ((["--port", str(port)], "cannot bind"), (["--max-documents", "0"], "max_documents=0"),
+                              (["--request-timeout", "0"], "request_timeout"), (["--port", "70000"], "not a port"),
+                              (["--api-key", " "], "API key is empty")):
+            assert main(["serve", "-m", str(tiny_ggufs["f32"]), *argv]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("reranker serve: error:") and message in err and err.count("\n") == 1, err
+    finally:
+        taken.close()
+
+
+# --- the real command under load (slow tier) -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_process(gguf, log_path, *extra: str):
+    """`reranker serve` in its own process on a free port: (process, base URL)."""
+    cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--device", "cpu", "--n-ctx", "4096",
+           "--n-batch", "1024", "--threads", "1", *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"listening on (http://\S+)", log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        url = m.group(1)
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server is not healthy:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def request_pool(tiny_reranker, n: int, seed: int = 0) -> list[tuple[dict, dict[int, float]]]:
+    """`n` varied Jina requests (1-8 documents from PAIRS and longer texts) with their expected scores."""
+    rng = np.random.default_rng(seed)
+    queries = [q for q, _ in PAIRS[:4]]
+    docs = DOCS + [" ".join(rng.choice(["rank", "doc", "检索", "🎉", "query", "token"], size=int(k))) for k in rng.integers(20, 150, 12)]
+    want = {q: tiny_reranker.compute_score([[q, d] for d in docs]) for q in queries}
+    pool = []
+    for _ in range(n):
+        q = queries[int(rng.integers(len(queries)))]
+        idx = rng.choice(len(docs), size=int(rng.integers(1, 9)), replace=False).tolist()
+        pool.append(({"query": q, "documents": [docs[i] for i in idx]}, {j: want[q][i] for j, i in enumerate(idx)}))
+    return pool
+
+
+def check_response(r: httpx.Response, want: dict[int, float]) -> None:
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert got == pytest.approx(want, abs=TOL)
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_get_every_answer_right(tiny_ggufs, tiny_reranker, tmp_path):
+    pool = request_pool(tiny_reranker, 256)
+    with serve_process(tiny_ggufs["f32"], tmp_path / "serve.log") as (_, url):
+        def client(k: int) -> int:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for body, want in pool[k::32]:
+                    check_response(c.post("/v1/rerank", json=body), want)
+            return len(pool[k::32])
+
+        jobs = [in_background(client, k) for k in range(32)]
+        assert sum(job(300) for job in jobs) == len(pool)
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, 'reranker_requests_total{code="200",endpoint="/v1/rerank"}') == len(pool)
+        assert metric(text, "reranker_pairs_total") == sum(len(b["documents"]) for b, _ in pool)
+        batches = metric(text, "reranker_batch_pairs_count")
+        assert batches < len(pool) / 2, f"{batches} batches for {len(pool)} concurrent requests: they should share batches"
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_loses_no_accepted_request(tiny_ggufs, tiny_reranker, tmp_path):
+    pool = request_pool(tiny_reranker, 64, seed=1)
+    log_path = tmp_path / "serve.log"
+    with serve_process(tiny_ggufs["f32"], log_path) as (proc, url):
+        answered: list[tuple[float, float]] = []
+        stop_at = {"t": None}
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for i in range(10**6):
+                    body, want = pool[(k + 16 * i) % len(pool)]
+                    t0 = time.monotonic()
+                    try:
+                        r = c.post("/v1/rerank", json=body)
+                    except httpx.TransportError:
+                        return  # refused or cut before the server took it: checked against the server's count below
+                    check_response(r, want)
+                    with lock:
+                        answered.append((t0, time.monotonic()))
+
+        jobs = [in_background(client, k) for k in range(16)]
+        wait_until(lambda: len(answered) >= 40, "40 answers before the SIGTERM", timeout=120)
+        stop_at["t"] = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        for job in jobs:
+            job(60)
+    log = log_path.read_text()
+    m = re.search(r"stopped; (\d+) rerank requests accepted, (\d+) answered \((.*)\)", log)
+    assert m, log
+    accepted, n_answered, codes = int(m.group(1)), int(m.group(2)), m.group(3)
+    assert accepted == n_answered == len(answered) and codes == f"200: {accepted}", log
+    in_flight = sum(t0 < stop_at["t"] < t1 for t0, t1 in answered)
+    assert in_flight > 0, "no request was in flight at the SIGTERM: the test proved nothing"
+
+
+def test_a_failing_batch_costs_only_its_bad_request(tiny_reranker):
+    """The scheduler alone: a prompt the backbone refuses (an id outside the vocabulary) shares a batch with a
+    good request; the batch fails, each request is retried alone, and only the bad one gets the error."""
+    from reranker.engine.prompts import Prompt
+    from reranker.errors import RerankerError
+    from reranker.serve.scheduler import Scheduler
+
+    sched = Scheduler(tiny_reranker, batch_tokens=4096, max_queue=100)
+    sched.start()
+    try:
+        builder = tiny_reranker.prompt_builder()
+        good = [builder.build(QUERY, d) for d in DOCS[:4]]
+        with model_busy(tiny_reranker):
+            first = sched.submit(good[:1])
+            wait_until(lambda: sched.scoring == 1, "the first ticket is being decoded")
+            bad = sched.submit([good[1], Prompt([10**9], False)])
+            other = sched.submit(good[2:])
+        assert first.future.result(30) == pytest.approx(tiny_reranker.compute_score([[QUERY, DOCS[0]]]), abs=TOL)
+        with pytest.raises(RerankerError, match="outside the vocabulary"):
+            bad.future.result(30)
+        want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS[2:4]])
+        assert other.future.result(30).tolist() == pytest.approx(want, abs=TOL)
+    finally:
+        sched.stop(30)
+    assert not sched.running
