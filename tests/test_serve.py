@@ -195,6 +195,29 @@ def test_max_tokens_per_doc_cuts_documents(client, tiny_reranker):
     assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
 
 
+def test_chunking_field_scores_long_documents_as_compute_score_does(client, tiny_reranker):
+    """The `chunking` extension field: a document longer than max_length is scored chunk by chunk and
+    aggregated, as `compute_score(chunking=...)` does; `false` (or no field) truncates as before."""
+    from reranker import Chunking
+
+    long_doc = " ".join(f"passage {i} about rerankers, retrieval and 检索." for i in range(900))  # > 4096 tokens
+    docs = [DOCS[0], long_doc]
+    pairs = [[QUERY, d] for d in docs]
+    for field, chunking in [({"size": 512, "overlap": 64, "aggregate": "mean"}, Chunking(512, 64, aggregate="mean")),
+                            (True, Chunking()), (False, None)]:
+        want = tiny_reranker.compute_score(pairs, chunking=chunking)
+        if chunking is not None:
+            assert tiny_reranker.last_usage.chunks[1] > 1  # the long document was chunked
+        for path in ("/v1/rerank", "/v2/rerank"):
+            r = client.post(path, json={"query": QUERY, "documents": docs, "chunking": field})
+            assert r.status_code == 200, r.text
+            got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+            assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+    truncated = tiny_reranker.compute_score(pairs)
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": docs})
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(dict(enumerate(truncated)), abs=TOL)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 ERRORS = [
@@ -218,6 +241,11 @@ ERRORS = [
     ("/v2/rerank", {"query": "q", "documents": [{"text": "a"}]}, 422, "documents.0"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422, "max_tokens_per_doc"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 422, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "chunking": "yes"}, 422, "chunking: must be true, false or an object"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "chunking": {"size": 4}}, 422, "chunking.size"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "chunking": {"aggregate": "median"}}, 422, "chunking.aggregate"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "chunking": {"sise": 64}}, 422, "chunking.sise"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "chunking": {"size": 64, "overlap": 64}}, 422, "chunking: chunk overlap 64"),
 ]
 
 

@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 
-from reranker.cli.common import add_model_args, load_reranker
+from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
 
 
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=int, default=1024,
                    help="open connections at most; beyond, uvicorn answers 503 (default: %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    add_chunk_args(p)  # the default for requests; a request's "chunking" field overrides it
     p.set_defaults(func=run)
 
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
         raise RerankerError(f"reranker serve needs {e.name}: pip install 'jina-reranker-gguf[serve]'") from e
     settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                              max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
-                             max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens)
+                             max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,
+                             chunking=chunking_option(args))
     settings.check()
     if not 0 <= args.port <= 65535:
         raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")

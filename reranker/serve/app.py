@@ -135,11 +135,12 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             metrics.in_flight.inc()
             try:
                 try:
-                    prompts = await run_in_threadpool(build_prompts, reranker, req.query_text(), req.texts(), req.options())
+                    prepared = await run_in_threadpool(build_prompts, reranker, req.query_text(), req.texts(), req.options(),
+                                                       settings.chunking)
                 except RerankerError as e:
                     raise HTTPException(422, str(e)) from e
                 try:
-                    ticket = scheduler.submit(prompts)
+                    ticket = scheduler.submit(prepared.prompts)
                 except Overloaded as e:
                     raise overloaded(str(e)) from e
                 except Closed as e:
@@ -149,7 +150,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                 metrics.in_flight.dec()
             if scores is None:  # the client left: nobody reads this
                 return Response(status_code=CLIENT_CLOSED)
-            return JSONResponse(respond(req, scores.tolist(), ticket.tokens))
+            return JSONResponse(respond(req, prepared.scores(scores).tolist(), ticket.tokens))
         return await handled(endpoint, request, handler, rerank=True)
 
     def overloaded(why: str) -> HTTPException:
@@ -183,7 +184,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-_UNION_TAGS = {"str", "TextObject"}
+_UNION_TAGS = {"str", "TextObject", "bool", "ChunkingField"}
 
 
 def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
@@ -199,15 +200,19 @@ def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
             # A union's errors carry the member's name ('str', 'TextObject') in their location: merge them.
             loc = ".".join(str(p) for p in x["loc"] if str(p) not in _UNION_TAGS and not str(p).startswith("function-")) or "body"
             by_field.setdefault(loc, []).append(x)
-        parts = [f"{loc}: {_message(xs)}" for loc, xs in by_field.items()]
+        # A union member that got further (chunking.size) says more than one that failed at once (chunking: not a bool).
+        by_field = {loc: xs for loc, xs in by_field.items() if not any(k.startswith(loc + ".") for k in by_field)}
+        parts = [f"{loc}: {_message(loc, xs)}" for loc, xs in by_field.items()]
         raise HTTPException(422, "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")) from None
 
 
-def _message(errors: list[dict]) -> str:
+def _message(loc: str, errors: list[dict]) -> str:
     """One field's message; of a union's, our own validator's (an object's problem) when there is one."""
     own = [x["msg"].removeprefix("Value error, ") for x in errors if x["type"] == "value_error"]
     if own or len(errors) == 1:
         return (own or [errors[0]["msg"]])[0]
+    if loc == "chunking":
+        return "must be true, false or an object with size, overlap, max_chunks and aggregate"
     return "must be a string or an object with a string text field"
 
 

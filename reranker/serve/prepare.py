@@ -2,23 +2,68 @@
 
 Runs in a request's worker thread (the tokenizer has its own lock, so it overlaps the decode
 calls of other requests), before anything is queued: a bad text is refused here, alone.
+With chunking, a long document becomes one prompt per chunk (`reranker.engine.chunking`), and
+`Prepared.scores` folds the chunks' scores back into one per document.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from reranker.engine.chunking import Chunker, Chunking, aggregate
 from reranker.engine.prompts import MIN_LENGTH, Prompt, PromptBuilder
 from reranker.serve.schemas import ScoreOptions
 
 
-def build_prompts(reranker, query: str, documents: list[str], options: ScoreOptions) -> list[Prompt]:
-    """Prompts of `(query, document)` for each document, in order, truncated as `compute_score` does.
+@dataclass
+class Prepared:
+    """A request's prompts, and per document its number of prompts (None: one each, no chunking)."""
+
+    prompts: list[Prompt]
+    counts: list[int] | None = None
+    chunking: Chunking | None = None
+
+    def scores(self, prompt_scores: np.ndarray) -> np.ndarray:
+        """One score per document from the scores of `prompts`."""
+        if self.counts is None:
+            return prompt_scores
+        return aggregate(prompt_scores, self.counts, self.chunking.aggregate).scores
+
+
+def request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunking | None:
+    """The request's `chunking` over the server's (`reranker serve --chunk ...`); a bad one is a RerankerError."""
+    field = options.chunking
+    if field is None:
+        return default
+    if field is False:
+        return None
+    base = default or Chunking()
+    if field is True:
+        return base
+    given = {f.name: getattr(field, f.name) for f in fields(Chunking) if getattr(field, f.name, None) is not None}
+    try:
+        return Chunking(**{**{f.name: getattr(base, f.name) for f in fields(Chunking)}, **given})
+    except Exception as e:  # RerankerError from Chunking's checks: name the field
+        raise type(e)(f"chunking: {e}") from e
+
+
+def build_prompts(reranker, query: str, documents: list[str], options: ScoreOptions,
+                  default_chunking: Chunking | None = None) -> Prepared:
+    """Prompts of `(query, document)` for each document, in order, truncated (or chunked) as `compute_score` does.
 
     (A lone surrogate cannot reach here: the JSON parser refuses `"\\ud800"` with a 400.)
     """
+    chunking = request_chunking(options, default_chunking)
     builder = reranker.prompt_builder()
     if options.max_tokens_per_doc is not None:
         # The prompt without its document (template, cut query, scoring token), plus the document's allowance.
         base = len(builder.build(query, "").ids)
         limit = max(MIN_LENGTH, min(builder.max_length, base + options.max_tokens_per_doc))
         builder = PromptBuilder(builder.tokenizer, limit, builder.max_query_length)
-    return [builder.build(query, d) for d in documents]
+    if chunking is None:
+        return Prepared([builder.build(query, d) for d in documents])
+    chunker = Chunker(builder, chunking)
+    docs = [chunker.prompts(query, d) for d in documents]
+    return Prepared([p for doc in docs for p in doc.prompts], [len(doc.prompts) for doc in docs], chunking)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,11 +26,23 @@ class ScoreOptions:
     """How one request's pairs become prompts (None: the server's setting).
 
     `max_tokens_per_doc`: each document is cut to about this many tokens (Cohere's field).
-    Planned, from the API: long-document chunking and the deterministic mode go here as fields,
-    set from their request fields in `options()`, and are read in `prepare.build_prompts`.
+    `chunking`: our extension, the API's `chunking=`: False (truncate), True (the server's
+    `--chunk` settings, else the defaults) or a `ChunkingField`; None: the server's setting.
+    The deterministic mode is a load-time setting of the model: `reranker serve --deterministic`.
     """
 
     max_tokens_per_doc: int | None = None
+    chunking: bool | ChunkingField | None = None
+
+
+class ChunkingField(BaseModel):
+    """The `chunking` request field as an object (an extension of both APIs): `reranker.Chunking`'s fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    size: int | None = Field(default=None, ge=8)
+    overlap: int | None = Field(default=None, ge=0)
+    max_chunks: int | None = Field(default=None, ge=1)
+    aggregate: Literal["max", "mean", "first"] | None = None
 
 
 class TextObject(BaseModel):
@@ -60,6 +73,7 @@ class JinaRerankRequest(BaseModel):
     documents: list[str | TextObject] = Field(min_length=1)
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = True
+    chunking: bool | ChunkingField | None = None
 
     def query_text(self) -> str:
         return self.query if isinstance(self.query, str) else self.query.as_text()
@@ -68,7 +82,7 @@ class JinaRerankRequest(BaseModel):
         return [d if isinstance(d, str) else d.as_text() for d in self.documents]
 
     def options(self) -> ScoreOptions:
-        return ScoreOptions()
+        return ScoreOptions(chunking=self.chunking)
 
 
 class CohereRerankRequest(BaseModel):
@@ -80,6 +94,7 @@ class CohereRerankRequest(BaseModel):
     documents: list[str] = Field(min_length=1)
     top_n: int | None = Field(default=None, ge=1)
     max_tokens_per_doc: int | None = Field(default=None, ge=1)
+    chunking: bool | ChunkingField | None = None
 
     def query_text(self) -> str:
         return self.query
@@ -88,7 +103,7 @@ class CohereRerankRequest(BaseModel):
         return list(self.documents)
 
     def options(self) -> ScoreOptions:
-        return ScoreOptions(max_tokens_per_doc=self.max_tokens_per_doc)
+        return ScoreOptions(max_tokens_per_doc=self.max_tokens_per_doc, chunking=self.chunking)
 
 
 RerankRequest = JinaRerankRequest | CohereRerankRequest

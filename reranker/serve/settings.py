@@ -19,7 +19,8 @@ class ServeSettings:
     - `max_queue`: pairs waiting for the scheduler before new requests get 503 + Retry-After;
     - `request_timeout`: seconds from a request's arrival to its answer, else 504 (its work is dropped);
     - `batch_tokens`: prompt tokens per scheduler batch (None: 4 x the backbone's n_batch);
-    - `retry_after`: the Retry-After seconds of an overload answer.
+    - `retry_after`: the Retry-After seconds of an overload answer;
+    - `chunking`: long documents chunked by default (`--chunk ...`); a request's `chunking` field overrides it.
     """
 
     model_name: str = "jina-reranker-m0"
@@ -30,6 +31,7 @@ class ServeSettings:
     request_timeout: float = 60.0
     batch_tokens: int | None = None
     retry_after: int = 1
+    chunking: object | None = None  # a reranker.Chunking (not imported here: it loads llama.cpp)
 
     def check(self) -> None:
         from reranker.engine.prompts import require_int  # imports llama.cpp: not at CLI start-up
