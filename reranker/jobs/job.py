@@ -142,7 +142,7 @@ class Window:
 Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
 
 
-def _windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
+def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
     consumed, units, rejects, pairs = start, [], [], 0
     for item in items:
         consumed += 1
@@ -322,7 +322,7 @@ class Job:
         stop = threading.Event()
         items = one_run_per_query(read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
                                              corpus=spec.corpus, run=spec.run))
-        windows = _windows(itertools.islice(items, self.consumed, None), self.consumed, spec.window, spec)
+        windows = cut_windows(itertools.islice(items, self.consumed, None), self.consumed, spec.window, spec)
         out_q: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         writer_thread = threading.Thread(target=self._write_loop, args=(out_q, writer, rejects, failure),

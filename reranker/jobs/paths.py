@@ -132,7 +132,7 @@ def check_input(what: str, path: Path, folder_ok: bool = False) -> None:
     raise RerankerError(f"the {what} {path} is a {_kind(st.st_mode)}, not a regular file: {STREAM_FIX}")
 
 
-def _check_written(files: JobFiles, what: str, path: Path, folder: bool) -> None:
+def check_written(files: JobFiles, what: str, path: Path, folder: bool) -> None:
     """`path` is absent, or what the job writes there: a regular file (or a real folder)."""
     try:
         st = os.lstat(path)
@@ -152,7 +152,7 @@ def _check_written(files: JobFiles, what: str, path: Path, folder: bool) -> None
                         f"written: choose another {files.flag(what)}")
 
 
-def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+def file_identity(path: Path) -> tuple[str, tuple[int, int] | None]:
     """(the path with symlinks resolved, (device, inode) when it exists): equal parts mean one file."""
     try:
         st = os.stat(path)
@@ -162,7 +162,7 @@ def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
     return os.path.realpath(path), inode
 
 
-def _same(a: tuple[str, tuple[int, int] | None], b: tuple[str, tuple[int, int] | None]) -> bool:
+def same_file(a: tuple[str, tuple[int, int] | None], b: tuple[str, tuple[int, int] | None]) -> bool:
     return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
 
 
@@ -174,16 +174,16 @@ def check_job_files(files: JobFiles, reads: list[tuple[str, Path]]) -> None:
     """
     written = files.written()
     for what, path, folder in written:
-        _check_written(files, what, path, folder)
-    ids = [(what, path, _identity(path)) for what, path, _ in written]
+        check_written(files, what, path, folder)
+    ids = [(what, path, file_identity(path)) for what, path, _ in written]
     for what, path, ident in ids:
         for other, other_path in reads:
-            if _same(ident, _identity(other_path)):
+            if same_file(ident, file_identity(other_path)):
                 raise RerankerError(f"the {what} {path} is the {other} {other_path} (the same file): the job would "
                                     f"overwrite it; choose another {files.flag(what)}")
     for i, a in enumerate(ids):
         for b in ids[:i]:
-            if _same(a[2], b[2]):
+            if same_file(a[2], b[2]):
                 (what, path, _), (other, other_path, _) = (b, a) if files.flag(b[0]) == "--rejects" else (a, b)
                 raise RerankerError(f"the {what} {path} is also the job's {other} {other_path}; "
                                     f"choose another {files.flag(what)}")

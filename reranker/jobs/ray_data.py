@@ -122,7 +122,7 @@ class RayReranker:
         import pyarrow as pa
 
         from reranker.engine.scoring import score_prompts
-        from reranker.jobs.writers import _ranked
+        from reranker.jobs.writers import rank_table
 
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         c = self.columns
@@ -150,7 +150,7 @@ class RayReranker:
             if c["query_id"] not in out.column_names:
                 raise RerankerError(f"rank=True needs the query id column {c['query_id']!r}")
             keys = pa.table({"query_id": out.column(c["query_id"]), "score": out.column("score")})
-            out = out.append_column("rank", _ranked(pa, keys).column("rank"))
+            out = out.append_column("rank", rank_table(pa, keys).column("rank"))
         if self.stats:
             out = out.append_column("_tokens", pa.array([len(p.ids) for p in prompts], pa.int32()))
             out = out.append_column("_truncated", pa.array([p.truncated for p in prompts], pa.bool_()))

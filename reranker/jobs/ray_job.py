@@ -1,7 +1,7 @@
 """`reranker score --engine ray`: the offline job on a Ray cluster, written per shard, resumable by shard.
 
 The driver reads the input with the local job's readers, query-id rule and `--on-error` rules
-(`read_input`, `one_run_per_query`, `job._windows`), so it cuts exactly the local job's windows
+(`read_input`, `one_run_per_query`, `job.cut_windows`), so it cuts exactly the local job's windows
 of `--window` pairs, and groups them into shards of `--shard-windows` windows, cut only between
 two queries. Rejects go to the rejects file as in the local job; with `--on-error fail` the
 first bad record stops the job before anything is scored.
@@ -44,12 +44,12 @@ import numpy as np
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
 from reranker.jobs.checkpoint import changed_parts, input_fingerprint
-from reranker.jobs.job import JobSpec, Stats, Window, _windows, check_spec_settings, write_summary
-from reranker.jobs.paths import _check_written, _identity, _same, input_files, writing
+from reranker.jobs.job import JobSpec, Stats, Window, check_spec_settings, cut_windows, write_summary
+from reranker.jobs.paths import check_written, file_identity, input_files, same_file, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import import_pyarrow, read_input
 from reranker.jobs.validate import one_run_per_query
-from reranker.jobs.writers import PARQUET_COMPRESSION, RejectsWriter, _ranked
+from reranker.jobs.writers import PARQUET_COMPRESSION, RejectsWriter, rank_table
 
 log = logging.getLogger("reranker.jobs")
 
@@ -116,11 +116,11 @@ def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None,
     written = [("output folder", out, True), ("rejects file", files.rejects, False), ("summary", files.summary, False),
                ("lock file", files.locks[0], False), ("rejects lock file", files.locks[1], False)]
     for what, path, folder in written:
-        _check_written(files, what, path, folder)
+        check_written(files, what, path, folder)
     out_real = os.path.realpath(out)
     for what, path, _ in written:
         for other, other_path in reads:
-            if _same(_identity(path), _identity(other_path)) or os.path.realpath(other_path).startswith(out_real + os.sep):
+            if same_file(file_identity(path), file_identity(other_path)) or os.path.realpath(other_path).startswith(out_real + os.sep):
                 raise RerankerError(f"the {what} {path} is or holds the {other} {other_path}: the job would overwrite it; "
                                     f"choose another {files.flag(what)}")
     items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus, run=spec.run)
@@ -227,7 +227,7 @@ class RayJob:
         schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())])
         base = table.select(["query_id", "doc_id", "score"]).cast(schema) if table is not None and table.num_rows else \
             pa.table({n: pa.array([], schema.field(n).type) for n in schema.names})
-        part = _ranked(pa, base).replace_schema_metadata({"reranker.tokens": str(tokens), "reranker.truncated": str(truncated)})
+        part = rank_table(pa, base).replace_schema_metadata({"reranker.tokens": str(tokens), "reranker.truncated": str(truncated)})
         path = self.out / part_name(shard.index)
         with writing(path, "part"), atomic_path(path) as tmp:
             pq.write_table(part, tmp, compression=PARQUET_COMPRESSION)
@@ -245,7 +245,7 @@ class RayJob:
         blocks: list = []
         shards = 0
         window_no = 0
-        for index, windows in _shards(_windows(items, 0, spec.window, spec), self.options.shard_windows):
+        for index, windows in _shards(cut_windows(items, 0, spec.window, spec), self.options.shard_windows):
             shards += 1
             shard = _Shard(index)
             for w in windows:

@@ -461,7 +461,7 @@ class ParquetWriter(_Resumable):
         with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION) as out:
             pending = pa.table({name: pa.array([], schema.field(name).type) for name in schema.names})
             for table in self._whole_queries():
-                pending = pa.concat_tables([pending, _ranked(pa, table)])
+                pending = pa.concat_tables([pending, rank_table(pa, table)])
                 while pending.num_rows >= PARQUET_ROW_GROUP:
                     # One contiguous chunk per row group: the page layout then depends on the rows alone.
                     out.write_table(pending.slice(0, PARQUET_ROW_GROUP).combine_chunks(), row_group_size=PARQUET_ROW_GROUP)
@@ -499,7 +499,7 @@ def _part_number(name: str) -> int | None:
     return None
 
 
-def _ranked(pa: Any, table: Any) -> Any:
+def rank_table(pa: Any, table: Any) -> Any:
     """`table` with a rank column: 1-based by descending score within runs of one query id, ties by row order."""
     import numpy as np
     import pyarrow.compute as pc
