@@ -78,6 +78,17 @@ class JobSpec:
         return input_reads(self.input, self.input_format, self.queries, self.corpus, self.run)
 
 
+def check_resumable(state: dict, fingerprint: dict, output: Path, rejects_id: str) -> None:
+    """Refuse to resume `output` from a checkpoint `state` made with other settings or another rejects file."""
+    changed = changed_parts(state.get("fingerprint", {}), fingerprint)
+    if changed:
+        raise RerankerError(f"{output} was started with a different {', '.join(changed)}; "
+                            "rerun with --restart to start over, or write to another -o")
+    if state.get("rejects_path") != rejects_id:
+        raise RerankerError(f"{output} was started with the rejects file {state.get('rejects_path')}; "
+                            "pass that --rejects to resume, or --restart to start over")
+
+
 def check_spec_settings(spec: JobSpec) -> None:
     """The settings every engine shares: window, depth and the error rule."""
     if spec.window < 1:
@@ -259,13 +270,7 @@ class Job:
         files, state = self.files, None if self.spec.restart else self.checkpoint.load()
         recorded = state is not None
         if state is not None:
-            changed = changed_parts(state["fingerprint"], self.fingerprint)
-            if changed:
-                raise RerankerError(f"{files.output} was started with a different {', '.join(changed)}; "
-                                    "rerun with --restart to start over, or write to another -o")
-            if state.get("rejects_path") != self._rejects_id():
-                raise RerankerError(f"{files.output} was started with the rejects file {state.get('rejects_path')}; "
-                                    "pass that --rejects to resume, or --restart to start over")
+            check_resumable(state, self.fingerprint, files.output, self._rejects_id())
             if state.get("done"):
                 if files.output.is_file() and all(p.is_file() for what, p in files.hidden_written() if "draft" not in what):
                     raise JobAlreadyDone(Stats(**state["stats"]))

@@ -43,8 +43,8 @@ import numpy as np
 
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
-from reranker.jobs.checkpoint import changed_parts, input_fingerprint
-from reranker.jobs.job import JobSpec, Stats, Window, check_spec_settings, cut_windows, write_summary
+from reranker.jobs.checkpoint import input_fingerprint
+from reranker.jobs.job import JobSpec, Stats, Window, check_resumable, check_spec_settings, cut_windows, write_summary
 from reranker.jobs.paths import check_written, file_identity, input_files, same_file, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import import_pyarrow, read_input
@@ -176,13 +176,7 @@ class RayJob:
         if state is not None and not self.spec.restart:
             if state.get("version") != VERSION:
                 raise RerankerError(f"{self._manifest()} was written by another version; rerun with --restart to start over")
-            changed = changed_parts(state.get("fingerprint", {}), self.fingerprint)
-            if changed:
-                raise RerankerError(f"{out} was started with a different {', '.join(changed)}; "
-                                    "rerun with --restart to start over, or write to another -o")
-            if state.get("rejects_path") != self._rejects_id():
-                raise RerankerError(f"{out} was started with the rejects file {state.get('rejects_path')}; "
-                                    "pass that --rejects to resume, or --restart to start over")
+            check_resumable(state, self.fingerprint, out, self._rejects_id())
         elif not self.spec.restart:
             rejects = self.spec.files().rejects
             if ours:
