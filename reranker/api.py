@@ -109,7 +109,7 @@ class Reranker:
                         *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = N_BATCH,
                         n_seq_max: int = N_SEQ_MAX, n_gpu_layers: int = -1, n_threads: int | None = None,
                         flash_attn: bool | None = None, kv_type: str | None = None, fast: bool = True,
-                        identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = False, max_length: int | None = None,
+                        identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = None, max_length: int | None = None,
                         max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
                         deterministic: bool = False) -> "Reranker":
@@ -125,10 +125,10 @@ class Reranker:
         states rounded to half precision). `fast=False` uses embedding mode, the upstream recipe's path.
 
         `bf16` (fast path, F16 GGUFs): that copy also stores each F16 tensor whose values are
-        exact in BF16 as BF16, for llama.cpp's native bf16 mat-muls. False (default): never (on a
-        2-core AMX Xeon it was no faster and moved scores 10x more than F16: benchmarks/RESULTS.md);
-        None: automatic, when the layers run on a CPU with avx512_bf16/amx_bf16 (`RERANKER_BF16=0/1`
-        overrides); True: always. `weights_dtype` (and `last_usage.weights`) says what was chosen.
+        exact in BF16 as BF16, for llama.cpp's native bf16 mat-muls (the same weights; activations
+        rounded to bf16 instead of f16). None (default): automatic, when the layers run on a CPU
+        with avx512_bf16/amx_bf16 (`RERANKER_BF16=0/1` overrides); True: always; False: never.
+        `weights_dtype` (and `last_usage.weights`) says what was chosen.
 
         `deterministic=True`: every prompt is decoded on its own from an empty KV cache and the head
         runs one row at a time, so a pair's score does not depend on the other pairs of a call
@@ -155,7 +155,7 @@ class Reranker:
         scoring_head = head if isinstance(head, ScoringHead) else ScoringHead.load(head)
         if max_length is None:
             max_length = min(MAX_LENGTH, n_ctx) if n_ctx else MAX_LENGTH
-        want_bf16, why = use_bf16(bf16, n_gpu_layers)
+        want_bf16, why = use_bf16(bf16, n_gpu_layers, files.gguf)
         gguf_path = fast_path_gguf(files.gguf, identity_dtype, want_bf16, n_gpu_layers) if fast else files.gguf
         backbone = Backbone(gguf_path, fast=fast, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
                             n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type,
@@ -319,3 +319,9 @@ class Reranker:
     def close(self) -> None:
         """Free the llama.cpp model and context; later calls raise a `RerankerError`. Closing twice is fine."""
         self.backbone.close()
+
+    def __enter__(self) -> "Reranker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -99,6 +99,15 @@ def test_auto_choice(monkeypatch):
     assert weights.use_bf16(True, 0)[0] is True
 
 
+def test_only_f16_files_count_as_reencoded(tmp_path):
+    f16 = _tiny_gguf(tmp_path / "m-F16.gguf", {"token_embd.weight": np.zeros((N_VOCAB, N_EMBD), np.float16)})
+    f32 = _tiny_gguf(tmp_path / "m-F32.gguf", {"token_embd.weight": np.zeros((N_VOCAB, N_EMBD), np.float32)},
+                     gguf.LlamaFileType.ALL_F32)
+    assert weights.use_bf16(True, 0, f16) == (True, "requested")
+    # A job's settings record the re-encode only where it happens, so an F32 or quantized job resumes under any --bf16.
+    assert weights.use_bf16(True, 0, f32) == (False, "the GGUF stores F32, not F16")
+
+
 def test_cpu_flags_parse(monkeypatch):
     monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 amx_bf16 avx512_bf16\n\n")
     assert weights.cpu_bf16_flags() == ("avx512_bf16", "amx_bf16")
@@ -130,7 +139,7 @@ def test_cli_option():
 
     p = argparse.ArgumentParser()
     add_model_args(p)
-    assert bf16_option(p.parse_args([])) is False
+    assert bf16_option(p.parse_args([])) is None  # auto by default
     assert bf16_option(p.parse_args(["--bf16", "auto"])) is None
     assert bf16_option(p.parse_args(["--bf16", "off"])) is False
     assert bf16_option(p.parse_args(["--bf16", "on"])) is True
@@ -173,7 +182,7 @@ def test_reencoded_copy_is_the_bf16_conversion(bf16_pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tmp_path):
+def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tmp_path, monkeypatch):
     from conftest import PAIRS
 
     from reranker import Reranker
@@ -192,3 +201,29 @@ def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tm
     assert np.abs(got["off"][0] - got["re"][0]).max() < 2e-2  # same weights; activations rounded to bf16 vs f16
     with pytest.raises(RerankerError, match="fast=True"):
         Reranker.from_pretrained(str(f16), bf16=True, fast=False, **load)
+
+    # The default is automatic: BF16 where the CPU has native bf16 dot products, F16 elsewhere.
+    monkeypatch.delenv(weights.BF16_ENV)
+    for native, want in ((True, "BF16"), (False, "F16")):
+        monkeypatch.setattr(weights, "native_bf16", lambda native=native: (native, "test"))
+        with Reranker.from_pretrained(str(f16), **load) as rr:
+            assert rr.weights_dtype == want
+            assert np.array_equal(rr.compute_score(PAIRS), got["re" if native else "off"][0])
+
+
+def test_a_job_is_not_resumed_across_the_bf16_choice(bf16_pair, tmp_path, capsys):
+    """A changed --bf16 (or a default that chose otherwise) is a changed setting, named in the error."""
+    import json
+
+    from reranker.cli import main
+
+    f16, _ = bf16_pair
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"query": "q", "documents": ["a", "b"]}) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    base = ["score", "-m", str(f16), "-i", str(inp), "-o", str(out), "--n-ctx", "512", "--quiet", "--threads", "1"]
+    assert main([*base, "--bf16", "off"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--bf16", "on"]) != 0
+    assert "different settings (bf16: off -> on: pass the options it was started with to resume)" in capsys.readouterr().err
+    assert main([*base, "--bf16", "off"]) == 0  # the same choice resumes (here: finds the job done)

@@ -120,6 +120,13 @@ def test_closed_reranker_raises(own_reranker):
         tokenizer.encode("text")
 
 
+def test_with_block_closes_the_reranker(own_reranker):
+    with own_reranker as rr:
+        assert rr is own_reranker and len(rr.compute_score(PAIRS[:2])) == 2
+    with pytest.raises(RerankerError, match="this Reranker is closed"):
+        own_reranker.compute_score(PAIRS[:2])
+
+
 def test_tokenizer_of_a_closed_vocab_only_raises(gguf_path):
     vocab = VocabOnly(gguf_path)
     tokenizer = vocab.tokenizer

@@ -32,9 +32,9 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores, one fewer when the load average says one is busy; "
                         "RERANKER_THREADS overrides)")
-    p.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
-                   help="store an F16 GGUF's bf16-exact tensors as BF16 in the fast path's copy: off (default, keep F16); "
-                        "auto: when the layers run on a CPU with avx512_bf16/amx_bf16; on")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="store an F16 GGUF's bf16-exact tensors as BF16 in the fast path's copy: auto (default: when the "
+                        "layers run on a CPU with avx512_bf16/amx_bf16), on, or off (keep F16)")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"prompt tokens at most (default: {MAX_LENGTH}, or --n-ctx if smaller)")
     p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="query tokens at most (default: %(default)s)")
@@ -63,7 +63,7 @@ def load_reranker(args: argparse.Namespace) -> "Reranker":
 
 def bf16_option(args: argparse.Namespace) -> bool | None:
     """`--bf16 auto|on|off` as `from_pretrained`'s `bf16` (None, True, False)."""
-    return {"auto": None, "on": True, "off": False}[getattr(args, "bf16", "off")]
+    return {"auto": None, "on": True, "off": False}[getattr(args, "bf16", "auto")]
 
 
 def resolve_device(device: str | None) -> "torch.device":

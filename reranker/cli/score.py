@@ -108,7 +108,7 @@ def _job_settings(args: argparse.Namespace, files, head_path: Path) -> tuple[dic
     max_length = args.max_length or min(MAX_LENGTH, args.n_ctx or MAX_LENGTH)
     load = dict(n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                 max_length=max_length, max_query_length=args.max_query_length, deterministic=args.deterministic)
-    bf16, _ = use_bf16(bf16_option(args), args.n_gpu_layers)  # decided once, so every worker loads the same copy
+    bf16, _ = use_bf16(bf16_option(args), args.n_gpu_layers, files.gguf)  # decided once, so every worker loads the same copy
     load["bf16"] = bf16
     settings = {"fast": True, "identity_dtype": IDENTITY_DTYPE}
     if bf16:  # BF16 mat-muls round activations differently: a job is not resumed across the two

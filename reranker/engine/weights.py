@@ -2,17 +2,20 @@
 
 BF16: an F16 GGUF whose tensors hold bf16 values (the release's do: the checkpoint is bf16) can be
 run as BF16 with the same weights, and llama.cpp's BF16 mat-muls use the CPU's native bf16 dot
-products (AVX512_BF16), 1.4-1.7x faster than its F16 ones on such a CPU (benchmarks/RESULTS.md).
-`fast_path_gguf` makes the fast path's cached copy with that re-encode when `use_bf16` says so:
+products (AVX512_BF16): 1.7x its F16 on a 2-core AMD EPYC, 1.1x on an Intel Xeon with AMX
+(benchmarks/RESULTS.md). `fast_path_gguf` makes the fast path's cached copy with that re-encode
+when `use_bf16` says so:
 
+- only for an F16 file (`general.file_type` MOSTLY_F16): other files have nothing to re-encode;
 - an explicit `bf16=True/False` wins; then `RERANKER_BF16=1` or `0`;
-- otherwise (auto) yes when the layers run on the CPU (no GPU offload) and the CPU reports
-  `avx512_bf16` or `amx_bf16` in /proc/cpuinfo (Linux only; elsewhere, e.g. macOS arm64, auto
-  keeps F16) and llama.cpp was built with AVX512_BF16.
+- otherwise (auto, the default) yes when the layers run on the CPU (no GPU offload) and the CPU
+  reports `avx512_bf16` or `amx_bf16` in /proc/cpuinfo (Linux only; elsewhere, e.g. macOS arm64,
+  auto keeps F16) and llama.cpp was built with AVX512_BF16.
 
 Only tensors whose every value is exact in BF16 are re-encoded (checked per tensor), so the
 weights are unchanged; the activations are rounded to bf16 instead of f16 inside the mat-muls,
-as in transformers' bf16 mode, which moves scores by about 1e-3 (RESULTS.md).
+as in transformers' bf16 mode. On random-weight models that moves scores by up to 7.6e-3 from
+fp32 (F16: 6.3e-4; transformers bf16: 1.7e-2); `bf16=False` / `--bf16 off` keeps F16.
 
 Threads: `default_threads()`, see its docstring.
 """
@@ -61,8 +64,13 @@ def native_bf16() -> tuple[bool, str]:
     return True, f"the CPU has {'/'.join(flags)}"
 
 
-def use_bf16(bf16: bool | None = None, n_gpu_layers: int = -1) -> tuple[bool, str]:
-    """(whether the fast path's copy re-encodes F16 tensors as BF16, why): see the module docstring."""
+def use_bf16(bf16: bool | None = None, n_gpu_layers: int = -1, src: str | os.PathLike | None = None) -> tuple[bool, str]:
+    """(whether the fast path's copy of `src` re-encodes F16 tensors as BF16, why): see the module docstring.
+    Without `src` the answer is for an F16 file."""
+    if src is not None:
+        stored = file_weights(src)
+        if stored != "F16":
+            return False, f"the GGUF stores {stored}, not F16"
     if bf16 is not None:
         return bool(bf16), "requested" if bf16 else "turned off"
     forced = os.environ.get(BF16_ENV)
@@ -81,7 +89,7 @@ def fast_path_gguf(src: str | os.PathLike, identity_dtype: str, bf16: bool | Non
     `Reranker.from_pretrained(fast=True)` loads; call it beforehand to write the copy up front."""
     from reranker.engine.identity import with_identity_output
 
-    want, why = use_bf16(bf16, n_gpu_layers)
+    want, why = use_bf16(bf16, n_gpu_layers, src)
     path = with_identity_output(src, identity_dtype, bf16=want)
     log.debug("fast path copy %s (bf16 re-encode %s: %s)", path.name, "on" if want else "off", why)
     return path

@@ -80,9 +80,18 @@ class JobSpec:
 
 def check_resumable(state: dict, fingerprint: dict, output: Path, rejects_id: str) -> None:
     """Refuse to resume `output` from a checkpoint `state` made with other settings or another rejects file."""
-    changed = changed_parts(state.get("fingerprint", {}), fingerprint)
+    old = state.get("fingerprint", {})
+    changed = changed_parts(old, fingerprint)
     if changed:
-        raise RerankerError(f"{output} was started with a different {', '.join(changed)}; "
+        hint = ""
+        if "settings" in changed:  # name the settings, so a changed default (--bf16 auto) can be set back
+            was, now = old.get("settings") or {}, fingerprint.get("settings") or {}
+            def show(v):
+                return "off" if v in (None, False) else "on" if v is True else v
+
+            diff = [f"{k}: {show(was.get(k))} -> {show(now.get(k))}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
+            hint = f" ({'; '.join(diff)}: pass the options it was started with to resume)" if diff else ""
+        raise RerankerError(f"{output} was started with a different {', '.join(changed)}{hint}; "
                             "rerun with --restart to start over, or write to another -o")
     if state.get("rejects_path") != rejects_id:
         raise RerankerError(f"{output} was started with the rejects file {state.get('rejects_path')}; "

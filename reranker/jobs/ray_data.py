@@ -61,7 +61,7 @@ def node_lock(cache_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing drops the lock; the file stays, so every actor locks the same inode
 
 
-def prepare_model(model: str, head: str | None = None, *, bf16: bool | None = False, n_gpu_layers: int = -1,
+def prepare_model(model: str, head: str | None = None, *, bf16: bool | None = None, n_gpu_layers: int = -1,
                   identity_dtype: str | None = None, fast: bool = True) -> tuple[str, str, bool]:
     """(GGUF path, head path, whether this call wrote the fast path's copy), once per node.
 
@@ -111,7 +111,7 @@ class RayReranker:
         load = dict(load or {})
         if not _has_gpu():
             load.update(n_gpu_layers=0, device="cpu")
-        gguf, head_path, _ = prepare_model(model, head, bf16=load.get("bf16", False), n_gpu_layers=load.get("n_gpu_layers", -1),
+        gguf, head_path, _ = prepare_model(model, head, bf16=load.get("bf16"), n_gpu_layers=load.get("n_gpu_layers", -1),
                                            identity_dtype=load.get("identity_dtype"), fast=load.get("fast", True))
         self.reranker = Reranker.from_pretrained(gguf, head=head_path, **load)
         self.builder = self.reranker.prompt_builder()
