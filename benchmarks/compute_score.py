@@ -68,7 +68,8 @@ def main() -> None:
     pairs = synthetic_pairs(args.pairs)
     threads = os.cpu_count()
 
-    reranker = Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=4096, n_batch=args.n_batch, n_threads=threads)
+    # bf16=False: the file as stored, like the obvious path (the BF16 re-encode is measured in peer.py)
+    reranker = Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=4096, n_batch=args.n_batch, n_threads=threads, bf16=False)
     reranker.compute_score(pairs[:4])  # warm-up
     t = time.perf_counter()
     reranker.compute_score(pairs, batch_size=len(pairs))

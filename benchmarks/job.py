@@ -163,7 +163,7 @@ def run_job_subprocess(gguf: Path, input_path: Path, output: Path, args) -> tupl
     """`reranker score` as a user runs it; returns (summary, whole-command seconds, scores in input order)."""
     cmd = [sys.executable, "-m", "reranker", "score", "-m", str(gguf), "-i", str(input_path), "-o", str(output),
            "--per", "pair", "--window", str(args.window), "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch),
-           "--threads", str(args.threads), "--device", "cpu", "--quiet", "--restart"]
+           "--threads", str(args.threads), "--device", "cpu", "--bf16", args.bf16, "--quiet", "--restart"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
     whole = time.perf_counter() - t
@@ -181,7 +181,7 @@ def run_job_in_process(gguf: Path, input_path: Path, output: Path, args) -> tupl
 
     argv = ["score", "-m", str(gguf), "-i", str(input_path), "-o", str(output), "--per", "pair", "--window",
             str(args.window), "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch), "--threads", str(args.threads),
-            "--device", "cpu", "--quiet", "--restart"]
+            "--device", "cpu", "--bf16", args.bf16, "--quiet", "--restart"]
     timer = DecodeTimer()
     with timer.active():
         rc = cli_main(argv)
@@ -215,6 +215,8 @@ def main() -> None:
                     help="pairs for the upstream and obvious paths, the first N (default: %(default)s; 0: all); "
                          "they are ~8x slower on the small model, whose vocabulary projection dominates")
     ap.add_argument("--transformers-pairs", type=int, default=64, help="pairs for the transformers path (default: %(default)s)")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="off",
+                    help="ours' BF16 re-encode (default: off, so ours runs the file as stored, like the llama.cpp baselines)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-obvious", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench",
@@ -250,7 +252,7 @@ def main() -> None:
         tmp = Path(tmp)
         input_path = tmp / "pairs.jsonl"
         write_pairs_jsonl(input_path, pairs)
-        rr = Reranker.from_pretrained(str(gguf), fast=True, **load)
+        rr = Reranker.from_pretrained(str(gguf), fast=True, bf16={"auto": None, "on": True, "off": False}[args.bf16], **load)
         builder = PromptBuilder(rr.backbone.tokenizer, min(max_length, rr.backbone.n_ctx), MAX_QUERY_LENGTH)
         t = time.perf_counter()
         prompts = [builder.build(q, d) for q, d in pairs]
