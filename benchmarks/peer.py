@@ -80,8 +80,23 @@ def run_ours(path: Path, pairs, threads: int, bf16: bool, rounds: int) -> dict:
     return out
 
 
+def llama_cpp_features() -> str:
+    """The SIMD features llama.cpp's CPU backend was built with (`= 1` entries of its system info)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return ",".join(k.strip() for k, _, v in (x.partition("=") for x in info.replace("CPU :", "").split("|")) if v.strip() == "1"
+                    and k.strip() in ("AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX_INT8", "F16C", "FMA"))
+
+
+def torch_isa() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def main() -> None:
-    from reranker.engine.weights import cpu_bf16_flags, default_threads
+    from reranker.engine.weights import cpu_bf16_flags, default_threads, use_bf16
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "m0"])
@@ -93,17 +108,18 @@ def main() -> None:
     ap.add_argument("--tf-dtypes", default="bf16,fp32")
     ap.add_argument("--tf-attn", default="sdpa,eager")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
+    ap.add_argument("--ours", default="F16,BF16,Q8_0", help="our paths to run, of F16, BF16, Q8_0 (F16 always runs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     threads = args.threads or default_threads()
 
     f16, ckpt = build(args.cache, args.preset)
-    q8 = level_file(f16, "Q8_0")
+    q8 = level_file(f16, "Q8_0") if "Q8_0" in args.ours.upper() else None
     pairs = [list(p) for p in synthetic_pairs(args.pairs, tuple(args.doc_words))]
     loads = [load_average()]
-    ours = {"F16": run_ours(f16, pairs, threads, False, args.rounds),
-            "BF16": run_ours(f16, pairs, threads, True, args.rounds),
-            "Q8_0": run_ours(q8, pairs, threads, False, args.rounds)}
+    wanted = {"F16", *args.ours.upper().split(",")}
+    runs = {"F16": (f16, False), "BF16": (f16, True), "Q8_0": (q8, False)}
+    ours = {name: run_ours(path, pairs, threads, bf16, args.rounds) for name, (path, bf16) in runs.items() if name in wanted}
     loads.append(load_average())
 
     from reranker import Reranker
@@ -122,6 +138,11 @@ def main() -> None:
     print(f"preset {args.preset}; {len(pairs)} pairs of {args.doc_words[0]}-{args.doc_words[1]} words, {tokens} prompt tokens; "
           f"{threads} threads; CPU bf16 flags: {','.join(cpu_bf16_flags()) or 'none'}; load average {loads[0]} at start, "
           f"{loads[-1]} at end (shared machine: compare ratios)")
+    isa = {k: os.environ[k] for k in ("LLAMA_CPP_LIB_PATH", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+           if k in os.environ}
+    print(f"llama.cpp: {llama_cpp_features()}; torch: {torch_isa()}" + (f"; held by {isa}" if isa else ""))
+    auto, why = use_bf16(None, 0, f16)
+    print(f"the default (--bf16 auto) runs the F16 file as {'BF16' if auto else 'F16'} here ({why})")
     print(f"transformers best: {best['dtype']} {best['attn']} {'sorted' if best['sorted'] else 'input order'} batch "
           f"{best['batch']}: {best['tokens_per_s']:.1f} tok/s")
     print(f"{'path':<44}{'tok/s':>9}{'vs tf best':>12}")
@@ -138,7 +159,7 @@ def main() -> None:
     print("scores, max |diff| vs transformers fp32: " + ", ".join(
         f"{n} {np.abs(r['scores'] - ref['scores']).max():.1e}" for n, r in ours.items())
         + f", transformers {best['dtype']} {np.abs(best['scores'] - ref['scores']).max():.1e}")
-    exact = max(ours["F16"]["tokens_per_s"], ours["BF16"]["tokens_per_s"])
+    exact = max(r["tokens_per_s"] for n, r in ours.items() if n in ("F16", "BF16"))
     print(f"our best exact path / transformers' best: {exact / best['tokens_per_s']:.2f}x")
     if args.json:
         strip = lambda r: {k: v for k, v in r.items() if k != "scores"}  # noqa: E731

@@ -29,9 +29,12 @@ _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
 def cpu_extra_buffers() -> bool:
     """Whether llama.cpp may put CPU weights in its extra buffer types (AMX, repacked layouts).
 
-    Off when llama.cpp was built with AMX: its AMX kernels die with SIGILL on virtual machines
-    whose CPUs report AMX (seen on 2-core Xeon VMs, Q8_0 weights), and a crash costs more than
-    the speed-up. `RERANKER_CPU_EXTRA_BUFFERS=1` (or `0`) overrides the choice.
+    Off when llama.cpp was built with AMX: in llama-cpp-python 0.3.36 its AMX kernels die with
+    SIGILL when GCC < 13 built them (the tile config's stores are optimised away) and after any
+    torch bf16 op on the decoding thread (oneDNN releases the tiles; llama.cpp loads the config
+    once per thread). A crash costs more than the speed-up (about 4x for Q8_0).
+    benchmarks/amx/ has the cause, a patch and a build script; with a patched build set
+    `RERANKER_CPU_EXTRA_BUFFERS=1` (`0` forces them off everywhere).
     """
     forced = os.environ.get(CPU_EXTRA_BUFFERS_ENV)
     if forced in ("0", "1"):
