@@ -108,6 +108,14 @@ def test_only_f16_files_count_as_reencoded(tmp_path):
     assert weights.use_bf16(True, 0, f32) == (False, "the GGUF stores F32, not F16")
 
 
+def test_build_features_parse():
+    # The system info of a native AVX-512 build and of an AVX2-only build (GGML_NATIVE=OFF) of llama.cpp 0.3.36.
+    native = (b"CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+              b"AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+    avx2 = b"CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+    assert weights.built_with_bf16(native) and not weights.built_with_bf16(avx2)
+
+
 def test_cpu_flags_parse(monkeypatch):
     monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 amx_bf16 avx512_bf16\n\n")
     assert weights.cpu_bf16_flags() == ("avx512_bf16", "amx_bf16")

@@ -58,10 +58,15 @@ def native_bf16() -> tuple[bool, str]:
         return False, "the CPU reports no avx512_bf16/amx_bf16"
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info()
-    if b"AVX512_BF16" in info and b"AVX512_BF16 = 1" not in info:
+    if not built_with_bf16(llama_cpp.llama_print_system_info()):
         return False, f"the CPU has {'/'.join(flags)} but llama.cpp was built without AVX512_BF16"
     return True, f"the CPU has {'/'.join(flags)}"
+
+
+def built_with_bf16(system_info: bytes) -> bool:
+    """Whether llama.cpp's CPU backend was compiled with AVX512_BF16, from `llama_print_system_info()`
+    (it lists only the features a build has, as `NAME = 1`)."""
+    return b"AVX512_BF16 = 1" in system_info
 
 
 def use_bf16(bf16: bool | None = None, n_gpu_layers: int = -1, src: str | os.PathLike | None = None) -> tuple[bool, str]:
