@@ -6,54 +6,10 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
-WORDS = "alpha beta gamma delta 机器 学习 🎉 code() x=1 résumé".split()
-
-
-def write_nested(path, n_queries=40, seed=0):
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for q in range(n_queries):
-            docs = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
-            f.write(json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(WORDS, k=3)), "documents": docs},
-                               ensure_ascii=False) + "\n")
-
-
-def score_cmd(model, inp, out, *extra):
-    return [sys.executable, "-m", "reranker", "score", "-m", str(model), "-i", str(inp), "-o", str(out),
-            "--n-ctx", "1024", "--window", "16", "--quiet", *extra]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def consumed(out):
-    try:
-        return json.loads(out.with_name(out.name + ".checkpoint.json").read_text())["consumed"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def kill_when(cmd, out, after_consumed, delay):
-    """Start the job, wait until its checkpoint passes `after_consumed`, wait `delay`, SIGKILL it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while consumed(out) <= after_consumed and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
+from helpers import WORDS, consumed, kill_when, run, score_cmd, write_nested
 
 
 @pytest.mark.slow

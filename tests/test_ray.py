@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from test_job import write_nested
+from helpers import write_nested
 
 from reranker import RerankerError
 from reranker.cli import main
@@ -63,11 +63,6 @@ def write_beir(nested_jsonl, folder):
                 cf.write(json.dumps({"_id": f"{rec['query_id']}-d{i}", "title": "", "text": d}, ensure_ascii=False) + "\n")
                 rf.write(f"{rec['query_id']} Q0 {rec['query_id']}-d{i} {i + 1} {100 - i} bm25\n")
         rf.write("q0 Q0 nowhere 99 0.5 bm25\n")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
 
 
 @pytest.fixture(scope="module")
