@@ -168,7 +168,7 @@ def test_the_callable_scores_like_the_engine_and_ranks_per_query(tiny_ggufs, tin
     builder = tiny_reranker.prompt_builder()
     prompts = [builder.build(q, d) for q, d in PAIRS]
     assert out.column_names == ["qid", "query", "score", "rank", "_tokens", "_truncated"]
-    assert np.array_equal(out.column("score").to_numpy(), score_prompts(tiny_reranker, prompts))
+    assert np.array_equal(out.column("score").to_numpy(), score_prompts(tiny_reranker, prompts).scores)
     assert out.column("_tokens").to_pylist() == [len(p.ids) for p in prompts]
     scores, ranks = out.column("score").to_numpy(), out.column("rank").to_numpy()
     for q in set(qids):

@@ -189,7 +189,7 @@ class Scheduler:
         start = time.perf_counter()
         self._scoring = len(prompts)
         try:
-            scores = score_prompts(self.reranker, prompts)
+            scores = score_prompts(self.reranker, prompts).scores
         finally:
             self._scoring = 0
         if self.on_batch is not None:
