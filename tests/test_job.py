@@ -37,21 +37,27 @@ def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
 
 
 @pytest.mark.slow
-def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs):
+def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs, capsys):
+    from reranker.cli import main
+
+    def score(*args):  # in this process: nothing here needs a process of its own (the kills above do)
+        capsys.readouterr()
+        return main(score_cmd(*args)[3:]), capsys.readouterr().err
+
     inp = tmp_path / "in.jsonl"
     write_nested(inp, n_queries=5)
     out = tmp_path / "out.jsonl"
-    assert run(score_cmd(model, inp, out)).returncode == 0
-    res = run(score_cmd(model, inp, out))
-    assert res.returncode == 0 and "already complete" in res.stderr
+    assert score(model, inp, out)[0] == 0
+    rc, err = score(model, inp, out)
+    assert rc == 0 and "already complete" in err
     # a changed model, input or head is refused without --restart
-    res = run(score_cmd(tiny_ggufs["f16"], inp, out))
-    assert res.returncode == 2 and "different model" in res.stderr and "--restart" in res.stderr
+    rc, err = score(tiny_ggufs["f16"], inp, out)
+    assert rc == 2 and "different model" in err and "--restart" in err
     write_nested(inp, n_queries=6)
-    res = run(score_cmd(model, inp, out))
-    assert res.returncode == 2 and "different input" in res.stderr
-    res = run(score_cmd(model, inp, out, "--restart"))
-    assert res.returncode == 0, res.stderr
+    rc, err = score(model, inp, out)
+    assert rc == 2 and "different input" in err
+    rc, err = score(model, inp, out, "--restart")
+    assert rc == 0, err
     assert len(out.read_text().splitlines()) == 6
 
 

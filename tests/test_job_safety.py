@@ -41,6 +41,16 @@ def run(cli_args, **kw):
     return helpers.run([sys.executable, "-m", "reranker", *map(str, cli_args)], **kw)
 
 
+def here(capsys, cli_args) -> subprocess.CompletedProcess:
+    """`run` in this process (`reranker.cli.main`): for checks that need no process of their own, without its start-up."""
+    from reranker.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in cli_args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(cli_args, rc, out, err)
+
+
 def one_line_error(res, *needles):
     """The process failed as a user error: status 2, one line on stderr naming `needles`, no traceback."""
     assert res.returncode == 2, (res.returncode, res.stderr)
@@ -183,7 +193,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path):
+def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", NESTED)
     b = write_jsonl(tmp_path / "b.jsonl", [{**r, "query": r["query"] + " (b)"} for r in NESTED[:4]])
     out = tmp_path / "out.jsonl"
@@ -204,11 +214,11 @@ def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path):
     assert rc == 2 and err.count("\n") == 1 and f"{out} is in use" in err and "Traceback" not in err, err
     assert ended[losers[0]] < ended[winners[0]]  # at once: it did not wait for the model or the other job
     clean = tmp_path / "clean.jsonl"
-    assert run(score_args(model, winners[0], clean)).returncode == 0
+    assert here(capsys, score_args(model, winners[0], clean)).returncode == 0
     assert out.read_bytes() == clean.read_bytes()
     assert not (tmp_path / "out.jsonl.lock").exists()
     # the loser's rerun now finds the winner's finished job, from another input
-    one_line_error(run(score_args(model, losers[0], out)), "different input")
+    one_line_error(here(capsys, score_args(model, losers[0], out)), "different input")
 
 
 # --- data loss: what a fresh start or --restart may touch ---------------------------------------
@@ -286,19 +296,19 @@ def test_input_fingerprint_sees_a_change_in_the_middle_of_a_large_file(tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_refuses_an_input_changed_in_the_middle(model, tmp_path):
+def test_resume_refuses_an_input_changed_in_the_middle(model, tmp_path, capsys):
     # > 2 MiB: records at both ends and in the middle, blank lines between (not records, so it scores fast)
     inp, out = tmp_path / "big.jsonl", tmp_path / "out.jsonl"
     pad = b"\n" * (1 << 20) + b" \n" * (1 << 19)
     lines = [json.dumps(r).encode() + b"\n" for r in NESTED[:3]]
     inp.write_bytes(lines[0] + pad + lines[1] + pad + lines[2])
     assert inp.stat().st_size > 2 << 20
-    res = run(score_args(model, inp, out))
+    res = here(capsys, score_args(model, inp, out))
     assert res.returncode == 0, res.stderr
     changed = inp.read_bytes().replace(b"doc 1 a", b"doc 1 Z")
     assert len(changed) == inp.stat().st_size
     inp.write_bytes(changed)
-    one_line_error(run(score_args(model, inp, out)), "different input", "--restart")
+    one_line_error(here(capsys, score_args(model, inp, out)), "different input", "--restart")
 
 
 FLAT = [  # (query_id, query, doc_id); line 4 is malformed
