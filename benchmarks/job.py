@@ -148,7 +148,7 @@ def score_windows(rr, windows: list[list]) -> tuple[np.ndarray, float, DecodeTim
     with timer.active():
         t = time.perf_counter()
         for w in windows:
-            out.append(score_prompts(rr, w))
+            out.append(score_prompts(rr, w).scores)
         wall = time.perf_counter() - t
     return np.concatenate(out), wall, timer
 

@@ -52,6 +52,18 @@ def tiny_ggufs(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model(tiny_ggufs):
+    """The tiny F32 GGUF's path: the model of the job tests."""
+    return tiny_ggufs["f32"]
+
+
+@pytest.fixture(scope="session")
+def head_path(model):
+    """The head released beside `model`."""
+    return model.parent / "mlp_weights.npz"
+
+
+@pytest.fixture(scope="session")
 def oracle(tiny_checkpoint):
     from oracle import load_text_model
 

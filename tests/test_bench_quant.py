@@ -7,6 +7,7 @@ import json
 import ir_measures
 import numpy as np
 import pytest
+from helpers import write_jsonl
 
 from reranker import RerankerError
 from reranker.bench.quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
@@ -24,17 +25,13 @@ TOPICS = ["rocket launch", "cake recipe", "tax law"]
 N_DOCS = 12  # more than 10, so the top-10 overlap is defined
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 @pytest.fixture(scope="module")
 def beir_dir(tmp_path_factory):
     """3 queries x 12 short documents, a run of all 12 per query, and qrels (grades 0-2)."""
     root = tmp_path_factory.mktemp("beir")
-    _write_jsonl(root / "queries.jsonl", [{"_id": f"q{i}", "text": f"{t}?"} for i, t in enumerate(TOPICS)])
-    _write_jsonl(root / "corpus.jsonl", [{"_id": f"q{i}d{j}", "title": t if j < 3 else "", "text": f"note {j} about {t}"}
-                                         for i, t in enumerate(TOPICS) for j in range(N_DOCS)])
+    write_jsonl(root / "queries.jsonl", [{"_id": f"q{i}", "text": f"{t}?"} for i, t in enumerate(TOPICS)])
+    write_jsonl(root / "corpus.jsonl", [{"_id": f"q{i}d{j}", "title": t if j < 3 else "", "text": f"note {j} about {t}"}
+                                        for i, t in enumerate(TOPICS) for j in range(N_DOCS)])
     (root / "qrels").mkdir()
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"q{i}\tq{i}d{j}\t{2 - j}\n" for i in range(len(TOPICS)) for j in range(3)), encoding="utf-8")
@@ -229,7 +226,7 @@ def test_eval_sets(tmp_path, beir_dir):
     assert s.pairs() != synthetic_set(40, seed=4).pairs()
 
     path = tmp_path / "pairs.jsonl"
-    _write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 1},
+    write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 1},
                         {"query_id": "b", "query": "qb", "doc_id": "1", "document": "y", "label": 0},
                         {"query_id": "a", "query": "qa", "doc_id": "2", "document": "z", "label": True},
                         {"query_id": "a", "query": "qa", "doc_id": "3", "document": "w"},
@@ -238,7 +235,7 @@ def test_eval_sets(tmp_path, beir_dir):
     s = pairs_jsonl_set(path)
     assert [(q.query_id, [d for d, _ in q.docs]) for q in s.queries] == [("a", ["1", "2", "3", "4"]), ("b", ["1"])]
     assert s.qrels == {"a": {"1": 1, "2": 1}, "b": {"1": 0}}
-    _write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 0.5}])
+    write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 0.5}])
     with pytest.raises(RerankerError, match="integer relevance grade"):
         pairs_jsonl_set(path)
 

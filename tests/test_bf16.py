@@ -8,6 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import write_gguf
 
 from reranker.engine import weights
 from reranker.engine.identity import BF16_TENSORS_KEY, REENCODE_KEY, bf16_exact, cached_copies, to_bf16, with_identity_output
@@ -35,18 +36,9 @@ def test_tables_agree_with_torch_on_every_f16_value():
 
 def _tiny_gguf(path, tensors: dict[str, np.ndarray], file_type=gguf.LlamaFileType.MOSTLY_F16):
     """A minimal GGUF that `with_identity_output` accepts (no llama.cpp involved)."""
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
-    w.add_embedding_length(N_EMBD)
-    w.add_file_type(int(file_type))
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(N_VOCAB)])
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    kv = {"qwen2vl.embedding_length": N_EMBD, "general.file_type": int(file_type), "tokenizer.ggml.model": "gpt2",
+          "tokenizer.ggml.tokens": [f"t{i}" for i in range(N_VOCAB)]}
+    return write_gguf(path, kv, tensors)
 
 
 def test_only_bf16_exact_tensors_are_reencoded(tmp_path):

@@ -11,6 +11,7 @@ import unicodedata
 
 import numpy as np
 import pytest
+from helpers import kill_when, run, score_args, write_nested
 
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
@@ -187,18 +188,11 @@ def test_chunking_settings_are_checked():
 
 
 def write_long_nested(path, n_queries=12, seed=0):
-    rng = random.Random(seed)
-    words = "alpha beta gamma 机器 学习 🎉 résumé x=1 δ".split()
-    with open(path, "w", encoding="utf-8") as f:
-        for q in range(n_queries):
-            docs = [" ".join(rng.choices(words, k=rng.randint(1, 150))) for _ in range(rng.randint(1, 5))]
-            f.write(json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(words, k=3)), "documents": docs},
-                               ensure_ascii=False) + "\n")
+    write_nested(path, n_queries, seed, words="alpha beta gamma 机器 学习 🎉 résumé x=1 δ".split(), max_words=150, max_docs=5)
 
 
 def job_args(model, inp, out, *extra):
-    return ["score", "-m", str(model), "-i", str(inp), "-o", str(out), "--n-ctx", "512", "--max-length", str(MAX_LENGTH),
-            "--window", "8", "--quiet", *extra]
+    return score_args(model, inp, out, "--max-length", MAX_LENGTH, *extra, n_ctx=512, window=8)
 
 
 def test_job_writes_chunk_counts_only_when_chunking(tiny_ggufs, det, tmp_path):
@@ -257,8 +251,6 @@ def test_parquet_and_per_pair_outputs_carry_chunk_columns(tiny_ggufs, tmp_path):
 def test_sigkill_and_resume_across_chunked_documents_equals_clean_run(tiny_ggufs, tmp_path, suffix):
     import sys
 
-    from test_job import kill_when, run
-
     def cmd(out):
         return [sys.executable, "-m", "reranker", *job_args(tiny_ggufs["f32"], inp, out, "--chunk", "--chunk-size", "16",
                                                             "--chunk-overlap", "4", "--window", "4")]
@@ -268,7 +260,8 @@ def test_sigkill_and_resume_across_chunked_documents_equals_clean_run(tiny_ggufs
     clean, out = tmp_path / f"clean{suffix}", tmp_path / f"out{suffix}"
     res = run(cmd(clean))
     assert res.returncode == 0, res.stderr
-    killed = sum(kill_when(cmd(out), out, after, delay) == -signal.SIGKILL for after, delay in ((2, 0.01), (12, 0.05)))
+    kills = ((2, 0.01), (12, 0.05)) if suffix == ".jsonl" else ((12, 0.05),)  # Parquet's resume: test_job; here its chunk columns
+    killed = sum(kill_when(cmd(out), out, after, delay) == -signal.SIGKILL for after, delay in kills)
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
     res = run(cmd(out))
     assert res.returncode == 0, res.stderr
@@ -294,8 +287,6 @@ def test_chunks_are_packed_with_the_other_prompts(tiny_reranker, monkeypatch):
 @pytest.mark.slow
 def test_chunked_job_on_two_device_processes_gives_the_same_bytes(tiny_ggufs, tmp_path):
     import sys
-
-    from test_job import run
 
     inp = tmp_path / "in.jsonl"
     write_long_nested(inp, n_queries=8)

@@ -9,6 +9,7 @@ import sys
 import gguf
 import numpy as np
 import pytest
+from helpers import write_gguf
 
 from reranker import RerankerError
 from reranker.atomic import atomic_path, atomic_write
@@ -19,21 +20,9 @@ from reranker.gguf.quantize import level_in_name
 @pytest.fixture()
 def small_gguf(tmp_path):
     """A GGUF with scalar, string and array entries, written by gguf-py (the reference writer)."""
-    path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
-    w.add_uint32("general.file_type", 7)
-    w.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 1000)
-    w.add_array("some.floats", [1.0, 2.0])
-    w.add_string("general.name", "jina ✓")
-    w.add_int32("x.signed", -5)
-    w.add_float32("x.float", 0.25)
-    w.add_bool("x.flag", True)
-    w.add_tensor("t", np.zeros((2, 2), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    kv = {"general.file_type": 7, "tokenizer.ggml.tokens": ["a", "bb", "ccc"] * 1000, "some.floats": [1.0, 2.0],
+          "general.name": "jina ✓", "x.signed": (-5, gguf.GGUFValueType.INT32), "x.float": 0.25, "x.flag": True}
+    return write_gguf(tmp_path / "m.gguf", kv, {"t": np.zeros((2, 2), np.float32)})
 
 
 def test_header_value_reads_what_gguf_py_wrote(small_gguf):

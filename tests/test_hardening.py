@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 
-import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import write_gguf
 
 from head import ScoringHead
 from reranker import Reranker, RerankerError
@@ -288,14 +288,7 @@ def test_non_utf8_arguments(gguf_path, args, needle):
 
 @pytest.fixture()
 def no_tokenizer_gguf(tmp_path):
-    path = tmp_path / "notok-F32.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_gguf(tmp_path / "notok-F32.gguf", {}, {"token_embd.weight": np.zeros((4, 8), np.float32)})
 
 
 @pytest.fixture()
@@ -358,16 +351,8 @@ def test_quant_must_match_a_local_file(gguf_path):
 
 def write_small_gguf(path):
     """A GGUF with just what the identity copy reads (a vocabulary of 32, hidden size 8): copies in milliseconds."""
-    w = gguf.GGUFWriter(str(path), "qwen2vl")
-    w.add_uint32("qwen2vl.embedding_length", 8)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(32)])
-    w.add_tensor("token_embd.weight", np.ones((32, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    kv = {"qwen2vl.embedding_length": 8, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(32)]}
+    return write_gguf(path, kv, {"token_embd.weight": np.ones((32, 8), np.float32)})
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from helpers import kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl, write_nested
 
 from head import ScoringHead, score_embeddings
 from head.hidden_states import index_path, load_hidden
@@ -17,30 +18,6 @@ from reranker.jobs.records import Unit
 
 NESTED = [{"query_id": f"q{i}", "query": f"query {i} résumé", "documents": [f"doc {i} a", "", f"doc {i} c 机器 " * i]}
           for i in range(7)]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
-
-
-@pytest.fixture(scope="module")
-def head_path(model):
-    return model.parent / "mlp_weights.npz"
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def args(model, inp, out, *extra):
-    return ["score", "-m", str(model), "-i", str(inp), "-o", str(out), "--n-ctx", "1024", "--window", "4", "--quiet",
-            *map(str, extra)]
-
-
-def lines(path):
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 # --- the writer's resume protocol, without a model ---------------------------------------------
@@ -69,7 +46,7 @@ def test_writer_cut_back_to_its_checkpoint_gives_the_clean_bytes(tmp_path, dtype
     got = np.load(clean)
     assert got.dtype == np.dtype(dtype) and got.shape == (sum(len(u[0].docs) for u in units), 8)
     np.testing.assert_array_equal(got, np.concatenate([u[2] for u in units]).astype(dtype))
-    assert [(r["query_id"], r["doc_id"]) for r in lines(index_path(clean))] == [(u[0].query_id, d) for u in units for d, _ in u[0].docs]
+    assert [(r["query_id"], r["doc_id"]) for r in read_jsonl(index_path(clean))] == [(u[0].query_id, d) for u in units for d, _ in u[0].docs]
 
     # a run that commits after unit 4, writes three more (uncommitted, flushed or not), then dies
     out = tmp_path / "out.npy"
@@ -126,11 +103,11 @@ def test_save_hidden_round_trip_gives_the_jobs_scores(model, head_path, tmp_path
 
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
     out, hid = tmp_path / "out.jsonl", tmp_path / "h32.npy"
-    assert main(args(model, inp, out, "--per", "pair", "--save-hidden", hid)) == 0
+    assert main(score_args(model, inp, out, "--per", "pair", "--save-hidden", hid)) == 0
     assert index_path(hid).read_bytes() == out.read_bytes()  # the index is the per-pair output, row for row
     states = load_hidden(hid)
     assert isinstance(states.embeddings, np.memmap) and states.embeddings.dtype == np.float32
-    job = lines(out)
+    job = read_jsonl(out)
     assert states.query_ids == [r["query_id"] for r in job] and states.doc_ids == [r["doc_id"] for r in job]
     # the states are the backbone's (an independent call of the API, other batches: within 1e-5 relative)
     pairs = [[r["query"], d] for r in NESTED for d in r["documents"]]
@@ -145,13 +122,13 @@ def test_save_hidden_round_trip_gives_the_jobs_scores(model, head_path, tmp_path
     # `reranker head` keyed by the index: the job's lines, scores within the same rounding
     rescored = tmp_path / "rescored.jsonl"
     assert main(["head", str(hid), "--head", str(head_path), "-o", str(rescored)]) == 0
-    again = lines(rescored)
+    again = read_jsonl(rescored)
     assert [(r["query_id"], r["doc_id"]) for r in again] == [(r["query_id"], r["doc_id"]) for r in job]
     np.testing.assert_allclose([r["score"] for r in again], job_scores, rtol=0, atol=1e-6)
 
     # float16: the float32 states rounded to nearest, and the head on them within that rounding
     out16, hid16 = tmp_path / "out16.jsonl", tmp_path / "h16.npy"
-    assert main(args(model, inp, out16, "--per", "pair", "--save-hidden", hid16, "--hidden-dtype", "float16")) == 0
+    assert main(score_args(model, inp, out16, "--per", "pair", "--save-hidden", hid16, "--hidden-dtype", "float16")) == 0
     assert out16.read_bytes() == out.read_bytes()  # the scores do not depend on how states are saved
     h16 = np.load(hid16)
     assert h16.dtype == np.float16
@@ -172,7 +149,7 @@ def test_save_hidden_paths_are_checked_and_owned(model, head_path, tmp_path, cap
 
     def refused(*extra, needle):
         capsys.readouterr()
-        assert main(args(model, inp, out, *extra)) == 2
+        assert main(score_args(model, inp, out, *extra)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
 
@@ -189,13 +166,13 @@ def test_save_hidden_paths_are_checked_and_owned(model, head_path, tmp_path, cap
     hid.write_bytes(b"someone else's")
     refused("--save-hidden", hid, needle=f"hidden-state file {hid} exists")
     assert hid.read_bytes() == b"someone else's"
-    assert main(args(model, inp, out, "--save-hidden", hid, "--restart")) == 0
+    assert main(score_args(model, inp, out, "--save-hidden", hid, "--restart")) == 0
     assert np.load(hid).shape == (6, load_hidden(hid).embeddings.shape[1])
     # adding or changing --save-hidden is a changed setting; losing the file redoes the job
     done = hid.read_bytes()
     refused("--save-hidden", hid, "--hidden-dtype", "float16", needle="different settings")
     hid.unlink()
-    assert main(args(model, inp, out, "--save-hidden", hid)) == 0
+    assert main(score_args(model, inp, out, "--save-hidden", hid)) == 0
     assert hid.read_bytes() == done
     # `reranker head --format jsonl` needs the index beside the .npy
     plain = tmp_path / "plain.npy"
@@ -211,8 +188,6 @@ def test_save_hidden_paths_are_checked_and_owned(model, head_path, tmp_path, cap
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,devices", [("float32", []), ("float16", ["--devices", "cpu,cpu"])], ids=["f32", "f16-2proc"])
 def test_sigkill_and_resume_give_the_clean_hidden_files(model, tmp_path, dtype, devices):
-    from test_job import kill_when, run, score_cmd, write_nested
-
     inp = tmp_path / "in.jsonl"
     write_nested(inp)
     clean, clean_h = tmp_path / "clean.jsonl", tmp_path / "clean.npy"
@@ -220,8 +195,11 @@ def test_sigkill_and_resume_give_the_clean_hidden_files(model, tmp_path, dtype, 
     assert res.returncode == 0, res.stderr
     out, out_h = tmp_path / "out.jsonl", tmp_path / "out.npy"
     cmd = score_cmd(model, inp, out, "--save-hidden", out_h, "--hidden-dtype", dtype, *devices)
+    # Three kill points for the one-process float32 job; the two-process float16 one (the pool's path, the other
+    # dtype) needs one, as test_job's other output formats: each kill there restarts three processes.
+    kills = [(3, 0.0), (12, 0.05), (25, 0.02)] if not devices else [(3, 0.0)]
     killed = 0
-    for after, delay in [(3, 0.0), (12, 0.05), (25, 0.02)]:
+    for after, delay in kills:
         killed += kill_when(cmd, out, after, delay) == -signal.SIGKILL
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
     res = run(cmd)
@@ -230,7 +208,7 @@ def test_sigkill_and_resume_give_the_clean_hidden_files(model, tmp_path, dtype, 
     assert out_h.read_bytes() == clean_h.read_bytes()
     assert index_path(out_h).read_bytes() == index_path(clean_h).read_bytes()
     assert not (tmp_path / "out.npy.partial").exists() and not (tmp_path / "out.ids.jsonl.partial").exists()
-    assert len(np.load(out_h)) == len(lines(index_path(out_h)))
+    assert len(np.load(out_h)) == len(read_jsonl(index_path(out_h)))
 
 
 @pytest.mark.slow
@@ -246,7 +224,7 @@ def test_example_finetunes_on_saved_states_and_a_fresh_job_agrees(model, tmp_pat
     assert "rescored from saved states vs a fresh job with the fine-tuned head: max |diff|" in res.stdout
     tuned = ScoringHead.from_npz(tmp_path / "finetuned" / "mlp_weights.npz")
     assert not torch.equal(tuned.fc1.weight, ScoringHead.from_npz(model.parent / "mlp_weights.npz").fc1.weight)
-    fresh = lines(tmp_path / "finetuned.jsonl")
+    fresh = read_jsonl(tmp_path / "finetuned.jsonl")
     np.testing.assert_allclose(score_embeddings(tuned, tmp_path / "hidden.npy"), [r["score"] for r in fresh], rtol=0, atol=1e-6)
 
 
@@ -260,11 +238,11 @@ def test_save_hidden_with_chunking_keeps_the_scoring_chunks_state(model, head_pa
     head = ScoringHead.from_npz(head_path)
     for how in ("max", "first"):
         out, hid = tmp_path / f"{how}.jsonl", tmp_path / f"{how}.npy"
-        assert main(args(model, inp, out, "--per", "pair", "--max-length", "128", "--chunk", "--chunk-size", "48",
+        assert main(score_args(model, inp, out, "--per", "pair", "--max-length", "128", "--chunk", "--chunk-size", "48",
                          "--aggregate", how, "--save-hidden", hid)) == 0
-        job = lines(out)
+        job = read_jsonl(out)
         assert max(r["chunks"] for r in job) > 1  # the long documents were chunked
         np.testing.assert_allclose(score_embeddings(head, hid), [r["score"] for r in job], rtol=0, atol=1e-6)
     capsys.readouterr()
-    assert main(args(model, inp, tmp_path / "mean.jsonl", "--chunk", "--aggregate", "mean", "--save-hidden", tmp_path / "m.npy")) != 0
+    assert main(score_args(model, inp, tmp_path / "mean.jsonl", "--chunk", "--aggregate", "mean", "--save-hidden", tmp_path / "m.npy")) != 0
     assert "--aggregate mean" in capsys.readouterr().err and not (tmp_path / "mean.jsonl").exists()

@@ -6,54 +6,10 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-
-WORDS = "alpha beta gamma delta 机器 学习 🎉 code() x=1 résumé".split()
-
-
-def write_nested(path, n_queries=40, seed=0):
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for q in range(n_queries):
-            docs = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
-            f.write(json.dumps({"query_id": f"q{q}", "query": " ".join(rng.choices(WORDS, k=3)), "documents": docs},
-                               ensure_ascii=False) + "\n")
-
-
-def score_cmd(model, inp, out, *extra):
-    return [sys.executable, "-m", "reranker", "score", "-m", str(model), "-i", str(inp), "-o", str(out),
-            "--n-ctx", "1024", "--window", "16", "--quiet", *extra]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def consumed(out):
-    try:
-        return json.loads(out.with_name(out.name + ".checkpoint.json").read_text())["consumed"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def kill_when(cmd, out, after_consumed, delay):
-    """Start the job, wait until its checkpoint passes `after_consumed`, wait `delay`, SIGKILL it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while consumed(out) <= after_consumed and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return proc.returncode
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
+from helpers import WORDS, consumed, kill_when, run, score_cmd, write_nested
 
 
 @pytest.mark.slow
@@ -81,21 +37,27 @@ def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
 
 
 @pytest.mark.slow
-def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs):
+def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, tiny_ggufs, capsys):
+    from reranker.cli import main
+
+    def score(*args):  # in this process: nothing here needs a process of its own (the kills above do)
+        capsys.readouterr()
+        return main(score_cmd(*args)[3:]), capsys.readouterr().err
+
     inp = tmp_path / "in.jsonl"
     write_nested(inp, n_queries=5)
     out = tmp_path / "out.jsonl"
-    assert run(score_cmd(model, inp, out)).returncode == 0
-    res = run(score_cmd(model, inp, out))
-    assert res.returncode == 0 and "already complete" in res.stderr
+    assert score(model, inp, out)[0] == 0
+    rc, err = score(model, inp, out)
+    assert rc == 0 and "already complete" in err
     # a changed model, input or head is refused without --restart
-    res = run(score_cmd(tiny_ggufs["f16"], inp, out))
-    assert res.returncode == 2 and "different model" in res.stderr and "--restart" in res.stderr
+    rc, err = score(tiny_ggufs["f16"], inp, out)
+    assert rc == 2 and "different model" in err and "--restart" in err
     write_nested(inp, n_queries=6)
-    res = run(score_cmd(model, inp, out))
-    assert res.returncode == 2 and "different input" in res.stderr
-    res = run(score_cmd(model, inp, out, "--restart"))
-    assert res.returncode == 0, res.stderr
+    rc, err = score(model, inp, out)
+    assert rc == 2 and "different input" in err
+    rc, err = score(model, inp, out, "--restart")
+    assert rc == 0, err
     assert len(out.read_text().splitlines()) == 6
 
 

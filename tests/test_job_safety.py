@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import score_args, write_jsonl
 
 from reranker.errors import RerankerError
 from reranker.jobs import paths, writers
@@ -33,31 +35,20 @@ from reranker.jobs.validate import one_run_per_query
 NESTED = [{"query_id": f"q{i}", "query": f"query {i}", "documents": [f"doc {i} a", f"doc {i} b", f"doc {i} c"]} for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
-
-
-@pytest.fixture(scope="module")
-def head(model):
-    return model.parent / "mlp_weights.npz"
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def args(model, inp, out, *extra):
-    return ["score", "-m", str(model), "-i", str(inp), "-o", str(out), "--n-ctx", "1024", "--window", "4", "--quiet",
-            *map(str, extra)]
-
-
 def run(cli_args, **kw):
     """`python -m reranker CLI_ARGS` in a real process."""
     kw.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.run([sys.executable, "-m", "reranker", *map(str, cli_args)], capture_output=True, text=True,
-                          timeout=300, **kw)
+    return helpers.run([sys.executable, "-m", "reranker", *map(str, cli_args)], **kw)
+
+
+def here(capsys, cli_args) -> subprocess.CompletedProcess:
+    """`run` in this process (`reranker.cli.main`): for checks that need no process of their own, without its start-up."""
+    from reranker.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in cli_args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(cli_args, rc, out, err)
 
 
 def one_line_error(res, *needles):
@@ -91,7 +82,7 @@ def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, 
         (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
     before = snapshot(tmp_path)
     for extra in ([], ["--restart"]):
-        res = run(args(model, inp, out, *extra))
+        res = run(score_args(model, inp, out, *extra))
         one_line_error(res, "is the input", "choose another -o")
         assert "--restart" not in res.stderr  # the old message suggested the flag that deleted the input
     assert snapshot(tmp_path) == before
@@ -99,15 +90,15 @@ def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, 
 
 @pytest.mark.slow  # real processes
 @pytest.mark.parametrize("target", ["head", "input", "output", "summary"])
-def test_rejects_file_that_names_another_file_is_refused(model, head, tmp_path, target):
+def test_rejects_file_that_names_another_file_is_refused(model, head_path, tmp_path, target):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
     out = tmp_path / "out.jsonl"
-    rejects = {"head": head, "input": inp, "output": out, "summary": tmp_path / "out.jsonl.summary.json"}[target]
-    head_bytes = head.read_bytes()
+    rejects = {"head": head_path, "input": inp, "output": out, "summary": tmp_path / "out.jsonl.summary.json"}[target]
+    head_bytes = head_path.read_bytes()
     before = snapshot(tmp_path)
-    res = run(args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart"))
+    res = run(score_args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart"))
     one_line_error(res, rejects, "choose another --rejects")
-    assert head.read_bytes() == head_bytes and snapshot(tmp_path) == before
+    assert head_path.read_bytes() == head_bytes and snapshot(tmp_path) == before
 
 
 @pytest.mark.slow  # real processes
@@ -118,18 +109,18 @@ def test_special_files_are_never_written(model, tmp_path):
     (tmp_path / "folder.jsonl").mkdir()
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
     before = snapshot(tmp_path)
-    res = run(args(model, inp, "/dev/null", "--output-format", "jsonl", "--restart"))
+    res = run(score_args(model, inp, "/dev/null", "--output-format", "jsonl", "--restart"))
     one_line_error(res, "/dev/null", "character device", "only regular files")
     assert Path("/dev/null").is_char_device() and not Path("/dev/null.lock").exists()
     for out, kind in ((fifo, "pipe"), (tmp_path / "folder.jsonl", "folder"), (tmp_path / "link.jsonl", "symbolic link")):
-        one_line_error(run(args(model, inp, out, "--restart")), out, kind)
-    one_line_error(run(args(model, inp, tmp_path / "o.jsonl", "--rejects", fifo, "--restart")), fifo, "pipe", "--rejects")
+        one_line_error(run(score_args(model, inp, out, "--restart")), out, kind)
+    one_line_error(run(score_args(model, inp, tmp_path / "o.jsonl", "--rejects", fifo, "--restart")), fifo, "pipe", "--rejects")
     assert snapshot(tmp_path) == before and fifo.is_fifo()
 
 
-def test_check_job_files_aliases(tmp_path, head):
+def test_check_job_files_aliases(tmp_path, head_path):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
-    reads = [("input", inp), ("head", head)]
+    reads = [("input", inp), ("head", head_path)]
     check_job_files(JobFiles.of(tmp_path / "out.jsonl"), reads)  # a plain job passes
     (tmp_path / "sub").mkdir()
     (tmp_path / "ln.jsonl").symlink_to(inp)
@@ -202,11 +193,11 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path):
+def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", NESTED)
     b = write_jsonl(tmp_path / "b.jsonl", [{**r, "query": r["query"] + " (b)"} for r in NESTED[:4]])
     out = tmp_path / "out.jsonl"
-    cmds = {inp: [sys.executable, "-m", "reranker", *args(model, inp, out)] for inp in (a, b)}
+    cmds = {inp: [sys.executable, "-m", "reranker", *score_args(model, inp, out)] for inp in (a, b)}
     start = time.monotonic()
     procs = {inp: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for inp, cmd in cmds.items()}
     ended = {}
@@ -223,11 +214,11 @@ def test_two_jobs_on_one_output_one_fails_at_once(model, tmp_path):
     assert rc == 2 and err.count("\n") == 1 and f"{out} is in use" in err and "Traceback" not in err, err
     assert ended[losers[0]] < ended[winners[0]]  # at once: it did not wait for the model or the other job
     clean = tmp_path / "clean.jsonl"
-    assert run(args(model, winners[0], clean)).returncode == 0
+    assert here(capsys, score_args(model, winners[0], clean)).returncode == 0
     assert out.read_bytes() == clean.read_bytes()
     assert not (tmp_path / "out.jsonl.lock").exists()
     # the loser's rerun now finds the winner's finished job, from another input
-    one_line_error(run(args(model, losers[0], out)), "different input")
+    one_line_error(here(capsys, score_args(model, losers[0], out)), "different input")
 
 
 # --- data loss: what a fresh start or --restart may touch ---------------------------------------
@@ -240,17 +231,17 @@ def test_unrecorded_rejects_file_is_refused_without_restart(model, tmp_path, cap
     out, rejects = tmp_path / "out.jsonl", tmp_path / "mine.jsonl"
     rejects.write_text("someone else's rejects\n")
     capsys.readouterr()
-    assert main(args(model, inp, out, "--on-error", "skip", "--rejects", rejects)) == 2
+    assert main(score_args(model, inp, out, "--on-error", "skip", "--rejects", rejects)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"rejects file {rejects} exists" in err and "--restart" in err
     assert rejects.read_text() == "someone else's rejects\n" and not out.exists()
-    assert main(args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart")) == 0
+    assert main(score_args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart")) == 0
     assert [json.loads(x)["source"] for x in rejects.read_text().splitlines()] == [f"{inp}:3"]
     # resuming under another rejects file would cut the wrong file: refused
     (tmp_path / "out.jsonl.checkpoint.json").write_text(
         (tmp_path / "out.jsonl.checkpoint.json").read_text().replace('"done": true', '"done": false'))
     capsys.readouterr()
-    assert main(args(model, inp, out, "--on-error", "skip")) == 2
+    assert main(score_args(model, inp, out, "--on-error", "skip")) == 2
     assert f"started with the rejects file {os.path.realpath(rejects)}" in capsys.readouterr().err
 
 
@@ -260,9 +251,9 @@ def test_fail_mode_leaves_no_rejects_file_and_restart_keeps_other_files(model, t
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED[:2])
     out = tmp_path / "out.jsonl"
     (tmp_path / "out.jsonl.notes").write_text("mine")
-    assert main(args(model, inp, out)) == 0
+    assert main(score_args(model, inp, out)) == 0
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
-    assert main(args(model, inp, out, "--restart")) == 0
+    assert main(score_args(model, inp, out, "--restart")) == 0
     assert (tmp_path / "out.jsonl.notes").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.checkpoint.json",
                                                           "out.jsonl.notes", "out.jsonl.summary.json"]
@@ -282,11 +273,11 @@ def test_finished_job_whose_output_was_deleted_is_redone(model, tmp_path, caplog
 
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED[:3])
     out = tmp_path / "out.trec"
-    assert main(args(model, inp, out)) == 0
+    assert main(score_args(model, inp, out)) == 0
     done = out.read_bytes()
     out.unlink()
     with caplog.at_level("WARNING"):
-        assert main(args(model, inp, out)) == 0
+        assert main(score_args(model, inp, out)) == 0
     assert "missing although its checkpoint says the job finished; scoring it again" in caplog.text
     assert out.read_bytes() == done
 
@@ -305,19 +296,19 @@ def test_input_fingerprint_sees_a_change_in_the_middle_of_a_large_file(tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_refuses_an_input_changed_in_the_middle(model, tmp_path):
+def test_resume_refuses_an_input_changed_in_the_middle(model, tmp_path, capsys):
     # > 2 MiB: records at both ends and in the middle, blank lines between (not records, so it scores fast)
     inp, out = tmp_path / "big.jsonl", tmp_path / "out.jsonl"
     pad = b"\n" * (1 << 20) + b" \n" * (1 << 19)
     lines = [json.dumps(r).encode() + b"\n" for r in NESTED[:3]]
     inp.write_bytes(lines[0] + pad + lines[1] + pad + lines[2])
     assert inp.stat().st_size > 2 << 20
-    res = run(args(model, inp, out))
+    res = here(capsys, score_args(model, inp, out))
     assert res.returncode == 0, res.stderr
     changed = inp.read_bytes().replace(b"doc 1 a", b"doc 1 Z")
     assert len(changed) == inp.stat().st_size
     inp.write_bytes(changed)
-    one_line_error(run(args(model, inp, out)), "different input", "--restart")
+    one_line_error(here(capsys, score_args(model, inp, out)), "different input", "--restart")
 
 
 FLAT = [  # (query_id, query, doc_id); line 4 is malformed
@@ -366,7 +357,7 @@ def test_query_id_rule_in_jobs_is_exact_across_resume(model, tmp_path, capsys):
     inp = write_flat(tmp_path / "pairs.jsonl")
     clean, out = tmp_path / "clean.trec", tmp_path / "out.trec"
     skip = ["--on-error", "skip", "--window", "1"]
-    assert main(args(model, inp, clean, *skip)) == 0
+    assert main(score_args(model, inp, clean, *skip)) == 0
     lines = trec_lines(clean)
     assert sorted(x[0] for x in lines if x[3] == "1") == ["q1", "q2", "q3"]  # one rank 1 per query
     assert len({(x[0], x[2]) for x in lines}) == len(lines) == 5  # every (query, doc) once
@@ -376,17 +367,17 @@ def test_query_id_rule_in_jobs_is_exact_across_resume(model, tmp_path, capsys):
 
     # fail mode stops at the malformed line 4, after 3 records were written and checkpointed ...
     capsys.readouterr()
-    assert main(args(model, inp, out, "--window", "1")) == 2
+    assert main(score_args(model, inp, out, "--window", "1")) == 2
     assert f"{inp}:4: malformed JSON" in capsys.readouterr().err
     assert json.loads((tmp_path / "out.trec.checkpoint.json").read_text())["consumed"] == 3
     # ... and the resumed run still knows q1's run ended before line 5: it decides as the clean run did
-    assert main(args(model, inp, out, *skip)) == 0
+    assert main(score_args(model, inp, out, *skip)) == 0
     assert out.read_bytes() == clean.read_bytes()
     assert (tmp_path / "out.trec.rejects.jsonl").read_bytes() == (tmp_path / "clean.trec.rejects.jsonl").read_bytes()
 
     capsys.readouterr()
     dup = write_jsonl(tmp_path / "dup.jsonl", [NESTED[0], NESTED[1], NESTED[0]])
-    assert main(args(model, dup, tmp_path / "dup.trec")) == 2
+    assert main(score_args(model, dup, tmp_path / "dup.trec")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f'{dup}:3: duplicate query id: "q0" is already the query of {dup}:1' in err
 
@@ -419,7 +410,7 @@ def test_unwritable_output_folder_is_one_line(model, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     with unwritable(folder):
-        one_line_error(run(args(model, inp, folder / "out.jsonl")), folder / "out.jsonl", "cannot write")
+        one_line_error(run(score_args(model, inp, folder / "out.jsonl")), folder / "out.jsonl", "cannot write")
 
 
 CASES = {
@@ -509,11 +500,11 @@ def test_full_disk_during_a_job_is_one_line(model, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(writers._LineFile, "write", write)
     capsys.readouterr()
-    assert main(args(model, inp, out, "--window", "3")) == 2
+    assert main(score_args(model, inp, out, "--window", "3")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write {out}.partial: No space left on device" in err and "rerun" in err
     monkeypatch.undo()
-    assert main(args(model, inp, out, "--window", "3")) == 0  # space freed: the rerun resumes and finishes
+    assert main(score_args(model, inp, out, "--window", "3")) == 0  # space freed: the rerun resumes and finishes
     clean = tmp_path / "clean.jsonl"
-    assert main(args(model, inp, clean, "--window", "3")) == 0
+    assert main(score_args(model, inp, clean, "--window", "3")) == 0
     assert out.read_bytes() == clean.read_bytes()

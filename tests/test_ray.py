@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from test_job import write_nested
+from helpers import write_nested
 
 from reranker import RerankerError
 from reranker.cli import main
@@ -63,11 +63,6 @@ def write_beir(nested_jsonl, folder):
                 cf.write(json.dumps({"_id": f"{rec['query_id']}-d{i}", "title": "", "text": d}, ensure_ascii=False) + "\n")
                 rf.write(f"{rec['query_id']} Q0 {rec['query_id']}-d{i} {i + 1} {100 - i} bm25\n")
         rf.write("q0 Q0 nowhere 99 0.5 bm25\n")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_ggufs):
-    return tiny_ggufs["f32"]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +168,7 @@ def test_the_callable_scores_like_the_engine_and_ranks_per_query(tiny_ggufs, tin
     builder = tiny_reranker.prompt_builder()
     prompts = [builder.build(q, d) for q, d in PAIRS]
     assert out.column_names == ["qid", "query", "score", "rank", "_tokens", "_truncated"]
-    assert np.array_equal(out.column("score").to_numpy(), score_prompts(tiny_reranker, prompts))
+    assert np.array_equal(out.column("score").to_numpy(), score_prompts(tiny_reranker, prompts).scores)
     assert out.column("_tokens").to_pylist() == [len(p.ids) for p in prompts]
     scores, ranks = out.column("score").to_numpy(), out.column("rank").to_numpy()
     for q in set(qids):

@@ -541,3 +541,46 @@ def test_a_failing_batch_costs_only_its_bad_request(tiny_reranker):
     finally:
         sched.stop(30)
     assert not sched.running
+
+
+def test_a_non_finite_chunk_score_names_the_requests_document(tiny_reranker):
+    """With chunking a prompt is a chunk: the error names the document (its index in the request), not the prompt.
+
+    The head gives NaN exactly where hidden coordinate k is positive (two fc1 rows of weight inf on it, fc2 +1
+    and -1: inf - inf); k is one on which every chunk of the long document 0 is negative and document 1 positive.
+    """
+    import torch
+
+    from head import ScoringHead
+    from reranker import Reranker
+    from reranker.serve.prepare import build_prompts
+    from reranker.serve.schemas import CohereRerankRequest
+
+    long_doc = " ".join(f"passage {i} about rerankers and 检索." for i in range(6))
+    body = {"query": QUERY, "documents": [long_doc, "A reranker scores documents.", "Bananas are yellow."],
+            "max_tokens_per_doc": 48, "chunking": {"size": 16, "overlap": 0}}
+    plain = {**body, "chunking": False}
+    prompts = {}
+    for name, b in (("chunked", body), ("plain", plain)):
+        req = CohereRerankRequest(**b)
+        prompts[name] = build_prompts(tiny_reranker, req.query_text(), req.texts(), req.options()).prompts
+    n0 = len(prompts["chunked"]) - 2
+    assert n0 > 2, "document 0 was not chunked: the test would not tell documents from prompts"
+    # Finite: document 0's chunks and its truncated prompt; NaN: document 1's prompt.
+    h = tiny_reranker.backbone.embed([p.ids for p in prompts["chunked"][:n0] + prompts["plain"][:2]])
+    margin, k, sign = max(((float(np.abs(h[:, k]).min()), k, s) for k in range(h.shape[1]) for s in (1, -1)
+                           if (s * h[:-1, k] < 0).all() and s * h[-1, k] > 0), default=(0, 0, 0))
+    assert margin > 1e-3, "no hidden coordinate separates document 1 from document 0's prompts"
+    head = ScoringHead(tiny_reranker.backbone.n_embd)
+    with torch.no_grad():
+        head.fc1.weight[:2] = 0
+        head.fc1.weight[:2, k] = sign * float("inf")
+        head.fc1.bias[:2] = 0
+        head.fc2.weight[0, :2] = torch.tensor([1.0, -1.0])
+    broken = Reranker(tiny_reranker.backbone, head, device="cpu")
+    with running_server(broken) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v2/rerank", json=body)
+        assert r.status_code == 500, r.text
+        assert "non-finite score for document 1 (its chunk 0);" in r.json()["detail"], r.text
+        r = c.post("/v2/rerank", json=plain)  # without chunking, prompt i is document i
+        assert r.status_code == 500 and "non-finite score for document 1;" in r.json()["detail"], r.text

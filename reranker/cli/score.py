@@ -152,11 +152,9 @@ def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
 
         def scorer(windows):
             for w in windows:
-                if spec.hidden is not None:  # kept from the same decode, no second backbone pass
-                    scores, w.hidden = score_prompts(reranker, w.prompts, keep_hidden=True)
-                    yield w, scores
-                else:
-                    yield w, score_prompts(reranker, w.prompts)
+                scored = score_prompts(reranker, w.prompts, keep_hidden=spec.hidden is not None)  # states of the same decode
+                w.hidden = scored.hidden
+                yield w, scored.scores
 
     builder = PromptBuilder(tokenizer, min(max_length, args.n_ctx or max_length), load["max_query_length"])
     fmt = detect_input_format(args.input, args.input_format, beir_files=args.input is None)

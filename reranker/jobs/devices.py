@@ -7,10 +7,14 @@ import os
 import queue
 import signal
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reranker.errors import RerankerError
+
+if TYPE_CHECKING:  # the engine (llama.cpp) loads in the device processes only
+    from reranker.engine.scoring import Scored
 
 
 def parse_devices(spec: str | None) -> list[str]:
@@ -70,7 +74,6 @@ class DevicePool:
     def __init__(self, devices: list[str], load: dict, keep_hidden: bool = False) -> None:
         """`keep_hidden`: each window also gets its prompts' hidden states (`window.hidden`)."""
         ctx = mp.get_context("spawn")
-        self.keep_hidden = keep_hidden
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
         self.procs = [ctx.Process(target=_worker, args=(d, load, self.inbox, self.outbox, keep_hidden), daemon=True,
@@ -80,7 +83,7 @@ class DevicePool:
 
     def __call__(self, windows: Iterator) -> Iterator[tuple[object, np.ndarray]]:
         pending: dict[int, object] = {}
-        ready: dict[int, np.ndarray] = {}
+        ready: dict[int, Scored] = {}
         next_out = 0
         max_in_flight = 2 * len(self.procs)
         it = enumerate(windows)
@@ -96,15 +99,14 @@ class DevicePool:
                 self.inbox.put((wid, window.prompts))
             if not pending:
                 return
-            wid, scores, error = self._get()
+            wid, scored, error = self._get()
             if error:
                 raise RerankerError(error)
-            ready[wid] = scores
+            ready[wid] = scored
             while next_out in ready:
-                window, result = pending.pop(next_out), ready.pop(next_out)
-                if self.keep_hidden:
-                    result, window.hidden = result
-                yield window, result
+                window, scored = pending.pop(next_out), ready.pop(next_out)
+                window.hidden = scored.hidden
+                yield window, scored.scores
                 next_out += 1
 
     def _get(self):

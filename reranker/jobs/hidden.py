@@ -23,7 +23,7 @@ from reranker.atomic import fsync_dir
 from reranker.errors import RerankerError
 from reranker.jobs.paths import PARTIAL, beside, writing
 from reranker.jobs.records import Unit
-from reranker.jobs.writers import JsonlWriter, _Resumable, _state_value
+from reranker.jobs.writers import JsonlWriter, Resumable, state_value
 
 
 def check_hidden_path(path: Path, dtype: str) -> None:
@@ -41,7 +41,7 @@ def hidden_files(path: Path) -> list[tuple[str, Path]]:
             ("hidden-state index", index), ("hidden-state index draft", beside(index, PARTIAL))]
 
 
-class NpyRowsWriter(_Resumable):
+class NpyRowsWriter(Resumable):
     """(n, width) rows of `dtype` appended to `PATH.partial`, which becomes the `.npy` PATH on the final close."""
 
     kind = "npy"
@@ -63,7 +63,7 @@ class NpyRowsWriter(_Resumable):
 
     def resume(self, state: dict) -> None:
         """Cut `PATH.partial` back to the committed row count (`{}`: start it empty)."""
-        rows = _state_value(state, self.kind, "rows", self.path)
+        rows = state_value(state, self.kind, "rows", self.path)
         if state and (state.get("dtype"), state.get("width")) != (self.dtype.name, self.width):
             raise RerankerError(f"{self.path} was started as {state.get('dtype')} rows of {state.get('width')}; "
                                 "start the job over (--restart) instead of resuming")

@@ -140,7 +140,7 @@ class RayReranker:
         prompts = [self.builder.build(q, d) for q, d in zip(queries, documents)]
         scores = np.empty(len(prompts), dtype=np.float32)
         for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(prompts)):
-            scores[start:end] = score_prompts(self.reranker, prompts[start:end])
+            scores[start:end] = score_prompts(self.reranker, prompts[start:end]).scores
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
             raise RerankerError(f"the model returned a non-finite score ({scores[bad[0]]}) for row {int(bad[0])}; "

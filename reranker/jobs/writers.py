@@ -174,7 +174,8 @@ class _LineFile:
                 pass
 
 
-def _state_value(state: dict, kind: str, key: str, path: Path) -> int:
+def state_value(state: dict, kind: str, key: str, path: Path) -> int:
+    """`state[key]` of a writer's checkpointed state of format `kind` (0 for a fresh start); a state of another format is refused."""
     if not state:
         return 0
     if state.get("format") != kind or not isinstance(state.get(key), int) or state[key] < 0:
@@ -183,8 +184,8 @@ def _state_value(state: dict, kind: str, key: str, path: Path) -> int:
     return state[key]
 
 
-class _Resumable:
-    """Shared by the writers: a first write without `resume()` starts fresh, and nothing may be
+class Resumable:
+    """The base of resumable writers: a first write without `resume()` starts fresh, and nothing may be
     written after a resumed run's output was already finished."""
 
     path: Path
@@ -200,7 +201,7 @@ class _Resumable:
                                 "disagrees with the input: start the job over instead of resuming")
 
 
-class _DraftWriter(_Resumable):
+class _DraftWriter(Resumable):
     """Lines appended to `OUTPUT.partial`, renamed (or rewritten) onto OUTPUT by the final close."""
 
     kind = ""
@@ -214,7 +215,7 @@ class _DraftWriter(_Resumable):
 
     def resume(self, state: dict) -> None:
         """Cut `OUTPUT.partial` back to the committed byte length (`{}`: empty it)."""
-        size = _state_value(state, self.kind, "bytes", self.path)
+        size = state_value(state, self.kind, "bytes", self.path)
         if size and not self.draft.exists() and self.path.exists():
             # The previous run finished the file and crashed before its checkpoint said so.
             self._started = self._finished = True
@@ -339,7 +340,7 @@ def _trec_id(ident: str, what: str, unit: Unit) -> str:
     return ident
 
 
-class ParquetWriter(_Resumable):
+class ParquetWriter(Resumable):
     """One row per pair in input order: query_id, doc_id, score (float32), rank (int32, 1-based
     within its query by descending score).
 
@@ -366,7 +367,7 @@ class ParquetWriter(_Resumable):
 
     def resume(self, state: dict) -> None:
         """Drop the parts beyond the committed count (`{}`: drop all)."""
-        parts = _state_value(state, self.kind, "parts", self.path)
+        parts = state_value(state, self.kind, "parts", self.path)
         if parts and not self.parts_dir.exists() and self.path.exists():
             # The previous run finished the file and crashed before its checkpoint said so.
             self._started = self._finished = True
@@ -539,7 +540,7 @@ class RejectsWriter:
 
     def resume(self, state: dict) -> None:
         """Cut the file back to the committed byte length (`{}`: empty it)."""
-        size = _state_value(state, "rejects", "bytes", self.path)
+        size = state_value(state, "rejects", "bytes", self.path)
         if size or self._create or self.path.exists():
             self._file.truncate(size)
         self._started = True

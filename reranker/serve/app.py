@@ -140,7 +140,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                 except RerankerError as e:
                     raise HTTPException(422, str(e)) from e
                 try:
-                    ticket = scheduler.submit(prepared.prompts)
+                    ticket = scheduler.submit(prepared.prompts, prepared.counts)
                 except Overloaded as e:
                     raise overloaded(str(e)) from e
                 except Closed as e:

@@ -38,16 +38,28 @@ class Closed(Exception):
 
 
 class Ticket:
-    """One request's prompts; `future` gets their scores (float32, in order) or an exception."""
+    """One request's prompts; `future` gets their scores (float32, in order) or an exception.
 
-    def __init__(self, prompts: list[Prompt]) -> None:
+    `counts`: per document of the request, its number of prompts (its chunks; None: one prompt each).
+    """
+
+    def __init__(self, prompts: list[Prompt], counts: list[int] | None = None) -> None:
         self.prompts = prompts
+        self.counts = counts
         self.tokens = sum(len(p.ids) for p in prompts)
         self.scores = np.empty(len(prompts), dtype=np.float32)
         self.next = 0  # the first prompt not yet taken into a batch
         self.left = len(prompts)  # prompts not yet scored
         self.cancelled = False
         self.future: Future = Future()
+
+    def document_of(self, prompt: int) -> str:
+        """The request's document that prompt `prompt` scores, as an error message names it."""
+        if self.counts is None:
+            return f"document {prompt}"
+        ends = np.cumsum(self.counts)  # one past each document's last prompt
+        doc = int(np.searchsorted(ends, prompt, side="right"))
+        return f"document {doc} (its chunk {prompt - (int(ends[doc - 1]) if doc else 0)})"
 
 
 BatchObserver = Callable[[int, int, float], None]  # (pairs, tokens, seconds) of each scored batch
@@ -94,9 +106,9 @@ class Scheduler:
         """Whether `n` more prompts would be admitted now (a cheap check before tokenising)."""
         return self._pending == 0 or self._pending + n <= self.max_queue
 
-    def submit(self, prompts: list[Prompt]) -> Ticket:
-        """Queue `prompts`; their scores arrive in the ticket's future."""
-        ticket = Ticket(prompts)
+    def submit(self, prompts: list[Prompt], counts: list[int] | None = None) -> Ticket:
+        """Queue `prompts` (`counts`: see `Ticket`); their scores arrive in the ticket's future."""
+        ticket = Ticket(prompts, counts)
         with self._cond:
             if self._stopping or self._thread is None:
                 raise Closed("the server is shutting down")
@@ -177,7 +189,7 @@ class Scheduler:
         start = time.perf_counter()
         self._scoring = len(prompts)
         try:
-            scores = score_prompts(self.reranker, prompts)
+            scores = score_prompts(self.reranker, prompts).scores
         finally:
             self._scoring = 0
         if self.on_batch is not None:
@@ -191,7 +203,7 @@ class Scheduler:
     def _finish(self, t: Ticket) -> None:
         bad = np.flatnonzero(~np.isfinite(t.scores))
         if bad.size:
-            self._fail(t, RuntimeError(f"the model returned a non-finite score for document {int(bad[0])}; "
+            self._fail(t, RuntimeError(f"the model returned a non-finite score for {t.document_of(int(bad[0]))}; "
                                        "the GGUF or head is likely broken"))
         else:
             _resolve(t.future, t.scores)
