@@ -78,6 +78,11 @@ class JobSpec:
         return input_reads(self.input, self.input_format, self.queries, self.corpus, self.run)
 
 
+def _shown(value) -> str:
+    """A job setting as a user passes it: flags as on/off (an absent flag is off)."""
+    return "off" if value in (None, False) else "on" if value is True else str(value)
+
+
 def check_resumable(state: dict, fingerprint: dict, output: Path, rejects_id: str) -> None:
     """Refuse to resume `output` from a checkpoint `state` made with other settings or another rejects file."""
     old = state.get("fingerprint", {})
@@ -86,10 +91,7 @@ def check_resumable(state: dict, fingerprint: dict, output: Path, rejects_id: st
         hint = ""
         if "settings" in changed:  # name the settings, so a changed default (--bf16 auto) can be set back
             was, now = old.get("settings") or {}, fingerprint.get("settings") or {}
-            def show(v):
-                return "off" if v in (None, False) else "on" if v is True else v
-
-            diff = [f"{k}: {show(was.get(k))} -> {show(now.get(k))}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
+            diff = [f"{k}: {_shown(was.get(k))} -> {_shown(now.get(k))}" for k in sorted({*was, *now}) if was.get(k) != now.get(k)]
             hint = f" ({'; '.join(diff)}: pass the options it was started with to resume)" if diff else ""
         raise RerankerError(f"{output} was started with a different {', '.join(changed)}{hint}; "
                             "rerun with --restart to start over, or write to another -o")
