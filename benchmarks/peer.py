@@ -138,9 +138,10 @@ def main() -> None:
     print(f"preset {args.preset}; {len(pairs)} pairs of {args.doc_words[0]}-{args.doc_words[1]} words, {tokens} prompt tokens; "
           f"{threads} threads; CPU bf16 flags: {','.join(cpu_bf16_flags()) or 'none'}; load average {loads[0]} at start, "
           f"{loads[-1]} at end (shared machine: compare ratios)")
-    isa = {k: os.environ[k] for k in ("LLAMA_CPP_LIB_PATH", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    isa = {k: os.environ[k] for k in ("LLAMA_CPP_LIB_PATH", "RERANKER_CPU_EXTRA_BUFFERS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                      "MKL_ENABLE_INSTRUCTIONS")
            if k in os.environ}
-    print(f"llama.cpp: {llama_cpp_features()}; torch: {torch_isa()}" + (f"; held by {isa}" if isa else ""))
+    print(f"llama.cpp: {llama_cpp_features()}; torch: {torch_isa()}" + (f"; environment {isa}" if isa else ""))
     auto, why = use_bf16(None, 0, f16)
     print(f"the default (--bf16 auto) runs the F16 file as {'BF16' if auto else 'F16'} here ({why})")
     print(f"transformers best: {best['dtype']} {best['attn']} {'sorted' if best['sorted'] else 'input order'} batch "
