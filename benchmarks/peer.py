@@ -157,7 +157,7 @@ def main() -> None:
                 print(f"{'transformers ' + dt + ' ' + attn + ' (best batch ' + str(b['batch']) + (', sorted' if b['sorted'] else '') + ')':<44}"
                       f"{b['tokens_per_s']:>9.1f}{b['tokens_per_s'] / best['tokens_per_s']:>11.2f}x")
     ref = next(r for r in tf if r["dtype"] == "fp32") if any(r["dtype"] == "fp32" for r in tf) else best
-    print("scores, max |diff| vs transformers fp32: " + ", ".join(
+    print(f"scores, max |diff| vs transformers {ref['dtype']}: " + ", ".join(
         f"{n} {np.abs(r['scores'] - ref['scores']).max():.1e}" for n, r in ours.items())
         + f", transformers {best['dtype']} {np.abs(best['scores'] - ref['scores']).max():.1e}")
     exact = max(r["tokens_per_s"] for n, r in ours.items() if n in ("F16", "BF16"))
