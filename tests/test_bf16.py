@@ -211,13 +211,14 @@ def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tm
             assert np.array_equal(rr.compute_score(PAIRS), got["re" if native else "off"][0])
 
 
-def test_a_job_is_not_resumed_across_the_bf16_choice(bf16_pair, tmp_path, capsys):
+@pytest.mark.slow  # writes a BF16 copy of the model (~10 s) before the resume is refused
+def test_a_job_is_not_resumed_across_the_bf16_choice(tiny_ggufs, tmp_path, capsys):
     """A changed --bf16 (or a default that chose otherwise) is a changed setting, named in the error."""
     import json
 
     from reranker.cli import main
 
-    f16, _ = bf16_pair
+    f16 = tiny_ggufs["f16"]
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"query": "q", "documents": ["a", "b"]}) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
