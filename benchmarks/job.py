@@ -227,6 +227,7 @@ def main() -> None:
     import llama_cpp
 
     from reranker import Reranker
+    from reranker.cli.common import bf16_option
     from reranker.defaults import MAX_QUERY_LENGTH
     from reranker.engine.identity import with_identity_output
     from reranker.engine.prompts import PromptBuilder, format_prompt
@@ -252,7 +253,7 @@ def main() -> None:
         tmp = Path(tmp)
         input_path = tmp / "pairs.jsonl"
         write_pairs_jsonl(input_path, pairs)
-        rr = Reranker.from_pretrained(str(gguf), fast=True, bf16={"auto": None, "on": True, "off": False}[args.bf16], **load)
+        rr = Reranker.from_pretrained(str(gguf), fast=True, bf16=bf16_option(args), **load)
         builder = PromptBuilder(rr.backbone.tokenizer, min(max_length, rr.backbone.n_ctx), MAX_QUERY_LENGTH)
         t = time.perf_counter()
         prompts = [builder.build(q, d) for q, d in pairs]

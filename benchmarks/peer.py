@@ -81,12 +81,13 @@ def run_ours(path: Path, pairs, threads: int, bf16: bool, rounds: int) -> dict:
 
 
 def llama_cpp_features() -> str:
-    """The SIMD features llama.cpp's CPU backend was built with (`= 1` entries of its system info)."""
+    """The SIMD features llama.cpp's CPU backend was built with, of those that decide its mat-mul speed."""
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    return ",".join(k.strip() for k, _, v in (x.partition("=") for x in info.replace("CPU :", "").split("|")) if v.strip() == "1"
-                    and k.strip() in ("AVX2", "AVX512", "AVX512_BF16", "AVX512_VNNI", "AMX_INT8", "F16C", "FMA"))
+    from reranker.engine.weights import build_features
+
+    have = build_features(llama_cpp.llama_print_system_info())
+    return ",".join(f for f in ("AVX2", "F16C", "FMA", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8") if f in have)
 
 
 def torch_isa() -> str:

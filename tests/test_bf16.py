@@ -106,6 +106,8 @@ def test_build_features_parse():
               b"AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
     avx2 = b"CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
     assert weights.built_with_bf16(native) and not weights.built_with_bf16(avx2)
+    assert {"SSE3", "AVX2", "AVX512", "AMX_INT8"} <= weights.build_features(native)
+    assert "SSE3" in weights.build_features(avx2) and not {"AVX512", "AVX512_BF16"} & weights.build_features(avx2)
 
 
 def test_cpu_flags_parse(monkeypatch):

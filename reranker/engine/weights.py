@@ -63,10 +63,16 @@ def native_bf16() -> tuple[bool, str]:
     return True, f"the CPU has {'/'.join(flags)}"
 
 
+def build_features(system_info: bytes) -> set[str]:
+    """The features llama.cpp was built with, from `llama_print_system_info()` (it lists only the
+    features a build has, as `NAME = 1`)."""
+    text = system_info.decode(errors="replace")
+    return {k.strip().rpartition(":")[2].strip() for k, _, v in (x.partition("=") for x in text.split("|")) if v.strip() == "1"}
+
+
 def built_with_bf16(system_info: bytes) -> bool:
-    """Whether llama.cpp's CPU backend was compiled with AVX512_BF16, from `llama_print_system_info()`
-    (it lists only the features a build has, as `NAME = 1`)."""
-    return b"AVX512_BF16 = 1" in system_info
+    """Whether llama.cpp's CPU backend was compiled with AVX512_BF16."""
+    return "AVX512_BF16" in build_features(system_info)
 
 
 def use_bf16(bf16: bool | None = None, n_gpu_layers: int = -1, src: str | os.PathLike | None = None) -> tuple[bool, str]:
