@@ -1,0 +1,159 @@
+"""Mutation check: each one-line mutation of the library below must make the tests named beside it fail.
+
+Run on demand and before a release (not part of the suite; it runs pytest once per mutation):
+
+    python tests/mutations.py              # every mutation
+    python tests/mutations.py --list       # names, files and tests
+    python tests/mutations.py head-logit-shift ctrl-c-ignored
+
+Each mutation is applied to a fresh copy of the working tree (tracked and untracked files, never the
+tree itself), whose tests then run against the mutated copy (`PYTHONPATH`, also for the `python -m
+reranker` processes the tests start). A mutation is "caught" when pytest fails; "survived" when it
+passes, which means the suite would not notice that defect. A mutation whose original text is no
+longer in the file (or occurs more than once) is "stale": the code moved, update the entry here.
+The exit status is 0 only when every mutation was caught.
+
+A new guarantee gets a mutation here: the smallest edit that breaks it, and the tests that must catch it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+    why: str
+
+
+MUTATIONS = [
+    Mutation("f32-reference-off", "reranker/engine/backbone.py",
+             'reference = self.metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)',
+             "reference = False",
+             ("tests/test_backbone.py", "tests/test_api.py"),
+             "F32 GGUFs get an F16 KV cache and flash attention (~1.4e-4 relative error instead of ~1e-6)"),
+    Mutation("deterministic-no-score-token", "reranker/engine/backbone.py",
+             "out[i] = self._hidden(0, self._decode_alone(ids))",
+             "out[i] = self._hidden(0, self._decode_alone(ids[:-1]))",
+             ("tests/test_deterministic.py",),
+             "deterministic mode reads the state before the scoring token"),
+    Mutation("head-logit-shift", "head/model.py",
+             "return self.fc2(F.relu(self.fc1(x))).squeeze(-1) - self.logit_bias",
+             "return self.fc2(F.relu(self.fc1(x))).squeeze(-1) - self.logit_bias - 0.004",
+             ("tests/test_head.py", "tests/test_api.py"),
+             "the module's logits are 0.004 low"),
+    Mutation("fused-head-logit-shift", "head/fused.py",
+             "b2 = head.fc2.bias.detach().cpu().double() - float(head.logit_bias)",
+             "b2 = head.fc2.bias.detach().cpu().double() - float(head.logit_bias) - 0.004",
+             ("tests/test_head.py",),
+             "the fused inference path's folded bias is 0.004 low"),
+    Mutation("rerank-empty-query", "reranker/cli/rerank.py",
+             "ranked = reranker.rank(args.query, docs,",
+             'ranked = reranker.rank("", docs,',
+             ("tests/test_cli.py",),
+             "`reranker rerank` scores every document against an empty query"),
+    Mutation("serve-ignores-api-key-env", "reranker/cli/serve.py",
+             "api_key=args.api_key or os.environ.get(API_KEY_ENV) or None",
+             "api_key=args.api_key or None",
+             ("tests/test_serve.py",),
+             "`reranker serve` with only RERANKER_API_KEY set is open to anyone"),
+    Mutation("head-not-in-fingerprint", "reranker/jobs/job.py",
+             '"head": file_fingerprint(head_path, whole=True) if head_path else None',
+             '"head": None',
+             ("tests/test_job_safety.py", "tests/test_job.py"),
+             "a job resumed with another head mixes two heads' scores in one output"),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree's tracked and untracked (not ignored) files, as they are now."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def apply(tree: Path, m: Mutation) -> str | None:
+    """Apply `m` in `tree`; None, or why it cannot be applied (stale)."""
+    path = tree / m.file
+    if not path.exists():
+        return f"{m.file} does not exist"
+    text = path.read_text(encoding="utf-8")
+    count = text.count(m.original)
+    if count != 1:
+        return f"the original text occurs {count} times in {m.file}"
+    path.write_text(text.replace(m.original, m.mutated), encoding="utf-8")
+    return None
+
+
+def run_one(m: Mutation, pytest_args: list[str]) -> tuple[str, float, str]:
+    """(outcome, seconds, detail) for one mutation: caught, survived, stale or error."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        stale = apply(tree, m)
+        if stale:
+            return "stale", 0.0, stale
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args, *m.tests]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+    out = proc.stdout + proc.stderr
+    if proc.returncode == 1:  # tests failed: the mutation was seen
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+        return "caught", seconds, failed[0] if failed else "failed"
+    if proc.returncode == 0:
+        return "survived", seconds, out.strip().splitlines()[-1] if out.strip() else ""
+    # 2: interrupted or collection error, 3: internal error, 4: usage, 5: nothing collected: no verdict
+    return "error", seconds, f"pytest exit {proc.returncode}: " + " | ".join(out.strip().splitlines()[-3:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--pytest-args", default="", help='extra pytest arguments, e.g. "-m \'not slow\'"')
+    args = p.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        p.error(f"unknown mutation(s) {', '.join(unknown)}; --list shows them")
+    chosen = [known[n] for n in args.names] if args.names else MUTATIONS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file}: {m.why}\n    tests: {' '.join(m.tests)}")
+        return 0
+    import shlex
+
+    results = []
+    for m in chosen:
+        outcome, seconds, detail = run_one(m, shlex.split(args.pytest_args))
+        results.append(outcome)
+        print(f"{outcome:8} {m.name:32} {seconds:6.0f} s  {detail}", flush=True)
+    caught = results.count("caught")
+    print(f"{caught} of {len(results)} mutations caught")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
