@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import DTypeLike
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import SUFFIXES, read_checkpoint
 from .errors import HeadLoadError
+from .hf_checkpoint import SUFFIXES, read_checkpoint
 from .npz_format import read_npz, write_npz
 from .safetensors_format import read_safetensors, write_safetensors
 from .weights import LOGIT_BIAS, HeadWeights
@@ -148,8 +149,6 @@ class ScoringHead(nn.Module):
 
 
 def _is_own_safetensors(path: str) -> bool:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             return "fc1.weight" in f.keys()

@@ -12,8 +12,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from reranker.engine.chunking import Chunker, Chunking, aggregate
-from reranker.engine.prompts import MIN_LENGTH, Prompt, PromptBuilder
+from reranker.engine.chunking import Chunker, aggregate
+from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.options import MIN_LENGTH, Chunking
 from reranker.serve.schemas import ScoreOptions
 
 
