@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-# benchmarks/head.py would shadow the `head` package: drop this folder from the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[list[str]]:
@@ -34,7 +30,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[list[str]]:
 
 def small_model(cache: Path) -> Path:
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     gguf = cache / "gguf" / "jina-reranker-m0-small-F16.gguf"
     if not gguf.is_file():

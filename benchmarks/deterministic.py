@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +21,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# benchmarks/head.py would shadow the `head` package: drop this folder from the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 _spec = importlib.util.spec_from_file_location("bench_compute_score", HERE / "compute_score.py")
 compute_score = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compute_score)

@@ -80,7 +80,7 @@ def main() -> None:
     model = args.model
     if model is None:
         from reranker.gguf.convert import convert
-        from reranker.synth.checkpoint import synth_checkpoint
+        from reranker.synth.random_checkpoint import synth_checkpoint
 
         model = next(iter(sorted((work / "gguf").glob("*.gguf"))), None)
         if model is None:

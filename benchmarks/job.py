@@ -45,7 +45,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# benchmarks/head.py would shadow the `head` package: keep this folder last on sys.path.
+# The repo root first, so this checkout's packages are imported (installed or not); this folder last, for sibling scripts.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
@@ -73,7 +73,7 @@ def write_pairs_jsonl(path: Path, pairs) -> None:
 def synthetic_model(cache: Path, preset: str, outtype: str) -> tuple[Path, Path]:
     """(GGUF, checkpoint dir) of a seeded synthetic model, built once into `cache` (atomically)."""
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     final = cache / f"{preset}-{outtype}"
     gguf = final / "gguf" / f"jina-reranker-m0-{preset}-{outtype.upper()}.gguf"

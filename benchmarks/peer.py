@@ -40,7 +40,7 @@ from tf_peer import run_transformers  # noqa: E402
 def build(cache: Path, preset: str) -> tuple[Path, Path]:
     """(F16 GGUF, bf16 checkpoint dir), built once; BF16/Q8_0 files are made beside the F16 one."""
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     root = cache / f"{preset}-bf16ckpt"
     ckpt = root / f"jina-reranker-m0-{preset}"
@@ -84,7 +84,7 @@ def llama_cpp_features() -> str:
     """The SIMD features llama.cpp's CPU backend was built with, of those that decide its mat-mul speed."""
     import llama_cpp
 
-    from reranker.engine.weights import build_features
+    from reranker.engine.cpu import build_features
 
     have = build_features(llama_cpp.llama_print_system_info())
     return ",".join(f for f in ("AVX2", "F16C", "FMA", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8") if f in have)
@@ -97,7 +97,8 @@ def torch_isa() -> str:
 
 
 def main() -> None:
-    from reranker.engine.weights import cpu_bf16_flags, default_threads, use_bf16
+    from reranker.engine.cpu import cpu_bf16_flags, default_threads
+    from reranker.engine.identity import use_bf16
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "m0"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-# benchmarks/head.py would shadow the `head` package: keep this folder last on sys.path.
+# The repo root first, so this checkout's packages are imported (installed or not); this folder last, for sibling scripts.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
@@ -35,7 +35,7 @@ KEYS = ("spearman", "kendall", "top10_overlap", "order_flips", "mean_abs_diff", 
 
 def small_model(work: Path) -> Path:
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     out = work / "small-gguf"
     existing = sorted(out.glob("*-F16.gguf"))

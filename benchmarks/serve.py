@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/head.py would shadow the `head` package: keep this folder last on sys.path.
+# The repo root first, so this checkout's packages are imported (installed or not); this folder last, for sibling scripts.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]

@@ -59,7 +59,7 @@ def synthetic_task(work: Path, n_queries: int, docs_per_query: int, seed: int = 
 def tiny_model(work: Path) -> Path:
     """A random-weight tiny jina-reranker-m0 as a GGUF, mlp_weights.npz beside it."""
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     ckpt = synth_checkpoint(work / "tiny-checkpoint", preset="tiny", seed=0)
     gguf, _ = convert(ckpt, work / "model", outtype="f32")

@@ -14,6 +14,7 @@ adds an index beside it, `NAME.ids.jsonl` for `NAME.npy`: line i is
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,8 +38,6 @@ def index_path(path: str | os.PathLike[str]) -> Path:
 
 def npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
     """The .npy header of a C-order (rows, width) array of little-endian `dtype`: always `HEADER_BYTES` long."""
-    import io
-
     buf = io.BytesIO()
     d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (int(rows), int(width))}
     np.lib.format.write_array_header_1_0(buf, d)

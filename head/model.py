@@ -9,10 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import DTypeLike
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint import SUFFIXES, read_checkpoint
+from reranker.errors import RerankerError
+
 from .errors import HeadLoadError
+from .hf_checkpoint import SUFFIXES, read_checkpoint
 from .npz_format import read_npz, write_npz
 from .safetensors_format import read_safetensors, write_safetensors
 from .weights import LOGIT_BIAS, HeadWeights
@@ -31,8 +34,9 @@ class ScoringHead(nn.Module):
 
     def __init__(self, hidden_size: int, logit_bias: float = LOGIT_BIAS) -> None:
         super().__init__()
-        if hidden_size <= 0:
-            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise RerankerError(f"ScoringHead: hidden_size={hidden_size!r} is invalid; it must be an integer >= 1 "
+                                "(the backbone's hidden size, 1536 for jina-reranker-m0)")
         self.fc1 = nn.Linear(hidden_size, hidden_size)
         self.fc2 = nn.Linear(hidden_size, 1)
         # A buffer, not a parameter: it is a fixed calibration constant that fine-tuning must not move.
@@ -49,9 +53,15 @@ class ScoringHead(nn.Module):
     # -- compute ---------------------------------------------------------------------------
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise RerankerError(f"ScoringHead takes a torch tensor of shape (..., {self.hidden_size}), got "
+                                f"{type(x).__name__}; wrap a numpy array with torch.from_numpy, or use head.score_embeddings")
+        if not x.is_floating_point():
+            raise RerankerError(f"ScoringHead takes float embeddings, got dtype {x.dtype}; convert them first (x.float())")
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             got = "a scalar" if x.dim() == 0 else f"last dimension {x.shape[-1]} (shape {tuple(x.shape)})"
-            raise ValueError(f"ScoringHead expected inputs of shape (..., {self.hidden_size}), got {got}")
+            raise RerankerError(f"ScoringHead expected inputs of shape (..., {self.hidden_size}), got {got}; pass the hidden "
+                                f"states of the backbone this head belongs to (hidden size {self.hidden_size})")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw scores of shape (...): fc2(relu(fc1(x))) - logit_bias, before the sigmoid."""
@@ -148,8 +158,6 @@ class ScoringHead(nn.Module):
 
 
 def _is_own_safetensors(path: str) -> bool:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             return "fc1.weight" in f.keys()

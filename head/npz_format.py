@@ -11,6 +11,7 @@ import torch
 from numpy.typing import DTypeLike
 
 from reranker.atomic import atomic_write
+from reranker.errors import RerankerError
 
 from ._files import existing_file
 from .errors import HeadLoadError, describe_source
@@ -98,9 +99,13 @@ def write_npz(
     path: str | os.PathLike[str], weights: HeadWeights, dtype: DTypeLike = np.float32, compressed: bool = False
 ) -> None:
     """Write the exact release layout, readable by the upstream numpy snippet."""
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise RerankerError(f"save_npz: dtype {dtype!r} is not a numpy dtype ({exc}); pass np.float32 (default) or np.float16") from exc
     if dt.kind != "f":
-        raise ValueError(f"save_npz dtype must be a float dtype, got {dt}")
+        raise RerankerError(f"save_npz: dtype {dt} is not a float dtype; pass np.float32 (default) or np.float16, "
+                            "as the release's mlp_weights.npz")
 
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().cpu().numpy().astype(dt)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
+from reranker.errors import RerankerError
+
 from .fused import FoldedHead, FusedScorer, get_scorer
 
 if TYPE_CHECKING:
@@ -25,11 +27,18 @@ Rows = Union[np.ndarray, torch.Tensor]  # noqa: UP007
 
 def _load_npy(path: str | os.PathLike[str]) -> np.ndarray:
     # mmap: a 10M x 1536 file must not be read into RAM up front.
-    data = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise RerankerError(
+            f"score_embeddings: cannot read '{os.fspath(path)}' as a .npy array ({exc}); pass an existing float .npy "
+            "file of shape (..., H), a numpy array or a torch tensor"
+        ) from exc
     if not isinstance(data, np.ndarray):
         data.close()
-        raise ValueError(
-            f"score_embeddings reads a .npy file, but '{os.fspath(path)}' is an .npz archive; pass one array from it"
+        raise RerankerError(
+            f"score_embeddings reads a .npy file, but '{os.fspath(path)}' is an .npz archive; pass one array from it "
+            "(np.load(path)[name])"
         )
     return data
 
@@ -40,19 +49,38 @@ def _as_rows(data: Embeddings, hidden: int) -> tuple[Rows, tuple[int, ...]]:
         data = _load_npy(data)
     if isinstance(data, np.ndarray):
         if data.dtype.kind != "f":
-            raise TypeError(f"score_embeddings needs float embeddings, got dtype {data.dtype}")
+            raise RerankerError(f"score_embeddings needs float embeddings, got dtype {data.dtype}; "
+                                "convert them first (e.g. a.astype(np.float32))")
     elif isinstance(data, torch.Tensor):
         if not data.is_floating_point():
-            raise TypeError(f"score_embeddings needs float embeddings, got dtype {data.dtype}")
+            raise RerankerError(f"score_embeddings needs float embeddings, got dtype {data.dtype}; "
+                                "convert them first (e.g. t.float())")
     else:
-        raise TypeError(
-            f"score_embeddings takes a numpy array, a torch tensor or a .npy path, got {type(data).__name__}"
+        raise RerankerError(
+            f"score_embeddings takes a numpy array, a torch tensor or a .npy path, got {type(data).__name__}; "
+            "convert it first (e.g. np.asarray(embeddings, dtype=np.float32))"
         )
     if data.ndim == 0 or data.shape[-1] != hidden:
-        raise ValueError(
-            f"score_embeddings expected embeddings of shape (..., {hidden}), got shape {tuple(data.shape)}"
+        raise RerankerError(
+            f"score_embeddings expected embeddings of shape (..., {hidden}), got shape {tuple(data.shape)}; "
+            f"pass the hidden states of the backbone this head belongs to (hidden size {hidden})"
         )
     return data.reshape(-1, hidden), tuple(data.shape[:-1])
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this process can use, else a RerankerError naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise RerankerError(f"score_embeddings: device={device!r} is not a torch device ({exc}); "
+                            "pass e.g. 'cpu', 'cuda' or 'cuda:0'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RerankerError(f"score_embeddings: device={device!r} but torch sees no CUDA device; pass device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RerankerError(f"score_embeddings: device={device!r} but torch sees {torch.cuda.device_count()} CUDA "
+                            "device(s); pass one of them")
+    return dev
 
 
 def _host_chunk(rows: Rows, start: int, stop: int) -> torch.Tensor:
@@ -127,11 +155,11 @@ def score_embeddings(
     `device` defaults to the head's device; `compile` defaults to True on CUDA (falls back to eager).
     Runs under inference_mode and honours an enclosing torch.autocast.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise RerankerError(f"score_embeddings: batch_size={batch_size!r} is invalid; it must be an integer >= 1")
+    dev = _device(device) if device is not None else head.fc1.weight.device
     rows, lead = _as_rows(data, head.hidden_size)
     n = int(rows.shape[0])
-    dev = torch.device(device) if device is not None else head.fc1.weight.device
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     result = np.empty(n, dtype=np.float32)

@@ -12,25 +12,24 @@ The package follows a pair through the model:
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from reranker.errors import RerankerError
+from reranker.options import Chunking
 
 if TYPE_CHECKING:
     from reranker.api import Reranker, Usage
-    from reranker.engine.chunking import Chunking
     from reranker.engine.prompts import format_prompt
 
 __all__ = ["Chunking", "Reranker", "RerankerError", "Usage", "format_prompt"]
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import reranker.errors` (the `head` package does) needs no llama.cpp.
-_LAZY = {"Chunking": "reranker.engine.chunking", "Reranker": "reranker.api", "Usage": "reranker.api", "format_prompt": "reranker.engine.prompts"}
+_LAZY = {"Reranker": "reranker.api", "Usage": "reranker.api", "format_prompt": "reranker.engine.prompts"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'reranker' has no attribute {name!r}")

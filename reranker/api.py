@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 from head import ScoringHead
 from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
 from reranker.engine.backbone import Backbone, check_settings
-from reranker.engine.chunking import Chunker, Chunking, aggregate, as_chunking
-from reranker.engine.prompts import PromptBuilder, check_lengths, check_pairs, require_int
-from reranker.engine.weights import fast_path_gguf, use_bf16, weights_description
+from reranker.engine.chunking import Chunker, aggregate
+from reranker.engine.identity import fast_path_gguf, use_bf16, weights_description
+from reranker.engine.prompts import PromptBuilder
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
 from reranker.gguf.hub import resolve
+from reranker.options import Chunking, as_chunking, check_lengths, check_pairs, require_int
 
 log = logging.getLogger(__name__)
 

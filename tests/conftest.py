@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reranker.gguf.convert import convert
-from reranker.synth.checkpoint import synth_checkpoint
+from reranker.synth.random_checkpoint import synth_checkpoint
 
 # Pairs covering the tokenizer's corners; the last ones carry special-token strings.
 PAIRS = [

@@ -10,7 +10,8 @@ import pytest
 from helpers import write_jsonl
 
 from reranker import RerankerError
-from reranker.bench.quant import DEFAULT_LEVELS, fidelity, gguf_level, make_level, plan_levels, retrieval_metrics
+from reranker.bench.compare import fidelity, retrieval_metrics
+from reranker.bench.quant import DEFAULT_LEVELS, gguf_level, make_level, plan_levels
 from reranker.bench.report import COLUMNS
 from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
 from reranker.cli import main as cli_main

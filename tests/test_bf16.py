@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import write_gguf
 
-from reranker.engine import weights
+from reranker.engine import cpu, identity
 from reranker.engine.identity import BF16_TENSORS_KEY, REENCODE_KEY, bf16_exact, cached_copies, to_bf16, with_identity_output
 from reranker.errors import RerankerError
 
@@ -79,25 +79,25 @@ def test_only_bf16_exact_tensors_are_reencoded(tmp_path):
 
 
 def test_auto_choice(monkeypatch):
-    monkeypatch.delenv(weights.BF16_ENV, raising=False)
-    monkeypatch.setattr(weights, "cpu_bf16_flags", lambda: ())
-    assert weights.use_bf16(None, 0)[0] is False
-    assert weights.use_bf16(True, 0)[0] is True  # explicit wins
-    monkeypatch.setattr(weights, "cpu_bf16_flags", lambda: ("avx512_bf16",))
-    assert weights.use_bf16(None, 0)[0] is weights.native_bf16()[0]
-    assert weights.use_bf16(False, 0) == (False, "turned off")
-    monkeypatch.setenv(weights.BF16_ENV, "0")
-    assert weights.use_bf16(None, 0)[0] is False
-    assert weights.use_bf16(True, 0)[0] is True
+    monkeypatch.delenv(identity.BF16_ENV, raising=False)
+    monkeypatch.setattr(cpu, "cpu_bf16_flags", lambda: ())
+    assert identity.use_bf16(None, 0)[0] is False
+    assert identity.use_bf16(True, 0)[0] is True  # explicit wins
+    monkeypatch.setattr(cpu, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    assert identity.use_bf16(None, 0)[0] is cpu.native_bf16()[0]
+    assert identity.use_bf16(False, 0) == (False, "turned off")
+    monkeypatch.setenv(identity.BF16_ENV, "0")
+    assert identity.use_bf16(None, 0)[0] is False
+    assert identity.use_bf16(True, 0)[0] is True
 
 
 def test_only_f16_files_count_as_reencoded(tmp_path):
     f16 = _tiny_gguf(tmp_path / "m-F16.gguf", {"token_embd.weight": np.zeros((N_VOCAB, N_EMBD), np.float16)})
     f32 = _tiny_gguf(tmp_path / "m-F32.gguf", {"token_embd.weight": np.zeros((N_VOCAB, N_EMBD), np.float32)},
                      gguf.LlamaFileType.ALL_F32)
-    assert weights.use_bf16(True, 0, f16) == (True, "requested")
+    assert identity.use_bf16(True, 0, f16) == (True, "requested")
     # A job's settings record the re-encode only where it happens, so an F32 or quantized job resumes under any --bf16.
-    assert weights.use_bf16(True, 0, f32) == (False, "the GGUF stores F32, not F16")
+    assert identity.use_bf16(True, 0, f32) == (False, "the GGUF stores F32, not F16")
 
 
 def test_build_features_parse():
@@ -105,33 +105,33 @@ def test_build_features_parse():
     native = (b"CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
               b"AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
     avx2 = b"CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
-    assert weights.built_with_bf16(native) and not weights.built_with_bf16(avx2)
-    assert {"SSE3", "AVX2", "AVX512", "AMX_INT8"} <= weights.build_features(native)
-    assert "SSE3" in weights.build_features(avx2) and not {"AVX512", "AVX512_BF16"} & weights.build_features(avx2)
+    assert cpu.built_with_bf16(native) and not cpu.built_with_bf16(avx2)
+    assert {"SSE3", "AVX2", "AVX512", "AMX_INT8"} <= cpu.build_features(native)
+    assert "SSE3" in cpu.build_features(avx2) and not {"AVX512", "AVX512_BF16"} & cpu.build_features(avx2)
 
 
 def test_cpu_flags_parse(monkeypatch):
-    monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 amx_bf16 avx512_bf16\n\n")
-    assert weights.cpu_bf16_flags() == ("avx512_bf16", "amx_bf16")
-    monkeypatch.setattr(weights, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 f16c\n")
-    assert weights.cpu_bf16_flags() == ()
-    monkeypatch.setattr(weights, "_cpuinfo", lambda: "")  # macOS and others: auto keeps F16
-    assert weights.native_bf16()[0] is False
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 amx_bf16 avx512_bf16\n\n")
+    assert cpu.cpu_bf16_flags() == ("avx512_bf16", "amx_bf16")
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: "processor: 0\nflags\t: fpu avx2 f16c\n")
+    assert cpu.cpu_bf16_flags() == ()
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: "")  # macOS and others: auto keeps F16
+    assert cpu.native_bf16()[0] is False
 
 
 def test_default_threads(monkeypatch):
-    monkeypatch.delenv(weights.THREADS_ENV, raising=False)
+    monkeypatch.delenv(cpu.THREADS_ENV, raising=False)
     info = "".join(f"processor: {i}\nphysical id: 0\ncore id: {i // 2}\n\n" for i in range(8))  # 4 cores, SMT 2
-    monkeypatch.setattr(weights, "_cpuinfo", lambda: info)
-    monkeypatch.setattr(weights.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
-    monkeypatch.setattr(weights.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    assert weights.default_threads() == 4
-    monkeypatch.setattr(weights.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
-    assert weights.default_threads() == 3
-    monkeypatch.setattr(weights.os, "sched_getaffinity", lambda _: {0}, raising=False)
-    assert weights.default_threads() == 1
-    monkeypatch.setenv(weights.THREADS_ENV, "2")
-    assert weights.default_threads() == 2
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert cpu.default_threads() == 4
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert cpu.default_threads() == 3
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: {0}, raising=False)
+    assert cpu.default_threads() == 1
+    monkeypatch.setenv(cpu.THREADS_ENV, "2")
+    assert cpu.default_threads() == 2
 
 
 def test_cli_option():
@@ -153,7 +153,7 @@ def bf16_pair(tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     from reranker.gguf.convert import convert
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     ckpt = synth_checkpoint(tmp_path_factory.mktemp("bf16ck") / "jina-reranker-m0-tiny", preset="tiny", seed=0,
                             dtype="bfloat16")
@@ -205,9 +205,9 @@ def test_scores_equal_the_bf16_checkpoints_and_option_turns_it_off(bf16_pair, tm
         Reranker.from_pretrained(str(f16), bf16=True, fast=False, **load)
 
     # The default is automatic: BF16 where the CPU has native bf16 dot products, F16 elsewhere.
-    monkeypatch.delenv(weights.BF16_ENV)
+    monkeypatch.delenv(identity.BF16_ENV)
     for native, want in ((True, "BF16"), (False, "F16")):
-        monkeypatch.setattr(weights, "native_bf16", lambda native=native: (native, "test"))
+        monkeypatch.setattr(cpu, "native_bf16", lambda native=native: (native, "test"))
         with Reranker.from_pretrained(str(f16), **load) as rr:
             assert rr.weights_dtype == want
             assert np.array_equal(rr.compute_score(PAIRS), got["re" if native else "off"][0])

@@ -16,8 +16,9 @@ from helpers import kill_when, run, score_args, write_nested
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
 from reranker.engine.backbone import VocabOnly
-from reranker.engine.chunking import Chunker, as_chunking, char_boundaries, token_spans
+from reranker.engine.chunking import Chunker, char_boundaries, token_spans
 from reranker.engine.prompts import PromptBuilder
+from reranker.options import as_chunking
 
 MAX_LENGTH = 64  # small, so short documents already need several chunks
 CJK = "机器学习是人工智能的一个分支，研究计算机如何从数据中学习。🎉🥳👩‍👩‍👧 ﬁ e\u0301 § Ω résumé "

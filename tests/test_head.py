@@ -17,6 +17,7 @@ from torch import nn
 
 from head import LOGIT_BIAS, HeadLoadError, ScoringHead, score_embeddings
 from head.fused import get_scorer
+from reranker.errors import RerankerError
 
 H = 32
 
@@ -360,10 +361,53 @@ def test_from_safetensors_points_original_checkpoints_to_from_checkpoint(tmp_pat
 
 def test_wrong_hidden_size_at_call_time(npz):
     head = ScoringHead.from_npz(npz)
-    with pytest.raises(ValueError, match=r"\(\.\.\., 32\).*last dimension 48"):
+    with pytest.raises(RerankerError, match=r"\(\.\.\., 32\).*last dimension 48.*hidden size 32"):
         head(torch.randn(4, 48))
-    with pytest.raises(ValueError, match=r"\(\.\.\., 32\).*shape \(4, 48\)"):
+    with pytest.raises(RerankerError, match=r"\(\.\.\., 32\).*shape \(4, 48\).*hidden size 32"):
         score_embeddings(head, np.zeros((4, 48), np.float32))
+
+
+# Every caller mistake is a RerankerError (README: the one exception callers catch), whose message names
+# the input and the fix; not a TypeError or a bare ValueError from deep inside torch or numpy.
+CALLER_MISTAKES = {
+    "head on a numpy array": (lambda h, p: h(np.zeros((2, H), np.float32)), r"torch tensor.*ndarray.*torch\.from_numpy"),
+    "head on int embeddings": (lambda h, p: h(torch.zeros((2, H), dtype=torch.int64)), r"float embeddings.*int64.*x\.float\(\)"),
+    "head on a scalar": (lambda h, p: h(torch.tensor(1.0)), r"\(\.\.\., 32\).*a scalar"),
+    "hidden_size 0": (lambda h, p: ScoringHead(0), r"hidden_size=0.*integer >= 1"),
+    "hidden_size float": (lambda h, p: ScoringHead(1536.0), r"hidden_size=1536\.0.*integer >= 1"),
+    "int array": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.int32)), r"float embeddings.*int32.*astype"),
+    "int tensor": (lambda h, p: score_embeddings(h, torch.zeros((2, H), dtype=torch.int32)), r"float embeddings.*int32.*float\(\)"),
+    "a list": (lambda h, p: score_embeddings(h, [[0.0] * H]), r"numpy array, a torch tensor or a \.npy path, got list.*np\.asarray"),
+    "scalar array": (lambda h, p: score_embeddings(h, np.zeros((), np.float32)), r"shape \(\.\.\., 32\), got shape \(\)"),
+    "missing .npy": (lambda h, p: score_embeddings(h, p / "missing.npy"), r"missing\.npy.*\.npy array.*existing float \.npy"),
+    "not a .npy": (lambda h, p: score_embeddings(h, p / "mlp_weights.txt"), r"mlp_weights\.txt.*\.npy array"),
+    "batch_size 0": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.float32), batch_size=0), r"batch_size=0.*integer >= 1"),
+    "batch_size float": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.float32), batch_size=2.5), r"batch_size=2\.5"),
+    "bad device": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.float32), device="gpu0"), r"device='gpu0'.*'cpu', 'cuda'"),
+    "save_npz int dtype": (lambda h, p: h.save_npz(p / "x.npz", dtype=np.int8), r"int8.*not a float dtype.*np\.float32"),
+    "save_npz bad dtype": (lambda h, p: h.save_npz(p / "x.npz", dtype="float17"), r"'float17'.*not a numpy dtype"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(CALLER_MISTAKES))
+def test_each_caller_mistake_is_a_reranker_error(mistake, npz, tmp_path):
+    head = ScoringHead.from_npz(npz)
+    (tmp_path / "mlp_weights.txt").write_text("not an array")
+    call, message = CALLER_MISTAKES[mistake]
+    with pytest.raises(RerankerError, match=message) as e:
+        call(head, tmp_path)
+    assert type(e.value) is RerankerError  # a caller mistake, not a head file problem (HeadLoadError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_reranker_error(npz):
+    with pytest.raises(RerankerError, match=r"device='cuda'.*no CUDA device.*device='cpu'"):
+        score_embeddings(ScoringHead.from_npz(npz), np.zeros((2, H), np.float32), device="cuda")
+
+
+def test_from_checkpoint_of_a_non_path_is_a_head_load_error():
+    with pytest.raises(HeadLoadError, match=r"path or a state dict, got int.*jina-reranker-m0 checkpoint"):
+        ScoringHead.from_checkpoint(42)
 
 
 # -- dtypes, autocast, compile ----------------------------------------------------------------
@@ -494,5 +538,5 @@ def test_score_embeddings_shapes_dtypes_and_contexts(npz):
 
 
 def test_score_embeddings_rejects_npz_path(tmp_path, npz):
-    with pytest.raises(ValueError, match="npz"):
+    with pytest.raises(RerankerError, match=r"\.npz archive; pass one array from it"):
         score_embeddings(ScoringHead.from_npz(npz), npz)

@@ -26,10 +26,10 @@ from helpers import score_args, write_jsonl
 
 from reranker.errors import RerankerError
 from reranker.jobs import paths, writers
-from reranker.jobs.checkpoint import input_fingerprint
 from reranker.jobs.paths import JobFiles, JobLock, check_job_files
 from reranker.jobs.readers import read_input
 from reranker.jobs.records import Reject, Unit
+from reranker.jobs.resume import input_fingerprint
 from reranker.jobs.validate import one_run_per_query
 
 NESTED = [{"query_id": f"q{i}", "query": f"query {i}", "documents": [f"doc {i} a", f"doc {i} b", f"doc {i} c"]} for i in range(6)]

@@ -1,4 +1,4 @@
-"""The rebuilt Qwen2-VL tokenizer (reranker.synth.qwen_vocab) and the synthetic checkpoints (reranker.synth.checkpoint)."""
+"""The rebuilt Qwen2-VL tokenizer (reranker.synth.qwen_vocab) and the synthetic checkpoints (reranker.synth.random_checkpoint)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
 from reranker.synth import qwen_vocab
-from reranker.synth.checkpoint import PRESETS, synth_checkpoint, tensor_shapes
+from reranker.synth.random_checkpoint import PRESETS, synth_checkpoint, tensor_shapes
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")

@@ -61,7 +61,7 @@ def flops_per_token(preset: str) -> float:
         return FLOPS_PER_TOKEN
     from math import prod
 
-    from reranker.synth.checkpoint import PRESETS, tensor_shapes
+    from reranker.synth.random_checkpoint import PRESETS, tensor_shapes
 
     return 2.0 * sum(prod(shape) for name, shape in tensor_shapes(PRESETS[preset]) if name.startswith("model."))
 
@@ -176,7 +176,7 @@ def step_models(ctx: dict, args) -> None:
 
     if args.stage == "convert":
         from reranker.gguf.convert import convert
-        from reranker.synth.checkpoint import synth_checkpoint
+        from reranker.synth.random_checkpoint import synth_checkpoint
 
         if not ready(P["tiny_f32"]).exists():
             timed("tiny: synth + convert f32", lambda: (synth_checkpoint(P["tiny_ckpt"], preset="tiny", seed=0),

@@ -4,7 +4,8 @@
 (`worker.py`: load time, peak memory, pairs/s and tokens/s through
 `Reranker.compute_score`), and compares its scores with the reference's (the F32/BF16/F16 file
 the levels are made from): correlation, per-query top-10 overlap, score differences, order flips,
-and, when the set has relevance judgements, nDCG@10 / MRR@10 / Recall@100 from ir-measures.
+and, when the set has relevance judgements, nDCG@10 / MRR@10 / Recall@100 from ir-measures
+(`compare.py`).
 `report.py` turns the result into markdown, JSON and a plot.
 """
 
@@ -23,14 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 from tqdm.auto import tqdm
 
 from reranker.atomic import atomic_path
+from reranker.bench.compare import RETRIEVAL_MEASURES, fidelity, retrieval_metrics
+from reranker.bench.recalibrate import fit_corrections, recalibrate
 from reranker.bench.sets import EvalSet
 from reranker.defaults import IDENTITY_DTYPE
+from reranker.engine.cpu import default_threads
 from reranker.engine.identity import with_identity_output
-from reranker.engine.weights import default_threads
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file, header_value
 from reranker.gguf.hub import resolve
@@ -42,8 +46,6 @@ log = logging.getLogger(__name__)
 REFERENCE_TYPES = ("F32", "BF16", "F16")
 #: The levels measured unless told otherwise: BF16, then the release's.
 DEFAULT_LEVELS = BENCH_LEVELS
-TOP_K = 10
-BENCH_EXTRA = "pip install 'jina-reranker-gguf[bench]'"
 
 
 @dataclass
@@ -75,15 +77,6 @@ class BenchReport:
     environment: dict[str, Any]
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     ids: list[tuple[str, str]] = field(default_factory=list, repr=False)
-
-
-def _require(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise RerankerError(f"reranker bench-quant needs {module.split('.')[0]}, which is not installed: {BENCH_EXTRA}") from e
 
 
 # --- levels -------------------------------------------------------------------------------
@@ -224,70 +217,6 @@ def make_level(plan: Plan, level: Level, n_threads: int | None = None) -> float 
 # --- metrics ------------------------------------------------------------------------------
 
 
-def _none_if_nan(x: float) -> float | None:
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
-def fidelity(reference: np.ndarray, scores: np.ndarray, groups: Sequence[int], k: int = TOP_K) -> dict[str, float | None]:
-    """How closely `scores` follow `reference` (same pairs, queries in `groups` consecutive slices).
-
-    - `spearman`, `kendall` (tau-b): rank correlation over all pairs pooled;
-    - `mean_abs_diff`, `max_abs_diff`: of the scores;
-    - `top10_overlap`: |top-k ∩ reference top-k| / k per query, averaged over the queries with
-      more than k candidates (with fewer, every candidate is in the top k): None when none has;
-    - `order_flips`: share of the within-query document pairs ordered differently from the
-      reference, a pair tied in one ordering and not the other counting one half; None when
-      no query has two candidates.
-    """
-    stats = _require("scipy.stats")
-    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if ref.shape != got.shape or ref.ndim != 1 or sum(groups) != len(ref):
-        raise RerankerError(f"scores of shape {got.shape} do not match the reference {ref.shape} and groups totalling {sum(groups)}")
-    diff = np.abs(ref - got)
-    out: dict[str, float | None] = {"spearman": None, "kendall": None}
-    if len(ref) > 1:
-        out["spearman"] = _none_if_nan(stats.spearmanr(ref, got).statistic)
-        out["kendall"] = _none_if_nan(stats.kendalltau(ref, got).statistic)
-    overlaps, flips, n_pairs = [], 0.0, 0
-    start = 0
-    for n in groups:
-        r, g = ref[start : start + n], got[start : start + n]
-        start += n
-        if n > k:  # stable sorts: ties keep input order, the same rule for both
-            top_r = set(np.argsort(-r, kind="stable")[:k].tolist())
-            top_g = set(np.argsort(-g, kind="stable")[:k].tolist())
-            overlaps.append(len(top_r & top_g) / k)
-        if n > 1:
-            i, j = np.triu_indices(n, 1)
-            a, b = np.sign(r[i] - r[j]), np.sign(g[i] - g[j])
-            flips += float(np.sum(a * b < 0) + 0.5 * np.sum((a == 0) != (b == 0)))
-            n_pairs += len(i)
-    out.update({
-        "top10_overlap": float(np.mean(overlaps)) if overlaps else None,
-        "mean_abs_diff": float(diff.mean()) if len(diff) else None,
-        "max_abs_diff": float(diff.max()) if len(diff) else None,
-        "order_flips": flips / n_pairs if n_pairs else None,
-    })
-    return out
-
-
-#: Report key -> ir-measures measure name (MRR@10 is ir-measures' RR@10).
-RETRIEVAL_MEASURES = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "RR@10", "recall_at_100": "R@100"}
-
-
-def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float | None]:
-    """nDCG@10, MRR@10 and Recall@100 from ir-measures, with trec_eval's definitions (linear
-    gains; grade >= 1 is relevant), averaged over every judged query: one without candidates
-    in `run` counts 0, as with `trec_eval -c`. None when there are no judgements."""
-    ir_measures = _require("ir_measures")
-    measures = {key: ir_measures.parse_measure(name) for key, name in RETRIEVAL_MEASURES.items()}
-    if not qrels:
-        return {key: None for key in measures}
-    run = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
-    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    return {key: _none_if_nan(agg[m]) for key, m in measures.items()}
-
-
 def _run_dict(eval_set: EvalSet, scores: np.ndarray) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     i = 0
@@ -353,7 +282,6 @@ def _measure(level: Level, head: Path, pairs_file: Path, n_pairs: int, settings:
 
 def environment(settings: Settings) -> dict[str, Any]:
     """The machine and libraries the numbers come from."""
-    import llama_cpp
     import torch
 
     try:
@@ -443,7 +371,6 @@ def _recalibrate(plan: Plan, rows: list[dict[str, Any]], work: Path, out: Path, 
     """Each quantized row gets `recalibrated` (held-out fidelity before/after each correction), and the
     corrections fitted on all pairs are written as heads, `OUT/recalibrated/LEVEL-CORRECTION-mlp_weights.npz`."""
     from head import ScoringHead
-    from reranker.bench.recalibrate import fit_corrections, recalibrate
 
     head = ScoringHead.load(plan.head)
     ref_hidden = np.load(work / plan.reference.name / HIDDEN_FILE)

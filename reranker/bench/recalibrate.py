@@ -3,7 +3,7 @@
 Also run by `benchmarks/recalibrate.py` (several splits). The pairs' queries are split in two
 (seeded); on the calibration half a correction is fitted from the level's hidden states
 towards the reference's (F16) logits, and both are compared on the held-out half with
-`quant.fidelity`:
+`compare.fidelity`:
 
 - `affine`: `a * logit + b` (least squares on the logits). Monotone, so it can only move
   score differences, never a ranking;
@@ -14,11 +14,12 @@ towards the reference's (F16) logits, and both are compared on the held-out half
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
-from reranker.bench.quant import fidelity
+from reranker.bench.compare import fidelity
 
 LAMBDAS = tuple(10.0**k for k in range(-3, 5))
 
@@ -112,8 +113,6 @@ def recalibrate(head, ref_hidden: np.ndarray, level_hidden: np.ndarray, groups: 
 
 def corrected_head(head, w2: np.ndarray, b2: float):
     """A copy of `head` whose last layer is `w2`, `b2` (float64 in, the head's float32 out)."""
-    import dataclasses
-
     import torch
 
     from head import ScoringHead

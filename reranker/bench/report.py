@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from reranker.bench.quant import BENCH_EXTRA, BenchReport
+from reranker.bench.compare import BENCH_EXTRA
+from reranker.bench.quant import BenchReport
 from reranker.errors import RerankerError
 
 JSON_VERSION = 1

@@ -16,12 +16,12 @@ from reranker.defaults import (
     N_BATCH,
 )
 from reranker.errors import RerankerError
+from reranker.options import Chunking
 
 if TYPE_CHECKING:
     import torch
 
     from reranker.api import Reranker
-    from reranker.engine.chunking import Chunking
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def add_chunk_args(p: argparse.ArgumentParser) -> None:
                    help="a document's score from its chunks' (default: %(default)s)")
 
 
-def chunking_option(args: argparse.Namespace) -> "Chunking | None":
+def chunking_option(args: argparse.Namespace) -> Chunking | None:
     """The `Chunking` of `--chunk ...` (checked), or None without `--chunk`."""
     if not args.chunk:
         given = [flag for flag, value, default in (("--chunk-size", args.chunk_size, None),
@@ -100,6 +100,4 @@ def chunking_option(args: argparse.Namespace) -> "Chunking | None":
             raise RerankerError(f"without --chunk, {', '.join(given)} {'has' if one else 'have'} no effect; "
                                 f"add --chunk, or drop {'it' if one else 'them'}")
         return None
-    from reranker.engine.chunking import Chunking
-
     return Chunking(args.chunk_size, args.chunk_overlap, args.max_chunks, args.aggregate)

@@ -12,7 +12,7 @@ import numpy as np
 
 from reranker.atomic import open_output
 from reranker.cli.common import resolve_device
-from reranker.compat.head import (
+from reranker.compat.embedding_files import (
     JSON_CHUNK,
     JSON_FIX,
     NPY_CHUNK,

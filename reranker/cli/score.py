@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _job_settings(args: argparse.Namespace, files, head_path: Path) -> tuple[dict, dict]:
     """(`from_pretrained` keyword arguments but model and head, the job's model fingerprint): the same for every engine."""
-    from reranker.engine.weights import use_bf16
+    from reranker.engine.identity import use_bf16
     from reranker.jobs.job import model_fingerprint
 
     max_length = args.max_length or min(MAX_LENGTH, args.n_ctx or MAX_LENGTH)
@@ -121,9 +121,9 @@ def _job_settings(args: argparse.Namespace, files, head_path: Path) -> tuple[dic
 def _score(args: argparse.Namespace, spec, files, head_path: Path) -> None:
     from reranker.api import Reranker
     from reranker.engine.backbone import VocabOnly
+    from reranker.engine.identity import fast_path_gguf, file_weights
     from reranker.engine.prompts import PromptBuilder
     from reranker.engine.scoring import score_prompts
-    from reranker.engine.weights import fast_path_gguf, file_weights
     from reranker.jobs.devices import DevicePool, parse_devices
     from reranker.jobs.job import Job, JobAlreadyDone, write_summary
     from reranker.jobs.progress import Progress, count_records

@@ -10,11 +10,10 @@ import sys
 
 from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
+from reranker.serve.settings import API_KEY_ENV, ServeSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from reranker.serve.settings import API_KEY_ENV, ServeSettings
-
     d = ServeSettings()
     p = sub.add_parser("serve", help="serve /v1/rerank (Jina) and /v2/rerank (Cohere) over HTTP",
                        description="A rerank server: requests in the Jina and Cohere API shapes, batched across clients. "
@@ -41,8 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from reranker.serve.settings import API_KEY_ENV, ServeSettings
-
     try:
         import uvicorn
 

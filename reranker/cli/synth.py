@@ -14,6 +14,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from reranker.synth.checkpoint import synth_checkpoint
+    from reranker.synth.random_checkpoint import synth_checkpoint
 
     print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed))

@@ -11,15 +11,15 @@ from collections.abc import Sequence
 import llama_cpp
 import numpy as np
 
+from reranker import llama_log
 from reranker.defaults import MAX_LENGTH, N_BATCH, N_SEQ_MAX, N_UBATCH_CPU, N_UBATCH_GPU
-from reranker.engine import llama_log
 from reranker.engine.batching import pack
+from reranker.engine.cpu import default_threads
 from reranker.engine.identity import MARKER_KEY
-from reranker.engine.prompts import MIN_LENGTH, require_int
 from reranker.engine.tokenizer import GGUFTokenizer
-from reranker.engine.weights import default_threads
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
+from reranker.options import MIN_LENGTH, require_int
 
 SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
 CPU_EXTRA_BUFFERS_ENV = "RERANKER_CPU_EXTRA_BUFFERS"

@@ -14,67 +14,16 @@ also a character boundary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS
-from reranker.engine.prompts import Prompt, PromptBuilder, format_prompt, require_int
-from reranker.errors import RerankerError
+from reranker.engine.prompts import Prompt, PromptBuilder, format_prompt
+from reranker.options import MIN_CHUNK, Chunking
 
-#: The smallest chunk, in tokens; a prompt with less room than this (a query filling max_length) is truncated.
-MIN_CHUNK = 8
 #: Tokens kept free in each prompt: a chunk's text may tokenise into a few more tokens than its
 #: span (BPE merges differ at its edges), and a prompt that still does not fit loses the excess.
 MARGIN = 8
-
-
-@dataclass(frozen=True)
-class Chunking:
-    """How documents that do not fit are split, and how their chunks' scores combine.
-
-    `size`: tokens per chunk (None: all the room a prompt leaves, so the first chunk is about
-    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256, at most
-    half a chunk; a given overlap must be less than a given size, and is cut to one less than the
-    room when a prompt leaves less); `max_chunks`: chunks per document at most, the rest of a
-    longer document is not scored and the document counts as capped; `aggregate`: "max",
-    "mean" or "first".
-    """
-
-    size: int | None = None
-    overlap: int | None = None
-    max_chunks: int = MAX_CHUNKS
-    aggregate: str = CHUNK_AGGREGATE
-
-    def __post_init__(self) -> None:
-        if self.size is not None:
-            require_int("chunk size", self.size, MIN_CHUNK)
-        if self.overlap is not None:
-            require_int("chunk overlap", self.overlap, 0)
-        require_int("max_chunks", self.max_chunks, 1)
-        if self.aggregate not in CHUNK_AGGREGATES:
-            raise RerankerError(f"chunk aggregate {self.aggregate!r} is not one of {', '.join(CHUNK_AGGREGATES)}")
-        if self.size is not None and self.overlap is not None and self.overlap >= self.size:
-            raise RerankerError(f"chunk overlap {self.overlap} must be less than the chunk size {self.size}")
-
-    def overlap_for(self, size: int) -> int:
-        """The overlap used for chunks of `size` tokens."""
-        return min(CHUNK_OVERLAP, size // 2) if self.overlap is None else min(self.overlap, size - 1)
-
-    def settings(self) -> dict:
-        """The settings as a JSON-able dict (a job's fingerprint)."""
-        return asdict(self)
-
-
-def as_chunking(value: object) -> Chunking | None:
-    """`chunking=` as the API takes it: None/False (truncate), True (the defaults) or a `Chunking`."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return Chunking()
-    if isinstance(value, Chunking):
-        return value
-    raise RerankerError(f"chunking={value!r:.60} must be True, False, None or a reranker.Chunking(...)")
 
 
 @dataclass(frozen=True)

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from reranker.defaults import DOC_PREFIX, MAX_LENGTH, MAX_QUERY_LENGTH, QUERY_PREFIX, SCORE_TOKEN_ID
-from reranker.engine.tokenizer import SURROGATE_FIX, GGUFTokenizer, lone_surrogate
-from reranker.errors import RerankerError
-
-#: The prompt template and the scoring token need this many tokens; `max_length` may not be less.
-MIN_LENGTH = 16
-
-
-def require_int(name: str, value: object, low: int) -> None:
-    """The rule for every count-like setting: an int (not a bool) of at least `low`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RerankerError(f"{name}={value!r} is invalid; it must be an integer >= {low}")
-
-
-def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
-    """Truncation limits, checked before any work (None: the default)."""
-    if max_length is not None:
-        require_int("max_length", max_length, MIN_LENGTH)
-    if max_query_length is not None:
-        require_int("max_query_length", max_query_length, 1)
+from reranker.engine.tokenizer import GGUFTokenizer
+from reranker.options import check_lengths
 
 
 def format_prompt(query: str, document: str) -> str:
@@ -38,33 +20,6 @@ class Prompt:
 
     ids: list[int]
     truncated: bool
-
-
-def check_pair(pair: object, index: int) -> tuple[str, str]:
-    """Validate one `[query, document]` pair and return it as a tuple."""
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-        raise RerankerError(
-            f"pair {index} must be a [query, document] list or tuple of two strings, got {type(pair).__name__}"
-            f"{'' if not isinstance(pair, (list, tuple)) else f' of length {len(pair)}'}"
-        )
-    query, document = pair
-    for name, value in (("query", query), ("document", document)):
-        if not isinstance(value, str):
-            raise RerankerError(
-                f"pair {index}: the {name} must be a str, got {type(value).__name__} ({value!r:.60}); "
-                "convert it to text first (images are not supported by the GGUF backbone)"
-            )
-        if problem := lone_surrogate(value):
-            raise RerankerError(f"pair {index}: the {name} holds {problem}; {SURROGATE_FIX}")
-    return query, document
-
-
-def check_pairs(pairs: object) -> list[tuple[str, str]]:
-    """Validate `[query, document]` pairs: any iterable of them (a generator is read once, here)."""
-    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
-        raise RerankerError(f"pairs must be a list (or other iterable) of [query, document] pairs, "
-                            f"got {type(pairs).__name__} ({pairs!r:.60})")
-    return [check_pair(p, i) for i, p in enumerate(pairs)]
 
 
 class PromptBuilder:

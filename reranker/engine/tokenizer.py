@@ -11,21 +11,7 @@ import numpy as np
 
 from reranker.defaults import ORIGINAL_BOX_END_ID, SCORE_TOKEN_ID, SCORE_TOKEN_TEXT
 from reranker.errors import RerankerError
-
-
-def lone_surrogate(text: str) -> str | None:
-    """'a lone surrogate \\ud800 at character 5' when `text` has no UTF-8 form, else None.
-
-    Such text comes from bytes decoded with `errors="surrogateescape"` or from JSON's `"\\ud800"`.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
-    return None
-
-
-SURROGATE_FIX = "such text has no UTF-8 form: fix how it was decoded (or drop that character)"
+from reranker.options import SURROGATE_FIX, lone_surrogate
 
 
 class GGUFTokenizer:

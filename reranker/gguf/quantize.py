@@ -8,7 +8,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from reranker.engine import llama_log
+from reranker import llama_log
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
 

@@ -8,7 +8,7 @@ Read in this order:
 - `paths.py`: the job's files: no output aliases an input or another output, only regular
   files are written, and a lock keeps a second job off an output;
 - `job.py`: the loop: windows tokenised ahead, scored, written and checkpointed behind;
-- `checkpoint.py`: what was consumed and written, and what it was computed from;
+- `resume.py`: the job's checkpoint: what was consumed and written, and what it was computed from;
 - `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;
 - `hidden.py`: `--save-hidden`: each pair's hidden state (.npy + ids index), with the same protocol;
 - `devices.py`: one backbone process per GPU, fed windows from the same job;

@@ -34,13 +34,6 @@ def check_hidden_path(path: Path, dtype: str) -> None:
         raise RerankerError(f"--hidden-dtype {dtype!r}: choose {' or '.join(DTYPES)}")
 
 
-def hidden_files(path: Path) -> list[tuple[str, Path]]:
-    """(what, path) of every file `--save-hidden PATH` writes: the array, the index, and their drafts."""
-    index = index_path(path)
-    return [("hidden-state file", path), ("hidden-state draft", beside(path, PARTIAL)),
-            ("hidden-state index", index), ("hidden-state index draft", beside(index, PARTIAL))]
-
-
 class NpyRowsWriter(Resumable):
     """(n, width) rows of `dtype` appended to `PATH.partial`, which becomes the `.npy` PATH on the final close."""
 

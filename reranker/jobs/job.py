@@ -30,16 +30,17 @@ import numpy as np
 
 from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
-from reranker.engine.chunking import Chunker, Chunking, DocumentPrompts, aggregate
+from reranker.engine.chunking import Chunker, DocumentPrompts, aggregate
 from reranker.engine.prompts import Prompt, PromptBuilder
 from reranker.errors import RerankerError
-from reranker.jobs.checkpoint import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
 from reranker.jobs.paths import JobFiles, check_job_files, input_files, input_reads, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import read_input
 from reranker.jobs.records import Reject, Unit
+from reranker.jobs.resume import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
 from reranker.jobs.validate import one_run_per_query
 from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
+from reranker.options import Chunking
 
 log = logging.getLogger(__name__)
 

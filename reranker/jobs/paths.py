@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reranker.errors import RerankerError
+from reranker.jobs.readers import beir_files, detect_input_format
 
 PARTIAL, PARTS, PARTS_OLD = ".partial", ".parts", ".parts.old"
 CHECKPOINT, SUMMARY, REJECTS, LOCK = ".checkpoint.json", ".summary.json", ".rejects.jsonl", ".lock"
@@ -46,6 +47,15 @@ def beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def hidden_files(path: Path) -> list[tuple[str, Path]]:
+    """(what, path) of every file `--save-hidden PATH` writes: the array, the index, and their drafts."""
+    from head.hidden_states import index_path  # the `head` package loads torch: not for a job without hidden states
+
+    index = index_path(path)
+    return [("hidden-state file", path), ("hidden-state draft", beside(path, PARTIAL)),
+            ("hidden-state index", index), ("hidden-state index draft", beside(index, PARTIAL))]
+
+
 @dataclass(frozen=True)
 class JobFiles:
     """Every path a job on `output` may write; `flag` says which option chose each."""
@@ -53,7 +63,7 @@ class JobFiles:
     output: Path
     rejects: Path
     rejects_given: bool = False
-    hidden: Path | None = None  # `--save-hidden`: the hidden-state .npy, written with its index (jobs/hidden.py)
+    hidden: Path | None = None  # `--save-hidden`: the hidden-state .npy, written with its index (`hidden_files`, jobs/hidden.py)
 
     @classmethod
     def of(cls, output: Path, rejects: Path | None = None, hidden: Path | None = None) -> JobFiles:
@@ -83,8 +93,6 @@ class JobFiles:
 
     def hidden_written(self) -> list[tuple[str, Path]]:
         """(what, path) of the `--save-hidden` files: the .npy, its index, their drafts (none without it)."""
-        from reranker.jobs.hidden import hidden_files
-
         return hidden_files(self.hidden) if self.hidden is not None else []
 
     def written(self) -> list[tuple[str, Path, bool]]:
@@ -297,8 +305,6 @@ def input_reads(input: Path | None, input_format: str | None, queries: Path | No
                 run: Path | None = None) -> list[tuple[str, Path]]:
     """(what, path) of everything a job reads for these input arguments, each checked by
     `check_input`: the paths given, and for BEIR the queries, corpus and run files found."""
-    from reranker.jobs.readers import beir_files, detect_input_format
-
     reads: list[tuple[str, Path]] = []
     for what, p in (("input", input), ("queries file", queries), ("corpus file", corpus), ("run file", run)):
         if p is not None:

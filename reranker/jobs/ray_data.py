@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
 from reranker.errors import RerankerError
 
 RAY_EXTRA = "pip install 'jina-reranker-gguf[ray]'"
@@ -70,9 +71,7 @@ def prepare_model(model: str, head: str | None = None, *, bf16: bool | None = No
     so concurrent actors of one node resolve and copy once. `bf16`, `n_gpu_layers`, `identity_dtype`
     and `fast` are `from_pretrained`'s, so it then finds the very copy made here.
     """
-    from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
-    from reranker.engine.identity import default_cache_dir
-    from reranker.engine.weights import fast_path_gguf
+    from reranker.engine.identity import default_cache_dir, fast_path_gguf
     from reranker.gguf.hub import resolve
 
     cache = default_cache_dir()

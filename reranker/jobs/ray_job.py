@@ -43,11 +43,11 @@ import numpy as np
 
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
-from reranker.jobs.checkpoint import input_fingerprint
 from reranker.jobs.job import JobSpec, Stats, Window, check_resumable, check_spec_settings, cut_windows, write_summary
 from reranker.jobs.paths import check_written, file_identity, input_files, same_file, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import import_pyarrow, read_input
+from reranker.jobs.resume import input_fingerprint
 from reranker.jobs.validate import one_run_per_query
 from reranker.jobs.writers import PARQUET_COMPRESSION, RejectsWriter, rank_table
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.defaults import RUN_TAG
 from reranker.errors import RerankerError
@@ -472,7 +474,6 @@ class ParquetWriter(Resumable):
 
     def _whole_queries(self) -> Iterator[Any]:
         """The parts' rows in order, as tables that never split a run of one query's rows."""
-        import numpy as np
         import pyarrow.compute as pc
 
         carry = None  # the last query's rows: they may go on in the next part
@@ -502,7 +503,6 @@ def _part_number(name: str) -> int | None:
 
 def rank_table(pa: Any, table: Any) -> Any:
     """`table` with a rank column: 1-based by descending score within runs of one query id, ties by row order."""
-    import numpy as np
     import pyarrow.compute as pc
 
     n = table.num_rows

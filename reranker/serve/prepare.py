@@ -12,8 +12,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from reranker.engine.chunking import Chunker, Chunking, aggregate
-from reranker.engine.prompts import MIN_LENGTH, Prompt, PromptBuilder
+from reranker.engine.chunking import Chunker, aggregate
+from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.errors import RerankerError
+from reranker.options import MIN_LENGTH, Chunking
 from reranker.serve.schemas import ScoreOptions
 
 
@@ -45,8 +47,8 @@ def request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunkin
     given = {f.name: getattr(field, f.name) for f in fields(Chunking) if getattr(field, f.name, None) is not None}
     try:
         return Chunking(**{**{f.name: getattr(base, f.name) for f in fields(Chunking)}, **given})
-    except Exception as e:  # RerankerError from Chunking's checks: name the field
-        raise type(e)(f"chunking: {e}") from e
+    except RerankerError as e:  # Chunking's checks: name the request's field
+        raise RerankerError(f"chunking: {e}") from e
 
 
 def build_prompts(reranker, query: str, documents: list[str], options: ScoreOptions,

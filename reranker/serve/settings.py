@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reranker.errors import RerankerError
+from reranker.options import Chunking, require_int
 
 API_KEY_ENV = "RERANKER_API_KEY"
 
@@ -31,11 +32,9 @@ class ServeSettings:
     request_timeout: float = 60.0
     batch_tokens: int | None = None
     retry_after: int = 1
-    chunking: object | None = None  # a reranker.Chunking (not imported here: it loads llama.cpp)
+    chunking: Chunking | None = None
 
     def check(self) -> None:
-        from reranker.engine.prompts import require_int  # imports llama.cpp: not at CLI start-up
-
         require_int("max_documents", self.max_documents, 1)
         require_int("max_request_bytes", self.max_request_bytes, 64)
         require_int("max_queue", self.max_queue, 1)

@@ -132,7 +132,7 @@ def read_checkpoint(
     elif isinstance(source, Mapping):
         src, keys, get = describe_source(source), list(source), source.__getitem__
     else:
-        raise TypeError(f"from_checkpoint expects a path or a state dict, got {type(source).__name__}")
+        raise HeadLoadError(f"from_checkpoint expects a path or a state dict, got {type(source).__name__}; {_FIX}")
 
     pre = _pick_prefix(src, keys, prefix)
     names = [pre + s for s in SUFFIXES]

@@ -1,7 +1,7 @@
 """Throughput of the torch scoring head against the upstream numpy formula.
 
-    python benchmarks/head.py                      # CPU: N=20000, H=1536
-    python benchmarks/head.py --n 5000 --no-cuda
+    python benchmarks/head_throughput.py                      # CPU: N=20000, H=1536
+    python benchmarks/head_throughput.py --n 5000 --no-cuda
 
 CPU: embeddings/s of `score_embeddings` and of the upstream numpy lambda on the
 same float32 array, and their ratio. CUDA (when available): `score_embeddings`
@@ -24,10 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-# This script is itself named head.py: swap its directory on sys.path for the repo root,
-# so `import head` finds the package (installed or not), not this file.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+# The repo root first, so `import head` finds this checkout's package (installed or not).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from head import ScoringHead, score_embeddings  # noqa: E402
 

@@ -8,16 +8,14 @@ files larger than memory work, and the head runs on the GPU when there is one.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
+import ijson
 import numpy as np
 
 from reranker.errors import RerankerError
-
-if TYPE_CHECKING:
-
-    pass
 
 OUTPUT_FORMATS = ("txt", "json", "npy", "jsonl")  # jsonl: a hidden-state file's ids with each score
 JSON_CHUNK = 4096  # rows parsed before each head call: the parser, not the head, is the bottleneck
@@ -47,8 +45,6 @@ def iter_json_rows(fh: IO[bytes], source: str, hidden: int, head_path: str, *,
     In the `json` layout each entry's "index" must be its position (0, 1, ...): scores
     are written in file order, so an edited or merged file is refused rather than misread.
     """
-    import ijson
-
     layout_array = _peek_start(fh) == b"["
     entries = ijson.items(fh, "item" if layout_array else "data.item", use_float=True)
     buf = np.empty((chunk_rows, hidden), dtype=np.float32)
@@ -162,8 +158,6 @@ def keyed_scores(chunks: Iterable[np.ndarray], index: str) -> Iterator[str]:
     The line layout of `reranker score --per pair` (and of the index itself), so a rescored
     file lines up with the job's output. The index is streamed beside the scores.
     """
-    import json
-
     with open(index, encoding="utf-8") as ids:
         n = 0
         for chunk in chunks:

@@ -1,0 +1,126 @@
+"""What callers pass in, checked without loading llama.cpp: counts, truncation limits, pairs, `Chunking`.
+
+Everything here is pure Python on top of `reranker.defaults` and `reranker.errors`, so the API,
+the CLI, the server's settings and request schemas, and the job's settings check their options
+before (or without) any model or llama.cpp import. A bad value raises `RerankerError` naming the
+option and the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS
+from reranker.errors import RerankerError
+
+#: The prompt template and the scoring token need this many tokens; `max_length` may not be less.
+MIN_LENGTH = 16
+
+
+def require_int(name: str, value: object, low: int) -> None:
+    """The rule for every count-like setting: an int (not a bool) of at least `low`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RerankerError(f"{name}={value!r} is invalid; it must be an integer >= {low}")
+
+
+def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
+    """Truncation limits, checked before any work (None: the default)."""
+    if max_length is not None:
+        require_int("max_length", max_length, MIN_LENGTH)
+    if max_query_length is not None:
+        require_int("max_query_length", max_query_length, 1)
+
+
+#: The smallest chunk, in tokens; a prompt with less room than this (a query filling max_length) is truncated.
+MIN_CHUNK = 8
+
+
+def lone_surrogate(text: str) -> str | None:
+    """'a lone surrogate \\ud800 at character 5' when `text` has no UTF-8 form, else None.
+
+    Such text comes from bytes decoded with `errors="surrogateescape"` or from JSON's `"\\ud800"`.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
+    return None
+
+
+SURROGATE_FIX = "such text has no UTF-8 form: fix how it was decoded (or drop that character)"
+
+
+def check_pair(pair: object, index: int) -> tuple[str, str]:
+    """Validate one `[query, document]` pair and return it as a tuple."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise RerankerError(
+            f"pair {index} must be a [query, document] list or tuple of two strings, got {type(pair).__name__}"
+            f"{'' if not isinstance(pair, (list, tuple)) else f' of length {len(pair)}'}"
+        )
+    query, document = pair
+    for name, value in (("query", query), ("document", document)):
+        if not isinstance(value, str):
+            raise RerankerError(
+                f"pair {index}: the {name} must be a str, got {type(value).__name__} ({value!r:.60}); "
+                "convert it to text first (images are not supported by the GGUF backbone)"
+            )
+        if problem := lone_surrogate(value):
+            raise RerankerError(f"pair {index}: the {name} holds {problem}; {SURROGATE_FIX}")
+    return query, document
+
+
+def check_pairs(pairs: object) -> list[tuple[str, str]]:
+    """Validate `[query, document]` pairs: any iterable of them (a generator is read once, here)."""
+    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
+        raise RerankerError(f"pairs must be a list (or other iterable) of [query, document] pairs, "
+                            f"got {type(pairs).__name__} ({pairs!r:.60})")
+    return [check_pair(p, i) for i, p in enumerate(pairs)]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How documents that do not fit are split, and how their chunks' scores combine.
+
+    `size`: tokens per chunk (None: all the room a prompt leaves, so the first chunk is about
+    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256, at most
+    half a chunk; a given overlap must be less than a given size, and is cut to one less than the
+    room when a prompt leaves less); `max_chunks`: chunks per document at most, the rest of a
+    longer document is not scored and the document counts as capped; `aggregate`: "max",
+    "mean" or "first".
+    """
+
+    size: int | None = None
+    overlap: int | None = None
+    max_chunks: int = MAX_CHUNKS
+    aggregate: str = CHUNK_AGGREGATE
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            require_int("chunk size", self.size, MIN_CHUNK)
+        if self.overlap is not None:
+            require_int("chunk overlap", self.overlap, 0)
+        require_int("max_chunks", self.max_chunks, 1)
+        if self.aggregate not in CHUNK_AGGREGATES:
+            raise RerankerError(f"chunk aggregate {self.aggregate!r} is not one of {', '.join(CHUNK_AGGREGATES)}")
+        if self.size is not None and self.overlap is not None and self.overlap >= self.size:
+            raise RerankerError(f"chunk overlap {self.overlap} must be less than the chunk size {self.size}")
+
+    def overlap_for(self, size: int) -> int:
+        """The overlap used for chunks of `size` tokens."""
+        return min(CHUNK_OVERLAP, size // 2) if self.overlap is None else min(self.overlap, size - 1)
+
+    def settings(self) -> dict:
+        """The settings as a JSON-able dict (a job's fingerprint)."""
+        return asdict(self)
+
+
+def as_chunking(value: object) -> Chunking | None:
+    """`chunking=` as the API takes it: None/False (truncate), True (the defaults) or a `Chunking`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Chunking()
+    if isinstance(value, Chunking):
+        return value
+    raise RerankerError(f"chunking={value!r:.60} must be True, False, None or a reranker.Chunking(...)")
