@@ -144,10 +144,14 @@ def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
         usage = det.last_usage
         assert usage.chunks == [len(a) for a in alone] and usage.best_chunk == [int(np.argmax(a)) for a in alone]
         assert usage.chunked == sum(len(a) > 1 for a in alone) and usage.capped == 0 == usage.truncated
-    # Documents that fit score as without chunking.
+    # Documents that fit score as without chunking; only a chunked call counts chunks.
     plain = det.compute_score(pairs)
-    assert all(s == p for s, p, a in zip(det.compute_score(pairs, chunking=True), plain, alone) if len(a) == 1)
-    assert det.last_usage.chunks is None or det.last_usage.chunks  # set by the chunked call
+    assert det.last_usage.chunks is None and det.last_usage.best_chunk is None
+    chunked = det.compute_score(pairs, chunking=True)
+    default = Chunker(det.prompt_builder(), Chunking())
+    assert det.last_usage.chunks == [len(default.chunk_texts(q, d)) for q, d in pairs]
+    fits = [len(a) == 1 for a in alone]
+    assert any(fits) and [s for s, f in zip(chunked, fits) if f] == [p for p, f in zip(plain, fits) if f]
     ranked = det.rank(pairs[0][0], [pairs[0][1], "a short document"], chunking=chunking)
     by_id = {r["corpus_id"]: r for r in ranked}
     assert by_id[0]["score"] == max(alone[0]) and by_id[0]["chunks"] == len(alone[0])
