@@ -12,6 +12,7 @@ import unicodedata
 import numpy as np
 import pytest
 from helpers import kill_when, run, score_args, write_nested
+from oracle import assert_scores_close
 
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
@@ -125,7 +126,7 @@ def test_a_document_that_fits_gives_the_unchunked_prompt(tokenizer):
         assert chunker.chunk_texts("query", doc) == [doc]
 
 
-def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
+def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det, reference):
     # F32 weights and deterministic mode: a chunk scores the same inside the call and alone, so
     # the document's score must equal the best chunk's exactly.
     rng = random.Random(0)
@@ -135,8 +136,12 @@ def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
               for _ in range(6)]
     chunking = Chunking(overlap=8)
     chunker = Chunker(det.prompt_builder(), chunking)
-    alone = [[det.compute_score([q, t]) for t in chunker.chunk_texts(q, d)] for q, d in pairs]
+    texts = [chunker.chunk_texts(q, d) for q, d in pairs]
+    alone = [[det.compute_score([q, t]) for t in ts] for (q, _), ts in zip(pairs, texts)]
     assert sum(len(a) > 1 for a in alone) >= 5, "several documents must be chunked"
+    # Each chunk alone is scored right, not only consistently: the reference on that chunk's own prompt.
+    assert_scores_close([s for a in alone for s in a], reference.scores([[q, t] for (q, _), ts in zip(pairs, texts) for t in ts]),
+                        "f32", "a chunk's prompt")
     for how, expect in (("max", max), ("first", lambda a: a[0]),
                         ("mean", lambda a: float(np.float32(np.mean(np.array(a, dtype=np.float64)))))):
         scores = det.compute_score(pairs, chunking=Chunking(overlap=8, aggregate=how), batch_size=100)

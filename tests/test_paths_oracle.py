@@ -124,7 +124,13 @@ def test_score_job_and_saved_hidden_states(model, reference, pairs_input, tmp_pa
     rows = {r["query_id"]: i for i, r in enumerate(read_jsonl(out))}
     saved = np.load(hid)[[rows[f"q{i}"] for i in range(len(PAIRS))]]
     hidden_err = assert_hidden_close(saved, reference.hidden(PAIRS), "f32", "--save-hidden rows")
-    report("reranker score", score=score_err, hidden=hidden_err)
+    # The saved states through the streaming head (`reranker head`, score_embeddings: the fused path).
+    from head import ScoringHead, score_embeddings
+
+    head = ScoringHead.from_npz(model.parent / "mlp_weights.npz")
+    head_err = assert_scores_close(score_embeddings(head, saved), reference.scores(PAIRS), "f32",
+                                   "score_embeddings on the saved states")
+    report("reranker score", score=score_err, hidden=hidden_err, head=head_err)
 
 
 def test_deterministic_and_chunked_score_job(model, reference, pairs_input, tmp_path):
