@@ -71,6 +71,14 @@ def oracle(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_checkpoint, oracle):
+    """The independent reference for the tiny checkpoint: its own prompt ids, transformers, the score head."""
+    from oracle import Oracle
+
+    return Oracle(tiny_checkpoint, oracle)
+
+
+@pytest.fixture(scope="session")
 def tiny_reranker(tiny_ggufs):
     from reranker import Reranker
 
@@ -85,3 +93,16 @@ def small_f16(tmp_path_factory):
     ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=1)
     gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
     return gguf_path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_identity_cache):
+    """A local Ray cluster for the module that asks for it: 2 CPUs, no dashboard, a small object store."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in the user's home for a test cluster
+    ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
+                   configure_logging=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()

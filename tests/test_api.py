@@ -7,34 +7,18 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import PAIRS
-from safetensors.torch import load_file
 
 from head import ScoringHead
 from reranker import Reranker, RerankerError
 
-LOGIT_BIAS = 2.65
 
+def test_compute_score_matches_original_model(reference, tiny_reranker):
+    # The reference builds its own prompts and runs transformers and the checkpoint's score MLP.
+    from oracle import assert_scores_close
 
-def original_scores(checkpoint, oracle, reranker, pairs):
-    """transformers hidden state -> the checkpoint's `score` Sequential -> minus 2.65 -> sigmoid."""
-    from oracle import last_hidden
-
-    sd = load_file(str(checkpoint / "model.safetensors"))
-    score = torch.nn.Sequential(torch.nn.Linear(*sd["score.0.weight"].shape[::-1]), torch.nn.ReLU(),
-                                torch.nn.Linear(sd["score.2.weight"].shape[1], 1)).double()
-    score.load_state_dict({k.removeprefix("score."): v.double() for k, v in sd.items() if k.startswith("score.")})
-    builder = reranker.prompt_builder()
-    h = np.stack([last_hidden(oracle, builder.build(q, d).ids) for q, d in pairs])
-    with torch.no_grad():
-        return torch.sigmoid(score(torch.from_numpy(h)).squeeze(-1) - LOGIT_BIAS).numpy()
-
-
-def test_compute_score_matches_original_model(tiny_checkpoint, oracle, tiny_reranker):
     got = np.array(tiny_reranker.compute_score(PAIRS))
-    want = original_scores(tiny_checkpoint, oracle, tiny_reranker, PAIRS)
-    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert_scores_close(got, reference.scores(PAIRS), "f32", "compute_score vs the original model")
     assert got.std() > 0.02, "scores should spread, else the comparison proves little"
 
 
@@ -69,9 +53,12 @@ def test_rank_sorts_like_cross_encoder(tiny_reranker):
     assert len(top) == 2 and set(top[0]) == {"corpus_id", "score"}
 
 
-def test_embed_returns_last_hidden_states(tiny_reranker):
+def test_embed_returns_last_hidden_states(tiny_reranker, reference):
+    from oracle import assert_hidden_close
+
     emb = tiny_reranker.embed(PAIRS[:3])
     assert emb.shape == (3, tiny_reranker.backbone.n_embd)
+    assert_hidden_close(emb, reference.hidden(PAIRS[:3]), "f32", "embed vs transformers")
     np.testing.assert_allclose(tiny_reranker.score_embeddings(emb), tiny_reranker.compute_score(PAIRS[:3]), atol=1e-7)
 
 

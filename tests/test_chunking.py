@@ -12,6 +12,7 @@ import unicodedata
 import numpy as np
 import pytest
 from helpers import kill_when, run, score_args, write_nested
+from oracle import assert_scores_close
 
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
@@ -126,7 +127,7 @@ def test_a_document_that_fits_gives_the_unchunked_prompt(tokenizer):
         assert chunker.chunk_texts("query", doc) == [doc]
 
 
-def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
+def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det, reference):
     # F32 weights and deterministic mode: a chunk scores the same inside the call and alone, so
     # the document's score must equal the best chunk's exactly.
     rng = random.Random(0)
@@ -136,8 +137,12 @@ def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
               for _ in range(6)]
     chunking = Chunking(overlap=8)
     chunker = Chunker(det.prompt_builder(), chunking)
-    alone = [[det.compute_score([q, t]) for t in chunker.chunk_texts(q, d)] for q, d in pairs]
+    texts = [chunker.chunk_texts(q, d) for q, d in pairs]
+    alone = [[det.compute_score([q, t]) for t in ts] for (q, _), ts in zip(pairs, texts)]
     assert sum(len(a) > 1 for a in alone) >= 5, "several documents must be chunked"
+    # Each chunk alone is scored right, not only consistently: the reference on that chunk's own prompt.
+    assert_scores_close([s for a in alone for s in a], reference.scores([[q, t] for (q, _), ts in zip(pairs, texts) for t in ts]),
+                        "f32", "a chunk's prompt")
     for how, expect in (("max", max), ("first", lambda a: a[0]),
                         ("mean", lambda a: float(np.float32(np.mean(np.array(a, dtype=np.float64)))))):
         scores = det.compute_score(pairs, chunking=Chunking(overlap=8, aggregate=how), batch_size=100)
@@ -145,10 +150,14 @@ def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det):
         usage = det.last_usage
         assert usage.chunks == [len(a) for a in alone] and usage.best_chunk == [int(np.argmax(a)) for a in alone]
         assert usage.chunked == sum(len(a) > 1 for a in alone) and usage.capped == 0 == usage.truncated
-    # Documents that fit score as without chunking.
+    # Documents that fit score as without chunking; only a chunked call counts chunks.
     plain = det.compute_score(pairs)
-    assert all(s == p for s, p, a in zip(det.compute_score(pairs, chunking=True), plain, alone) if len(a) == 1)
-    assert det.last_usage.chunks is None or det.last_usage.chunks  # set by the chunked call
+    assert det.last_usage.chunks is None and det.last_usage.best_chunk is None
+    chunked = det.compute_score(pairs, chunking=True)
+    default = Chunker(det.prompt_builder(), Chunking())
+    assert det.last_usage.chunks == [len(default.chunk_texts(q, d)) for q, d in pairs]
+    fits = [len(a) == 1 for a in alone]
+    assert any(fits) and [s for s, f in zip(chunked, fits) if f] == [p for p, f in zip(plain, fits) if f]
     ranked = det.rank(pairs[0][0], [pairs[0][1], "a short document"], chunking=chunking)
     by_id = {r["corpus_id"]: r for r in ranked}
     assert by_id[0]["score"] == max(alone[0]) and by_id[0]["chunks"] == len(alone[0])

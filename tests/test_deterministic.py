@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from oracle import assert_scores_close
 
 from reranker import Reranker, RerankerError
 from reranker.gguf.quantize import quantize
@@ -42,10 +43,12 @@ def scores_alone_and_batched(path, pairs, deterministic):
     return batched, alone, reversed_
 
 
-def test_deterministic_scores_do_not_depend_on_the_batch_f16(tiny_ggufs):
+def test_deterministic_scores_do_not_depend_on_the_batch_f16(tiny_ggufs, reference):
     pairs = mixed_pairs(40)
     batched, alone, reversed_ = scores_alone_and_batched(tiny_ggufs["f16"], pairs, True)
     assert batched == alone == reversed_  # bit for bit
+    # ... and right, not only the same: the reference's scores within the F16 tolerance.
+    assert_scores_close(batched, reference.scores(pairs), "f16", "deterministic F16 vs transformers")
 
 
 def test_deterministic_must_be_a_bool(tiny_ggufs):
@@ -63,7 +66,7 @@ def tiny_q8_0(tiny_ggufs, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["f16", "q8_0"])
-def test_deterministic_scores_are_bit_identical_in_batches_of_100(tiny_ggufs, tiny_q8_0, level):
+def test_deterministic_scores_are_bit_identical_in_batches_of_100(tiny_ggufs, tiny_q8_0, reference, level):
     path = tiny_q8_0 if level == "q8_0" else tiny_ggufs["f16"]
     pairs = mixed_pairs(100, seed=1)
     batched, alone, _ = scores_alone_and_batched(path, pairs, False)
@@ -71,3 +74,5 @@ def test_deterministic_scores_are_bit_identical_in_batches_of_100(tiny_ggufs, ti
     assert batched != alone, "the default mode showed no batch dependence: the test below proves nothing"
     batched, alone, reversed_ = scores_alone_and_batched(path, pairs, True)
     assert batched == alone == reversed_
+    if level == "f16":  # Q8_0 has no float reference to meet: test_quantized bounds it against F16
+        assert_scores_close(batched, reference.scores(pairs), "f16", "deterministic F16 vs transformers")

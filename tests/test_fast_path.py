@@ -93,7 +93,17 @@ def test_f16_identity_is_half_precision_rounding(tiny_ggufs):
     fast = states(path, fast=True, n_batch=512)
     rounded = ref.astype(np.float16).astype(np.float32)
     assert np.any(rounded != ref), "the states must have bits that half precision drops"
-    assert np.array_equal(fast, rounded) or np.array_equal(fast, ref)
+    if amx_buffers_on():
+        np.testing.assert_array_equal(fast, ref)
+    else:
+        np.testing.assert_array_equal(fast, rounded)
+
+
+def amx_buffers_on() -> bool:
+    """Whether llama.cpp's AMX weight buffers hold the model here: an AMX build with extra buffers on."""
+    from reranker.engine.backbone import cpu_extra_buffers
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() and cpu_extra_buffers()
 
 
 def test_identity_copy_is_cached(tiny_ggufs):

@@ -1,14 +1,15 @@
-"""Prompt token ids against the `tokenizers` library, and the truncation rule."""
+"""Prompt token ids against the reference's (tests/oracle.py: its own template, the checkpoint's
+tokenizer in the `tokenizers` library), and the truncation rule."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import PAIRS
-from tokenizers import Tokenizer
+from oracle import hf_tokenizer, prompt_ids
 
 from reranker.defaults import SCORE_TOKEN_ID
 from reranker.engine.backbone import Backbone
-from reranker.engine.prompts import PromptBuilder, format_prompt
+from reranker.engine.prompts import PromptBuilder
 
 # Characters whose UTF-8 ends in a lone 0xA7 byte token: the byte token that was id 100
 # before the release swapped `<|box_end|>` onto it.
@@ -22,18 +23,24 @@ def backbone(tiny_ggufs):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(tiny_checkpoint):
-    tok = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
-    tok.encode_special_tokens = True  # user text is text: no special-token parsing
-    return tok
+def hf_tok(tiny_checkpoint):
+    return hf_tokenizer(tiny_checkpoint)  # user text is text: no special-token parsing
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=range(len(PAIRS)))
-def test_ids_equal_tokenizers_library(backbone, hf_tokenizer, pair):
+def test_ids_equal_the_references(backbone, hf_tok, pair):
     query, doc = pair
     prompt = PromptBuilder(backbone.tokenizer).build(query, doc)
-    assert prompt.ids == hf_tokenizer.encode(format_prompt(query, doc)).ids + [SCORE_TOKEN_ID]
+    want = prompt_ids(hf_tok, query, doc)
+    assert want[-1] == 100 and want.count(100) == 1
+    assert prompt.ids == want
     assert not prompt.truncated
+
+
+def test_reference_prompt_is_the_model_cards_text(hf_tok):
+    # The reference's template, checked on its own: document first, then the query, no special tokens.
+    ids = prompt_ids(hf_tok, "slm markdown", "We present ReaderLM-v2")
+    assert hf_tok.decode(ids[:-1]) == "**Document**:\nWe present ReaderLM-v2\n**Query**:\nslm markdown"
 
 
 def test_special_strings_stay_text(backbone):
@@ -42,10 +49,10 @@ def test_special_strings_stay_text(backbone):
     assert 151643 not in prompt.ids and 151649 not in prompt.ids
 
 
-def test_swapped_byte_token_maps_back_to_original_id(backbone, hf_tokenizer):
+def test_swapped_byte_token_maps_back_to_original_id(backbone, hf_tok):
     # The release moved the old text of id 100 to 151649; the original model sees 100.
     ids = backbone.tokenizer.encode(RANK_100_TEXT)
-    reference = hf_tokenizer.encode(RANK_100_TEXT).ids
+    reference = hf_tok.encode(RANK_100_TEXT).ids
     assert SCORE_TOKEN_ID in reference, "test text must exercise the swapped byte token"
     assert ids == reference
 

@@ -65,17 +65,6 @@ def write_beir(nested_jsonl, folder):
         rf.write("q0 Q0 nowhere 99 0.5 bm25\n")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(_identity_cache):
-    """A local Ray cluster for this module: 2 CPUs, no dashboard, a small object store."""
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in the user's home for a test cluster
-    ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
-                   configure_logging=False)
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-
-
 def _raylet_pid() -> int:
     import ray
 
