@@ -221,7 +221,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     write_nested(inp)
     n_records = len(inp.read_text().splitlines())
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    assert run(score_cmd(model, inp, clean)).returncode == 0
+    assert run(score_cmd(model, inp, clean, "--window", "4")).returncode == 0
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_PROGRESS, *score_args(model, inp, out, window=4)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -243,7 +243,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     assert "Traceback" not in err
     assert at_interrupt <= consumed(out) < n_records and not out.exists()
     assert out.with_name(out.name + ".partial").exists()
-    res = run(score_cmd(model, inp, out))
+    res = run(score_cmd(model, inp, out, "--window", "4"))
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == clean.read_bytes()
 
