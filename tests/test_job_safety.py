@@ -538,7 +538,7 @@ def test_full_disk_for_real_is_one_line_and_the_rerun_resumes(model, tmp_path, c
         capsys.readouterr()
         assert main(score_args(model, inp, out)) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"reranker score: error: cannot write ") and str(disk) in err, err
+        assert err.count("\n") == 1 and err.startswith("reranker score: error: cannot write ") and str(disk) in err, err
         assert "No space left on device; free some space, then rerun the same command to resume" in err, err
         assert 0 < helpers.consumed(out) < 40 and not out.exists()
         filler.unlink()
