@@ -520,6 +520,7 @@ def small_file_system(folder: Path, size: str):
             subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+@pytest.mark.slow  # three jobs; the simulated test above covers the same path in the fast tier
 def test_full_disk_for_real_is_one_line_and_the_rerun_resumes(model, tmp_path, capsys):
     """A job writing to a tmpfs that fills up mid-way: one line naming the file and the fix, then, space
     freed, the same command resumes from the checkpoint to the bytes of a clean run."""

@@ -483,6 +483,7 @@ def keyed_process(tiny_ggufs, tmp_path_factory):
         yield url, log_path
 
 
+@pytest.mark.slow  # a real process
 def test_serve_takes_the_api_key_from_the_environment(keyed_process):
     url, log_path = keyed_process
     assert "auth on" in log_path.read_text()
@@ -497,6 +498,7 @@ def test_serve_takes_the_api_key_from_the_environment(keyed_process):
             assert r.status_code == 200, (path, r.text)
 
 
+@pytest.mark.slow  # a real process
 def test_max_connections_answers_503_beyond_it(keyed_process):
     """uvicorn counts open connections, idle keep-alive ones too: a request on the 4th of 4 gets 503."""
     url, _ = keyed_process
@@ -519,6 +521,7 @@ def http_response(sock: socket.socket) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+@pytest.mark.slow  # a real process
 def test_sigterm_stops_listening_then_answers_the_request_it_took(tiny_ggufs, tiny_reranker, tmp_path):
     """After SIGTERM the listening socket closes at once (health checks, like every new connection, are refused),
     while a request already taken (here: its body still arriving) is answered in full before the exit."""

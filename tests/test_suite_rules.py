@@ -12,6 +12,7 @@ import pytest
 TESTS = Path(__file__).parent
 
 
+@pytest.mark.slow  # a pytest process each
 @pytest.mark.parametrize("require", [False, True], ids=["developer", "ci"])
 def test_a_missing_extra_skips_only_outside_ci(tmp_path, require):
     (tmp_path / "test_needs_an_extra.py").write_text(
