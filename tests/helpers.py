@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import random
 import signal
 import subprocess
@@ -90,3 +92,24 @@ def write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray], arch: str =
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# Linux's prctl(PR_CAPBSET_DROP) and the two capabilities that let root ignore file modes.
+_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def modes_hold() -> None:
+    """A `preexec_fn`: the program it runs obeys file modes even as root.
+
+    Root reads a chmod 000 file and writes into a chmod 555 folder through CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH; dropped from the bounding set before exec, the program is root without them
+    (CI runs as root, so a permission test must not depend on the user). A user process keeps its
+    modes anyway, so nothing is dropped there.
+    """
+    if os.geteuid() != 0:
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed: root without CAP_SETPCAP "
+                                              "cannot drop the capabilities that ignore file modes")

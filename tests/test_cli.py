@@ -54,6 +54,33 @@ def test_rerank_table_and_files(gguf, tmp_path):
     assert {r["document"]["text"] for r in json.loads(res.stdout)["results"]} == {"multi\nline doc", "another"}
 
 
+def test_rerank_json_scores_are_compute_scores(gguf, tiny_reranker, tmp_path, capsys):
+    """Each `rerank --json` score is `compute_score` of (the query, that document), bit for bit.
+
+    Bit-equal, not close: with the fixture's n_ctx and n_batch the command loads the same GGUF with the
+    same layout, and `rank` scores the pairs in input order in one call, so every prompt takes the same
+    KV-cache cells and batch shapes as in `compute_score` on the same list; JSON writes floats exactly.
+    """
+    from conftest import PAIRS
+
+    from reranker.cli import main
+
+    query = "what is a reranker?"
+    docs = [d for _, d in PAIRS]  # empty, multi-line, special-token and non-Latin documents
+    file = tmp_path / "docs.jsonl"
+    file.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["rerank", "-m", gguf, "-q", query, "-f", str(file), "--json", "--device", "cpu",
+                 "--n-ctx", "4096", "--n-batch", "1024"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    got = {r["index"]: r["relevance_score"] for r in results}
+    assert sorted(got) == list(range(len(docs))) and all(r["document"]["text"] == docs[r["index"]] for r in results)
+    want = tiny_reranker.compute_score([[query, d] for d in docs])
+    assert [got[i] for i in range(len(docs))] == want
+    # the comparison can tell the query apart: the same documents under another query score otherwise
+    assert tiny_reranker.compute_score([["", d] for d in docs]) != want
+
+
 @pytest.mark.slow
 def test_errors_are_one_clear_line(gguf, tmp_path):
     res = run("rerank", "-m", str(tmp_path / "missing.gguf"), "-q", "q", "-d", "d")

@@ -23,7 +23,8 @@ PAIRS = [
 
 
 def _llama_embedding_json(emb: np.ndarray) -> str:
-    """What llama-embedding's embedding.cpp prints for --embd-output-format json (printf loop, transcribed)."""
+    """What llama-embedding's embedding.cpp prints for --embd-output-format json: its printf loop, transcribed from
+    the llama.cpp that llama-cpp-python 0.3.36 vendors (the binary is not built here: README, llama-embedding compatibility)."""
     out = '{\n  "object": "list",\n  "data": [\n'
     for j, row in enumerate(emb):
         out += '    {\n      "object": "embedding",\n      "index": %d,\n      "embedding": ' % j
@@ -70,7 +71,7 @@ def test_embed_json_is_llama_embeddings_layout_and_values(out_json, tiny_reranke
     got = np.array([item["embedding"] for item in data["data"]])
     want = tiny_reranker.embed(PAIRS)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    # Byte for byte what llama-embedding prints for the same numbers.
+    # Byte for byte what embedding.cpp's printf loop (transcribed) prints for the same numbers.
     assert text == _llama_embedding_json(got.astype(np.float32))
 
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import write_gguf
+from helpers import modes_hold, write_gguf
 
 from head import ScoringHead
 from reranker import Reranker, RerankerError
@@ -314,13 +314,38 @@ def test_bad_head_files_are_named(gguf_path, loop):
         Reranker.from_pretrained(gguf_path, head=str(loop))
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads a chmod 000 file")
-def test_unreadable_gguf(tmp_path, gguf_path, head_npz):
-    locked = tmp_path / "locked-F32.gguf"
+UNREADABLE = """
+import sys
+from reranker import Reranker, RerankerError
+for model, head in (sys.argv[1:3], sys.argv[3:5]):
+    try:
+        Reranker.from_pretrained(model, head=head)
+        print("loaded", model, head)
+    except RerankerError as e:
+        print(e)
+"""
+
+
+def test_unreadable_gguf_and_head(tmp_path, gguf_path, head_npz):
+    """chmod 000 files, opened by a process for which file modes hold, root included (helpers.modes_hold)."""
+    locked, locked_head = tmp_path / "locked-F32.gguf", tmp_path / "locked.npz"
     shutil.copy(gguf_path, locked)
+    shutil.copy(head_npz, locked_head)
     locked.chmod(0)
-    with pytest.raises(RerankerError, match="not readable"):
-        Reranker.from_pretrained(str(locked), head=head_npz)
+    locked_head.chmod(0)
+    res = subprocess.run([sys.executable, "-c", UNREADABLE, str(locked), head_npz, gguf_path, str(locked_head)],
+                         capture_output=True, text=True, timeout=300, preexec_fn=modes_hold)
+    assert res.returncode == 0, res.stderr
+    gguf_error, head_error = res.stdout.splitlines()
+    assert gguf_error.startswith(f"GGUF file is not readable (permission denied): {locked}; "), gguf_error
+    assert f"not readable (permission denied): {locked_head}" in head_error, head_error
+
+
+def test_fifo_gguf_is_not_a_regular_file(tmp_path, head_npz):
+    fifo = tmp_path / "fifo-F32.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(RerankerError, match=f"GGUF file is not a regular file: {fifo}"):
+        Reranker.from_pretrained(str(fifo), head=head_npz)
 
 
 @pytest.mark.slow  # real processes

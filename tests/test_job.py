@@ -6,10 +6,13 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import WORDS, consumed, kill_when, run, score_cmd, write_nested
+from helpers import WORDS, consumed, kill_when, run, score_args, score_cmd, write_nested
 
 
 @pytest.mark.slow
@@ -188,22 +191,84 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
     assert two.read_bytes() == one.read_bytes()
 
 
+# The job, in its own process, stops itself (SIGSTOP) right after its first checkpoint with progress;
+# the test then sends Ctrl-C and SIGCONT. Stopped, the job cannot run ahead of the signal, and with
+# windows of about one record it has tens of windows left: it can only end by the interrupt.
+PAUSE_AFTER_FIRST_PROGRESS = """
+import os, signal, sys
+from reranker.jobs.checkpoint import Checkpoint
+save = Checkpoint.save
+def save_then_pause(self, state):
+    save(self, state)
+    if state.get("consumed", 0) > 0 and not getattr(save_then_pause, "paused", False):
+        save_then_pause.paused = True
+        os.kill(os.getpid(), signal.SIGSTOP)
+Checkpoint.save = save_then_pause
+from reranker.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_nested(inp)
+    n_records = len(inp.read_text().splitlines())
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    assert run(score_cmd(model, inp, clean)).returncode == 0
-    proc = subprocess.Popen(score_cmd(model, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while consumed(out) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the job finished before Ctrl-C arrived")
-    assert proc.returncode == 130 and "interrupted" in err and "Rerun the same command" in err and "Traceback" not in err
-    assert consumed(out) >= 3 and not out.exists()
-    res = run(score_cmd(model, inp, out))
+    assert run(score_cmd(model, inp, clean, "--window", "4")).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_PROGRESS, *score_args(model, inp, out, window=4)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not stopped(proc.pid):
+            assert proc.poll() is None and time.time() < deadline, "the job never paused after its first checkpoint"
+            time.sleep(0.01)
+        at_interrupt = consumed(out)
+        assert 0 < at_interrupt < n_records // 2, at_interrupt
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "reranker score: interrupted;" in err and "pairs are saved. Rerun the same command to resume." in err, err
+    assert "Traceback" not in err
+    assert at_interrupt <= consumed(out) < n_records and not out.exists()
+    assert out.with_name(out.name + ".partial").exists()
+    res = run(score_cmd(model, inp, out, "--window", "4"))
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == clean.read_bytes()
+
+
+def test_resume_with_another_head_is_refused_naming_the_head(model, head_path, tmp_path, capsys):
+    """A head is part of a job's identity: resuming with another would mix two heads' scores in one output."""
+    from reranker.cli import main
+
+    other = tmp_path / "other" / "mlp_weights.npz"
+    other.parent.mkdir()
+    with np.load(head_path) as npz:
+        arrays = dict(npz)
+    arrays["b2"] = arrays["b2"] + np.float32(1.0)  # the same shapes, other scores
+    np.savez(other, **arrays)
+    inp = tmp_path / "in.jsonl"
+    write_nested(inp, n_queries=6)
+    with open(inp, "a") as f:
+        f.write("{not json\n")  # the job stops here, unfinished, with its first records checkpointed
+    out = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(score_args(model, inp, out, "--window", "1")) == 2
+    assert consumed(out) == 6
+    capsys.readouterr()
+    rc = main(score_args(model, inp, out, "--window", "1", "--head", other, "--on-error", "skip"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{out} was started with a different head; rerun with --restart" in err, err
+    assert main(score_args(model, inp, out, "--window", "1", "--head", head_path, "--on-error", "skip")) == 0
+    assert len(out.read_text().splitlines()) == 6

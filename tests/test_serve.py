@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -29,7 +30,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from reranker.serve.app import create_app  # noqa: E402
-from reranker.serve.settings import ServeSettings  # noqa: E402
+from reranker.serve.settings import API_KEY_ENV, ServeSettings  # noqa: E402
 
 QUERY = "what is a reranker?"
 DOCS = [d for _, d in PAIRS]
@@ -296,6 +297,40 @@ def test_api_key_is_checked_on_every_endpoint_but_health(tiny_reranker):
             assert r.status_code == 200, (path, r.text)
 
 
+def test_more_than_100_documents_up_to_max_documents(tiny_reranker):
+    """The hosted APIs' 100-document unit is billing only: a request may carry up to --max-documents (1024)."""
+    docs = [f"document {i}: " + DOCS[i % len(DOCS)] for i in range(1025)]
+    with running_server(tiny_reranker) as (url, _), httpx.Client(base_url=url, timeout=120) as c:
+        r = c.post("/v2/rerank", json={"query": QUERY, "documents": docs[:250]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert sorted(x["index"] for x in body["results"]) == list(range(250))
+        assert body["meta"]["billed_units"] == {"search_units": 3}
+        want = tiny_reranker.compute_score([[QUERY, d] for d in docs[:250]])
+        assert {x["index"]: x["relevance_score"] for x in body["results"]} == pytest.approx(dict(enumerate(want)), abs=TOL)
+        r = c.post("/v1/rerank", json={"query": QUERY, "documents": docs})
+        assert r.status_code == 422 and "1025 documents" in r.json()["detail"] and "--max-documents" in r.json()["detail"]
+
+
+def test_cohere_sdk_against_v2_rerank(tiny_reranker):
+    """README's Cohere example, run with the official SDK (`cohere.ClientV2`) against a keyed server."""
+    cohere = pytest.importorskip("cohere")
+    docs = ["We present ReaderLM-v2", "Bananas"]
+    with running_server(tiny_reranker, ServeSettings(api_key="s3cret")) as (url, _):
+        co = cohere.ClientV2(api_key="s3cret", base_url=url)
+        res = co.rerank(model="jina-reranker-m0", query="slm markdown", documents=docs, top_n=1)
+        want = tiny_reranker.compute_score([["slm markdown", d] for d in docs])
+        assert [x.index for x in res.results] == [int(np.argmax(want))]
+        assert res.results[0].relevance_score == pytest.approx(max(want), abs=TOL)
+        assert res.meta.billed_units.search_units == 1
+        res = co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS, max_tokens_per_doc=512)
+        want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS])
+        assert {x.index: x.relevance_score for x in res.results} == pytest.approx(dict(enumerate(want)), abs=TOL)
+        with pytest.raises(cohere.core.ApiError) as refused:
+            cohere.ClientV2(api_key="wrong", base_url=url).rerank(model="m", query="q", documents=["d"])
+        assert refused.value.status_code == 401
+
+
 def test_without_a_key_every_endpoint_is_open(client):
     assert client.get("/health").json() == {"status": "ok", "model": "jina-reranker-m0"}
     models = client.get("/v1/models").json()
@@ -414,12 +449,13 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
 
 
 @contextlib.contextmanager
-def serve_process(gguf, log_path, *extra: str):
-    """`reranker serve` in its own process on a free port: (process, base URL)."""
+def serve_process(gguf, log_path, *extra: str, env: dict[str, str] | None = None):
+    """`reranker serve` in its own process on a free port: (process, base URL); `env`: variables to add."""
     cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--device", "cpu", "--n-ctx", "4096",
            "--n-batch", "1024", "--threads", "1", *extra]
+    environ = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**environ, **(env or {})})
     try:
         deadline = time.monotonic() + 120
         while not (m := re.search(r"listening on (http://\S+)", log_path.read_text())):
@@ -437,6 +473,90 @@ def serve_process(gguf, log_path, *extra: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def keyed_process(tiny_ggufs, tmp_path_factory):
+    """`reranker serve --max-connections 4` whose API key comes only from RERANKER_API_KEY: (base URL, log path)."""
+    log_path = tmp_path_factory.mktemp("keyed") / "serve.log"
+    with serve_process(tiny_ggufs["f32"], log_path, "--max-connections", "4", env={API_KEY_ENV: "env-s3cret"}) as (_, url):
+        yield url, log_path
+
+
+@pytest.mark.slow  # a real process
+def test_serve_takes_the_api_key_from_the_environment(keyed_process):
+    url, log_path = keyed_process
+    assert "auth on" in log_path.read_text()
+    body = {"query": QUERY, "documents": DOCS[:2]}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/health").status_code == 200  # open, for load balancers
+        for method, path, kw in (("POST", "/v1/rerank", {"json": body}), ("POST", "/v2/rerank", {"json": body}),
+                                 ("GET", "/v1/models", {}), ("GET", "/metrics", {})):
+            r = c.request(method, path, **kw)
+            assert r.status_code == 401 and "API key" in r.json()["detail"], (path, r.text)
+            r = c.request(method, path, headers={"Authorization": "Bearer env-s3cret"}, **kw)
+            assert r.status_code == 200, (path, r.text)
+
+
+@pytest.mark.slow  # a real process
+def test_max_connections_answers_503_beyond_it(keyed_process):
+    """uvicorn counts open connections, idle keep-alive ones too: a request on the 4th of 4 gets 503."""
+    url, _ = keyed_process
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(httpx.Client(base_url=url, timeout=30)) for _ in range(4)]
+        for c in held[:3]:  # each keeps its connection open after its answer
+            assert c.get("/health").status_code == 200
+        r = held[3].get("/health")
+        assert r.status_code == 503 and "Service Unavailable" in r.text
+        held[0].close()
+        wait_until(lambda: held[3].get("/health").status_code == 200, "a freed connection lets the next one in")
+
+
+def http_response(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of the one HTTP/1.1 response on `sock`, read until the server closes it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.slow  # a real process
+def test_sigterm_stops_listening_then_answers_the_request_it_took(tiny_ggufs, tiny_reranker, tmp_path):
+    """After SIGTERM the listening socket closes at once (health checks, like every new connection, are refused),
+    while a request already taken (here: its body still arriving) is answered in full before the exit."""
+    log_path = tmp_path / "serve.log"
+    body = json.dumps({"query": QUERY, "documents": DOCS[:3]}).encode()
+    with serve_process(tiny_ggufs["f32"], log_path) as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            # A round trip on another connection: the server's loop has read the request above by then.
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            wait_until(refused, "the server stops listening")
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{url}/health", timeout=5)
+            time.sleep(2)  # a slow client: the server waits for a request it took (up to --request-timeout + 5 s)
+            assert proc.poll() is None, "the server must wait for the request it took"
+            s.sendall(body[10:])
+            status, answer = http_response(s)
+        assert status == 200, answer
+        want = tiny_reranker.compute_score([[QUERY, d] for d in DOCS[:3]])
+        got = {x["index"]: x["relevance_score"] for x in json.loads(answer)["results"]}
+        assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+        assert proc.wait(60) == 0
+    assert "stopped; 1 rerank requests accepted, 1 answered (200: 1)" in log_path.read_text()
 
 
 def request_pool(tiny_reranker, n: int, seed: int = 0) -> list[tuple[dict, dict[int, float]]]:
