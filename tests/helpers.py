@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,3 +116,30 @@ def modes_hold() -> None:
         if prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed: root without CAP_SETPCAP "
                                               "cannot drop the capabilities that ignore file modes")
+
+
+@contextlib.contextmanager
+def running_server(reranker, settings=None):
+    """(base URL, app) of a uvicorn server on an ephemeral loopback port, in a thread; stopped on exit."""
+    import uvicorn
+
+    from reranker.serve.app import create_app
+    from reranker.serve.settings import ServeSettings
+
+    app = create_app(reranker, settings or ServeSettings())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

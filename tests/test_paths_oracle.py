@@ -173,7 +173,7 @@ def test_ray_engine(ray_cluster, model, reference, pairs_input, tmp_path):
 def test_server_jina_and_cohere_shapes(tiny_reranker, reference):
     pytest.importorskip("uvicorn")
     import httpx
-    from test_serve import running_server
+    from helpers import running_server
 
     query = PAIRS[0][0]
     docs = [d for _, d in PAIRS]

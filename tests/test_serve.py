@@ -24,39 +24,17 @@ import httpx
 import numpy as np
 import pytest
 from conftest import PAIRS
+from helpers import running_server
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from reranker.serve.app import create_app  # noqa: E402
 from reranker.serve.settings import API_KEY_ENV, ServeSettings  # noqa: E402
 
 QUERY = "what is a reranker?"
 DOCS = [d for _, d in PAIRS]
 TOL = 1e-5
-
-
-@contextlib.contextmanager
-def running_server(reranker, settings: ServeSettings | None = None):
-    """(base URL, app) of a uvicorn server on an ephemeral loopback port, in a thread; stopped on exit."""
-    app = create_app(reranker, settings or ServeSettings())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
