@@ -177,14 +177,15 @@ class Reranker:
     def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,
                         max_length: int | None = None, max_query_length: int | None = None,
-                        show_progress_bar: bool = False) -> ScoredDocuments:
+                        show_progress_bar: bool = False, check_finite: bool = True) -> ScoredDocuments:
         """Score `[query, document]` pairs, or one query against `documents`: what every other call runs.
 
         Pairs go in batches of `batch_size`; each batch is scored as one call (`engine.scoring`): its
         prompts (every chunk of a long document with `chunking`) sorted by length and packed into
         decode calls, the head run once, chunk scores aggregated per pair. A job's window of the
         same pairs is the same call, so `batch_size=N` gives the scores of `reranker score --window N`
-        bit for bit. A non-finite score is a `RerankerError` naming its pair. `keep_hidden`: also
+        bit for bit. A non-finite score is a `RerankerError` naming its pair (unless `check_finite`
+        is False: `embed` reads states whatever the head makes of them). `keep_hidden`: also
         each pair's last hidden state (with chunking, its scoring chunk's). Sets `last_usage`.
         """
         self._check_open()
@@ -203,7 +204,7 @@ class Reranker:
         with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
             for start in range(0, len(pairs), batch_size):
                 part = score_prepared(self, prepare(builder, pairs[start : start + batch_size], chunks),
-                                      keep_hidden=keep_hidden, first=start)
+                                      keep_hidden=keep_hidden, first=start, check_finite=check_finite)
                 scores[start : start + len(part.scores)] = part.scores
                 if hidden is not None:
                     hidden[start : start + len(part.scores)] = part.hidden
@@ -229,7 +230,8 @@ class Reranker:
         The states are those `compute_score` scores with the same `batch_size` (`score_documents`).
         """
         return self.score_documents(pairs, keep_hidden=True, batch_size=batch_size, max_length=max_length,
-                                    max_query_length=max_query_length, show_progress_bar=show_progress_bar).hidden
+                                    max_query_length=max_query_length, show_progress_bar=show_progress_bar,
+                                    check_finite=False).hidden
 
     @torch.inference_mode()
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:

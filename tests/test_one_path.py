@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import read_jsonl, score_args, write_jsonl
 
-from reranker import Chunking, Reranker
+from reranker import Chunking, Reranker, RerankerError
 from reranker.cli import main as cli_main
 
 WORDS = "rerank model query document relevance 检索 排序 🎉 code() x=1 résumé the of and".split()
@@ -113,3 +113,18 @@ def test_a_server_request_alone_equals_compute_score_and_the_job(f16_reranker, t
     for item in r.json()["results"]:
         got[item["index"]] = item["relevance_score"]
     assert np.array_equal(got, api)
+
+
+def test_embed_reads_states_through_a_broken_head_which_scoring_refuses(tiny_reranker):
+    import torch
+
+    from head import ScoringHead
+
+    head = ScoringHead(tiny_reranker.backbone.n_embd)
+    with torch.no_grad():
+        head.fc2.bias.fill_(float("nan"))
+    broken = Reranker(tiny_reranker.backbone, head, device="cpu")
+    pairs = mixed_pairs(6, seed=4)
+    np.testing.assert_array_equal(broken.embed(pairs), tiny_reranker.embed(pairs))
+    with pytest.raises(RerankerError, match=r"non-finite score \(nan\) for pair 0; the head is likely broken"):
+        broken.score_documents(pairs)

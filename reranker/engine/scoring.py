@@ -41,16 +41,16 @@ def score_prompts(reranker, prompts: Sequence[Prompt], *, keep_hidden: bool = Fa
     lengths = np.fromiter((len(p.ids) for p in prompts), dtype=np.int64, count=len(prompts))
     order = np.argsort(-lengths, kind="stable")
     embeddings = reranker.backbone.embed([prompts[i].ids for i in order])
-    sorted_scores = reranker.score_embeddings(embeddings)
-    if name is not None:
-        bad = np.flatnonzero(~np.isfinite(sorted_scores))
-        if bad.size:
-            row = int(bad[0])
-            part = "GGUF (its hidden state is not finite)" if not np.isfinite(embeddings[row]).all() else "head"
-            raise RerankerError(f"the model returned a non-finite score ({sorted_scores[row]}) for {name(int(order[row]))}; "
-                                f"the {part} is likely broken")
     scores = np.empty(len(prompts), dtype=np.float32)
-    scores[order] = sorted_scores
+    scores[order] = reranker.score_embeddings(embeddings)
+    if name is not None:
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:  # the first in prompt order, as a caller counts
+            i = int(bad[0])
+            row = int(np.flatnonzero(order == i)[0])
+            part = "GGUF (its hidden state is not finite)" if not np.isfinite(embeddings[row]).all() else "head"
+            raise RerankerError(f"the model returned a non-finite score ({scores[i]}) for {name(i)}; "
+                                f"the {part} is likely broken")
     hidden = None
     if keep_hidden:
         hidden = np.empty_like(embeddings)
@@ -157,10 +157,11 @@ def check_keep_hidden(chunking: Chunking | None, keep_hidden: bool) -> None:
 
 
 def score_prepared(reranker, prepared: Prepared, *, keep_hidden: bool = False, first: int = 0,
-                   pair_name: Callable[[int], str] | None = None) -> ScoredDocuments:
+                   pair_name: Callable[[int], str] | None = None, check_finite: bool = True) -> ScoredDocuments:
     """Score `prepared` as one call: all its prompts (chunks too) length-sorted and packed together.
 
-    A non-finite score is a RerankerError naming its pair (`pair_name(i)`; default "pair {first + i}").
+    A non-finite score is a RerankerError naming its pair (`pair_name(i)`; default "pair {first + i}"),
+    unless `check_finite` is False.
     With chunking a pair's hidden state is its scoring chunk's: the best for "max", the first for "first".
     """
     check_keep_hidden(prepared.chunking, keep_hidden)
@@ -168,8 +169,11 @@ def score_prepared(reranker, prepared: Prepared, *, keep_hidden: bool = False, f
     name = pair_name or ((lambda i: names[i]) if names is not None else (lambda i: f"pair {first + i}"))
     counts = prepared.counts
     chunked = prepared.chunking is not None
-    scored = score_prompts(reranker, prepared.prompts, keep_hidden=keep_hidden,
-                           name=(lambda p: name(prepared.document_of(p))) if chunked else name)
+    if not check_finite:
+        name = None
+    elif chunked:
+        name = (lambda p, pair=name: pair(prepared.document_of(p)))
+    scored = score_prompts(reranker, prepared.prompts, keep_hidden=keep_hidden, name=name)
     usage = prepared.usage(reranker.weights_dtype)
     if not chunked:
         return ScoredDocuments(scored.scores, hidden=scored.hidden, usage=usage)
