@@ -1,11 +1,11 @@
 """The scorer as a Ray Data callable class: `Dataset.map_batches(RayReranker, ...)`, one `Reranker` per actor.
 
 Each actor loads the model once (`prepare_model`: resolved and, for the fast path, copied once per
-node under a node-wide file lock) and scores `pyarrow.Table` batches with the local job's code:
-`engine.scoring` (`prepare`, then `score_prepared`: sort by length, pack decode calls, run the torch
-head) as `Reranker.score_documents` and the local job's windows. A batch is scored as one window; with `group_column` (the driver's `_window`) each run of
-equal values is scored as its own window, so a batch holding the local job's windows gives its
-scores bit for bit.
+node under a node-wide file lock) and scores `pyarrow.Table` batches with the code of
+`Reranker.score_documents` and the local job's windows: `engine.scoring` (`prepare`, then
+`score_prepared`: sort by length, pack decode calls, run the torch head). A batch is scored as one
+window; with `group_column` (the driver's `_window`) each run of equal values is scored as its own
+window, so a batch holding the local job's windows gives its scores bit for bit.
 
     import ray
     from reranker.jobs.ray_data import RayReranker, actor_options
@@ -94,9 +94,9 @@ class RayReranker:
     """A Ray Data callable class: `pyarrow.Table` batches in, the same columns plus `score` out.
 
     `model`/`head`: as `Reranker.from_pretrained` (resolved on each node); `load`: its other
-    keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...); or all of them
-    as one `settings=LoadSettings(...)`. On an actor
-    without a GPU (`ray.get_gpu_ids()` empty) the backbone and head run on the CPU.
+    keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...); or all of them as
+    one `settings=LoadSettings(...)`. On an actor without a GPU (`ray.get_gpu_ids()` empty) the
+    backbone and head run on the CPU.
     `columns` renames the four input columns (keys `query_id`, `query`, `doc_id`, `document`;
     only `query` and `document` are needed unless `rank`). `rank=True` adds `rank`, 1-based by
     descending score within each run of one query id in the batch (ties by row order): give it
