@@ -60,9 +60,9 @@ def test_compute_score_equals_the_job_window_for_window_bit_for_bit(f16_reranker
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["tokens"] == f16_reranker.last_usage.tokens and summary["pairs"] == 120
     # Another batch layout moves some scores (F16), so the equality above says something.
-    other = np.asarray(f16_reranker.compute_score(pairs, batch_size=7), dtype=np.float32)
-    assert not np.array_equal(other, api)
-    np.testing.assert_allclose(other, api, rtol=0, atol=2e-3)
+    other = np.asarray(f16_reranker.compute_score(pairs[:40], batch_size=7), dtype=np.float32)
+    assert not np.array_equal(other, api[:40])
+    np.testing.assert_allclose(other, api[:40], rtol=0, atol=2e-3)
 
 
 def test_chunked_compute_score_rank_and_job_agree_bit_for_bit(f16_reranker, tiny_ggufs, tmp_path):
