@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,14 +12,15 @@ from tqdm.auto import tqdm
 
 from head import ScoringHead
 from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
-from reranker.engine.backbone import Backbone, check_settings
-from reranker.engine.chunking import Chunker, aggregate
+from reranker.engine.backbone import Backbone
 from reranker.engine.identity import fast_path_gguf, use_bf16, weights_description
 from reranker.engine.prompts import PromptBuilder
+from reranker.engine.scoring import ScoredDocuments, Usage, check_keep_hidden, prepare, score_prepared
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
 from reranker.gguf.hub import resolve
 from reranker.options import Chunking, as_chunking, check_lengths, check_pairs, require_int
+from reranker.settings import LoadSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,6 @@ def check_options(max_length: int | None = None, max_query_length: int | None = 
         require_int("top_k", top_k, 1)
 
 
-@dataclass
-class Usage:
-    """What the last call did: pairs scored, prompt tokens decoded, prompts truncated, and the
-    backbone's weight encoding (`Reranker.weights_dtype`: "BF16", "F16", "Q8_0", ...)."""
-
-    pairs: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    weights: str = ""
-    #: With chunking: documents split into chunks, documents that hit `max_chunks`, and per pair its
-    #: number of chunks and the index of its best-scoring chunk (None without chunking).
-    chunked: int = 0
-    capped: int = 0
-    chunks: list[int] | None = None
-    best_chunk: list[int] | None = None
-
-
 class Reranker:
     """jina-reranker-m0 from a GGUF backbone (llama.cpp) and a torch scoring head.
 
@@ -104,6 +87,8 @@ class Reranker:
         #: Scores independent of the batch: each prompt decoded alone, the head run one row at a time.
         self.deterministic = backbone.deterministic
         self.last_usage = Usage(weights=self.weights_dtype)
+        #: The `LoadSettings` it was loaded with (None when built from a backbone and a head directly).
+        self.settings: LoadSettings | None = None
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
@@ -137,16 +122,23 @@ class Reranker:
 
         Every setting is checked before any file is read. `quant` with a local .gguf file may
         only restate that file's level (it selects a file in a folder or a Hub repo).
+        The keywords are those of `reranker.settings.LoadSettings`; see `from_settings`.
         """
-        check_options(max_length, max_query_length, batch_size)
-        check_settings(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
-                       n_gpu_layers=n_gpu_layers, kv_type=kv_type)
-        if bf16 and not fast:
-            raise RerankerError("bf16=True re-encodes the fast path's cached copy; it needs fast=True")
-        if not isinstance(deterministic, bool):
-            raise RerankerError(f"deterministic={deterministic!r} must be True or False")
-        device = resolve_device(device)
-        files = resolve(model, quant, cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls.from_settings(LoadSettings(model=model, quant=quant, head=head, device=device, n_ctx=n_ctx,
+                                              n_batch=n_batch, n_seq_max=n_seq_max, n_gpu_layers=n_gpu_layers,
+                                              n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type, fast=fast,
+                                              identity_dtype=identity_dtype, bf16=bf16, max_length=max_length,
+                                              max_query_length=max_query_length, batch_size=batch_size,
+                                              cache_dir=cache_dir, local_files_only=local_files_only,
+                                              deterministic=deterministic))
+
+    @classmethod
+    def from_settings(cls, settings: LoadSettings) -> "Reranker":
+        """Load the model `settings` describe (checked when they were built); see `from_pretrained`."""
+        s = settings
+        device = resolve_device(s.device)
+        files = resolve(s.model, s.quant, cache_dir=s.cache_dir, local_files_only=s.local_files_only)
+        head = s.head
         if head is None:
             if files.head is None:
                 raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass head='path/to/{HEAD_FILE}'")
@@ -154,17 +146,17 @@ class Reranker:
         if not isinstance(head, ScoringHead) and not os.path.isdir(head):  # a folder may hold a checkpoint
             check_file(head, "head file", f"pass the {HEAD_FILE} released with the GGUF")
         scoring_head = head if isinstance(head, ScoringHead) else ScoringHead.load(head)
-        if max_length is None:
-            max_length = min(MAX_LENGTH, n_ctx) if n_ctx else MAX_LENGTH
-        want_bf16, why = use_bf16(bf16, n_gpu_layers, files.gguf)
-        gguf_path = fast_path_gguf(files.gguf, identity_dtype, want_bf16, n_gpu_layers) if fast else files.gguf
-        backbone = Backbone(gguf_path, fast=fast, n_ctx=n_ctx or max_length, n_batch=n_batch, n_seq_max=n_seq_max,
-                            n_gpu_layers=n_gpu_layers, n_threads=n_threads, flash_attn=flash_attn, kv_type=kv_type,
-                            deterministic=deterministic)
-        rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=max_query_length,
-                 device=device, batch_size=batch_size)
+        max_length = s.prompt_length
+        want_bf16, why = use_bf16(s.bf16, s.n_gpu_layers, files.gguf)
+        gguf_path = fast_path_gguf(files.gguf, s.identity_dtype, want_bf16, s.n_gpu_layers) if s.fast else files.gguf
+        backbone = Backbone(gguf_path, fast=s.fast, n_ctx=s.n_ctx or max_length, n_batch=s.n_batch, n_seq_max=s.n_seq_max,
+                            n_gpu_layers=s.n_gpu_layers, n_threads=s.n_threads, flash_attn=s.flash_attn, kv_type=s.kv_type,
+                            deterministic=s.deterministic)
+        rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=s.max_query_length,
+                 device=device, batch_size=s.batch_size)
+        rr.settings = s
         log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype,
-                 f" (BF16 re-encode of F16 tensors {'on' if want_bf16 else 'off'}: {why})" if fast else "")
+                 f" (BF16 re-encode of F16 tensors {'on' if want_bf16 else 'off'}: {why})" if s.fast else "")
         return rr
 
     def _check_open(self) -> None:
@@ -182,32 +174,64 @@ class Reranker:
             max_length = self.backbone.n_ctx
         return PromptBuilder(self.backbone.tokenizer, max_length, max_query_length or self.max_query_length)
 
+    def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
+                        chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,
+                        max_length: int | None = None, max_query_length: int | None = None,
+                        show_progress_bar: bool = False, check_finite: bool = True) -> ScoredDocuments:
+        """Score `[query, document]` pairs, or one query against `documents`: what every other call runs.
+
+        Pairs go in batches of `batch_size`; each batch is scored as one call (`engine.scoring`): its
+        prompts (every chunk of a long document with `chunking`) sorted by length and packed into
+        decode calls, the head run once, chunk scores aggregated per pair. A job's window of the
+        same pairs is the same call, so `batch_size=N` gives the scores of `reranker score --window N`
+        bit for bit. A non-finite score is a `RerankerError` naming its pair (unless `check_finite`
+        is False: `embed` reads states whatever the head makes of them). `keep_hidden`: also
+        each pair's last hidden state (with chunking, its scoring chunk's). Sets `last_usage`.
+        """
+        self._check_open()
+        check_options(batch_size=batch_size)
+        chunks = as_chunking(chunking)
+        check_keep_hidden(chunks, keep_hidden)
+        if documents is None:
+            pairs = check_pairs(query_or_pairs)
+        else:
+            pairs = check_pairs([[query_or_pairs, d] for d in _documents(documents)])
+        builder = self.prompt_builder(max_length, max_query_length)
+        batch_size = batch_size or self.batch_size
+        usage = Usage(weights=self.weights_dtype, **({"chunks": [], "best_chunk": []} if chunks is not None else {}))
+        scores = np.empty(len(pairs), dtype=np.float32)
+        hidden = np.empty((len(pairs), self.backbone.n_embd), dtype=np.float32) if keep_hidden else None
+        with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
+            for start in range(0, len(pairs), batch_size):
+                part = score_prepared(self, prepare(builder, pairs[start : start + batch_size], chunks),
+                                      keep_hidden=keep_hidden, first=start, check_finite=check_finite)
+                scores[start : start + len(part.scores)] = part.scores
+                if hidden is not None:
+                    hidden[start : start + len(part.scores)] = part.hidden
+                usage.add(part.usage)
+                bar.update(len(part.scores))
+        if usage.truncated:
+            log.info("%d of %d prompts were truncated to max_length=%d / max_query_length=%d",
+                     usage.truncated, usage.pairs, builder.max_length, builder.max_query_length)
+        if usage.capped:
+            log.warning("%d of %d documents had more than max_chunks=%d chunks; their ends were not scored",
+                        usage.capped, usage.pairs, chunks.max_chunks)
+        self.last_usage = usage
+        if chunks is None:
+            return ScoredDocuments(scores, hidden=hidden, usage=usage)
+        return ScoredDocuments(scores, np.asarray(usage.chunks, dtype=np.int64), np.asarray(usage.best_chunk, dtype=np.int64),
+                               hidden, usage)
+
     def embed(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, max_length: int | None = None,
               max_query_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
         """Last-token hidden states of `[query, document]` pairs, shape (n, hidden), float32.
 
         `pairs` is any iterable of [query, document] lists or tuples (a generator is read once).
+        The states are those `compute_score` scores with the same `batch_size` (`score_documents`).
         """
-        self._check_open()
-        check_options(batch_size=batch_size)
-        pairs = check_pairs(pairs)
-        builder = self.prompt_builder(max_length, max_query_length)
-        batch_size = batch_size or self.batch_size
-        usage = Usage(weights=self.weights_dtype)
-        out = np.empty((len(pairs), self.backbone.n_embd), dtype=np.float32)
-        with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
-            for start in range(0, len(pairs), batch_size):
-                prompts = [builder.build(q, d) for q, d in pairs[start : start + batch_size]]
-                out[start : start + len(prompts)] = self.backbone.embed([p.ids for p in prompts])
-                usage.pairs += len(prompts)
-                usage.tokens += sum(len(p.ids) for p in prompts)
-                usage.truncated += sum(p.truncated for p in prompts)
-                bar.update(len(prompts))
-        if usage.truncated:
-            log.info("%d of %d prompts were truncated to max_length=%d / max_query_length=%d",
-                     usage.truncated, usage.pairs, builder.max_length, builder.max_query_length)
-        self.last_usage = usage
-        return out
+        return self.score_documents(pairs, keep_hidden=True, batch_size=batch_size, max_length=max_length,
+                                    max_query_length=max_query_length, show_progress_bar=show_progress_bar,
+                                    check_finite=False).hidden
 
     @torch.inference_mode()
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
@@ -232,60 +256,10 @@ class Reranker:
         which scored best. Default: truncation, as the original model.
         """
         single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
-        batch = [pairs] if single else pairs
-        chunks = as_chunking(chunking)
-        if chunks is not None:
-            scores, _ = self._score_chunked(batch, chunks, batch_size, max_length, max_query_length, show_progress_bar)
-        else:
-            embeddings = self.embed(batch, batch_size=batch_size, max_length=max_length,
-                                    max_query_length=max_query_length, show_progress_bar=show_progress_bar)
-            scores = self._finite_scores(embeddings, np.arange(len(embeddings)))
+        scores = self.score_documents([pairs] if single else pairs, chunking=chunking, batch_size=batch_size,
+                                      max_length=max_length, max_query_length=max_query_length,
+                                      show_progress_bar=show_progress_bar).scores
         return scores.tolist()[0] if single else scores.tolist()
-
-    def _finite_scores(self, embeddings: np.ndarray, pair_of_row: np.ndarray) -> np.ndarray:
-        """The head's scores of `embeddings`; a non-finite one is an error naming its pair (`pair_of_row[row]`)."""
-        scores = self.score_embeddings(embeddings)
-        bad = np.flatnonzero(~np.isfinite(scores))
-        if bad.size:
-            i = int(bad[0])
-            part = "GGUF (its hidden state is not finite)" if not np.isfinite(embeddings[i]).all() else "head"
-            raise RerankerError(f"the model returned a non-finite score ({scores[i]}) for pair {int(pair_of_row[i])}; "
-                                f"the {part} is likely broken")
-        return scores
-
-    def _score_chunked(self, pairs: Iterable[Sequence[str]], chunking: Chunking, batch_size: int | None,
-                       max_length: int | None, max_query_length: int | None,
-                       show_progress_bar: bool) -> tuple[np.ndarray, Usage]:
-        """Scores with long documents chunked (see `compute_score`); also sets `last_usage`."""
-        self._check_open()
-        check_options(batch_size=batch_size)
-        pairs = check_pairs(pairs)
-        chunker = Chunker(self.prompt_builder(max_length, max_query_length), chunking)
-        batch_size = batch_size or self.batch_size
-        usage = Usage(weights=self.weights_dtype, chunks=[], best_chunk=[])
-        scores = np.empty(len(pairs), dtype=np.float32)
-        with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
-            for start in range(0, len(pairs), batch_size):
-                docs = [chunker.prompts(q, d) for q, d in pairs[start : start + batch_size]]
-                prompts = [p for doc in docs for p in doc.prompts]
-                counts = [len(doc.prompts) for doc in docs]
-                embeddings = self.backbone.embed([p.ids for p in prompts])  # every chunk packed with the rest
-                chunk_scores = self._finite_scores(embeddings, start + np.repeat(np.arange(len(docs)), counts))
-                result = aggregate(chunk_scores, counts, chunking.aggregate)
-                scores[start : start + len(docs)] = result.scores
-                usage.pairs += len(docs)
-                usage.tokens += sum(len(p.ids) for p in prompts)
-                usage.truncated += sum(doc.truncated for doc in docs)
-                usage.chunked += sum(doc.split for doc in docs)
-                usage.capped += sum(doc.capped for doc in docs)
-                usage.chunks += result.chunks.tolist()
-                usage.best_chunk += result.best.tolist()
-                bar.update(len(docs))
-        if usage.capped:
-            log.warning("%d of %d documents had more than max_chunks=%d chunks; their ends were not scored",
-                        usage.capped, usage.pairs, chunking.max_chunks)
-        self.last_usage = usage
-        return scores, usage
 
     def rank(self, query: str, documents: Iterable[str], *, top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None, show_progress_bar: bool = False,
@@ -298,21 +272,13 @@ class Reranker:
         """
         self._check_open()
         check_options(batch_size=batch_size, top_k=top_k)
-        if isinstance(documents, (str, bytes)):
-            raise RerankerError("documents must be a list of strings, not one string; wrap it: [document]")
-        if isinstance(documents, dict) or not isinstance(documents, Iterable):
-            raise RerankerError(f"documents must be a list of strings, got {type(documents).__name__} ({documents!r:.60})")
-        documents = list(documents)
-        chunks = as_chunking(chunking)
+        documents = _documents(documents)
+        result = self.score_documents(query, documents, chunking=chunking, batch_size=batch_size,
+                                      show_progress_bar=show_progress_bar)
+        scores = result.scores.tolist()
         extra: dict[int, dict] = {}
-        if chunks is not None:
-            values, usage = self._score_chunked([[query, d] for d in documents], chunks, batch_size, None, None,
-                                                show_progress_bar)
-            scores = values.tolist()
-            extra = {i: {"chunks": usage.chunks[i], "best_chunk": usage.best_chunk[i]} for i in range(len(scores))}
-        else:
-            scores = self.compute_score([[query, d] for d in documents], batch_size=batch_size,
-                                        show_progress_bar=show_progress_bar) if documents else []
+        if result.chunks is not None:
+            extra = {i: {"chunks": int(result.chunks[i]), "best_chunk": int(result.best_chunk[i])} for i in range(len(scores))}
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_k]
         return [{"corpus_id": i, "score": scores[i], **({"text": documents[i]} if return_documents else {}), **extra.get(i, {})}
                 for i in order]
@@ -326,3 +292,12 @@ class Reranker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _documents(documents: object) -> list:
+    """`rank`'s documents as a list (a generator is read once); one string or a mapping is an error."""
+    if isinstance(documents, (str, bytes)):
+        raise RerankerError("documents must be a list of strings, not one string; wrap it: [document]")
+    if isinstance(documents, dict) or not isinstance(documents, Iterable):
+        raise RerankerError(f"documents must be a list of strings, got {type(documents).__name__} ({documents!r:.60})")
+    return list(documents)

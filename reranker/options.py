@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS
+from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS, N_BATCH, N_SEQ_MAX
 from reranker.errors import RerankerError
 
 #: The prompt template and the scoring token need this many tokens; `max_length` may not be less.
@@ -33,6 +33,24 @@ def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
 
 
 #: The smallest chunk, in tokens; a prompt with less room than this (a query filling max_length) is truncated.
+#: The KV cache types a Backbone takes, by name: their GGML_TYPE_* ids.
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
+
+
+def check_settings(*, n_ctx: int | None = None, n_batch: int = N_BATCH, n_seq_max: int = N_SEQ_MAX,
+                   n_threads: int | None = None, n_gpu_layers: int = -1, kv_type: str | None = None) -> None:
+    """The backbone's settings, checked before any file is read (None: the default)."""
+    if kv_type is not None and kv_type not in KV_TYPES:
+        raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    if n_ctx is not None:
+        require_int("n_ctx", n_ctx, MIN_LENGTH)
+    require_int("n_batch", n_batch, 1)
+    require_int("n_seq_max", n_seq_max, 1)
+    if n_threads is not None:
+        require_int("n_threads", n_threads, 1)
+    require_int("n_gpu_layers", n_gpu_layers, -1)
+
+
 MIN_CHUNK = 8
 
 

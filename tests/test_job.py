@@ -196,7 +196,7 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
 # windows of about one record it has tens of windows left: it can only end by the interrupt.
 PAUSE_AFTER_FIRST_PROGRESS = """
 import os, signal, sys
-from reranker.jobs.checkpoint import Checkpoint
+from reranker.jobs.resume import Checkpoint
 save = Checkpoint.save
 def save_then_pause(self, state):
     save(self, state)

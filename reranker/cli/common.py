@@ -54,11 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_reranker(args: argparse.Namespace) -> "Reranker":
     """The `Reranker` the model options describe (`from_pretrained` checks them all before any heavy work)."""
     from reranker.api import Reranker
+    from reranker.settings import LoadSettings
 
-    return Reranker.from_pretrained(args.model, head=args.head, device=args.device, n_ctx=args.n_ctx,
-                                    n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                                    max_length=args.max_length, max_query_length=args.max_query_length,
-                                    bf16=bf16_option(args), deterministic=getattr(args, "deterministic", False))
+    return Reranker.from_settings(LoadSettings.from_args(args))
 
 
 def bf16_option(args: argparse.Namespace) -> bool | None:

@@ -47,8 +47,9 @@ def check_options(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from reranker.engine.backbone import Backbone, check_settings
+    from reranker.engine.backbone import Backbone
     from reranker.gguf.hub import resolve
+    from reranker.options import check_settings
 
     check_settings(n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     fmt = check_options(args)

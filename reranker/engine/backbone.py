@@ -19,11 +19,10 @@ from reranker.engine.identity import MARKER_KEY
 from reranker.engine.tokenizer import GGUFTokenizer
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
-from reranker.options import MIN_LENGTH, require_int
+from reranker.options import KV_TYPES, check_settings
 
 SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
 CPU_EXTRA_BUFFERS_ENV = "RERANKER_CPU_EXTRA_BUFFERS"
-_KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_* ids
 
 
 def cpu_extra_buffers() -> bool:
@@ -40,20 +39,6 @@ def cpu_extra_buffers() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
-
-
-def check_settings(*, n_ctx: int | None = None, n_batch: int = N_BATCH, n_seq_max: int = N_SEQ_MAX,
-                   n_threads: int | None = None, n_gpu_layers: int = -1, kv_type: str | None = None) -> None:
-    """The backbone's settings, checked before any file is read (None: the default)."""
-    if kv_type is not None and kv_type not in _KV_TYPES:
-        raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(_KV_TYPES)}")
-    if n_ctx is not None:
-        require_int("n_ctx", n_ctx, MIN_LENGTH)
-    require_int("n_batch", n_batch, 1)
-    require_int("n_seq_max", n_seq_max, 1)
-    if n_threads is not None:
-        require_int("n_threads", n_threads, 1)
-    require_int("n_gpu_layers", n_gpu_layers, -1)
 
 
 def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
@@ -191,7 +176,7 @@ class Backbone:
         # an F16 cache or CPU flash attention alone costs ~1e-3 relative error.
         reference = self.metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
         kv_type = kv_type or ("f32" if reference else "f16")
-        cparams.type_k = cparams.type_v = _KV_TYPES[kv_type]
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
         if flash_attn is None and reference:
             flash_attn = False
         cparams.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -14,5 +14,7 @@ Read in this order:
 - `devices.py`: one backbone process per GPU, fed windows from the same job;
 - `progress.py`: a tqdm bar on a terminal, log lines elsewhere;
 - `ray_data.py`: the scorer as a Ray Data callable class (one `Reranker` per actor, optional Ray);
-- `ray_job.py`: `--engine ray`: the same windows on a Ray cluster, written per shard, resumable by shard.
+- `ray_job.py`: `--engine ray`: the same windows on a Ray cluster, written per shard, resumable by shard;
+- `run.py`: `run_job(spec, settings, ...)`, the entry of both engines: one preflight (model resolved,
+  `bf16` decided, fingerprint, paths checked), the lock, the run; returns the summary (the CLI prints it).
 """

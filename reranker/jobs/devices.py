@@ -9,12 +9,11 @@ import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from reranker.errors import RerankerError
+from reranker.settings import LoadSettings
 
 if TYPE_CHECKING:  # the engine (llama.cpp) loads in the device processes only
-    from reranker.engine.scoring import Scored
+    from reranker.engine.scoring import ScoredDocuments
 
 
 def parse_devices(spec: str | None) -> list[str]:
@@ -35,18 +34,18 @@ def parse_devices(spec: str | None) -> list[str]:
     return devices
 
 
-def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue, keep_hidden: bool = False) -> None:
+def _worker(device: str, settings: LoadSettings, inbox: mp.Queue, outbox: mp.Queue, keep_hidden: bool = False) -> None:
     # Ctrl-C is the job's to handle: it stops feeding windows and closes the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Pin the GPU before llama.cpp or torch initialise CUDA in this process.
     if device != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     from reranker.api import Reranker
-    from reranker.engine.scoring import score_prompts
+    from reranker.engine.scoring import score_prepared
 
     try:
-        kwargs = {**load, **({"n_gpu_layers": 0, "device": "cpu"} if device == "cpu" else {"device": "cuda"})}
-        reranker = Reranker.from_pretrained(**kwargs)
+        on_device = {"n_gpu_layers": 0, "device": "cpu"} if device == "cpu" else {"device": "cuda"}
+        reranker = Reranker.from_settings(settings.replace(**on_device))
     except BaseException as e:
         outbox.put((-1, None, f"device {device}: {type(e).__name__}: {e}"))
         return
@@ -60,9 +59,9 @@ def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue, keep_hid
             continue
         if msg is None:
             break
-        wid, prompts = msg
+        wid, prepared = msg
         try:
-            outbox.put((wid, score_prompts(reranker, prompts, keep_hidden=keep_hidden), None))
+            outbox.put((wid, score_prepared(reranker, prepared, keep_hidden=keep_hidden), None))
         except BaseException as e:
             outbox.put((wid, None, f"device {device}: {type(e).__name__}: {e}"))
     reranker.close()
@@ -71,19 +70,19 @@ def _worker(device: str, load: dict, inbox: mp.Queue, outbox: mp.Queue, keep_hid
 class DevicePool:
     """Scores windows on several processes; any free process takes the next window."""
 
-    def __init__(self, devices: list[str], load: dict, keep_hidden: bool = False) -> None:
-        """`keep_hidden`: each window also gets its prompts' hidden states (`window.hidden`)."""
+    def __init__(self, devices: list[str], settings: LoadSettings, keep_hidden: bool = False) -> None:
+        """Each process loads `settings` on its device; `keep_hidden`: each window's result has its pairs' hidden states."""
         ctx = mp.get_context("spawn")
         self.inbox: mp.Queue = ctx.Queue()
         self.outbox: mp.Queue = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(d, load, self.inbox, self.outbox, keep_hidden), daemon=True,
+        self.procs = [ctx.Process(target=_worker, args=(d, settings, self.inbox, self.outbox, keep_hidden), daemon=True,
                                   name=f"reranker-device-{d}") for d in devices]
         for p in self.procs:
             p.start()
 
-    def __call__(self, windows: Iterator) -> Iterator[tuple[object, np.ndarray]]:
+    def __call__(self, windows: Iterator) -> Iterator[tuple[object, ScoredDocuments]]:
         pending: dict[int, object] = {}
-        ready: dict[int, Scored] = {}
+        ready: dict[int, ScoredDocuments] = {}
         next_out = 0
         max_in_flight = 2 * len(self.procs)
         it = enumerate(windows)
@@ -96,7 +95,7 @@ class DevicePool:
                     exhausted = True
                     break
                 pending[wid] = window
-                self.inbox.put((wid, window.prompts))
+                self.inbox.put((wid, window.prepared))
             if not pending:
                 return
             wid, scored, error = self._get()
@@ -104,9 +103,7 @@ class DevicePool:
                 raise RerankerError(error)
             ready[wid] = scored
             while next_out in ready:
-                window, scored = pending.pop(next_out), ready.pop(next_out)
-                window.hidden = scored.hidden
-                yield window, scored.scores
+                yield pending.pop(next_out), ready.pop(next_out)
                 next_out += 1
 
     def _get(self):

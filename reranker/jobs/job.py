@@ -23,15 +23,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
 
 from reranker.atomic import atomic_write
 from reranker.defaults import RUN_TAG, WINDOW
-from reranker.engine.chunking import Chunker, DocumentPrompts, aggregate
-from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.engine.prompts import PromptBuilder
+from reranker.engine.scoring import Prepared, ScoredDocuments, prepare
 from reranker.errors import RerankerError
 from reranker.jobs.paths import JobFiles, check_job_files, input_files, input_reads, writing
 from reranker.jobs.progress import Progress
@@ -157,12 +155,11 @@ class Window:
     end: int
     units: list[Unit]
     rejects: list[Reject]
-    prompts: list[Prompt] = field(default_factory=list)
-    docs: list[DocumentPrompts] | None = None  # with chunking: each pair's prompts (`prompts` holds them all, flat)
-    hidden: np.ndarray | None = None  # the prompts' last hidden states, in order, when the job saves them
+    prepared: Prepared | None = None  # the window's pairs as prompts (with chunking, every chunk's)
 
 
-Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, "object"]]]
+#: Windows in, each with its `ScoredDocuments` out, in order (`engine.scoring.score_prepared` of `window.prepared`).
+Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, ScoredDocuments]]]
 
 
 def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
@@ -185,28 +182,12 @@ def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: Job
 
 
 def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunking | None = None) -> Iterator[Window]:
-    chunker = Chunker(builder, chunking) if chunking is not None else None
+    # A window's chunks are scored with it, so a checkpoint never falls inside a document.
     for w in windows:
-        if chunker is None:
-            w.prompts = [builder.build(u.query, text) for u in w.units for _, text in u.docs]
-        else:
-            # A window's chunks are scored with it, so a checkpoint never falls inside a document.
-            w.docs = [chunker.prompts(u.query, text) for u in w.units for _, text in u.docs]
-            w.prompts = [p for doc in w.docs for p in doc.prompts]
+        pairs = [(u.query, text) for u in w.units for _, text in u.docs]
+        names = [f"query {u.query_id!r}, document {doc_id!r} ({u.source})" for u in w.units for doc_id, _ in u.docs]
+        w.prepared = prepare(builder, pairs, chunking, names)
         yield w
-
-
-def _per_pair(window: Window, scores, chunking: Chunking | None):
-    """(scores, prompts of each pair, (chunks, best chunk) of each pair or None, each pair's row in the window's
-    hidden states) of a scored window. With chunking a pair's row is the chunk its score is: the best one for
-    "max", the first for "first" (`check_job` refuses --save-hidden with "mean", a score no one state gives)."""
-    if window.docs is None:
-        return scores, [[p] for p in window.prompts], None, np.arange(len(window.prompts))
-    counts = [len(d.prompts) for d in window.docs]
-    result = aggregate(scores, counts, chunking.aggregate)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    rows = starts + (result.best if chunking.aggregate == "max" else 0)
-    return result.scores, [d.prompts for d in window.docs], list(zip(result.chunks.tolist(), result.best.tolist())), rows
 
 
 def _prefetch(it: Iterator[Window], stop: threading.Event, depth: int = 2) -> Iterator[Window]:
@@ -383,28 +364,27 @@ class Job:
         while (item := out_q.get()) is not None:
             if failure:
                 continue
-            window, scores = item
+            window, result = item
             try:
-                scores, pair_prompts, chunks, rows = _per_pair(window, scores, self.spec.chunking)
-                k = 0
+                if self.hidden is not None and result.hidden is None:
+                    raise ValueError("the scorer kept no hidden states for a job that saves them")
+                docs, k = window.prepared.docs, 0
                 for unit in window.units:
                     n = len(unit.docs)
-                    tokens = sum(len(p.ids) for prompts in pair_prompts[k : k + n] for p in prompts)
-                    writer.write(unit, scores[k : k + n].tolist(), tokens, **({"chunks": chunks[k : k + n]} if chunks else {}))
+                    scores = result.scores[k : k + n].tolist()
+                    tokens = sum(len(p.ids) for d in docs[k : k + n] for p in d.prompts)
+                    chunks = list(zip(result.chunks[k : k + n].tolist(), result.best_chunk[k : k + n].tolist())) \
+                        if result.chunks is not None else None
+                    writer.write(unit, scores, tokens, **({"chunks": chunks} if chunks else {}))
                     if self.hidden is not None:
-                        if window.hidden is None:
-                            raise ValueError("the scorer kept no hidden states for a job that saves them")
-                        self.hidden.write(unit, scores[k : k + n].tolist(), window.hidden[rows[k : k + n]])
-                    self.stats.pairs += n
-                    self.stats.tokens += tokens
-                    if window.docs is None:
-                        self.stats.truncated += sum(p.truncated for (p,) in pair_prompts[k : k + n])
-                    else:
-                        docs = window.docs[k : k + n]
-                        self.stats.truncated += sum(d.truncated for d in docs)
-                        self.stats.chunked += sum(d.split for d in docs)
-                        self.stats.capped += sum(d.capped for d in docs)
+                        self.hidden.write(unit, scores, result.hidden[k : k + n])
                     k += n
+                usage = result.usage
+                self.stats.pairs += usage.pairs
+                self.stats.tokens += usage.tokens
+                self.stats.truncated += usage.truncated
+                self.stats.chunked += usage.chunked
+                self.stats.capped += usage.capped
                 for r in window.rejects:
                     rejects.write(r)
                 self.stats.queries += len(window.units)
@@ -413,7 +393,7 @@ class Job:
                 self._save(writer.commit(), rejects.commit(),
                            hidden_state=self.hidden.commit() if self.hidden is not None else None)
                 records = len({u.source for u in window.units} | {r.source for r in window.rejects})  # a record's rejects share its source
-                self.progress.update(records, k, sum(len(p.ids) for p in window.prompts))
+                self.progress.update(records, usage.pairs, usage.tokens)
             except BaseException as e:
                 failure.append(e)
 

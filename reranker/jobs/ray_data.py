@@ -1,11 +1,11 @@
 """The scorer as a Ray Data callable class: `Dataset.map_batches(RayReranker, ...)`, one `Reranker` per actor.
 
 Each actor loads the model once (`prepare_model`: resolved and, for the fast path, copied once per
-node under a node-wide file lock) and scores `pyarrow.Table` batches with the local job's code:
-`PromptBuilder` tokenises, `score_prompts` sorts by length, packs decode calls and runs the torch
-head. A batch is scored as one window; with `group_column` (the driver's `_window`) each run of
-equal values is scored as its own window, so a batch holding the local job's windows gives its
-scores bit for bit.
+node under a node-wide file lock) and scores `pyarrow.Table` batches with the code of
+`Reranker.score_documents` and the local job's windows: `engine.scoring` (`prepare`, then
+`score_prepared`: sort by length, pack decode calls, run the torch head). A batch is scored as one
+window; with `group_column` (the driver's `_window`) each run of equal values is scored as its own
+window, so a batch holding the local job's windows gives its scores bit for bit.
 
     import ray
     from reranker.jobs.ray_data import RayReranker, actor_options
@@ -33,6 +33,7 @@ import numpy as np
 
 from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
 from reranker.errors import RerankerError
+from reranker.settings import LoadSettings
 
 RAY_EXTRA = "pip install 'jina-reranker-gguf[ray]'"
 COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document"}
@@ -92,8 +93,9 @@ class RayReranker:
     """A Ray Data callable class: `pyarrow.Table` batches in, the same columns plus `score` out.
 
     `model`/`head`: as `Reranker.from_pretrained` (resolved on each node); `load`: its other
-    keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...). On an actor
-    without a GPU (`ray.get_gpu_ids()` empty) the backbone and head run on the CPU.
+    keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...); or all of them as
+    one `settings=LoadSettings(...)`. On an actor without a GPU (`ray.get_gpu_ids()` empty) the
+    backbone and head run on the CPU.
     `columns` renames the four input columns (keys `query_id`, `query`, `doc_id`, `document`;
     only `query` and `document` are needed unless `rank`). `rank=True` adds `rank`, 1-based by
     descending score within each run of one query id in the batch (ties by row order): give it
@@ -102,17 +104,22 @@ class RayReranker:
     columns from the output (e.g. the texts, so they do not travel back).
     """
 
-    def __init__(self, model: str, head: str | None = None, *, load: Mapping[str, Any] | None = None,
-                 columns: Mapping[str, str] | None = None, rank: bool = False, group_column: str | None = None,
-                 stats: bool = False, drop: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: str | None = None, head: str | None = None, *, load: Mapping[str, Any] | None = None,
+                 settings: LoadSettings | None = None, columns: Mapping[str, str] | None = None, rank: bool = False,
+                 group_column: str | None = None, stats: bool = False, drop: tuple[str, ...] = ()) -> None:
         from reranker.api import Reranker
 
-        load = dict(load or {})
+        if settings is None:
+            if model is None:
+                raise RerankerError("RayReranker needs model= (with load={...}) or settings=LoadSettings(...)")
+            settings = LoadSettings(model=model, head=head, **dict(load or {}))
+        elif model is not None or head is not None or load:
+            raise RerankerError("RayReranker takes settings=LoadSettings(...) or model=/head=/load=, not both")
         if not _has_gpu():
-            load.update(n_gpu_layers=0, device="cpu")
-        gguf, head_path, _ = prepare_model(model, head, bf16=load.get("bf16"), n_gpu_layers=load.get("n_gpu_layers", -1),
-                                           identity_dtype=load.get("identity_dtype"), fast=load.get("fast", True))
-        self.reranker = Reranker.from_pretrained(gguf, head=head_path, **load)
+            settings = settings.replace(n_gpu_layers=0, device="cpu")
+        gguf, head_path, _ = prepare_model(settings.model, settings.head, bf16=settings.bf16, n_gpu_layers=settings.n_gpu_layers,
+                                           identity_dtype=settings.identity_dtype, fast=settings.fast)
+        self.reranker = Reranker.from_settings(settings.replace(model=gguf, head=head_path, quant=None))
         self.builder = self.reranker.prompt_builder()
         self.columns = {**COLUMNS, **(columns or {})}
         self.rank, self.group_column, self.stats, self.drop = rank, group_column, stats, tuple(drop)
@@ -120,7 +127,7 @@ class RayReranker:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        from reranker.engine.scoring import score_prompts
+        from reranker.engine.scoring import prepare, score_prepared
         from reranker.jobs.writers import rank_table
 
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
@@ -136,14 +143,12 @@ class RayReranker:
             if bad_row is not None:  # `reranker score --engine ray` rejects these before they reach an actor
                 raise RerankerError(f"row {bad_row} of the batch: {name!r} is {values[bad_row]!r}, not a string; "
                                     "filter or fill such rows first (e.g. ds.filter(expr=...))")
-        prompts = [self.builder.build(q, d) for q, d in zip(queries, documents)]
-        scores = np.empty(len(prompts), dtype=np.float32)
-        for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(prompts)):
-            scores[start:end] = score_prompts(self.reranker, prompts[start:end]).scores
-        bad = np.flatnonzero(~np.isfinite(scores))
-        if bad.size:
-            raise RerankerError(f"the model returned a non-finite score ({scores[bad[0]]}) for row {int(bad[0])}; "
-                                "the GGUF or head is likely broken")
+        scores = np.empty(len(queries), dtype=np.float32)
+        prompts = []
+        for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(queries)):
+            prepared = prepare(self.builder, list(zip(queries[start:end], documents[start:end])))
+            scores[start:end] = score_prepared(self.reranker, prepared, pair_name=lambda i, s=start: f"row {s + i}").scores
+            prompts += prepared.prompts
         out = table.append_column("score", pa.array(scores, pa.float32()))
         if self.rank:
             if c["query_id"] not in out.column_names:

@@ -50,6 +50,7 @@ from reranker.jobs.readers import import_pyarrow, read_input
 from reranker.jobs.resume import input_fingerprint
 from reranker.jobs.validate import one_run_per_query
 from reranker.jobs.writers import PARQUET_COMPRESSION, RejectsWriter, rank_table
+from reranker.settings import LoadSettings
 
 log = logging.getLogger("reranker.jobs")
 
@@ -132,15 +133,16 @@ def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None,
 class RayJob:
     """One run of the Ray job: check the folder, re-read the input, score the shards not done, finish."""
 
-    def __init__(self, spec: JobSpec, model: str, head: str | None, load: dict, fingerprint: dict, options: RayOptions,
+    def __init__(self, spec: JobSpec, settings: LoadSettings, fingerprint: dict, options: RayOptions,
                  quiet: bool = False) -> None:
+        """`settings`: what each actor loads (`model` and `head` as each node finds them: absolute paths or a Hub id)."""
         self.pa, self.pq = import_pyarrow("--engine ray")
-        self.spec, self.model, self.head, self.load, self.options, self.quiet = spec, model, head, load, options, quiet
+        self.spec, self.settings, self.options, self.quiet = spec, settings, options, quiet
         self.out = spec.output
         self.fingerprint = {**fingerprint, "input": input_fingerprint(input_files(spec.input_reads())),
                             "settings": {**fingerprint.get("settings", {}), "engine": "ray", "input_format": spec.input_format,
                                          "depth": spec.depth, "window": spec.window, "shard_windows": options.shard_windows,
-                                         "max_length": load.get("max_length"), "max_query_length": load.get("max_query_length")}}
+                                         "max_length": settings.prompt_length, "max_query_length": settings.max_query_length}}
         self.stats = Stats()
         self.run_pairs = self.run_tokens = 0
         self.skipped_shards = 0
@@ -331,14 +333,13 @@ class RayJob:
         from reranker.jobs.ray_data import map_batches_quietly
 
         opts = actor_options(self._actors(ray), gpus=self.options.gpus, cpus_per_actor=self.options.cpus_per_actor)
-        load = dict(self.load)
-        if load.get("n_threads") is None and not opts["num_gpus"]:
-            load["n_threads"] = max(1, int(self.options.cpus_per_actor))  # llama.cpp threads within the actor's share
+        settings = self.settings
+        if settings.n_threads is None and not opts["num_gpus"]:  # llama.cpp threads within the actor's share
+            settings = settings.replace(n_threads=max(1, int(self.options.cpus_per_actor)))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = not self.quiet
         # One block per window, scored whole (`group_column`); the texts do not travel back.
-        kwargs = {"model": self.model, "head": self.head, "load": load, "group_column": "_window", "stats": True,
-                  "drop": ("query", "document")}
+        kwargs = {"settings": settings, "group_column": "_window", "stats": True, "drop": ("query", "document")}
         ds = map_batches_quietly(ray.data.from_arrow_refs(blocks), scorer, fn_constructor_kwargs=kwargs,
                                  batch_format="pyarrow", batch_size=None, **opts)
         try:
@@ -415,37 +416,3 @@ def _ours(name: str) -> bool:
 
 def _is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit()
-
-
-def run_cli(args: Any, spec: JobSpec, files: Any, head_path: Path, load: dict, fingerprint: dict) -> None:
-    """`reranker score --engine ray`: check, lock, run, print the summary line.
-
-    Actors get absolute paths for local files (their working folder is not the driver's) and the
-    Hub id itself otherwise, so each node resolves it through its own Hub cache.
-    """
-    import sys
-
-    from reranker.jobs.paths import JobLock
-    from reranker.jobs.ray_data import require_ray
-
-    require_ray()
-    if args.devices:
-        raise RerankerError("--devices chooses the local engine's processes; with --engine ray give --actors N")
-    options = RayOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.actor_cpus,
-                         shard_windows=args.shard_windows)
-    check_ray_job(spec, options, model=Path(files.gguf), head=head_path)
-    model = str(Path(files.gguf).resolve()) if os.path.exists(args.model) else args.model
-    head = str(Path(args.head).resolve()) if args.head else (str(head_path.resolve()) if os.path.exists(args.model) else None)
-    with JobLock(spec.files()):
-        try:
-            summary = RayJob(spec, model, head, load, fingerprint, options, quiet=args.quiet).run()
-        except OSError as e:
-            raise RerankerError(f"{e.filename or spec.output}: {e.strerror or e}") from e
-    if summary["pairs_this_run"] == 0 and summary["shards_skipped"]:
-        print(f"reranker score: {spec.output} is already complete ({summary['pairs']} pairs in {summary['shards']} shards); "
-              "pass --restart to score it again", file=sys.stderr)
-        return
-    print(f"reranker score: {summary['pairs']} pairs ({summary['queries']} records), {summary['tokens']} tokens, "
-          f"{summary['truncated']} truncated, {summary['skipped']} skipped; this run {summary['pairs_this_run']} pairs "
-          f"in {summary['wall_seconds']:.1f} s ({summary['pairs_per_second']} pairs/s) on {summary['actors']} Ray actor(s), "
-          f"{summary['shards_skipped']} of {summary['shards']} shards already done -> {spec.output}/", file=sys.stderr)

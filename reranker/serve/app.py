@@ -140,7 +140,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                 except RerankerError as e:
                     raise HTTPException(422, str(e)) from e
                 try:
-                    ticket = scheduler.submit(prepared.prompts, prepared.counts)
+                    ticket = scheduler.submit(prepared.prompts, prepared.counts.tolist() if prepared.chunking else None)
                 except Overloaded as e:
                     raise overloaded(str(e)) from e
                 except Closed as e:
@@ -150,7 +150,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                 metrics.in_flight.dec()
             if scores is None:  # the client left: nobody reads this
                 return Response(status_code=CLIENT_CLOSED)
-            return JSONResponse(respond(req, prepared.scores(scores).tolist(), ticket.tokens))
+            return JSONResponse(respond(req, prepared.pair_scores(scores).tolist(), ticket.tokens))
         return await handled(endpoint, request, handler, rerank=True)
 
     def overloaded(why: str) -> HTTPException:

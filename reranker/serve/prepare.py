@@ -2,36 +2,20 @@
 
 Runs in a request's worker thread (the tokenizer has its own lock, so it overlaps the decode
 calls of other requests), before anything is queued: a bad text is refused here, alone.
-With chunking, a long document becomes one prompt per chunk (`reranker.engine.chunking`), and
-`Prepared.scores` folds the chunks' scores back into one per document.
+The request becomes a `Prepared` through `engine.scoring.prepare` (with chunking, a long document
+becomes one prompt per chunk), and `Prepared.pair_scores` folds the chunks' scores back into one per
+document, as `Reranker.score_documents` does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
-import numpy as np
-
-from reranker.engine.chunking import Chunker, aggregate
-from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.engine.prompts import PromptBuilder
+from reranker.engine.scoring import Prepared, prepare
 from reranker.errors import RerankerError
 from reranker.options import MIN_LENGTH, Chunking
 from reranker.serve.schemas import ScoreOptions
-
-
-@dataclass
-class Prepared:
-    """A request's prompts, and per document its number of prompts (None: one each, no chunking)."""
-
-    prompts: list[Prompt]
-    counts: list[int] | None = None
-    chunking: Chunking | None = None
-
-    def scores(self, prompt_scores: np.ndarray) -> np.ndarray:
-        """One score per document from the scores of `prompts`."""
-        if self.counts is None:
-            return prompt_scores
-        return aggregate(prompt_scores, self.counts, self.chunking.aggregate).scores
 
 
 def request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunking | None:
@@ -64,8 +48,4 @@ def build_prompts(reranker, query: str, documents: list[str], options: ScoreOpti
         base = len(builder.build(query, "").ids)
         limit = max(MIN_LENGTH, min(builder.max_length, base + options.max_tokens_per_doc))
         builder = PromptBuilder(builder.tokenizer, limit, builder.max_query_length)
-    if chunking is None:
-        return Prepared([builder.build(query, d) for d in documents])
-    chunker = Chunker(builder, chunking)
-    docs = [chunker.prompts(query, d) for d in documents]
-    return Prepared([p for doc in docs for p in doc.prompts], [len(doc.prompts) for doc in docs], chunking)
+    return prepare(builder, [(query, d) for d in documents], chunking)

@@ -2,8 +2,10 @@
 
 Requests queue `Ticket`s (their prompts, in order). One worker thread takes whatever is queued,
 first come first served, up to `batch_tokens` prompt tokens (at least one prompt), and scores
-it with the engine's own `score_prompts` (sorted by length, packed into `llama_decode` calls,
-the head in one torch call), then hands each ticket its scores. It never waits for a batch to
+it with `engine.scoring.score_prompts`, the kernel of `score_prepared` (sorted by length, packed
+into `llama_decode` calls, the head in one torch call), then hands each ticket its scores; a
+request scored alone is one `score_prepared` call (what `Reranker.score_documents` runs), so its
+scores are `compute_score(..., batch_size=len(documents))`'s bit for bit on the CPU (tested). It never waits for a batch to
 fill: a lone small request is scored at once, and while a batch decodes the next one gathers.
 
 A ticket's prompts may span batches, and a batch may hold many tickets. A cancelled ticket
