@@ -49,7 +49,7 @@ def _identity_cache(tmp_path_factory):
     """Keep the fast path's cached GGUF copies out of the user's cache."""
     mp = pytest.MonkeyPatch()
     mp.setenv("RERANKER_CACHE", str(tmp_path_factory.mktemp("reranker-cache")))
-    # The suite checks F16 GGUFs as F16 (bit-exactness between paths); tests/test_bf16.py covers the
+    # The suite checks F16 GGUFs as F16 (bit-exactness between paths); tests/engine/test_bf16.py covers the
     # automatic BF16 re-encode of the fast path's copy, which would otherwise be on for bf16 CPUs.
     mp.setenv("RERANKER_BF16", "0")
     yield

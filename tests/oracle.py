@@ -35,7 +35,7 @@ MAX_QUERY_LENGTH = 512
 
 # --- tolerances, stated once ---------------------------------------------------------------------
 # Measured on the tiny synthetic model (seed 0), the 12 PAIRS, llama.cpp 0.3.36 on a 2-core AVX2 CPU
-# (tests/test_paths_oracle.py prints each path's errors under `pytest -s`):
+# (tests/api/test_paths_oracle.py prints each path's errors under `pytest -s`):
 #   F32 GGUF (F32 KV cache, no flash attention), every path: hidden state <= 7.5e-7 relative (L2),
 #     score <= 9.4e-7. The bound, 1e-5, is ~13x that and still fails on an F32 GGUF run with an F16
 #     cache and flash attention (1.4e-4 hidden, 1.9e-4 score) and on a logit shifted by 0.004 (a

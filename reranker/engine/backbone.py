@@ -109,12 +109,12 @@ class Backbone:
     Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`
     tokens); the KV cache is cleared between calls. A sequence longer than `n_batch` is
     fed in chunks: causal attention makes that the same function, though llama.cpp's kernels
-    sum in an order that depends on the chunk size (tests/test_fast_path.py bounds it).
+    sum in an order that depends on the chunk size (tests/engine/test_fast_path.py bounds it).
 
     Packing makes a sequence's state depend slightly on its neighbours (its KV cells, ubatch
     split points, and whether its output is alone in a ubatch pick the summation order).
     `deterministic=True` decodes each sequence alone from cell 0 of an empty cache, so its
-    state is a function of the sequence alone (tests/test_deterministic.py).
+    state is a function of the sequence alone (tests/engine/test_deterministic.py).
 
     Thread-safe: a lock serialises `embed` and `close`, and the tokenizer has its own (so a
     window can be tokenised while another decodes); `close` takes both, and after it every

@@ -16,7 +16,7 @@ from reranker.cli.common import add_model_args
 from reranker.defaults import DEFAULT_REPO
 from reranker.settings import LoadSettings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_signature() -> list[tuple[str, object, str]]:

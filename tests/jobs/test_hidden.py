@@ -217,7 +217,7 @@ def test_example_finetunes_on_saved_states_and_a_fresh_job_agrees(model, tmp_pat
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "hidden_states_finetune.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "hidden_states_finetune.py"
     res = subprocess.run([sys.executable, str(script), "-m", str(model), "--work", str(tmp_path), "--queries", "30",
                           "--epochs", "5"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
