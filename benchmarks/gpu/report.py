@@ -188,6 +188,13 @@ def render(data: dict) -> tuple[str, str]:
     b = data["steps"].get("build") or {}
     br = b.get("result") or {}
     s.append(f"build: {b.get('status')} in {_f(br.get('seconds'), '{:.0f}')} s ({br.get('mode', '')})"[:160])
+    for name in ("build", "install"):  # a failed build or install is the whole run's failure: show why here
+        st = data["steps"].get(name) or {}
+        if st.get("status") == "error":
+            r = st.get("result") or {}
+            s.append(f"*** {name.upper()} FAILED: {str(r.get('error'))[:300]}")
+            if r.get("tail"):
+                s += ["  | " + line for line in str(r["tail"]).strip().splitlines()[-15:]]
     bad = [c for c in cs if c["ok"] is False]
     ran = [c for c in cs if c["ok"] is not None]
     not_run = [c["step"] for c in cs if c["ok"] is None]

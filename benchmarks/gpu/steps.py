@@ -134,11 +134,29 @@ def ready(p: Path, suffix: str = ".ready") -> Path:
     return Path(str(p) + suffix)
 
 
+QUANT_STAGE = ("Q8_0", "Q4_K_M", "BF16")  # what `models --stage quant` makes (BF16 after the quantizations)
+
+
+def failed_marker(p: Path) -> Path:
+    """`<models>/<stage>.failed`, written by the background stage that makes `p` when it crashes."""
+    models = next((d for d in p.parents if d.name == "models"), p.parent)  # paths() puts every model under work/models
+    stage = "quant" if any(f"-{lvl}.gguf" in p.name for lvl in QUANT_STAGE) else "convert"
+    return models / f"{stage}.failed"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
 def wait_ready(p: Path, suffix: str = ".ready", deadline: float | None = None) -> Path:
-    """Wait for the background's marker of `p`; raise when the deadline comes first."""
+    """Wait for the background's marker of `p`; raise at once when its stage failed, or when the deadline comes first."""
     deadline = DEADLINE - 20 if deadline is None else deadline
     t = time.time()
+    failed = failed_marker(p)
     while not ready(p, suffix).exists():
+        if failed.exists():
+            raise StageFailed(f"{p.name}{suffix} will not come: the background stage failed ({failed}):\n"
+                              + failed.read_text(errors="replace")[-1500:])
         if time.time() > deadline:
             raise TimeoutError(f"{p.name}{suffix} not ready after {time.time() - t:.0f} s (background model preparation)")
         time.sleep(0.5)
@@ -148,7 +166,21 @@ def wait_ready(p: Path, suffix: str = ".ready", deadline: float | None = None) -
 
 
 def step_models(ctx: dict, args) -> None:
-    """Background model preparation; `--stage convert` needs no llama.cpp, `--stage quant` does."""
+    """Background model preparation; on a crash `<stage>.failed` (the traceback) stops every wait on it at once."""
+    failed = Path(ctx["work"]) / "models" / f"{args.stage}.failed"
+    failed.unlink(missing_ok=True)
+    try:
+        _models(ctx, args)
+    except BaseException:
+        import traceback
+
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"models --stage {args.stage} failed at {time.strftime('%H:%M:%S')}:\n{traceback.format_exc()}")
+        raise
+
+
+def _models(ctx: dict, args) -> None:
+    """`--stage convert` needs no llama.cpp, `--stage quant` does."""
     import torch
 
     torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) // 2)))
