@@ -124,16 +124,20 @@ def test_process_groups_left_by_a_cut_call_are_ended(tmp_path):
     gpu_run.GROUPS = gpu_run.ProcessGroups(tmp_path / "groups.json")
     try:
         left = gpu_run.popen_group(["sleep", "60"])
-        # a record whose pid now runs something else (here: this test process) must be spared
+        # a recorded group whose pid now leads something else (the pid was reused) must be spared
+        other = subprocess.Popen(["sleep", "61"], start_new_session=True)
         record = json.loads((tmp_path / "groups.json").read_text())
-        record[str(os.getpid())] = ["sleep", "60"]
+        record[str(other.pid)] = ["pip", "install"]
         (tmp_path / "groups.json").write_text(json.dumps(record))
         ended = gpu_run.ProcessGroups(tmp_path / "groups.json").end_stale()  # the next call
         assert left.wait(timeout=10) == -9
         assert ended == [f"{left.pid} (sleep 60)"]
+        assert other.poll() is None
         assert not (tmp_path / "groups.json").exists()
     finally:
         gpu_run.GROUPS = None
+        other.kill()
+        other.wait()
 
 
 def test_failed_build_fails_the_run_and_shows_its_error(tmp_path):
