@@ -161,3 +161,22 @@ def test_disk_plan():
     refusal, _ = gpu_run.disk_plan(5 * gib, cpu=False)
     assert "5.0 GiB free" in refusal
     assert gpu_run.disk_plan(5 * gib, cpu=True) == (None, False)
+
+
+def test_driver_library_is_found_on_ld_library_path(tmp_path, monkeypatch):
+    import cudatk
+
+    (tmp_path / "libcuda.so.1").write_bytes(b"\x7fELF")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{tmp_path}")
+    assert cudatk.find_driver() == f"{tmp_path}/libcuda.so.1"
+
+
+def test_bf16_comes_from_the_quant_stage_after_the_quantizations():
+    """run.py's waits follow the stage that makes each model: BF16 moved to the end of `--stage quant`."""
+    src = (GPU / "steps.py").read_text()
+    quant = src[src.index("    quant(\"Q8_0\")"):]
+    assert quant.index("quant(\"Q4_K_M\")") < quant.index("convert(P[\"ckpt\"], P[\"BF16\"]")
+    P = gpu_steps.paths({"work": "/w", "preset": "m0"})
+    assert gpu_steps.failed_marker(P["BF16"]).name == "quant.failed"
+    assert gpu_steps.failed_marker(P["F16"]).name == "convert.failed"
+    assert gpu_steps.failed_marker(P["tiny_f32"]) == Path("/w/models/convert.failed")

@@ -55,6 +55,10 @@ VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-
 # Steps that compare CUDA with the CPU within 1e-4: cuBLAS's TF32 (ggml-cuda enables it for F32
 # products, ~5e-4 off) would fail them on rounding alone, so they run with TF32 off.
 TF32_OFF = {"check-scores", "check-job"}
+# The image's modules that the run cannot do without (env stops at once when one is missing).
+CORE_MODULES = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "tiktoken", "yaml", "requests", "jinja2", "tqdm")
+# Carried build tools installed even where the image has them: the build then uses the versions rehearsed here.
+BUILD_TOOLS = {"scikit_build_core", "pathspec"}
 NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"}
 
 
@@ -371,7 +375,7 @@ class Runner:
         info["arch"] = self.arch
         for k in ("nvidia_smi", "modules"):
             log(f"{k}: {info[k]}")
-        missing_core = [m for m in ("torch", "numpy", "safetensors", "transformers") if str(info["modules"].get(m, "")).startswith("MISSING")]
+        missing_core = [m for m in CORE_MODULES if str(info["modules"].get(m, "")).startswith("MISSING")]
         if missing_core:
             raise RuntimeError(f"the image lacks {missing_core}")
         return info
@@ -390,7 +394,9 @@ class Runner:
         todo, skipped = [], []
         for w, mod in mods.items():
             fits = "cp312" not in w.name or sys.version_info[:2] == (3, 12)
-            if (self.site / mod).exists():
+            if mod in BUILD_TOOLS and fits:  # the rehearsed versions, not the image's (unknown) ones
+                todo.append(str(w))
+            elif (self.site / mod).exists():
                 skipped.append(f"{w.name} (already in work/site)")
             elif not fits:
                 skipped.append(f"{w.name} (not for Python {sys.version_info[0]}.{sys.version_info[1]}; {'missing!' if mod in missing else 'the environment has it'})")
@@ -439,8 +445,8 @@ class Runner:
         build_dir = self.work / f"build-{log_name}"  # kept: a second call on a warm machine builds incrementally
         cmd = [self.py, "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation", "--no-cache-dir", "--upgrade",
                "--target", str(self.site), "--config-settings", f"build-dir={build_dir}", str(src)]
-        if nice:
-            cmd = ["nice", "-n", "19", *cmd]  # measurements running meanwhile keep their CPU time
+        if nice:  # only the timing-only build, which nothing waits for
+            cmd = ["nice", "-n", "19", *cmd]
         log(f"CMAKE_ARGS={env['CMAKE_ARGS']}")
         log("$ " + " ".join(cmd))
         f = open(self.out / "build.log", "ab")  # noqa: SIM115
@@ -480,7 +486,7 @@ class Runner:
         """llama-cpp-python from the stripped sdist: CUDA for this card only (or the CPU in --cpu), into work/site.
 
         Prebuilt libraries or an earlier build in this work folder finish here; otherwise the build
-        runs in the background (nice 19) while the steps that need only torch use the GPU, and
+        runs in the background (normal priority) while the steps that need only torch use the GPU, and
         finish_build() waits for it before the first step that needs llama.cpp.
         """
         info = self.build_info = {}
@@ -491,7 +497,9 @@ class Runner:
         try:
             if not self.cpu:
                 try:
-                    self.toolkit = cudatk.toolkit(self.work / "cuda-extra")
+                    # allow_stub_driver: when no libcuda.so is found, link against a stub with its soname; the
+                    # machine's driver is loaded at run time. Without it the build lost cuBLAS's settings too.
+                    self.toolkit = cudatk.toolkit(self.work / "cuda-extra", allow_stub_driver=True)
                     info["toolkit"] = self.toolkit.describe()
                     log(f"toolkit: {json.dumps(info['toolkit'])}")
                     self.env = self.toolkit.env(self.env)
@@ -522,10 +530,12 @@ class Runner:
             args = cudatk.llama_cmake_args(self.arch, not self.cpu) + ["-DLLAVA_BUILD=OFF"]
             if self.toolkit:
                 args += self.toolkit.cmake_args()
-            info["mode"] = ("CPU build (rehearsal)" if self.cpu else f"CUDA build for sm_{self.arch}") + f", {self.args.jobs} jobs, nice 19"
+            info["mode"] = ("CPU build (rehearsal)" if self.cpu else f"CUDA build for sm_{self.arch}") + f", {self.args.jobs} jobs, normal priority"
             shutil.rmtree(self.site / "llama_cpp", ignore_errors=True)
             self.build_t0 = time.time()
-            self.build_proc = self._pip_llama(args, "cpu" if self.cpu else "cuda", self.env, nice=True)
+            # Normal priority: every llama.cpp step waits for the build, while the conversion beside it (nice 10,
+            # few threads) only has to be ready by then and the torch steps meanwhile are GPU-bound.
+            self.build_proc = self._pip_llama(args, "cpu" if self.cpu else "cuda", self.env, nice=False)
         except Exception as e:  # noqa: BLE001
             info["error"] = f"{type(e).__name__}: {e}"
             log(f"build: ERROR {info['error']}")

@@ -183,7 +183,8 @@ def _models(ctx: dict, args) -> None:
     """`--stage convert` needs no llama.cpp, `--stage quant` does."""
     import torch
 
-    torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # Few threads: the llama.cpp build beside it has the cores (every llama.cpp step waits for the build).
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 4)))
     P = paths(ctx)
     timings_path = Path(ctx["work"]) / "models" / f"timings-{args.stage}.json"
     timings_path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,10 +222,6 @@ def _models(ctx: dict, args) -> None:
             timed(f"{ctx['preset']}: convert f16", lambda: convert(P["ckpt"], P["F16"].parent, outtype="f16"))
             ready(P["F16"]).touch()
         ident("F16")
-        if not ready(P["BF16"]).exists():
-            timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16"))
-            ready(P["BF16"]).touch()
-        ident("BF16")
         return
 
     from reranker.gguf.quantize import quantize
@@ -244,6 +241,16 @@ def _models(ctx: dict, args) -> None:
     ident("Q8_0")
     quant("Q4_K_M")
     ident("Q4_K_M")
+    # BF16 last: the least valuable level, a 3 GB conversion and a 4 GB identity copy that the first call
+    # reaches only when everything before it is done; left out when the disk is short (run.py's disk check).
+    if ctx.get("no_bf16"):
+        return
+    from reranker.gguf.convert import convert
+
+    if not ready(P["BF16"]).exists():
+        timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16"))
+        ready(P["BF16"]).touch()
+    ident("BF16")
 
 
 # ---------------------------------------------------------------------------------------------
