@@ -179,4 +179,94 @@ def test_bf16_comes_from_the_quant_stage_after_the_quantizations():
     P = gpu_steps.paths({"work": "/w", "preset": "m0"})
     assert gpu_steps.failed_marker(P["BF16"]).name == "quant.failed"
     assert gpu_steps.failed_marker(P["F16"]).name == "convert.failed"
+    assert gpu_steps.failed_marker(P["F16"], ".identity.ready").name == "quant.failed"  # identity copies need llama_cpp
     assert gpu_steps.failed_marker(P["tiny_f32"]) == Path("/w/models/convert.failed")
+
+
+def test_the_prepared_carry_passes_the_run_check():
+    """What prepare.py wrote here (when it ran) is what run.py accepts: the two agree on the manifest."""
+    carry = GPU / "carry"
+    if not (carry / "manifest.json").is_file():
+        pytest.skip("benchmarks/gpu/prepare.py has not run in this checkout")
+    assert gpu_run.carry_problem(carry) is None
+
+
+def _elf(tmp: Path, name: str, soname: str, libs: list[str] = (), pad_mb: int = 0) -> Path:
+    src = tmp / f"{name}.c"
+    src.write_text(f"const char pad[{max(1, pad_mb << 20)}] = {{1}};\n")
+    out = tmp / name
+    links = [f"-l:{lib}" for lib in libs]
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", "-Wl,-rpath,$ORIGIN",
+                    "-o", str(out), str(src), f"-L{tmp}", *links], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prebuild(tmp_path_factory):
+    """A pack shaped as --cuda-prebuild makes it (real ELF files, real NEEDED entries) and the sdist it claims to come from."""
+    import tarfile
+
+    import prepare
+
+    tmp = tmp_path_factory.mktemp("prebuild")
+    deps = [_elf(tmp, n, n) for n in ("libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libggml-base.so.0")]
+    cuda = _elf(tmp, "libggml-cuda.so.0.25.3", "libggml-cuda.so.0", [d.name for d in deps], pad_mb=11)
+    pack = tmp / "cuda-libs-sm90.tar.xz"
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-base.so.0.25.3"):
+            t.add(deps[0], arcname=f"lib/{name}")
+        t.add(cuda, arcname="lib/libggml-cuda.so.0.25.3")
+        t.add(cuda, arcname="lib/libggml-cuda.so")
+    sdist = tmp / "stripped.tar.gz"
+    cmake = tmp / "CMakeLists.txt"
+    cmake.write_text("set(GGML_VERSION_MAJOR 0)\nset(GGML_VERSION_MINOR 25)\nset(GGML_VERSION_PATCH 3)\n")
+    with tarfile.open(sdist, "w:gz") as t:
+        t.add(cmake, arcname=f"{prepare.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/ggml/CMakeLists.txt")
+    sums = tmp / "SHA256SUMS"
+    sums.write_text(f"{prepare.sha256(pack)}  {pack.name}\n")
+    pyproject = tmp / "pyproject.toml"
+    pyproject.write_text(f'dependencies = ["llama-cpp-python>={prepare.LLAMA_CPP_PYTHON}"]\n')
+    return {"pack": pack, "sums": sums, "sdist": sdist, "pyproject": pyproject, "tmp": tmp}
+
+
+def test_prebuilt_verification(prebuild):
+    import prepare
+
+    b = prebuild
+    info = prepare.verify_prebuilt(b["pack"], b["sums"], b["sdist"], b["pyproject"])
+    assert info["ggml_version"] == "0.25.3" and info["runpath"] == "$ORIGIN" and "libcublas.so.13" in info["needed"]
+    other = b["tmp"] / "SHA256SUMS.other"
+    other.write_text(f"{'0' * 64}  {b['pack'].name}\n")
+    with pytest.raises(ValueError, match="sha256"):
+        prepare.verify_prebuilt(b["pack"], other, b["sdist"], b["pyproject"])
+    pin = b["tmp"] / "pyproject.other.toml"
+    pin.write_text('dependencies = ["llama-cpp-python>=0.3.40"]\n')
+    with pytest.raises(ValueError, match="0.3.40"):
+        prepare.verify_prebuilt(b["pack"], b["sums"], b["sdist"], pin)
+    newer = b["tmp"] / "stripped-newer.tar.gz"  # a source whose ggml is another version: the libraries are not from it
+    import tarfile
+
+    (b["tmp"] / "CMakeLists.txt").write_text("set(GGML_VERSION_MAJOR 0)\nset(GGML_VERSION_MINOR 26)\nset(GGML_VERSION_PATCH 0)\n")
+    with tarfile.open(newer, "w:gz") as t:
+        t.add(b["tmp"] / "CMakeLists.txt", arcname=f"{prepare.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/ggml/CMakeLists.txt")
+    with pytest.raises(ValueError, match="ggml 0.26.0"):
+        prepare.verify_prebuilt(b["pack"], b["sums"], newer, b["pyproject"])
+
+
+def test_prebuilt_without_cublas_is_refused(prebuild):
+    """A libggml-cuda that does not link cuBLAS (e.g. built without the toolkit settings) would not be the one measured."""
+    import tarfile
+
+    import prepare
+
+    b = prebuild
+    (b["tmp"] / "nocublas").mkdir()
+    cuda = _elf(b["tmp"], "nocublas/libggml-cuda.so.0.25.3", "libggml-cuda.so.0", ["libcuda.so.1", "libggml-base.so.0"], pad_mb=11)
+    pack = b["tmp"] / "nocublas" / "cuda-libs-sm90.tar.xz"
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-base.so.0.25.3"):
+            t.add(b["tmp"] / "libcuda.so.1", arcname=f"lib/{name}")
+        t.add(cuda, arcname="lib/libggml-cuda.so.0.25.3")
+        t.add(cuda, arcname="lib/libggml-cuda.so")
+    with pytest.raises(ValueError, match="libggml-cuda needs .* expected .*libcublas.so.13"):
+        prepare.verify_prebuilt(pack, None, b["sdist"], b["pyproject"])

@@ -215,6 +215,7 @@ def render(data: dict) -> tuple[str, str]:
     skipped = [n for n, st in data["steps"].items() if str(st.get("status", "")).startswith("skipped") or st.get("status") in ("error", "partial")]
     if skipped:
         s.append("not done: " + ", ".join(f"{n} ({str(data['steps'][n].get('status'))[:40]})" for n in skipped))
-    s.append("step seconds: " + ", ".join(f"{n} {_f(st.get('seconds'), '{:.0f}')}" for n, st in data["steps"].items()))
+    s.append("step seconds used/budget: " + ", ".join(f"{n} {_f(st.get('seconds'), '{:.0f}')}" + (f"/{st['budget_s']}" if st.get("budget_s") else "")
+                                                     for n, st in data["steps"].items()))
     s.append(f"elapsed {meta.get('elapsed_s')} s of {meta.get('budget_s')} s; files in $OUT: log.txt build.log results.json results.md summary.txt")
     return "\n".join(md), "\n".join(s) + "\n"

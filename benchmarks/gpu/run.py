@@ -49,8 +49,9 @@ STEPS = {
 DEFAULT_STEPS = ["env", "deps", "build", "check-head", "matmul", "head", "transformers", "install", "check-offload",
                  "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"]  # ray: last, only when installed
 # Without a build to wait for, the order of value: checks, Q8_0 and its peers, F16, the head, the rest.
-VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "transformers", "f16",
-               "head", "q4", "bf16", "sweep", "serve", "ray", "build-timing"]
+# (issue 23's order; matmul early because every fraction of the bf16 rate needs it, and it takes 15 s)
+VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "f16", "transformers",
+               "head", "bf16", "q4", "sweep", "serve", "ray", "build-timing"]
 # Steps that need llama.cpp (skipped when the build failed); the others only need torch.
 # Steps that compare CUDA with the CPU within 1e-4: cuBLAS's TF32 (ggml-cuda enables it for F32
 # products, ~5e-4 off) would fail them on rounding alone, so they run with TF32 off.
@@ -131,7 +132,10 @@ class ProcessGroups:
         self.groups: dict[str, list[str]] = {}
 
     def add(self, proc: subprocess.Popen, cmd: list[str]) -> None:
-        self.groups[str(proc.pid)] = [str(c) for c in cmd[:3]]
+        cmd = [str(c) for c in cmd]
+        if cmd[:1] == ["nice"]:  # nice execs the command: /proc/<pid>/cmdline shows the command, not nice
+            cmd = cmd[3:] if cmd[1:2] == ["-n"] else cmd[1:]
+        self.groups[str(proc.pid)] = cmd[:3]
         write_json_atomic(self.path, self.groups)
 
     def remove(self, proc: subprocess.Popen) -> None:
@@ -424,6 +428,12 @@ class Runner:
         pack = self.carry / f"cuda-libs-sm{self.arch}.tar.xz"
         if not pack.is_file():
             return None
+        import hashlib
+
+        want = (json.loads((self.carry / "manifest.json").read_text()).get("cuda_libs") or {}).get("sha256")
+        got = hashlib.sha256(pack.read_bytes()).hexdigest()
+        if got != want:  # a damaged copy must not cost the call a failed load: build instead
+            raise RuntimeError(f"{pack.name} has sha256 {got}, manifest.json says {want}")
         dest = self.work / "prebuilt"
         if not (dest / "lib" / "libllama.so").exists():
             shutil.rmtree(dest, ignore_errors=True)
@@ -506,7 +516,12 @@ class Runner:
                 except Exception as e:  # noqa: BLE001 (CMake may still find a toolkit we do not know of)
                     info["toolkit_error"] = f"{type(e).__name__}: {e}"
                     log(f"toolkit: {info['toolkit_error']}; leaving it to CMake")
-            prebuilt = self._prebuilt()
+            try:
+                prebuilt = self._prebuilt()
+            except (RuntimeError, OSError, tarfile.TarError, json.JSONDecodeError) as e:
+                prebuilt = None
+                info["prebuilt_failed"] = f"{type(e).__name__}: {e}"
+                log(f"prebuilt libraries unusable ({info['prebuilt_failed']}); building here instead")
             if prebuilt:
                 info["mode"] = f"prebuilt libraries {prebuilt} (LLAMA_CPP_LIB_PATH), python package only (LLAMA_BUILD=OFF)"
                 proc = self._pip_llama(["-DLLAMA_BUILD=OFF", "-DLLAVA_BUILD=OFF"], "pyonly", self.env, nice=False)
@@ -662,11 +677,11 @@ class Runner:
         if status == "ok" and isinstance(result, dict) and result.get("checks") and not all(c["ok"] for c in result["checks"]):
             status = "FAILED"
         self.poll_bg()
-        self.results.step(name, status=status, seconds=round(sec, 1), result=result)
+        self.results.step(name, status=status, seconds=round(sec, 1), budget_s=est, result=result)
         if status == "ok":
             self.state.setdefault("done", {})[name] = True
             self.save_state()
-        log(f"== {name}: {status} in {sec:.1f} s")
+        log(f"== {name}: {status} in {sec:.1f} s (budget {est} s)")
 
     def external_step(self, name: str) -> tuple[dict, str]:
         res = self.work / "results" / f"{name}.json"

@@ -134,13 +134,13 @@ def ready(p: Path, suffix: str = ".ready") -> Path:
     return Path(str(p) + suffix)
 
 
-QUANT_STAGE = ("Q8_0", "Q4_K_M", "BF16")  # what `models --stage quant` makes (BF16 after the quantizations)
+QUANT_STAGE = ("Q8_0", "Q4_K_M", "BF16")  # what `models --stage quant` makes (BF16 after the quantizations), and every identity copy
 
 
-def failed_marker(p: Path) -> Path:
-    """`<models>/<stage>.failed`, written by the background stage that makes `p` when it crashes."""
+def failed_marker(p: Path, suffix: str = ".ready") -> Path:
+    """`<models>/<stage>.failed`, written by the background stage that makes `p` (+ `suffix`) when it crashes."""
     models = next((d for d in p.parents if d.name == "models"), p.parent)  # paths() puts every model under work/models
-    stage = "quant" if any(f"-{lvl}.gguf" in p.name for lvl in QUANT_STAGE) else "convert"
+    stage = "quant" if suffix == ".identity.ready" or any(f"-{lvl}.gguf" in p.name for lvl in QUANT_STAGE) else "convert"
     return models / f"{stage}.failed"
 
 
@@ -152,7 +152,7 @@ def wait_ready(p: Path, suffix: str = ".ready", deadline: float | None = None) -
     """Wait for the background's marker of `p`; raise at once when its stage failed, or when the deadline comes first."""
     deadline = DEADLINE - 20 if deadline is None else deadline
     t = time.time()
-    failed = failed_marker(p)
+    failed = failed_marker(p, suffix)
     while not ready(p, suffix).exists():
         if failed.exists():
             raise StageFailed(f"{p.name}{suffix} will not come: the background stage failed ({failed}):\n"
@@ -199,10 +199,10 @@ def _models(ctx: dict, args) -> None:
         say(f"models: {name} done in {timings[name]:.1f} s")
         return out
 
-    from reranker.engine.identity import with_identity_output
-
     def ident(level: str) -> None:
-        """The fast path's cached copy (gguf + numpy only): made here so that no measurement pays for it."""
+        """The fast path's cached copy: made here so that no measurement pays for it."""
+        from reranker.engine.identity import with_identity_output  # imports llama_cpp: only after the install
+
         if not ready(P[level], ".identity.ready").exists():
             timed(f"identity copy {level}", lambda: with_identity_output(P[level], "f32"))
             ready(P[level], ".identity.ready").touch()
@@ -221,7 +221,8 @@ def _models(ctx: dict, args) -> None:
         if not ready(P["F16"]).exists():
             timed(f"{ctx['preset']}: convert f16", lambda: convert(P["ckpt"], P["F16"].parent, outtype="f16"))
             ready(P["F16"]).touch()
-        ident("F16")
+        # F16's identity copy waits for the quant stage: reranker.engine.identity imports llama_cpp, which is
+        # not installed while this stage runs (GPU_RUN_NO_LLAMA); importing it here crashed the stage.
         return
 
     from reranker.gguf.quantize import quantize
@@ -239,6 +240,7 @@ def _models(ctx: dict, args) -> None:
 
     quant("Q8_0")
     ident("Q8_0")
+    ident("F16")
     quant("Q4_K_M")
     ident("Q4_K_M")
     # BF16 last: the least valuable level, a 3 GB conversion and a 4 GB identity copy that the first call
@@ -640,7 +642,7 @@ def _level_setup(ctx: dict, level: str):
     if not ready(gguf, ".identity.ready").exists():
         try:
             wait_ready(gguf, ".identity.ready", deadline=min(DEADLINE - 60, time.time() + 120))
-        except TimeoutError:
+        except (TimeoutError, StageFailed):
             say("identity copy not ready from the background; making it here")
             from reranker.engine.identity import with_identity_output
 
