@@ -270,3 +270,15 @@ def test_prebuilt_without_cublas_is_refused(prebuild):
         t.add(cuda, arcname="lib/libggml-cuda.so")
     with pytest.raises(ValueError, match="libggml-cuda needs .* expected .*libcublas.so.13"):
         prepare.verify_prebuilt(pack, None, b["sdist"], b["pyproject"])
+
+
+def test_a_check_cut_mid_way_counts_as_not_completed():
+    """A call cut while check-scores runs: its merged partial checks show, and the step counts as failed."""
+    import report
+
+    partial = {"checks": [{"name": "fast path", "ok": True, "detail": ""}]}
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"check-scores": {"status": "running (partial results merged)", "result": partial}}}
+    names = [(c["name"], c["ok"]) for c in report.checks(data)]
+    assert ("fast path", True) in names and ("check-scores did not complete", False) in names
+    assert gpu_run.exit_code(data) == 1

@@ -87,7 +87,7 @@ def checks(data: dict) -> list[dict]:
         st = data["steps"].get(s) or {}
         for c in (st.get("result") or {}).get("checks", []):
             out.append({"step": s, **c})
-        if st.get("status") in ("error", "partial", "running"):
+        if st.get("status") in ("error", "partial") or str(st.get("status", "")).startswith("running"):
             out.append({"step": s, "name": f"{s} did not complete", "ok": False,
                         "detail": (st.get("result") or {}).get("error") or st.get("status")})
         elif (st.get("status") or "").startswith("skipped"):
