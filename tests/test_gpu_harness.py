@@ -282,3 +282,14 @@ def test_a_check_cut_mid_way_counts_as_not_completed():
     names = [(c["name"], c["ok"]) for c in report.checks(data)]
     assert ("fast path", True) in names and ("check-scores did not complete", False) in names
     assert gpu_run.exit_code(data) == 1
+
+
+def test_runtime_libraries_are_found_without_nvcc(tmp_path):
+    import cudatk
+
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcublas.so.13").write_bytes(b"\x7fELF")
+    (tmp_path / "nvidia" / "cu13" / "include").mkdir()
+    assert cudatk.runtime_lib_dirs([tmp_path])[0] == str(lib)
+    assert str(tmp_path / "nvidia" / "cu13" / "include") not in cudatk.runtime_lib_dirs([tmp_path])

@@ -118,6 +118,18 @@ def _stub_driver(lib_dir: Path) -> str:
     return str(out)
 
 
+def runtime_lib_dirs(extra_sites: list[Path] | None = None) -> list[str]:
+    """Folders of torch's NVIDIA packages holding libcudart/libcublas (what the prebuilt libggml-cuda needs at
+    load time), found without nvcc: the prebuilt route must not depend on a compiler being there."""
+    out: list[str] = []
+    for s in list(extra_sites or []) + site_dirs():
+        for pat in ("nvidia/cu*/lib", "nvidia/cublas/lib", "nvidia/cuda_runtime/lib"):
+            for d in sorted(glob.glob(f"{s}/{pat}")):
+                if (glob.glob(f"{d}/libcublas.so*") or glob.glob(f"{d}/libcudart.so*")) and d not in out:
+                    out.append(d)
+    return out
+
+
 def find_driver() -> str | None:
     """The driver's libcuda.so: $LD_LIBRARY_PATH first (where the loader looks first, and where container
     runtimes often mount it), then ldconfig's cache, then the usual folders."""

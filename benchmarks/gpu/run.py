@@ -528,6 +528,8 @@ class Runner:
                 rc = self._wait(proc, min(300, self.left()))
                 if rc == 0:
                     env = dict(self.env, LLAMA_CPP_LIB_PATH=str(prebuilt))
+                    have = env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+                    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*have, *(d for d in cudatk.runtime_lib_dirs() if d not in have)]))
                     ok, detail = self._probe_llama(env)
                     info["probe"] = detail
                     if ok:
