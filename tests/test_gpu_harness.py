@@ -130,8 +130,9 @@ def test_process_groups_left_by_a_cut_call_are_ended(tmp_path):
         record[str(other.pid)] = ["pip", "install"]
         (tmp_path / "groups.json").write_text(json.dumps(record))
         ended = gpu_run.ProcessGroups(tmp_path / "groups.json").end_stale()  # the next call
+        cmdline = Path(f"/proc/{left.pid}/cmdline").read_bytes() if left.poll() is None else b"(gone)"
+        assert ended == [f"{left.pid} (sleep 60)"], (ended, record, cmdline)
         assert left.wait(timeout=10) == -9
-        assert ended == [f"{left.pid} (sleep 60)"]
         assert other.poll() is None
         assert not (tmp_path / "groups.json").exists()
     finally:
