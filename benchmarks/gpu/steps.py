@@ -980,7 +980,8 @@ def step_serve(ctx: dict, R: Result) -> None:
         say(f"serve: skipped, {R.data['skipped']}")
         return
     gguf = _level_setup(ctx, "Q8_0")
-    out = Path(ctx["work"]) / "results" / "serve.json"
+    # not results/serve.json: that is this step's own result file (R), which R.set() below rewrites
+    out = Path(ctx["work"]) / "results" / "serve-bench.json"
     out.unlink(missing_ok=True)
     # m0 on the GPU: 10-document requests of 100-400 words, as the levels' pairs; the rehearsal: few and short.
     # One round: the GPU machine is not shared, so the load does not move under the measurement.
