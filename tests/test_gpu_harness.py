@@ -1,0 +1,296 @@
+"""The GPU run's harness (benchmarks/gpu/run.py, steps.py, report.py, cudatk.py, prepare.py) on the CPU.
+
+The GPU run gets one 600 s call; these are the failure modes that would waste it (issue 23): a
+missing carry, a dead background stage, a step cut mid-way, processes left by a cut call, a failed
+build reported as success. Real processes and files throughout; no llama.cpp build, no torch step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
+sys.path.insert(0, str(GPU))
+import run as gpu_run  # noqa: E402
+import steps as gpu_steps  # noqa: E402
+
+
+def make_carry(root: Path) -> Path:
+    """A carry folder shaped as prepare.py writes it (contents are placeholders: only the shape is checked)."""
+    carry = root / "carry"
+    (carry / "wheels").mkdir(parents=True)
+    (carry / gpu_run.STRIPPED).write_bytes(b"x" * 100)
+    (carry / "wheels" / "gguf-0.19.0-py3-none-any.whl").write_bytes(b"w")
+    manifest = {"stripped": {"name": gpu_run.STRIPPED, "bytes": 100}, "wheels": ["gguf-0.19.0-py3-none-any.whl"]}
+    (carry / "manifest.json").write_text(json.dumps(manifest))
+    return carry
+
+
+def test_complete_carry_passes_and_each_missing_piece_is_named(tmp_path):
+    carry = make_carry(tmp_path)
+    assert gpu_run.carry_problem(carry) is None
+    (carry / "wheels" / "gguf-0.19.0-py3-none-any.whl").unlink()
+    assert "gguf-0.19.0" in gpu_run.carry_problem(carry)
+    (carry / gpu_run.STRIPPED).write_bytes(b"x" * 99)  # a truncated copy
+    assert "99 bytes, manifest says 100" in gpu_run.carry_problem(carry)
+    assert "prepare.py" in gpu_run.carry_problem(tmp_path / "nowhere")
+
+
+def test_run_refuses_without_carry_in_one_line_at_once(tmp_path):
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(GPU / "run.py"), "--cpu", "--carry", str(tmp_path / "nowhere"),
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    took = time.perf_counter() - t
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to start" in lines[0] and "prepare.py" in lines[0], p.stderr
+    assert took < 10, f"took {took:.1f} s"
+    assert not (tmp_path / "work").exists()  # nothing started
+
+
+def test_wait_stops_at_once_on_its_own_stage_failure(tmp_path):
+    P = gpu_steps.paths({"work": str(tmp_path), "preset": "small"})
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "quant.failed").write_text("Traceback: OSError: [Errno 28] No space left on device\n")
+    t = time.perf_counter()
+    with pytest.raises(gpu_steps.StageFailed, match="No space left"):
+        gpu_steps.wait_ready(P["Q8_0"], deadline=time.time() + 60)
+    with pytest.raises(gpu_steps.StageFailed):
+        gpu_steps.wait_ready(P["BF16"], ".identity.ready", deadline=time.time() + 60)  # BF16 comes after the quantizations
+    assert time.perf_counter() - t < 5
+    # the conversion's models do not depend on the quantization: their wait goes on (to its deadline)
+    with pytest.raises(TimeoutError):
+        gpu_steps.wait_ready(P["F16"], deadline=time.time() + 1)
+    (P["F16"].parent).mkdir(parents=True)
+    gpu_steps.ready(P["F16"]).touch()
+    assert gpu_steps.wait_ready(P["F16"], deadline=time.time() + 1) == P["F16"]
+
+
+def test_a_crashed_stage_writes_its_traceback_and_the_next_stage_stops(tmp_path):
+    """`models --stage quant` waits for F16 from the conversion; a failed conversion ends it in seconds, not an hour."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "convert.failed").write_text("Traceback: ImportError: no module named gguf\n")
+    ctx = {"work": str(tmp_path), "preset": "small", "cpu": True}
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(GPU / "steps.py"), "models", "--stage", "quant", "--ctx", json.dumps(ctx)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    failed = (tmp_path / "models" / "quant.failed").read_text()
+    assert "StageFailed" in failed and "no module named gguf" in failed
+    assert time.perf_counter() - t < 60
+
+
+STEP = """
+import json, os, sys, time
+res = sys.argv[1]
+def put(d):
+    open(res + '.tmp', 'w').write(json.dumps(d)); os.replace(res + '.tmp', res)
+put({'started': 'now', 'tokens_per_s': 123.0})
+time.sleep(float(sys.argv[2]))
+put({'started': 'now', 'tokens_per_s': 123.0, 'pairs_per_s': 4.5})
+sys.exit(int(sys.argv[3]))
+"""
+
+
+def test_killed_step_keeps_its_partial_numbers(tmp_path):
+    res = tmp_path / "step.json"
+    seen = []
+    t = time.perf_counter()
+    result, status = gpu_run.run_step_process([sys.executable, "-c", STEP, str(res), "60", "0"], res, dict(os.environ),
+                                              timeout=3, on_partial=seen.append, poll_s=0.3)
+    assert time.perf_counter() - t < 15
+    assert status == "partial" and result["tokens_per_s"] == 123.0 and "step timeout" in result["error"]
+    assert any(d.get("tokens_per_s") == 123.0 for d in seen)  # merged while it ran: a cut call keeps it too
+
+
+def test_step_outcomes_ok_and_error(tmp_path):
+    res = tmp_path / "step.json"
+    result, status = gpu_run.run_step_process([sys.executable, "-c", STEP, str(res), "0", "0"], res, dict(os.environ), timeout=30)
+    assert status == "ok" and result["pairs_per_s"] == 4.5
+    res.unlink()
+    result, status = gpu_run.run_step_process([sys.executable, "-c", "import sys; sys.exit(3)"], res, dict(os.environ), timeout=30)
+    assert status == "error" and result["error"] == "exit code 3"
+
+
+def test_process_groups_left_by_a_cut_call_are_ended(tmp_path):
+    gpu_run.GROUPS = gpu_run.ProcessGroups(tmp_path / "groups.json")
+    try:
+        left = gpu_run.popen_group(["sleep", "60"])
+        # a recorded group whose pid now leads something else (the pid was reused) must be spared
+        other = subprocess.Popen(["sleep", "61"], start_new_session=True)
+        record = json.loads((tmp_path / "groups.json").read_text())
+        record[str(other.pid)] = ["pip", "install"]
+        (tmp_path / "groups.json").write_text(json.dumps(record))
+        ended = gpu_run.ProcessGroups(tmp_path / "groups.json").end_stale()  # the next call
+        cmdline = Path(f"/proc/{left.pid}/cmdline").read_bytes() if left.poll() is None else b"(gone)"
+        assert ended == [f"{left.pid} (sleep 60)"], (ended, record, cmdline)
+        assert left.wait(timeout=10) == -9
+        assert other.poll() is None
+        assert not (tmp_path / "groups.json").exists()
+    finally:
+        gpu_run.GROUPS = None
+        other.kill()
+        other.wait()
+
+
+def test_failed_build_fails_the_run_and_shows_its_error(tmp_path):
+    import report
+
+    tail = "ninja: build stopped: subcommand failed.\nnvcc fatal: Unsupported gpu architecture 'compute_90'"
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"build": {"status": "error", "result": {"error": "llama-cpp-python build failed (rc 1)", "tail": tail}}}}
+    assert gpu_run.exit_code(data) == 1
+    _, summary = report.render(data)
+    assert "BUILD FAILED" in summary and "Unsupported gpu architecture" in summary
+    data["steps"]["build"] = {"status": "ok", "result": {}}
+    data["steps"]["check-scores"] = {"status": "ok", "result": {"checks": [{"name": "cuda vs cpu", "ok": True, "detail": ""}]}}
+    assert gpu_run.exit_code(data) == 0
+
+
+def test_disk_plan():
+    gib = 2**30
+    assert gpu_run.disk_plan(60 * gib, cpu=False) == (None, False)
+    assert gpu_run.disk_plan(20 * gib, cpu=False) == (None, True)  # BF16 left out
+    refusal, _ = gpu_run.disk_plan(5 * gib, cpu=False)
+    assert "5.0 GiB free" in refusal
+    assert gpu_run.disk_plan(5 * gib, cpu=True) == (None, False)
+
+
+def test_driver_library_is_found_on_ld_library_path(tmp_path, monkeypatch):
+    import cudatk
+
+    (tmp_path / "libcuda.so.1").write_bytes(b"\x7fELF")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent:{tmp_path}")
+    assert cudatk.find_driver() == f"{tmp_path}/libcuda.so.1"
+
+
+def test_bf16_comes_from_the_quant_stage_after_the_quantizations():
+    """run.py's waits follow the stage that makes each model: BF16 moved to the end of `--stage quant`."""
+    src = (GPU / "steps.py").read_text()
+    quant = src[src.index("    quant(\"Q8_0\")"):]
+    assert quant.index("quant(\"Q4_K_M\")") < quant.index("convert(P[\"ckpt\"], P[\"BF16\"]")
+    P = gpu_steps.paths({"work": "/w", "preset": "m0"})
+    assert gpu_steps.failed_marker(P["BF16"]).name == "quant.failed"
+    assert gpu_steps.failed_marker(P["F16"]).name == "convert.failed"
+    assert gpu_steps.failed_marker(P["F16"], ".identity.ready").name == "quant.failed"  # identity copies need llama_cpp
+    assert gpu_steps.failed_marker(P["tiny_f32"]) == Path("/w/models/convert.failed")
+
+
+def test_the_prepared_carry_passes_the_run_check():
+    """What prepare.py wrote here (when it ran) is what run.py accepts: the two agree on the manifest."""
+    carry = GPU / "carry"
+    if not (carry / "manifest.json").is_file():
+        pytest.skip("benchmarks/gpu/prepare.py has not run in this checkout")
+    assert gpu_run.carry_problem(carry) is None
+
+
+def _elf(tmp: Path, name: str, soname: str, libs: list[str] = (), pad_mb: int = 0) -> Path:
+    src = tmp / f"{name}.c"
+    src.write_text(f"const char pad[{max(1, pad_mb << 20)}] = {{1}};\n")
+    out = tmp / name
+    links = [f"-l:{lib}" for lib in libs]
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", "-Wl,-rpath,$ORIGIN",
+                    "-o", str(out), str(src), f"-L{tmp}", *links], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prebuild(tmp_path_factory):
+    """A pack shaped as --cuda-prebuild makes it (real ELF files, real NEEDED entries) and the sdist it claims to come from."""
+    import tarfile
+
+    import prepare
+
+    tmp = tmp_path_factory.mktemp("prebuild")
+    deps = [_elf(tmp, n, n) for n in ("libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libggml-base.so.0")]
+    cuda = _elf(tmp, "libggml-cuda.so.0.25.3", "libggml-cuda.so.0", [d.name for d in deps], pad_mb=11)
+    pack = tmp / "cuda-libs-sm90.tar.xz"
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-base.so.0.25.3"):
+            t.add(deps[0], arcname=f"lib/{name}")
+        t.add(cuda, arcname="lib/libggml-cuda.so.0.25.3")
+        t.add(cuda, arcname="lib/libggml-cuda.so")
+    sdist = tmp / "stripped.tar.gz"
+    cmake = tmp / "CMakeLists.txt"
+    cmake.write_text("set(GGML_VERSION_MAJOR 0)\nset(GGML_VERSION_MINOR 25)\nset(GGML_VERSION_PATCH 3)\n")
+    with tarfile.open(sdist, "w:gz") as t:
+        t.add(cmake, arcname=f"{prepare.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/ggml/CMakeLists.txt")
+    sums = tmp / "SHA256SUMS"
+    sums.write_text(f"{prepare.sha256(pack)}  {pack.name}\n")
+    pyproject = tmp / "pyproject.toml"
+    pyproject.write_text(f'dependencies = ["llama-cpp-python>={prepare.LLAMA_CPP_PYTHON}"]\n')
+    return {"pack": pack, "sums": sums, "sdist": sdist, "pyproject": pyproject, "tmp": tmp}
+
+
+def test_prebuilt_verification(prebuild):
+    import prepare
+
+    b = prebuild
+    info = prepare.verify_prebuilt(b["pack"], b["sums"], b["sdist"], b["pyproject"])
+    assert info["ggml_version"] == "0.25.3" and info["runpath"] == "$ORIGIN" and "libcublas.so.13" in info["needed"]
+    other = b["tmp"] / "SHA256SUMS.other"
+    other.write_text(f"{'0' * 64}  {b['pack'].name}\n")
+    with pytest.raises(ValueError, match="sha256"):
+        prepare.verify_prebuilt(b["pack"], other, b["sdist"], b["pyproject"])
+    pin = b["tmp"] / "pyproject.other.toml"
+    pin.write_text('dependencies = ["llama-cpp-python>=0.3.40"]\n')
+    with pytest.raises(ValueError, match="0.3.40"):
+        prepare.verify_prebuilt(b["pack"], b["sums"], b["sdist"], pin)
+    newer = b["tmp"] / "stripped-newer.tar.gz"  # a source whose ggml is another version: the libraries are not from it
+    import tarfile
+
+    (b["tmp"] / "CMakeLists.txt").write_text("set(GGML_VERSION_MAJOR 0)\nset(GGML_VERSION_MINOR 26)\nset(GGML_VERSION_PATCH 0)\n")
+    with tarfile.open(newer, "w:gz") as t:
+        t.add(b["tmp"] / "CMakeLists.txt", arcname=f"{prepare.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/ggml/CMakeLists.txt")
+    with pytest.raises(ValueError, match="ggml 0.26.0"):
+        prepare.verify_prebuilt(b["pack"], b["sums"], newer, b["pyproject"])
+
+
+def test_prebuilt_without_cublas_is_refused(prebuild):
+    """A libggml-cuda that does not link cuBLAS (e.g. built without the toolkit settings) would not be the one measured."""
+    import tarfile
+
+    import prepare
+
+    b = prebuild
+    (b["tmp"] / "nocublas").mkdir()
+    cuda = _elf(b["tmp"], "nocublas/libggml-cuda.so.0.25.3", "libggml-cuda.so.0", ["libcuda.so.1", "libggml-base.so.0"], pad_mb=11)
+    pack = b["tmp"] / "nocublas" / "cuda-libs-sm90.tar.xz"
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for name in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-base.so.0.25.3"):
+            t.add(b["tmp"] / "libcuda.so.1", arcname=f"lib/{name}")
+        t.add(cuda, arcname="lib/libggml-cuda.so.0.25.3")
+        t.add(cuda, arcname="lib/libggml-cuda.so")
+    with pytest.raises(ValueError, match="libggml-cuda needs .* expected .*libcublas.so.13"):
+        prepare.verify_prebuilt(pack, None, b["sdist"], b["pyproject"])
+
+
+def test_a_check_cut_mid_way_counts_as_not_completed():
+    """A call cut while check-scores runs: its merged partial checks show, and the step counts as failed."""
+    import report
+
+    partial = {"checks": [{"name": "fast path", "ok": True, "detail": ""}]}
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"check-scores": {"status": "running (partial results merged)", "result": partial}}}
+    names = [(c["name"], c["ok"]) for c in report.checks(data)]
+    assert ("fast path", True) in names and ("check-scores did not complete", False) in names
+    assert gpu_run.exit_code(data) == 1
+
+
+def test_runtime_libraries_are_found_without_nvcc(tmp_path):
+    import cudatk
+
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcublas.so.13").write_bytes(b"\x7fELF")
+    (tmp_path / "nvidia" / "cu13" / "include").mkdir()
+    assert cudatk.runtime_lib_dirs([tmp_path])[0] == str(lib)
+    assert str(tmp_path / "nvidia" / "cu13" / "include") not in cudatk.runtime_lib_dirs([tmp_path])
