@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
+GPU = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 sys.path.insert(0, str(GPU))
 import run as gpu_run  # noqa: E402
 import steps as gpu_steps  # noqa: E402
@@ -182,14 +182,6 @@ def test_bf16_comes_from_the_quant_stage_after_the_quantizations():
     assert gpu_steps.failed_marker(P["F16"]).name == "convert.failed"
     assert gpu_steps.failed_marker(P["F16"], ".identity.ready").name == "quant.failed"  # identity copies need llama_cpp
     assert gpu_steps.failed_marker(P["tiny_f32"]) == Path("/w/models/convert.failed")
-
-
-def test_the_prepared_carry_passes_the_run_check():
-    """What prepare.py wrote here (when it ran) is what run.py accepts: the two agree on the manifest."""
-    carry = GPU / "carry"
-    if not (carry / "manifest.json").is_file():
-        pytest.skip("benchmarks/gpu/prepare.py has not run in this checkout")
-    assert gpu_run.carry_problem(carry) is None
 
 
 def _elf(tmp: Path, name: str, soname: str, libs: list[str] = (), pad_mb: int = 0) -> Path:
