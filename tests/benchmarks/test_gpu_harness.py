@@ -126,6 +126,10 @@ def test_process_groups_left_by_a_cut_call_are_ended(tmp_path):
         left = gpu_run.popen_group(["sleep", "60"])
         # a recorded group whose pid now leads something else (the pid was reused) must be spared
         other = subprocess.Popen(["sleep", "61"], start_new_session=True)
+        for proc in (left, other):  # a call's leftovers ran long ago: wait until both children have exec'd sleep
+            deadline = time.monotonic() + 30
+            while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep") and time.monotonic() < deadline:
+                time.sleep(0.01)
         record = json.loads((tmp_path / "groups.json").read_text())
         record[str(other.pid)] = ["pip", "install"]
         (tmp_path / "groups.json").write_text(json.dumps(record))
