@@ -405,7 +405,7 @@ def test_a_client_that_disconnects_frees_its_work(server, tiny_reranker):
 # --- the command ------------------------------------------------------------------------------------
 
 
-def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
+def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys, monkeypatch):
     from reranker.cli import main
 
     taken = socket.socket()
@@ -415,10 +415,15 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
     try:
         for argv, message in ((["--port", str(port)], "cannot bind"), (["--max-documents", "0"], "max_documents=0"),
                               (["--request-timeout", "0"], "request_timeout"), (["--port", "70000"], "not a port"),
-                              (["--api-key", " "], "API key is empty")):
+                              (["--api-key", " "], "API key is empty"), (["--api-key", "k\n"], "trailing whitespace"),
+                              (["--api-key", " k"], "leading or trailing whitespace"), (["--api-key", "clé"], "non-ASCII"),
+                              (["--api-key", "k\x00k"], "control characters")):
             assert main(["serve", "-m", str(tiny_ggufs["f32"]), *argv]) == 2
             err = capsys.readouterr().err
             assert err.startswith("reranker serve: error:") and message in err and err.count("\n") == 1, err
+        monkeypatch.setenv(API_KEY_ENV, "k\n")  # RERANKER_API_KEY=$(cat keyfile) keeps no newline, but $'k\n' does
+        assert main(["serve", "-m", str(tiny_ggufs["f32"]), "--port", "0"]) == 2
+        assert "trailing whitespace" in capsys.readouterr().err
     finally:
         taken.close()
 

@@ -45,3 +45,11 @@ class ServeSettings:
             raise RerankerError(f"request_timeout={self.request_timeout!r} is invalid; it must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise RerankerError(f"the API key is empty; give a non-empty --api-key (or {API_KEY_ENV}), or none to turn auth off")
+        if self.api_key is not None:
+            # Clients send the key in an HTTP header, stripped and ASCII: any other key would be refused to everyone.
+            if self.api_key != self.api_key.strip():
+                raise RerankerError(f"the API key has leading or trailing whitespace ({self.api_key[:1]!r}...{self.api_key[-1:]!r}; "
+                                    f"a newline from $(cat file)?): no client can send it; strip it from --api-key / {API_KEY_ENV}")
+            if not (self.api_key.isascii() and self.api_key.isprintable()):
+                raise RerankerError("the API key has non-ASCII or control characters, which an HTTP header cannot carry "
+                                    f"unchanged; use printable ASCII in --api-key / {API_KEY_ENV}")
