@@ -97,11 +97,16 @@ class CachedCopy:
 
 
 def cached_copies(cache_dir: str | os.PathLike | None = None) -> list[CachedCopy]:
-    """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path."""
+    """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path.
+
+    Only files carrying the copy's own marker: another file that merely matches the name is left alone."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     out = []
     for path in sorted(folder.glob(_PATTERN)):
-        source, dtype = _source_of(path), identity_marker(path)
+        dtype = identity_marker(path)
+        if dtype is None:  # named like a copy, but without the marker every copy carries: not ours to list or delete
+            continue
+        source = _source_of(path)
         try:
             stale = source is None or dtype not in _DTYPES or _cache_path(source, dtype, folder, _reencode_of(path)) != path
         except OSError:  # the source is gone (or unreadable)
