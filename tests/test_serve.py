@@ -430,6 +430,22 @@ def test_a_client_that_disconnects_frees_its_work(server, tiny_reranker):
     assert 'code="499"' in metrics()
 
 
+def test_a_client_that_disconnects_mid_body_is_a_499_not_an_error(server, caplog):
+    """A client that sends half its body and closes is counted 499 (nginx's "client closed"), never a 500 with a traceback."""
+    url, _ = server
+    before = httpx.get(f"{url}/metrics").text
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b'Content-Length: 1000\r\n\r\n{"query": "q", "docu')
+        time.sleep(0.2)  # the handler is reading the body when the client leaves
+    count = lambda t, code: float((re.search(rf'reranker_requests_total\{{code="{code}",endpoint="/v1/rerank"\}} (\S+)', t) or [0, 0])[1])
+    metrics = lambda: httpx.get(f"{url}/metrics").text
+    wait_until(lambda: count(metrics(), 499) + count(metrics(), 500) > count(before, 499) + count(before, 500), "the request is counted")
+    text = metrics()
+    assert count(text, 499) == count(before, 499) + 1 and count(text, 500) == count(before, 500) == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a client leaving is no server error"
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from reranker.errors import RerankerError
 from reranker.serve.metrics import Metrics
@@ -89,6 +90,9 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
         except HTTPException as e:
             code = e.status_code
             raise
+        except ClientDisconnect:  # the client left mid-body: nobody reads an answer, and nothing failed here
+            code = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as e:
             log.exception("%s failed", endpoint)
             raise HTTPException(500, f"internal error: {type(e).__name__}: {e}") from e
