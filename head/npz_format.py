@@ -51,7 +51,36 @@ def _open(path: str) -> "np.lib.npyio.NpzFile":
     return data
 
 
+def _check_size(data: "np.lib.npyio.NpzFile", src: str, key: str) -> None:
+    """The member's .npy header claims no more bytes than the member holds.
+
+    np.load allocates the header's shape before reading a byte, so a crafted header claiming
+    (200000, 200000) would be a MemoryError (or 160 GB of memory) instead of a clear error.
+    """
+    name = key + ".npy" if key + ".npy" in data.zip.namelist() else key
+    try:
+        info = data.zip.getinfo(name)
+        with data.zip.open(name) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                return  # another .npy version: np.load checks it
+            header = fh.tell()
+    except _CORRUPT as exc:
+        raise HeadLoadError(f"{src}: '{key}' is corrupt ({exc}); download or export the file again") from exc
+    if dtype.hasobject:
+        return  # pickled objects: _member refuses them with its own message
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if claimed > info.file_size - header:
+        raise HeadLoadError(f"{src}: '{key}' claims shape {tuple(shape)} ({claimed} bytes of {dtype}) but holds "
+                            f"{info.file_size - header} bytes; the file is corrupt or crafted: download or export it again")
+
+
 def _member(data: "np.lib.npyio.NpzFile", src: str, key: str) -> np.ndarray:
+    _check_size(data, src, key)
     try:
         return data[key]
     except ValueError as exc:

@@ -21,10 +21,14 @@ def run(args: argparse.Namespace) -> None:
         return
     copies = cached_copies(folder)
     for c in copies:
-        status = "stale" if c.stale else "in use"
-        print(f"{_size(c.size):>9}  {status:<6}  {c.path}  <- {c.source or 'unknown source'}")
+        status = "stale" if c.stale else "current"
+        print(f"{_size(c.size):>9}  {status:<7}  {c.path}  <- {c.source or 'unknown source'}")
     print(f"{len(copies)} cached cop{'y' if len(copies) == 1 else 'ies'} ({_size(sum(c.size for c in copies))}, "
           f"{sum(c.stale for c in copies)} stale) in {folder}")
+    if copies:
+        # "current" says nothing about whether a process has the copy open: only that it would be reused.
+        print("current: its source GGUF is unchanged, so loading it again reuses the copy; "
+              "stale: the source is gone or changed, the copy is never used again")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

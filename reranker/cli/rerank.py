@@ -14,7 +14,7 @@ from reranker.errors import RerankerError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rerank", help="rank documents for one query")
     add_model_args(p)
-    p.add_argument("-q", "--query", required=True)
+    p.add_argument("-q", "--query", required=True, help="the query the documents are ranked for")
     p.add_argument("-d", "--document", dest="documents", action="append", help="a document (repeatable)")
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
@@ -59,10 +59,13 @@ def read_documents(path: str | Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RerankerError(f"{p} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from e
+    # Lines end at \n (or \r\n) only, as the job's reader splits them: str.splitlines() would also
+    # split at a form feed (PDF-extracted text), U+2028 or U+0085, shifting every later index.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if p.suffix.lower() not in (".jsonl", ".ndjson"):
-        return [line for line in text.splitlines() if line.strip()]
+        return [line for line in lines if line.strip()]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -28,6 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="request body size (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="pairs waiting for the model before requests get 503 + Retry-After (default: %(default)s)")
+    p.add_argument("--max-document-chars", type=int, default=d.max_document_chars,
+                   help="characters per document, checked before tokenising; beyond, 422 (default: %(default)s)")
+    p.add_argument("--max-query-chars", type=int, default=d.max_query_chars,
+                   help="characters per query, checked before tokenising; beyond, 422 (default: %(default)s)")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help="prompts per request, each chunk of a document one, at most --max-queue; beyond, 422 "
+                        "(default: %(default)s)")
+    p.add_argument("--max-request-chunks", type=int, default=d.max_chunks,
+                   help="chunks per document a request may ask for; a larger chunking.max_chunks is cut to it "
+                        "(default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds from arrival to answer, else 504 (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=None,
@@ -49,7 +59,9 @@ def run(args: argparse.Namespace) -> None:
     settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                              max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
                              max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,
-                             chunking=chunking_option(args))
+                             chunking=chunking_option(args), max_document_chars=args.max_document_chars,
+                             max_query_chars=args.max_query_chars, max_prompts=args.max_prompts,
+                             max_chunks=args.max_request_chunks)
     settings.check()
     if not 0 <= args.port <= 65535:
         raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")

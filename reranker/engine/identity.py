@@ -97,11 +97,16 @@ class CachedCopy:
 
 
 def cached_copies(cache_dir: str | os.PathLike | None = None) -> list[CachedCopy]:
-    """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path."""
+    """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path.
+
+    Only files carrying the copy's own marker: another file that merely matches the name is left alone."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     out = []
     for path in sorted(folder.glob(_PATTERN)):
-        source, dtype = _source_of(path), identity_marker(path)
+        dtype = identity_marker(path)
+        if dtype is None:  # named like a copy, but without the marker every copy carries: not ours to list or delete
+            continue
+        source = _source_of(path)
         try:
             stale = source is None or dtype not in _DTYPES or _cache_path(source, dtype, folder, _reencode_of(path)) != path
         except OSError:  # the source is gone (or unreadable)
@@ -235,12 +240,30 @@ def _field(reader: gguf.GGUFReader, src: Path, key: str) -> gguf.ReaderField:
     return reader.fields[key]
 
 
+def _check_shapes(reader: gguf.GGUFReader, src: Path, arch: str, n_embd: int, n_vocab: int) -> None:
+    """The header's sizes agree with the token embeddings, before the n_vocab x n_embd matrix is made.
+
+    A header that lies (`embedding_length` 3000 on a small model) would otherwise make the copy write
+    gigabytes, or fail with a MemoryError, before llama.cpp checks anything.
+    """
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise RerankerError(f"{src} has no token_embd.weight tensor: not a complete jina-reranker-m0 GGUF; "
+                            "download the release's file or run `reranker convert` again")
+    shape = [int(x) for x in embd.shape]  # GGML order: (n_embd, n_vocab)
+    if shape != [n_embd, n_vocab]:
+        raise RerankerError(f"{src}'s header disagrees with its tensors: {arch}.embedding_length={n_embd} and "
+                            f"{n_vocab} vocabulary tokens, but token_embd.weight is {shape[0]} x {shape[-1]}; "
+                            "the file is corrupt: download or convert it again (nothing was written to the cache)")
+
+
 def _write(reader: gguf.GGUFReader, dst: Path, dtype: str, src: Path, reencode: str | None = None) -> None:
     arch = str(_field(reader, src, gguf.Keys.General.ARCHITECTURE).contents())
     n_embd = int(_field(reader, src, f"{arch}.embedding_length").contents())
     n_vocab = len(_field(reader, src, gguf.Keys.Tokenizer.LIST).data)
     if n_vocab < n_embd:
         raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
+    _check_shapes(reader, src, arch, n_embd, n_vocab)
     writer = gguf.GGUFWriter(str(dst), arch)
     writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)  # first, so identity_marker() finds it fast
     writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)

@@ -67,6 +67,10 @@ class JobFiles:
 
     @classmethod
     def of(cls, output: Path, rejects: Path | None = None, hidden: Path | None = None) -> JobFiles:
+        for flag, path in (("-o/--output", output), ("--rejects", rejects), ("--save-hidden", hidden)):
+            if path is not None and Path(path).name in ("", ".", ".."):
+                # `-o .` or `-o /`: a folder, whose companions (`OUTPUT.partial`, ...) have no name to extend
+                raise RerankerError(f"{flag} {path} names a folder; give a file path, e.g. {Path(path) / 'scores.jsonl'}")
         return cls(Path(output), Path(rejects) if rejects is not None else beside(Path(output), REJECTS), rejects is not None,
                    Path(hidden) if hidden is not None else None)
 

@@ -20,10 +20,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from reranker.errors import RerankerError
 from reranker.serve.metrics import Metrics
-from reranker.serve.prepare import build_prompts
+from reranker.serve.prepare import build_prompts, check_prompts, check_sizes
 from reranker.serve.scheduler import Closed, Overloaded, Scheduler
 from reranker.serve.schemas import CohereRerankRequest, JinaRerankRequest, cohere_response, jina_response
 from reranker.serve.settings import ServeSettings
@@ -89,6 +90,9 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
         except HTTPException as e:
             code = e.status_code
             raise
+        except ClientDisconnect:  # the client left mid-body: nobody reads an answer, and nothing failed here
+            code = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as e:
             log.exception("%s failed", endpoint)
             raise HTTPException(500, f"internal error: {type(e).__name__}: {e}") from e
@@ -128,6 +132,11 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             if n > settings.max_documents:
                 raise HTTPException(422, f"documents: {n} documents; this server takes at most {settings.max_documents} "
                                          "per request (--max-documents): split the request")
+            query, texts = req.query_text(), req.texts()
+            try:
+                check_sizes(query, texts, settings)
+            except RerankerError as e:
+                raise HTTPException(422, str(e)) from e
             if not scheduler.running:
                 raise HTTPException(503, "the server is shutting down", headers={"Retry-After": str(settings.retry_after)})
             if not scheduler.has_room(n):
@@ -135,8 +144,9 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             metrics.in_flight.inc()
             try:
                 try:
-                    prepared = await run_in_threadpool(build_prompts, reranker, req.query_text(), req.texts(), req.options(),
-                                                       settings.chunking)
+                    prepared = await run_in_threadpool(build_prompts, reranker, query, texts, req.options(),
+                                                       settings.chunking, settings.max_chunks)
+                    check_prompts(prepared, settings)
                 except RerankerError as e:
                     raise HTTPException(422, str(e)) from e
                 try:

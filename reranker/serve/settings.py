@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reranker.defaults import MAX_CHUNKS
 from reranker.errors import RerankerError
 from reranker.options import Chunking, require_int
 
@@ -21,7 +22,11 @@ class ServeSettings:
     - `request_timeout`: seconds from a request's arrival to its answer, else 504 (its work is dropped);
     - `batch_tokens`: prompt tokens per scheduler batch (None: 4 x the backbone's n_batch);
     - `retry_after`: the Retry-After seconds of an overload answer;
-    - `chunking`: long documents chunked by default (`--chunk ...`); a request's `chunking` field overrides it.
+    - `chunking`: long documents chunked by default (`--chunk ...`); a request's `chunking` field overrides it;
+    - `max_document_chars`, `max_query_chars`: characters per document and per query, checked before tokenising;
+    - `max_prompts`: prompts (a document's chunks each count) per request, counted before anything is queued
+      (at most `max_queue`, so even a request into an empty queue is bounded);
+    - `max_chunks`: chunks per document a request may ask for; a request's larger `chunking.max_chunks` is cut to it.
     """
 
     model_name: str = "jina-reranker-m0"
@@ -33,15 +38,39 @@ class ServeSettings:
     batch_tokens: int | None = None
     retry_after: int = 1
     chunking: Chunking | None = None
+    max_document_chars: int = 200_000
+    max_query_chars: int = 10_000
+    max_prompts: int = 4096
+    max_chunks: int = MAX_CHUNKS
 
     def check(self) -> None:
         require_int("max_documents", self.max_documents, 1)
         require_int("max_request_bytes", self.max_request_bytes, 64)
         require_int("max_queue", self.max_queue, 1)
         require_int("retry_after", self.retry_after, 1)
+        require_int("max_document_chars", self.max_document_chars, 1)
+        require_int("max_query_chars", self.max_query_chars, 1)
+        require_int("max_prompts", self.max_prompts, 1)
+        require_int("max_chunks", self.max_chunks, 1)
+        if self.chunking is not None and self.chunking.max_chunks > self.max_chunks:
+            raise RerankerError(f"--max-chunks {self.chunking.max_chunks} (the default for requests) exceeds "
+                                f"--max-request-chunks {self.max_chunks}; lower it or raise --max-request-chunks")
         if self.batch_tokens is not None:
             require_int("batch_tokens", self.batch_tokens, 1)
         if not self.request_timeout > 0:
             raise RerankerError(f"request_timeout={self.request_timeout!r} is invalid; it must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise RerankerError(f"the API key is empty; give a non-empty --api-key (or {API_KEY_ENV}), or none to turn auth off")
+        if self.api_key is not None:
+            # Clients send the key in an HTTP header, stripped and ASCII: any other key would be refused to everyone.
+            if self.api_key != self.api_key.strip():
+                raise RerankerError(f"the API key has leading or trailing whitespace ({self.api_key[:1]!r}...{self.api_key[-1:]!r}; "
+                                    f"a newline from $(cat file)?): no client can send it; strip it from --api-key / {API_KEY_ENV}")
+            if not (self.api_key.isascii() and self.api_key.isprintable()):
+                raise RerankerError("the API key has non-ASCII or control characters, which an HTTP header cannot carry "
+                                    f"unchanged; use printable ASCII in --api-key / {API_KEY_ENV}")
+
+    @property
+    def prompt_cap(self) -> tuple[int, str]:
+        """(prompts per request at most, the flag that sets it): a request larger than the queue never fits beside others."""
+        return (self.max_prompts, "--max-prompts") if self.max_prompts <= self.max_queue else (self.max_queue, "--max-queue")

@@ -412,8 +412,21 @@ def test_cache_command(two_copies):
     res = cli("cache", "list", env=env)
     assert res.returncode == 0, res.stderr
     assert "2 cached copies" in res.stdout and "1 stale" in res.stdout and str(b.resolve()) in res.stdout
+    assert "current" in res.stdout and "in use" not in res.stdout  # it means "source unchanged", not "open"
     res = cli("cache", "clear", "--stale", env=env)
     assert res.returncode == 0 and "removed 1 cached copy" in res.stdout, res.stderr
     res = cli("cache", "clear", "--dir", str(cache))
     assert res.returncode == 0 and "removed 1 cached copy" in res.stdout, res.stderr
     assert cached_copies(cache) == []
+
+
+def test_cache_clear_leaves_files_without_the_copy_marker(two_copies):
+    """A file merely named like a copy (a user's text file, a GGUF of another tool) is neither listed nor deleted."""
+    cache, (a, _) = two_copies
+    impostors = [cache / "notes.identity-f32-0123456789abcdef.gguf", cache / "other.identity-f16-fedcba9876543210.gguf"]
+    impostors[0].write_text("my notes\n")
+    write_small_gguf(impostors[1])  # a real GGUF, but no identity copy
+    assert len(cached_copies(cache)) == 2
+    a.unlink()
+    assert len(clear_cache(cache, stale_only=True)) == 1 and len(clear_cache(cache)) == 1
+    assert all(p.is_file() for p in impostors) and impostors[0].read_text() == "my notes\n"

@@ -95,3 +95,17 @@ def test_errors_are_one_clear_line(gguf, tmp_path):
     np.savez(npz, W1=np.zeros((4, 4), np.float32))
     res = run("rerank", "-m", gguf, "--head", str(npz), "-q", "q", "-d", "d")
     assert res.returncode == 2 and str(npz) in res.stderr and "b1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_documents_file_lines_end_at_newline_only(tmp_path):
+    """A form feed, U+2028 or U+0085 inside a line (PDF-extracted text) is part of its document: indices stay put."""
+    from reranker.cli.rerank import read_documents
+
+    docs = ["page one\fpage two", "a\u2028b", "c\x85d", "plain"]
+    lines = tmp_path / "docs.txt"
+    lines.write_bytes(("\r\n".join(docs) + "\n").encode("utf-8"))
+    assert read_documents(lines) == docs
+    jsonl = tmp_path / "docs.jsonl"
+    # json.dumps escapes U+2028; a raw one inside a JSON string is valid JSON and must reach the parser whole
+    jsonl.write_bytes("".join('{"text": "%s"}\n' % d.replace("\f", "\\f") for d in docs).encode("utf-8"))
+    assert read_documents(jsonl) == docs

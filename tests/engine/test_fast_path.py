@@ -117,3 +117,19 @@ def test_identity_copy_is_cached(tiny_ggufs):
 def test_fast_needs_identity_output(tiny_ggufs):
     with pytest.raises(RerankerError, match="identity output"):
         Backbone(tiny_ggufs["f32"], n_ctx=512, fast=True)
+
+
+@pytest.mark.parametrize("claimed", [3000, 150000])
+def test_header_that_lies_about_the_hidden_size_writes_nothing(tiny_ggufs, tmp_path, claimed):
+    """The copy's n_vocab x n_embd matrix is sized from the header: a lie is refused before anything is written."""
+    import shutil
+
+    bad = shutil.copy(tiny_ggufs["f16"], tmp_path / "lying.gguf")
+    r = gguf.GGUFReader(bad, "r+")
+    field = r.fields[f"{r.fields['general.architecture'].contents()}.embedding_length"]
+    field.parts[field.data[0]][0] = claimed
+    del r
+    cache = tmp_path / "cache"
+    with pytest.raises(RerankerError, match=f"embedding_length={claimed}.*disagrees|disagrees.*embedding_length={claimed}"):
+        with_identity_output(bad, "f32", cache)
+    assert not cache.exists() or not any(cache.iterdir())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
@@ -540,3 +541,15 @@ def test_score_embeddings_shapes_dtypes_and_contexts(npz):
 def test_score_embeddings_rejects_npz_path(tmp_path, npz):
     with pytest.raises(RerankerError, match=r"\.npz archive; pass one array from it"):
         score_embeddings(ScoringHead.from_npz(npz), npz)
+
+
+def test_npz_header_claiming_a_huge_array_is_refused_before_reading(tmp_path, arrays):
+    """A crafted .npy header inside the npz claims (200000, 200000): refused from the header, never allocated."""
+    path = write_npz(tmp_path / "crafted.npz", {k: v for k, v in arrays.items() if k != "W1"})
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (200000, 200000)})
+    member.write(arrays["W1"].tobytes())
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("W1.npy", member.getvalue())
+    with pytest.raises(HeadLoadError, match=r"'W1' claims shape \(200000, 200000\)"):
+        ScoringHead.from_npz(path)

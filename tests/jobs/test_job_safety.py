@@ -545,3 +545,14 @@ def test_full_disk_for_real_is_one_line_and_the_rerun_resumes(model, tmp_path, c
         filler.unlink()
         assert main(score_args(model, inp, out)) == 0
         assert out.read_bytes() == clean.read_bytes()
+
+
+@pytest.mark.parametrize("output", [".", "/"])
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_output_naming_a_folder_is_one_line(model, tmp_path, output, engine):
+    """`-o .` / `-o /` names no file to extend with `.partial`: a one-line error and exit 2, before any work."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"query": "q", "documents": ["a"]}])
+    extra = ["--engine", "ray"] if engine == "ray" else ["--output-format", "jsonl"]  # ray writes a folder of parts
+    res = helpers.run([sys.executable, "-m", "reranker", *score_args(model, inp, output, *extra)], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"-o/--output {output} names a folder" in res.stderr

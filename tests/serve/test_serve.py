@@ -368,6 +368,34 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_reranker):
         assert post(DOCS[5:6]).status_code == 200, "once the queue drains, requests are taken again"
 
 
+def test_caps_on_characters_prompts_and_chunks_are_checked_before_queueing(tiny_reranker):
+    """Per-request caps: characters per query and document (before tokenising), prompts per request (each chunk
+    one, before queueing), and a request's chunking.max_chunks cut to the server's; each refusal names its field."""
+    from reranker import Chunking
+
+    settings = ServeSettings(max_document_chars=50_000, max_query_chars=100, max_prompts=10, max_chunks=3)
+    doc = " ".join(f"passage {i} about rerankers, retrieval and 检索." for i in range(900))  # > max_length: chunked
+    with running_server(tiny_reranker, settings) as (url, app):
+        post = lambda body: httpx.post(f"{url}/v1/rerank", json=body, timeout=30)
+        pairs = lambda: metric(httpx.get(f"{url}/metrics").text, "reranker_pairs_total")
+        for body, field, flag in (({"query": QUERY, "documents": [DOCS[0], "x" * 50_001]}, "documents[1]", "--max-document-chars"),
+                                  ({"query": "q" * 101, "documents": [DOCS[0]]}, "query", "--max-query-chars"),
+                                  ({"query": QUERY, "documents": [doc] * 4, "chunking": {"size": 8}}, "documents", "--max-prompts"),
+                                  ({"query": QUERY, "documents": DOCS[:11]}, "documents", "--max-prompts")):
+            r = post(body)
+            assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: ") and flag in r.json()["detail"], r.text
+        assert pairs() == 0, "a refused request is never scored"
+        # the chunking bomb of issue 21: max_chunks of a billion becomes the server's 3
+        r = post({"query": QUERY, "documents": [doc, DOCS[0]], "chunking": {"size": 8, "max_chunks": 1_000_000_000}})
+        assert r.status_code == 200, r.text
+        assert pairs() == 3 + 1
+        want = tiny_reranker.compute_score([[QUERY, doc], [QUERY, DOCS[0]]], chunking=Chunking(size=8, max_chunks=3))
+        assert tiny_reranker.last_usage.capped == 1
+        assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(dict(enumerate(want)), abs=TOL)
+    # a request may not be larger than the queue: it could never be queued beside another
+    assert ServeSettings(max_queue=4).prompt_cap == (4, "--max-queue")
+
+
 def test_a_request_past_its_timeout_gets_504_and_its_work_is_dropped(tiny_reranker):
     with running_server(tiny_reranker, ServeSettings(request_timeout=0.5)) as (url, app):
         sched = app.state.scheduler
@@ -402,10 +430,26 @@ def test_a_client_that_disconnects_frees_its_work(server, tiny_reranker):
     assert 'code="499"' in metrics()
 
 
+def test_a_client_that_disconnects_mid_body_is_a_499_not_an_error(server, caplog):
+    """A client that sends half its body and closes is counted 499 (nginx's "client closed"), never a 500 with a traceback."""
+    url, _ = server
+    before = httpx.get(f"{url}/metrics").text
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b'Content-Length: 1000\r\n\r\n{"query": "q", "docu')
+        time.sleep(0.2)  # the handler is reading the body when the client leaves
+    count = lambda t, code: float((re.search(rf'reranker_requests_total\{{code="{code}",endpoint="/v1/rerank"\}} (\S+)', t) or [0, 0])[1])
+    metrics = lambda: httpx.get(f"{url}/metrics").text
+    wait_until(lambda: count(metrics(), 499) + count(metrics(), 500) > count(before, 499) + count(before, 500), "the request is counted")
+    text = metrics()
+    assert count(text, 499) == count(before, 499) + 1 and count(text, 500) == count(before, 500) == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a client leaving is no server error"
+
+
 # --- the command ------------------------------------------------------------------------------------
 
 
-def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
+def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys, monkeypatch):
     from reranker.cli import main
 
     taken = socket.socket()
@@ -415,10 +459,17 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys):
     try:
         for argv, message in ((["--port", str(port)], "cannot bind"), (["--max-documents", "0"], "max_documents=0"),
                               (["--request-timeout", "0"], "request_timeout"), (["--port", "70000"], "not a port"),
-                              (["--api-key", " "], "API key is empty")):
+                              (["--max-prompts", "0"], "max_prompts=0"), (["--max-document-chars", "0"], "max_document_chars=0"),
+                              (["--chunk", "--max-chunks", "100", "--max-request-chunks", "10"], "--max-request-chunks 10"),
+                              (["--api-key", " "], "API key is empty"), (["--api-key", "k\n"], "trailing whitespace"),
+                              (["--api-key", " k"], "leading or trailing whitespace"), (["--api-key", "clé"], "non-ASCII"),
+                              (["--api-key", "k\x00k"], "control characters")):
             assert main(["serve", "-m", str(tiny_ggufs["f32"]), *argv]) == 2
             err = capsys.readouterr().err
             assert err.startswith("reranker serve: error:") and message in err and err.count("\n") == 1, err
+        monkeypatch.setenv(API_KEY_ENV, "k\n")  # RERANKER_API_KEY=$(cat keyfile) keeps no newline, but $'k\n' does
+        assert main(["serve", "-m", str(tiny_ggufs["f32"]), "--port", "0"]) == 2
+        assert "trailing whitespace" in capsys.readouterr().err
     finally:
         taken.close()
 
