@@ -71,10 +71,6 @@ class LoadSettings:
         """A copy with `changes` (checked again)."""
         return dataclasses.replace(self, **changes)
 
-    def kwargs(self) -> dict[str, Any]:
-        """The settings as `from_pretrained`'s keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change a job's scores, for its fingerprint (a resume with others is refused).
 
