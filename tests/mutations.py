@@ -150,7 +150,7 @@ MUTATIONS = [
              "a client that leaves mid-body is logged as a server error (500 and a traceback)"),
     # Files that lie.
     Mutation("gguf-header-shapes-unchecked", "reranker/engine/identity.py",
-             "    _check_shapes(reader, src, arch, n_embd, n_vocab)\n",
+             "    _check_shapes(layout, arch, n_embd, n_vocab)\n",
              "",
              ("tests/engine/test_fast_path.py::test_header_that_lies_about_the_hidden_size_writes_nothing",),
              "a GGUF header that lies about its hidden size writes gigabytes into the cache"),

@@ -43,6 +43,17 @@ from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine import cpu
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file, header_value
+from reranker.gguf.layout import (
+    Entry,
+    Layout,
+    TensorInfo,
+    encode_entry,
+    encode_tensor_info,
+    file_header,
+    padding,
+    read_layout,
+    tensor_nbytes,
+)
 from reranker.gguf.quantize import QUANT_TYPES
 
 log = logging.getLogger(__name__)
@@ -146,15 +157,12 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
     dst = _cache_path(src, dtype, Path(cache_dir) if cache_dir else default_cache_dir(), reencode)
     if dst.is_file():
         return dst
-    try:
-        reader = gguf.GGUFReader(src)
-    except (ValueError, IndexError, OSError) as e:
-        raise RerankerError(f"{src} is a corrupt or truncated GGUF file ({e}); download or convert it again") from e
+    layout = read_layout(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing %s (one-time copy of %s with an identity output projection%s)", dst, src.name,
              ", F16 tensors as BF16 where exact" if reencode else "")
     with atomic_path(dst) as tmp:
-        _write(reader, tmp, dtype, src, reencode)
+        _write(layout, tmp, dtype, reencode)
     return dst
 
 
@@ -233,77 +241,105 @@ def to_bf16(data: np.ndarray, endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTL
     return out.reshape(data.shape)
 
 
-def _field(reader: gguf.GGUFReader, src: Path, key: str) -> gguf.ReaderField:
-    if key not in reader.fields:
-        raise RerankerError(f"{src} has no {key} entry: not a complete jina-reranker-m0 GGUF; "
+def _required(layout: Layout, key: str) -> Entry:
+    if key not in layout.entries:
+        raise RerankerError(f"{layout.path} has no {key} entry: not a complete jina-reranker-m0 GGUF; "
                             "download the release's file or run `reranker convert` again")
-    return reader.fields[key]
+    return layout.entries[key]
 
 
-def _check_shapes(reader: gguf.GGUFReader, src: Path, arch: str, n_embd: int, n_vocab: int) -> None:
+def _check_shapes(layout: Layout, arch: str, n_embd: int, n_vocab: int) -> None:
     """The header's sizes agree with the token embeddings, before the n_vocab x n_embd matrix is made.
 
     A header that lies (`embedding_length` 3000 on a small model) would otherwise make the copy write
-    gigabytes, or fail with a MemoryError, before llama.cpp checks anything.
+    gigabytes before llama.cpp checks anything.
     """
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embd = next((t for t in layout.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
-        raise RerankerError(f"{src} has no token_embd.weight tensor: not a complete jina-reranker-m0 GGUF; "
+        raise RerankerError(f"{layout.path} has no token_embd.weight tensor: not a complete jina-reranker-m0 GGUF; "
                             "download the release's file or run `reranker convert` again")
-    shape = [int(x) for x in embd.shape]  # GGML order: (n_embd, n_vocab)
-    if shape != [n_embd, n_vocab]:
-        raise RerankerError(f"{src}'s header disagrees with its tensors: {arch}.embedding_length={n_embd} and "
-                            f"{n_vocab} vocabulary tokens, but token_embd.weight is {shape[0]} x {shape[-1]}; "
+    if list(embd.dims) != [n_embd, n_vocab]:  # GGML order: (n_embd, n_vocab)
+        raise RerankerError(f"{layout.path}'s header disagrees with its tensors: {arch}.embedding_length={n_embd} and "
+                            f"{n_vocab} vocabulary tokens, but token_embd.weight is {embd.dims[0]} x {embd.dims[-1]}; "
                             "the file is corrupt: download or convert it again (nothing was written to the cache)")
 
 
-def _write(reader: gguf.GGUFReader, dst: Path, dtype: str, src: Path, reencode: str | None = None) -> None:
-    arch = str(_field(reader, src, gguf.Keys.General.ARCHITECTURE).contents())
-    n_embd = int(_field(reader, src, f"{arch}.embedding_length").contents())
-    n_vocab = len(_field(reader, src, gguf.Keys.Tokenizer.LIST).data)
+_F16, _BF16 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16
+_OUTPUT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
+_OWN_KEYS = (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, REENCODE_KEY, BF16_TENSORS_KEY)
+
+
+def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None = None) -> None:
+    """Write the copy: the source's entries and tensors as bytes, except the ones that change.
+
+    The file is laid out as gguf-py's GGUFWriter lays it out (the architecture first, then our markers;
+    each tensor aligned), but no entry is decoded and no matrix is held whole in memory.
+    """
+    src = layout.path
+    arch = _required(layout, gguf.Keys.General.ARCHITECTURE).value
+    n_embd = _required(layout, f"{arch}.embedding_length").value
+    n_vocab = _required(layout, gguf.Keys.Tokenizer.LIST).count
+    if not isinstance(arch, str) or not isinstance(n_embd, int) or n_vocab is None:
+        raise RerankerError(f"{src}'s header has a malformed architecture, embedding_length or token list; "
+                            "the file is corrupt: download or convert it again")
     if n_vocab < n_embd:
         raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
-    _check_shapes(reader, src, arch, n_embd, n_vocab)
-    writer = gguf.GGUFWriter(str(dst), arch)
-    writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)  # first, so identity_marker() finds it fast
-    writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
-    tensors = [t for t in reader.tensors if t.name != "output.weight"]
-    f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
+    _check_shapes(layout, arch, n_embd, n_vocab)
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+
+    def raw(t: TensorInfo) -> np.ndarray:
+        return data[layout.data_start + t.offset : layout.data_start + t.offset + t.nbytes]
+
+    tensors = [t for t in layout.tensors if t.name != "output.weight"]
+    f16 = [t for t in tensors if t.ggml_type == _F16]
     # The check reads each F16 tensor once more (a table lookup per value); tensors that would lose bits stay F16.
-    as_bf16 = {t.name for t in f16 if bf16_exact(t.data, reader.endianess)} if reencode == "bf16" else set()
+    as_bf16 = {t.name for t in f16 if bf16_exact(raw(t).view(np.uint16))} if reencode == "bf16" else set()
+    all_bf16 = bool(f16) and len(as_bf16) == len(f16)
+
+    entries = [encode_entry(gguf.Keys.General.ARCHITECTURE, gguf.GGUFValueType.STRING, arch),
+               encode_entry(MARKER_KEY, gguf.GGUFValueType.STRING, dtype),  # early, so identity_marker() finds it fast
+               encode_entry(SOURCE_KEY, gguf.GGUFValueType.STRING, str(src.resolve()))]
     if reencode:
-        writer.add_key_value(REENCODE_KEY, reencode, gguf.GGUFValueType.STRING)  # within the first 4 entries
-        writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)
+        entries += [encode_entry(REENCODE_KEY, gguf.GGUFValueType.STRING, reencode),  # within the first 4 entries
+                    encode_entry(BF16_TENSORS_KEY, gguf.GGUFValueType.UINT32, len(as_bf16))]
         log.info("%s: %d of %d F16 tensors written as BF16 (exact)%s", src.name, len(as_bf16), len(f16),
                  "" if len(as_bf16) == len(f16) else "; the others would lose bits and stay F16")
-    all_bf16 = bool(f16) and len(as_bf16) == len(f16)
-    for field in reader.fields.values():
-        # GGUFWriter writes the architecture and GGUF.* header fields itself.
-        if field.name in (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, REENCODE_KEY, BF16_TENSORS_KEY) \
-                or field.name.startswith("GGUF."):
+    for e in layout.entries.values():
+        if e.key in _OWN_KEYS:
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE and all_bf16:
-            value = int(gguf.LlamaFileType.MOSTLY_BF16)  # stays truthful: every F16 weight is now BF16
-        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        if e.key == gguf.Keys.General.FILE_TYPE and all_bf16:  # stays truthful: every F16 weight is now BF16
+            entries.append(encode_entry(e.key, e.vtype, int(gguf.LlamaFileType.MOSTLY_BF16)))
+        else:
+            entries.append(data[e.start : e.end].tobytes())
 
-    for t in tensors:
-        if t.name in as_bf16:
-            writer.add_tensor_info(t.name, t.data.shape, np.dtype(np.uint16), t.data.nbytes, gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    eye = np.zeros((n_vocab, n_embd), dtype=_DTYPES[dtype])
-    eye[np.arange(n_embd), np.arange(n_embd)] = 1
-    writer.add_tensor_info("output.weight", eye.shape, eye.dtype, eye.nbytes)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in tensors:
-        if t.name in as_bf16:  # one tensor converted at a time
-            writer.write_tensor_data(to_bf16(t.data, reader.endianess))
-        else:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-    writer.write_tensor_data(eye)
-    writer.close()
+    out_type = _OUTPUT_TYPES[dtype]
+    infos = [(t.name, t.dims, _BF16 if t.name in as_bf16 else t.ggml_type, t.nbytes) for t in tensors]
+    infos.append(("output.weight", (n_embd, n_vocab), out_type, tensor_nbytes((n_embd, n_vocab), out_type)))
+    table, offset = [], 0
+    for name, dims, ggml_type, nbytes in infos:
+        table.append(encode_tensor_info(name, dims, ggml_type, offset))
+        offset += len(padding(nbytes, layout.alignment)) + nbytes
+
+    with open(dst, "wb") as out:
+        head = file_header(len(infos), len(entries)) + b"".join(entries) + b"".join(table)
+        out.write(head + padding(len(head), layout.alignment))
+        for t in tensors:
+            if t.name in as_bf16:
+                bits = raw(t).view(np.uint16)
+                for i in range(0, bits.size, _CHUNK):  # one chunk at a time: a few MB of temporaries
+                    out.write(_BF16_OF_F16[bits[i : i + _CHUNK]].tobytes())
+            else:
+                out.write(memoryview(raw(t)))
+            out.write(padding(t.nbytes, layout.alignment))
+        _write_identity(out, n_vocab, n_embd, _DTYPES[dtype])
+        out.write(padding(infos[-1][3], layout.alignment))
+
+
+def _write_identity(out, n_vocab: int, n_embd: int, dtype: type) -> None:
+    """The n_vocab x n_embd output matrix whose first n_embd rows are the identity, a block of rows at a time."""
+    rows = max(1, _CHUNK // n_embd)
+    for r0 in range(0, n_vocab, rows):
+        block = np.zeros((min(rows, n_vocab - r0), n_embd), dtype=dtype)
+        diag = np.arange(r0, min(r0 + len(block), n_embd))
+        block[diag - r0, diag] = 1
+        out.write(block.tobytes())

@@ -29,6 +29,7 @@ from reranker.engine.backbone import Backbone, VocabOnly
 from reranker.engine.batching import pack
 from reranker.engine.identity import with_identity_output
 from reranker.engine.prompts import PromptBuilder
+from reranker.gguf.layout import read_layout
 
 # Relative L2 error allowed where the two sides sum in another order.
 # F32 GGUF (F32 weights and KV cache): reassociated f32 sums of up to ~600 terms, whose worst
@@ -88,7 +89,7 @@ def test_f16_identity_is_half_precision_rounding(tiny_ggufs):
     # rounded; except where llama.cpp's AMX buffers hold the matrix (RERANKER_CPU_EXTRA_BUFFERS=1
     # on an AMX build): their F16 kernel keeps the input F32, and the states are unrounded.
     path = with_identity_output(tiny_ggufs["f32"], "f16")
-    assert {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}["output.weight"] == gguf.GGMLQuantizationType.F16
+    assert {t.name: t.ggml_type for t in read_layout(path).tensors}["output.weight"] == gguf.GGMLQuantizationType.F16
     ref = states(with_identity_output(tiny_ggufs["f32"], "f32"), fast=True, n_batch=512)
     fast = states(path, fast=True, n_batch=512)
     rounded = ref.astype(np.float16).astype(np.float32)
@@ -125,10 +126,11 @@ def test_header_that_lies_about_the_hidden_size_writes_nothing(tiny_ggufs, tmp_p
     import shutil
 
     bad = shutil.copy(tiny_ggufs["f16"], tmp_path / "lying.gguf")
-    r = gguf.GGUFReader(bad, "r+")
-    field = r.fields[f"{r.fields['general.architecture'].contents()}.embedding_length"]
-    field.parts[field.data[0]][0] = claimed
-    del r
+    entry = read_layout(bad).entries["qwen2vl.embedding_length"]
+    assert entry.vtype == gguf.GGUFValueType.UINT32
+    with open(bad, "r+b") as f:  # the value is the entry's last 4 bytes
+        f.seek(entry.end - 4)
+        f.write(claimed.to_bytes(4, "little"))
     cache = tmp_path / "cache"
     with pytest.raises(RerankerError, match=f"embedding_length={claimed}.*disagrees|disagrees.*embedding_length={claimed}"):
         with_identity_output(bad, "f32", cache)
