@@ -26,6 +26,11 @@ class LoadSettings:
 
     `head`: a path, or a `head.ScoringHead` (then the settings hold the module, and do not pickle
     cheaply; the job and the server take paths). `device`: a torch device or its name.
+
+    Two settings left to auto are decided where the model loads, from the environment there:
+    `n_threads=None` is `RERANKER_THREADS` or the idle cores of that machine, `bf16=None` is
+    `RERANKER_BF16` or what its CPU does natively. A job fixes `bf16` once, in its driver
+    (`decide_bf16`), so that all its processes load the same copy; threads stay per machine.
     """
 
     model: str = DEFAULT_REPO

@@ -18,6 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from reranker.defaults import CHUNK_AGGREGATES
+from reranker.options import MIN_CHUNK
+
 _STRICT = ConfigDict(strict=True, extra="ignore")
 
 
@@ -36,13 +39,14 @@ class ScoreOptions:
 
 
 class ChunkingField(BaseModel):
-    """The `chunking` request field as an object (an extension of both APIs): `reranker.Chunking`'s fields."""
+    """The `chunking` request field as an object (an extension of both APIs): `reranker.Chunking`'s fields, each
+    optional (a missing one is the server's). Bounds are Chunking's own; the merged result is checked by Chunking."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    size: int | None = Field(default=None, ge=8)
+    size: int | None = Field(default=None, ge=MIN_CHUNK)
     overlap: int | None = Field(default=None, ge=0)
     max_chunks: int | None = Field(default=None, ge=1)
-    aggregate: Literal["max", "mean", "first"] | None = None
+    aggregate: Literal[CHUNK_AGGREGATES] | None = None
 
 
 class TextObject(BaseModel):
