@@ -16,6 +16,7 @@ from reranker.defaults import MAX_LENGTH, N_BATCH, N_SEQ_MAX, N_UBATCH_CPU, N_UB
 from reranker.engine.batching import pack
 from reranker.engine.cpu import default_threads
 from reranker.engine.identity import MARKER_KEY
+from reranker.engine.segments import Embeddings, Segments
 from reranker.engine.tokenizer import GGUFTokenizer
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
@@ -93,6 +94,78 @@ class _PackedBatch:
             last.append(n - 1)
         self.struct.n_tokens = n
         return last
+
+
+class _EmbeddingBatch:
+    """A `llama_batch` of embedding rows (an image's) with M-RoPE positions: 4 per row, section-major."""
+
+    def __init__(self, capacity: int, n_embd: int) -> None:
+        self.embd = np.zeros((capacity, n_embd), dtype=np.float32)
+        self.pos = np.zeros(4 * capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        self.seq_ptr = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
+        self.struct = llama_cpp.llama_batch()
+        p = lambda a, t: a.ctypes.data_as(ctypes.POINTER(t))  # noqa: E731
+        self.struct.token = ctypes.POINTER(llama_cpp.llama_token)()  # NULL: the rows are the input
+        self.struct.embd = p(self.embd, ctypes.c_float)
+        self.struct.pos = p(self.pos, llama_cpp.llama_pos)
+        self.struct.n_seq_id = p(self.n_seq_id, ctypes.c_int32)
+        self.struct.seq_id = self.seq_ptr.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
+        self.struct.logits = p(self.logits, ctypes.c_int8)
+
+    def fill(self, chunks: Sequence[tuple[Embeddings, int, int, int, int]], all_outputs: bool) -> None:
+        """Lay out (image, first row, rows, seq_id, the image's first position) chunks one after another."""
+        total = sum(k for _, _, k, _, _ in chunks)
+        n = 0
+        for image, first, k, seq, start in chunks:
+            self.embd[n : n + k] = image.rows[first : first + k]
+            pos = image.positions(start, first, k)
+            for j in range(4):  # llama.cpp reads pos[j * n_tokens + i]
+                self.pos[j * total + n : j * total + n + k] = pos[j]
+            self.seq[n : n + k] = seq
+            n += k
+        self.logits[:n] = 1 if all_outputs else 0  # the scoring token is text: no image row is an output
+        self.struct.n_tokens = n
+
+
+class _Cursor:
+    """Where one prompt of `Segments` is in its feeding: its part, the offset into it, the part's first position."""
+
+    def __init__(self, segments: Segments) -> None:
+        self.parts = segments.parts
+        self.starts = segments.starts()
+        self.index = self.offset = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.parts)
+
+    @property
+    def part(self):
+        return self.parts[self.index]
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.part, Embeddings)
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.index]
+
+    @property
+    def remaining(self) -> int:
+        return len(self.part.rows if self.is_image else self.part) - self.offset
+
+    def ends_with(self, k: int) -> bool:
+        """Whether feeding `k` more of the current part feeds the prompt's last token."""
+        return self.index == len(self.parts) - 1 and k == self.remaining
+
+    def advance(self, k: int) -> None:
+        self.offset += k
+        if not self.remaining:
+            self.index, self.offset = self.index + 1, 0
 
 
 class Backbone:
@@ -191,6 +264,7 @@ class Backbone:
         self.n_seq_max = n_seq_max
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = _PackedBatch(n_batch)
+        self._embd_batch: _EmbeddingBatch | None = None  # made on the first image
 
     @property
     def closed(self) -> bool:
@@ -208,8 +282,10 @@ class Backbone:
             n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
-    def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Final-norm hidden state of each sequence's last token, shape (len(sequences), n_embd), float32."""
+    def embed(self, sequences: Sequence[Sequence[int] | Segments]) -> np.ndarray:
+        """Final-norm hidden state of each sequence's last token, shape (len(sequences), n_embd), float32.
+
+        A sequence is token ids, or `Segments` (token ids and image embeddings, see `segments.py`)."""
         with self._lock:
             self._check_open()
             return self._embed(sequences)
@@ -217,11 +293,19 @@ class Backbone:
     def _embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         out = np.empty((len(sequences), self.n_embd), dtype=np.float32)
         n_vocab = self.tokenizer.n_vocab
-        for i, ids in enumerate(sequences):
-            if not 0 < len(ids) <= self.n_ctx:
-                raise RerankerError(f"sequence {i} has {len(ids)} tokens; it must have 1 to n_ctx={self.n_ctx}")
-            if min(ids) < 0 or max(ids) >= n_vocab:  # llama.cpp would abort the process
-                raise RerankerError(f"sequence {i} has a token id outside the vocabulary [0, {n_vocab})")
+        for i, seq in enumerate(sequences):
+            if not 0 < len(seq) <= self.n_ctx:
+                raise RerankerError(f"sequence {i} has {len(seq)} tokens; it must have 1 to n_ctx={self.n_ctx}")
+            for part in seq.parts if isinstance(seq, Segments) else (seq,):
+                if isinstance(part, Embeddings):
+                    if part.rows.shape[1] != self.n_embd or not np.isfinite(part.rows).all():
+                        raise RerankerError(f"sequence {i} has image embeddings of width {part.rows.shape[1]} or non-finite "
+                                            f"values; the backbone takes finite rows of {self.n_embd}")
+                elif min(part) < 0 or max(part) >= n_vocab:  # llama.cpp would abort the process
+                    raise RerankerError(f"sequence {i} has a token id outside the vocabulary [0, {n_vocab})")
+        if any(isinstance(seq, Segments) for seq in sequences):
+            self._embed_segments([seq if isinstance(seq, Segments) else Segments((seq,)) for seq in sequences], out)
+            return out
         if self.deterministic:
             for i, ids in enumerate(sequences):
                 out[i] = self._hidden(0, self._decode_alone(ids))
@@ -235,6 +319,49 @@ class Backbone:
             for seq, idx in enumerate(group):
                 out[idx] = self._hidden(seq, last[seq])
         return out
+
+    def _embed_segments(self, sequences: Sequence[Segments], out: np.ndarray) -> None:
+        """Feed prompts with images part by part: in each round, one decode of the text parts due next,
+        then one of the image parts due next (llama.cpp takes tokens or embeddings in a batch, not both).
+
+        The same packing as text (`deterministic`: each prompt alone from cell 0); a prompt longer than
+        n_batch is fed in n_batch pieces. Its state is read right after the decode holding its last token.
+        """
+        groups = [[i] for i in range(len(sequences))] if self.deterministic else \
+            pack([len(s) for s in sequences], self.n_batch, self.n_seq_max)
+        for group in groups:
+            self._clear()
+            cursors = [_Cursor(sequences[idx]) for idx in group]
+            while not all(c.done for c in cursors):
+                for images in (False, True):
+                    budget, chunks = self.n_batch, []
+                    for seq, c in enumerate(cursors):
+                        if not c.done and c.is_image == images and budget:
+                            chunks.append((seq, c, min(c.remaining, budget)))
+                            budget -= chunks[-1][2]
+                    if chunks:
+                        self._decode_parts(chunks, images, group, out)
+
+    def _decode_parts(self, chunks: list[tuple[int, _Cursor, int]], images: bool, group: list[int], out: np.ndarray) -> None:
+        if images:
+            if self._embd_batch is None:
+                self._embd_batch = _EmbeddingBatch(self.n_batch, self.n_embd)
+            self._embd_batch.fill([(c.part, c.offset, k, seq, c.start) for seq, c, k in chunks], all_outputs=not self.fast)
+            batch = self._embd_batch.struct
+        else:
+            ends = [c.ends_with(k) for _, c, k in chunks]
+            last = self._batch.fill([(c.part[c.offset : c.offset + k], seq, c.start + c.offset, end)
+                                     for (seq, c, k), end in zip(chunks, ends)], all_outputs=not self.fast)
+            batch = self._batch.struct
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on {batch.n_tokens} {'image rows' if images else 'tokens'}")
+        if not images:
+            for (seq, _, _), end, index in zip(chunks, ends, last):
+                if end:  # the next decode overwrites the outputs: read the state now
+                    out[group[seq]] = self._hidden(seq, index)
+        for _, c, k in chunks:
+            c.advance(k)
 
     def _decode_alone(self, ids: Sequence[int]) -> int:
         # One sequence in an empty cache from cell 0, fed in chunks of n_batch: its KV cells,

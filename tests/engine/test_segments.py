@@ -1,0 +1,112 @@
+"""Prompts with image embeddings in place of tokens: llama.cpp's M-RoPE decode against transformers.
+
+No vision tower is needed to check the backbone's half of image scoring: random rows stand in for an
+image's embeddings, and transformers' Qwen2-VL text model takes the same rows as `inputs_embeds` at
+the positions its own `Qwen2VLModel.get_rope_index` computes for an image of that grid.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from oracle import SCORE_TOKEN_ID, assert_hidden_close, hf_tokenizer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+from reranker import RerankerError
+from reranker.engine.backbone import Backbone
+from reranker.engine.identity import with_identity_output
+from reranker.engine.segments import Embeddings, Segments
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@pytest.fixture(scope="module")
+def pieces(tiny_checkpoint, oracle):
+    """A function (texts and grids -> (our Segments, the oracle's hidden state)) for the tiny checkpoint."""
+    tok = hf_tokenizer(tiny_checkpoint)
+    pad = tok.token_to_id(IMAGE_PAD)
+    table = oracle.embed_tokens.weight.detach()
+    rng = np.random.default_rng(0)
+    # transformers' own position rule, called on its class with just the config it reads
+    rope_self = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
+    rope_self.get_vision_position_ids = lambda *a, **k: Qwen2VLModel.get_vision_position_ids(rope_self, *a, **k)
+
+    def make(*items):
+        parts, ids, kinds, embeds, grids = [], [], [], [], []
+        for item in items:
+            if isinstance(item, str):
+                t = tok.encode(item, add_special_tokens=False).ids
+                parts.append(t)
+                ids += t
+                kinds += [0] * len(t)
+                embeds.append(table[t])
+            else:
+                ny, nx = item
+                rows = (rng.standard_normal((ny * nx, table.shape[1])) * float(table.std())).astype(np.float32)
+                parts.append(Embeddings(rows, nx=nx, ny=ny))
+                ids += [pad] * (nx * ny)
+                kinds += [1] * (nx * ny)
+                embeds.append(torch.from_numpy(rows))
+                grids.append([1, 2 * ny, 2 * nx])  # patches before the 2x2 merge
+        parts.append([SCORE_TOKEN_ID])
+        ids.append(SCORE_TOKEN_ID)
+        kinds.append(0)
+        embeds.append(table[[SCORE_TOKEN_ID]])
+        input_ids = torch.tensor([ids])
+        if grids:
+            position_ids, _ = Qwen2VLModel.get_rope_index(rope_self, input_ids, torch.tensor([kinds]), torch.tensor(grids))
+        else:
+            position_ids = torch.arange(len(ids))[None, None].expand(3, 1, -1)
+        with torch.inference_mode():
+            out = oracle(inputs_embeds=torch.cat(embeds)[None].float(), position_ids=position_ids,
+                         attention_mask=torch.ones_like(input_ids), use_cache=False)
+        return Segments(tuple(parts)), out.last_hidden_state[0, -1].double().numpy()
+
+    return make
+
+
+DOC = "**Document**:\n<|vision_start|>"
+QUERY = "<|vision_end|>\n**Query**:\nwhat does the chart show?"
+PROMPTS = [
+    (DOC, (2, 3), QUERY),  # a wide image document
+    (DOC, (4, 1), QUERY),  # a tall one: the text after it continues at +max(nx, ny)
+    (DOC, (1, 1), QUERY),
+    ("**Document**:\nsome text about charts\n**Query**:\n<|vision_start|>", (3, 3), "<|vision_end|>"),  # an image query
+    (DOC, (2, 2), "<|vision_end|>\n**Query**:\n<|vision_start|>", (3, 2), "<|vision_end|>"),  # image and image
+    ("**Document**:\nonly text here\n**Query**:\nand a text query",),
+]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["embedding-mode", "fast"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["packed", "deterministic"])
+def test_image_rows_at_mrope_positions_equal_transformers(tiny_ggufs, pieces, fast, deterministic):
+    seqs, want = zip(*(pieces(*p) for p in PROMPTS))
+    path = with_identity_output(tiny_ggufs["f32"], "f32") if fast else tiny_ggufs["f32"]
+    with Backbone(path, n_ctx=1024, n_batch=512, fast=fast, deterministic=deterministic) as b:
+        got = b.embed(list(seqs))
+    assert_hidden_close(got, np.stack(want), "f32", "prompts with image rows vs transformers")
+
+
+def test_long_prompt_fed_in_pieces_across_an_image(tiny_ggufs, pieces):
+    """n_batch smaller than the image: its rows are split over decodes, at the right positions."""
+    seq, want = pieces(DOC, (5, 6), QUERY)
+    with Backbone(tiny_ggufs["f32"], n_ctx=1024, n_batch=16) as b:
+        got = b.embed([seq, seq.parts[0] + seq.parts[2] + seq.parts[3]])  # beside a text-only prompt
+    assert_hidden_close(got[:1], want[None], "f32", "an image fed in 16-row pieces")
+
+
+def test_bad_image_rows_are_refused(tiny_ggufs):
+    with Backbone(tiny_ggufs["f32"], n_ctx=256, n_batch=64) as b:
+        wide = Embeddings(np.zeros((4, b.n_embd + 1), np.float32), nx=2, ny=2)
+        with pytest.raises(RerankerError, match="width"):
+            b.embed([Segments(([1, 2], wide, [100]))])
+        nan = Embeddings(np.full((4, b.n_embd), np.nan, np.float32), nx=2, ny=2)
+        with pytest.raises(RerankerError, match="non-finite"):
+            b.embed([Segments(([1, 2], nan, [100]))])
+    with pytest.raises(RerankerError, match="do not fill a 2 x 3 grid"):
+        Embeddings(np.zeros((5, 8), np.float32), nx=3, ny=2)
+    with pytest.raises(RerankerError, match="must end with a token"):
+        Segments(([1], Embeddings(np.zeros((1, 8), np.float32), nx=1, ny=1)))
