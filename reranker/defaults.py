@@ -13,6 +13,9 @@ SCORE_TOKEN_TEXT = "<|box_end|>"
 ORIGINAL_BOX_END_ID = 151649
 #: Subtracted from the head's raw logit (JinaVLForRanking.LOGIT_BIAS; not stored in the checkpoint).
 LOGIT_BIAS = 2.65
+#: An image sits between these two tokens (Qwen2's ids; the GGUF release keeps them).
+VISION_START_ID = 151652
+VISION_END_ID = 151653
 #: The prompt template: `DOC_PREFIX + document + QUERY_PREFIX + query`, then the scoring token.
 DOC_PREFIX = "**Document**:\n"
 QUERY_PREFIX = "\n**Query**:\n"

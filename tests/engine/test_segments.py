@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from oracle import SCORE_TOKEN_ID, assert_hidden_close, hf_tokenizer
+from oracle import SCORE_TOKEN_ID, assert_hidden_close
+from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 from reranker import RerankerError
@@ -23,10 +24,15 @@ from reranker.engine.segments import Embeddings, Segments
 IMAGE_PAD = "<|image_pad|>"
 
 
+def template_tokenizer(checkpoint) -> Tokenizer:
+    """The checkpoint's tokenizer as the original's processor runs it on its template: special-token strings parsed."""
+    return Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+
+
 @pytest.fixture(scope="module")
 def pieces(tiny_checkpoint, oracle):
     """A function (texts and grids -> (our Segments, the oracle's hidden state)) for the tiny checkpoint."""
-    tok = hf_tokenizer(tiny_checkpoint)
+    tok = template_tokenizer(tiny_checkpoint)
     pad = tok.token_to_id(IMAGE_PAD)
     table = oracle.embed_tokens.weight.detach()
     rng = np.random.default_rng(0)
@@ -110,3 +116,49 @@ def test_bad_image_rows_are_refused(tiny_ggufs):
         Embeddings(np.zeros((5, 8), np.float32), nx=3, ny=2)
     with pytest.raises(RerankerError, match="must end with a token"):
         Segments(([1], Embeddings(np.zeros((1, 8), np.float32), nx=1, ny=1)))
+
+
+def flat_ids(prompt: Segments) -> list[int]:
+    """The prompt's ids with each image's rows as that many `<|image_pad|>` ids, as the original's processor expands it."""
+    pad = 151655
+    return [t for p in prompt.parts for t in ([pad] * len(p.rows) if isinstance(p, Embeddings) else p)]
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_ggufs):
+    from reranker.engine.backbone import VocabOnly
+    from reranker.engine.prompts import PromptBuilder
+
+    vocab = VocabOnly(tiny_ggufs["f32"])
+    yield lambda **limits: PromptBuilder(vocab.tokenizer, **limits)
+    vocab.close()
+
+
+def image(ny, nx):
+    return Embeddings(np.zeros((ny * nx, 8), np.float32), nx=nx, ny=ny)
+
+
+@pytest.mark.parametrize("query, doc", [("what does it show?  ", image(2, 3)), (image(3, 1), "a text document\n"),
+                                        (image(2, 2), image(1, 3)), ("", image(1, 1)), (image(1, 1), "")])
+def test_image_prompts_are_the_originals_template(tiny_checkpoint, builder, query, doc):
+    """The original's processor: `<|image_pad|>` expanded to one per merged patch, the whole text tokenised at once."""
+    tok = template_tokenizer(tiny_checkpoint)
+    side = lambda x: f"<|vision_start|>{IMAGE_PAD * len(x.rows)}<|vision_end|>" if isinstance(x, Embeddings) else x  # noqa: E731
+    want = tok.encode(f"**Document**:\n{side(doc)}\n**Query**:\n{side(query)}", add_special_tokens=False).ids + [SCORE_TOKEN_ID]
+    prompt = builder().build_parts(query, doc)
+    assert flat_ids(prompt.ids) == want and not prompt.truncated
+
+
+def test_the_text_side_is_cut_never_the_image(builder):
+    long = " ".join(f"word{i}" for i in range(100))  # under max_query_length (512 tokens)
+    doc = image(4, 5)
+    full = builder().build_parts(long, doc)
+    assert not full.truncated
+    cut = builder(max_length=60).build_parts(long, doc)  # the query is cut to fit; the image keeps its 20 rows
+    assert cut.truncated and len(cut.ids) <= 60 and any(p is doc for p in cut.ids.parts)
+    short_query = builder(max_query_length=5).build_parts(long, doc)
+    assert short_query.truncated and len(short_query.ids) < len(full.ids)
+    text_doc = builder(max_length=60).build_parts(image(2, 2), long)  # an image query: the document is cut
+    assert text_doc.truncated and len(text_doc.ids) <= 60
+    with pytest.raises(RerankerError, match=r"an image of 4 x 5 merged patches \(20 tokens\) does not fit max_length=20"):
+        builder(max_length=20, max_query_length=10).build_parts("q", doc)
