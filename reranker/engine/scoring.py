@@ -20,6 +20,7 @@ import numpy as np
 
 from reranker.engine.chunking import Chunker, DocumentPrompts, aggregate
 from reranker.engine.prompts import Prompt, PromptBuilder
+from reranker.engine.segments import Embeddings
 from reranker.errors import RerankerError
 from reranker.options import Chunking
 
@@ -130,13 +131,16 @@ class Prepared:
         return aggregate(prompt_scores, self.counts, self.chunking.aggregate if self.chunking is not None else "first")
 
 
-def prepare(builder: PromptBuilder, pairs: Sequence[tuple[str, str]], chunking: Chunking | None = None,
-            names: list[str] | None = None) -> Prepared:
-    """Pairs -> prompts, truncated as the original model (or, with `chunking`, a long document split into chunks)."""
+def prepare(builder: PromptBuilder, pairs: Sequence[tuple[str | Embeddings, str | Embeddings]],
+            chunking: Chunking | None = None, names: list[str] | None = None) -> Prepared:
+    """Pairs -> prompts, truncated as the original model (or, with `chunking`, a long text document split into chunks).
+
+    Either side of a pair may be an image's `Embeddings` (`PromptBuilder.build_parts`); such a pair is one prompt."""
     if chunking is None:
-        return Prepared([DocumentPrompts([builder.build(q, d)]) for q, d in pairs], names=names)
+        return Prepared([DocumentPrompts([builder.build_parts(q, d)]) for q, d in pairs], names=names)
     chunker = Chunker(builder, chunking)
-    return Prepared([chunker.prompts(q, d) for q, d in pairs], chunking, names)
+    return Prepared([chunker.prompts(q, d) if isinstance(q, str) and isinstance(d, str) else
+                     DocumentPrompts([builder.build_parts(q, d)]) for q, d in pairs], chunking, names)
 
 
 @dataclass

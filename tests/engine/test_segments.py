@@ -162,3 +162,25 @@ def test_the_text_side_is_cut_never_the_image(builder):
     assert text_doc.truncated and len(text_doc.ids) <= 60
     with pytest.raises(RerankerError, match=r"an image of 4 x 5 merged patches \(20 tokens\) does not fit max_length=20"):
         builder(max_length=20, max_query_length=10).build_parts("q", doc)
+
+
+def test_image_pairs_score_through_the_one_path(tiny_checkpoint, tiny_reranker, pieces):
+    """`prepare` + `score_prepared` (what every caller runs) on pairs with image sides: the head on transformers' states."""
+    from oracle import head_scores, score_head
+
+    from reranker.engine.scoring import prepare, score_prepared
+
+    query = "what does the chart show?"
+    made = [pieces(DOC, (2, 3), QUERY), pieces(DOC, (4, 1), QUERY), pieces(PROMPTS[3][0], (3, 3), PROMPTS[3][2])]
+    pairs = [(query, made[0][0].parts[1]), (query, made[1][0].parts[1]),
+             (made[2][0].parts[1], "some text about charts"), ("a plain text pair", "scored beside them")]
+    prepared = prepare(tiny_reranker.prompt_builder(), pairs)
+    for prompt, (seq, _) in zip(prepared.prompts, made):
+        assert flat_ids(prompt.ids) == flat_ids(seq)
+    got = score_prepared(tiny_reranker, prepared, keep_hidden=True)
+    want_hidden = np.stack([h for _, h in made])
+    assert_hidden_close(got.hidden[:3], want_hidden, "f32", "image pairs' states")
+    from oracle import assert_scores_close
+
+    assert_scores_close(got.scores[:3], head_scores(score_head(tiny_checkpoint), want_hidden), "f32", "image pairs' scores")
+    assert got.usage.tokens == sum(len(p.ids) for p in prepared.prompts)
