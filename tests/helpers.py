@@ -97,6 +97,51 @@ def write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray], arch: str =
     return path
 
 
+def gguf_py_identity_copy(src, dst, dtype: str, reencode: bool) -> None:
+    """The fast path's identity copy as gguf-py makes it: every entry decoded by GGUFReader and re-encoded by
+    GGUFWriter (the reference for reranker/gguf/layout.py's byte copy, and benchmarks/fast_path_copy.py's baseline)."""
+    from reranker.engine.identity import BF16_TENSORS_KEY, MARKER_KEY, REENCODE_KEY, SOURCE_KEY, bf16_exact, to_bf16
+
+    reader = gguf.GGUFReader(src)
+    arch = str(reader.fields["general.architecture"].contents())
+    n_embd = int(reader.fields[f"{arch}.embedding_length"].contents())
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tensors = [t for t in reader.tensors if t.name != "output.weight"]
+    f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
+    as_bf16 = {t.name for t in f16 if bf16_exact(t.data)} if reencode else set()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    if "general.alignment" in reader.fields:
+        writer.data_alignment = int(reader.fields["general.alignment"].contents())
+    writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)
+    writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
+    if reencode:
+        writer.add_key_value(REENCODE_KEY, "bf16", gguf.GGUFValueType.STRING)
+        writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if field.name == "general.file_type" and f16 and len(as_bf16) == len(f16):
+            value = int(gguf.LlamaFileType.MOSTLY_BF16)
+        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in tensors:
+        if t.name in as_bf16:
+            writer.add_tensor_info(t.name, t.data.shape, np.dtype(np.uint16), t.data.nbytes, gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    eye = np.zeros((n_vocab, n_embd), dtype={"f16": np.float16, "f32": np.float32}[dtype])
+    eye[np.arange(n_embd), np.arange(n_embd)] = 1
+    writer.add_tensor_info("output.weight", eye.shape, eye.dtype, eye.nbytes)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(to_bf16(t.data) if t.name in as_bf16 else t.data)
+    writer.write_tensor_data(eye)
+    writer.close()
+
+
+
 # Linux's prctl(PR_CAPBSET_DROP) and the two capabilities that let root ignore file modes.
 _PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
 

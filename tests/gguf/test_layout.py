@@ -7,52 +7,13 @@ import struct
 import gguf
 import numpy as np
 import pytest
-from helpers import write_gguf
+from helpers import gguf_py_identity_copy, write_gguf
 
 from reranker import RerankerError
-from reranker.engine.identity import BF16_TENSORS_KEY, MARKER_KEY, REENCODE_KEY, SOURCE_KEY, bf16_exact, to_bf16, with_identity_output
+from reranker.engine.identity import with_identity_output
 from reranker.gguf.layout import read_layout
 
 N_EMBD, N_VOCAB = 32, 48
-
-
-def reference_copy(src, dst, dtype: str, reencode: bool) -> None:
-    """The identity copy as gguf-py makes it: every entry decoded by GGUFReader and re-encoded by GGUFWriter."""
-    reader = gguf.GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
-    tensors = [t for t in reader.tensors if t.name != "output.weight"]
-    f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
-    as_bf16 = {t.name for t in f16 if bf16_exact(t.data)} if reencode else set()
-    writer = gguf.GGUFWriter(str(dst), arch)
-    if "general.alignment" in reader.fields:
-        writer.data_alignment = int(reader.fields["general.alignment"].contents())
-    writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)
-    writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
-    if reencode:
-        writer.add_key_value(REENCODE_KEY, "bf16", gguf.GGUFValueType.STRING)
-        writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if field.name == "general.file_type" and f16 and len(as_bf16) == len(f16):
-            value = int(gguf.LlamaFileType.MOSTLY_BF16)
-        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for t in tensors:
-        if t.name in as_bf16:
-            writer.add_tensor_info(t.name, t.data.shape, np.dtype(np.uint16), t.data.nbytes, gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    eye = np.zeros((N_VOCAB, N_EMBD), dtype={"f16": np.float16, "f32": np.float32}[dtype])
-    eye[np.arange(N_EMBD), np.arange(N_EMBD)] = 1
-    writer.add_tensor_info("output.weight", eye.shape, eye.dtype, eye.nbytes)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in tensors:
-        writer.write_tensor_data(to_bf16(t.data) if t.name in as_bf16 else t.data)
-    writer.write_tensor_data(eye)
-    writer.close()
 
 
 def model_gguf(path, *, file_type=gguf.LlamaFileType.MOSTLY_F16, lossy=False, alignment=None, output=False):
@@ -107,7 +68,7 @@ def test_copy_is_byte_identical_to_gguf_pys(tmp_path, case):
     src = model_gguf(tmp_path / "m-F16.gguf", **make)
     ours = with_identity_output(src, dtype, tmp_path / "cache", bf16=bf16)
     ref = tmp_path / "ref.gguf"
-    reference_copy(src, ref, dtype, bf16 and make.get("file_type") is None)
+    gguf_py_identity_copy(src, ref, dtype, bf16 and make.get("file_type") is None)
     assert ours.read_bytes() == ref.read_bytes()
 
 
