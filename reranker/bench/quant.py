@@ -36,6 +36,7 @@ from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine.cpu import default_threads
 from reranker.engine.identity import with_identity_output
 from reranker.errors import RerankerError
+from reranker.extras import require
 from reranker.gguf.header import check_gguf_file, header_value
 from reranker.gguf.hub import resolve
 from reranker.gguf.quantize import BENCH_LEVELS, QUANT_TYPES, level_in_name, quantize
@@ -315,6 +316,7 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
     `recalibrate`: keep every level's hidden states, and add to each quantized level's row the
     held-out fidelity before and after a correction fitted towards the reference (`recalibrate.py`).
     """
+    require("bench", "reranker bench-quant")  # before the reference is scored, which the comparison needs scipy for
     if recalibrate and len(eval_set.groups()) < 4:
         raise RerankerError(f"--recalibrate fits on half of the queries and measures on the other half: it needs at least "
                             f"4 queries, the evaluation set has {len(eval_set.groups())}")
