@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import gguf
@@ -10,7 +11,16 @@ import pytest
 from helpers import write_gguf
 
 from reranker import RerankerError
-from reranker.engine.identity import BF16_TENSORS_KEY, MARKER_KEY, REENCODE_KEY, SOURCE_KEY, bf16_exact, to_bf16, with_identity_output
+from reranker.engine.identity import (
+    BF16_TENSORS_KEY,
+    CONTENT_KEY,
+    MARKER_KEY,
+    REENCODE_KEY,
+    SOURCE_KEY,
+    bf16_exact,
+    to_bf16,
+    with_identity_output,
+)
 from reranker.gguf.layout import read_layout
 
 N_EMBD, N_VOCAB = 32, 48
@@ -23,11 +33,13 @@ def reference_copy(src, dst, dtype: str, reencode: bool) -> None:
     tensors = [t for t in reader.tensors if t.name != "output.weight"]
     f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
     as_bf16 = {t.name for t in f16 if bf16_exact(t.data)} if reencode else set()
+    reencode = reencode and bool(as_bf16)  # nothing exact: the plain copy, which it would equal but for its markers
     writer = gguf.GGUFWriter(str(dst), arch)
     if "general.alignment" in reader.fields:
         writer.data_alignment = int(reader.fields["general.alignment"].contents())
     writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)
     writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
+    writer.add_key_value(CONTENT_KEY, hashlib.sha256(src.read_bytes()).hexdigest(), gguf.GGUFValueType.STRING)
     if reencode:
         writer.add_key_value(REENCODE_KEY, "bf16", gguf.GGUFValueType.STRING)
         writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)
