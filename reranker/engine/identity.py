@@ -320,11 +320,11 @@ def fast_path_gguf(src: str | os.PathLike, identity_dtype: str, bf16: bool | Non
 
 
 def bf16_note(src: str | os.PathLike, want: bool, why: str) -> str:
-    """What the BF16 re-encode did to `src`'s copy, for the log: "BF16 re-encode: k of n F16 tensors (why)"."""
+    """What the BF16 re-encode did to `src`'s copy, for the log: "BF16 re-encode: k of n F16 tensors, why"."""
     if not want:
         return f"BF16 re-encode off: {why}"
     k, n = bf16_tensor_counts(src)
-    return f"BF16 re-encode: {k} of {n} F16 tensors ({why}{'; none is exact in BF16, so the copy stays F16' if not k else ''})"
+    return f"BF16 re-encode: {k} of {n} F16 tensors, {why}{'; none is exact in BF16, so the copy stays F16' if not k else ''}"
 
 
 def weights_description(metadata) -> str:

@@ -321,8 +321,8 @@ def test_bf16_copy_without_an_exact_tensor_is_the_plain_copy(tmp_path, monkeypat
     assert with_identity_output(mixed, "f32", cache, bf16=True) != with_identity_output(mixed, "f32", cache, bf16=False)
     assert identity.bf16_tensor_counts(mixed, cache) == (1, 2)
     monkeypatch.setenv("RERANKER_CACHE", str(cache))  # what `-v` prints when loading
-    assert identity.bf16_note(lossy, True, "requested").startswith("BF16 re-encode: 0 of 2 F16 tensors (requested")
-    assert identity.bf16_note(mixed, True, "requested") == "BF16 re-encode: 1 of 2 F16 tensors (requested)"
+    assert identity.bf16_note(lossy, True, "requested").startswith("BF16 re-encode: 0 of 2 F16 tensors, requested; none")
+    assert identity.bf16_note(mixed, True, "requested") == "BF16 re-encode: 1 of 2 F16 tensors, requested"
     assert identity.bf16_note(mixed, False, "turned off") == "BF16 re-encode off: turned off"
 
 
@@ -341,4 +341,4 @@ def test_load_logs_how_many_tensors_were_reencoded(tiny_ggufs, caplog):
     assert f16 and exact == 0  # float32 random weights: none is bf16-exact, the case README's first command hits
     with caplog.at_level(logging.INFO, logger="reranker"):
         Reranker.from_pretrained(str(tiny_ggufs["f16"]), device="cpu", n_ctx=256, bf16=True).close()
-    assert f"BF16 re-encode: {exact} of {len(f16)} F16 tensors (requested" in caplog.text
+    assert f"BF16 re-encode: {exact} of {len(f16)} F16 tensors, requested" in caplog.text
