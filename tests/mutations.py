@@ -195,6 +195,11 @@ MUTATIONS = [
              '        reencode = "bf16"',
              ("tests/engine/test_bf16.py::test_bf16_copy_without_an_exact_tensor_is_the_plain_copy",),
              "a BF16 copy in which no tensor was re-encoded duplicates the F16 copy"),
+    Mutation("threads-from-load-average", "reranker/engine/cpu.py",
+             "    busy = _busy_now(frozenset(cpus))\n",
+             "    busy = None\n",
+             ("tests/engine/test_bf16.py::test_default_threads",),
+             "the thread default follows the 1-minute load average, which still counts a job that just ended"),
     # The suite's own rule: in CI a missing test extra fails instead of skipping.
     Mutation("extras-may-skip", "tests/conftest.py",
              "    pytest.importorskip = _importorfail",

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -126,14 +131,67 @@ def test_default_threads(monkeypatch):
     info = "".join(f"processor: {i}\nphysical id: 0\ncore id: {i // 2}\n\n" for i in range(8))  # 4 cores, SMT 2
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a job that just ended: not what decides
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 0.1)
     assert cpu.default_threads() == 4
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 1.2)
     assert cpu.default_threads() == 3
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: None)  # no /proc/stat: the load average decides
+    assert cpu.default_threads() == 1
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 2)
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 0.0)
+    assert cpu.default_threads() == 2
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: {0}, raising=False)
     assert cpu.default_threads() == 1
     monkeypatch.setenv(cpu.THREADS_ENV, "2")
     assert cpu.default_threads() == 2
+
+
+def test_threads_for_busy_cores():
+    assert [cpu.threads_for(2, b) for b in (0.0, 0.5, 0.74, 0.75, 1.0, 1.8, 5.0)] == [2, 2, 2, 1, 1, 1, 1]
+    assert [cpu.threads_for(16, b) for b in (0.0, 0.8, 2.9, 15.9)] == [16, 15, 13, 1]
+
+
+def test_cgroup_quota(tmp_path):
+    assert cpu.cgroup_cpu_limit(tmp_path) is None  # no cgroup files
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu.cgroup_cpu_limit(tmp_path) is None
+    for quota, want in (("150000 100000", 1), ("400000 100000", 4), ("50000 100000", 1)):
+        (tmp_path / "cpu.max").write_text(quota + "\n")
+        assert cpu.cgroup_cpu_limit(tmp_path) == want
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu.cgroup_cpu_limit(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu.cgroup_cpu_limit(v1) == 3
+
+
+def test_busy_ticks_read_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 0 10 500 5 0 0 0 0 0\n"  # the total line is not a core
+                    "cpu0 1 2 3 1000 50 4 5 6 0 0\n"
+                    "cpu1 100 0 0 10 0 0 0 0 0 0\n"
+                    "intr 12345\n")
+    assert cpu._busy_ticks(frozenset({0}), stat) == 1 + 2 + 3 + 4 + 5 + 6  # idle and iowait left out
+    assert cpu._busy_ticks(frozenset({0, 1}), stat) == 121
+    assert cpu._busy_ticks(frozenset({7}), stat) is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file() or not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_busy_cores_sees_another_process_spinning_on_a_core():
+    """A real process spinning on one core: the sample counts it busy (what the 1-minute load average would only show
+    after a minute, and keep showing for minutes after it stopped)."""
+    core = min(os.sched_getaffinity(0))
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    try:
+        time.sleep(0.3)
+        assert cpu.busy_cores(frozenset({core})) >= 0.75
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_cli_option():
