@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from head import ScoringHead
 from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
 from reranker.engine.backbone import Backbone
-from reranker.engine.identity import fast_path_gguf, use_bf16, weights_description
+from reranker.engine.identity import bf16_note, fast_path_gguf, use_bf16, weights_description
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import ScoredDocuments, Usage, check_keep_hidden, prepare, score_prepared
 from reranker.errors import RerankerError
@@ -155,8 +155,7 @@ class Reranker:
         rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=s.max_query_length,
                  device=device, batch_size=s.batch_size)
         rr.settings = s
-        log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype,
-                 f" (BF16 re-encode of F16 tensors {'on' if want_bf16 else 'off'}: {why})" if s.fast else "")
+        log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype, f" ({bf16_note(files.gguf, want_bf16, why)})" if s.fast else "")
         return rr
 
     def _check_open(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import random
@@ -100,7 +101,7 @@ def write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray], arch: str =
 def gguf_py_identity_copy(src, dst, dtype: str, reencode: bool) -> None:
     """The fast path's identity copy as gguf-py makes it: every entry decoded by GGUFReader and re-encoded by
     GGUFWriter (the reference for reranker/gguf/layout.py's byte copy, and benchmarks/fast_path_copy.py's baseline)."""
-    from reranker.engine.identity import BF16_TENSORS_KEY, MARKER_KEY, REENCODE_KEY, SOURCE_KEY, bf16_exact, to_bf16
+    from reranker.engine.identity import BF16_TENSORS_KEY, CONTENT_KEY, MARKER_KEY, REENCODE_KEY, SOURCE_KEY, bf16_exact, to_bf16
 
     reader = gguf.GGUFReader(src)
     arch = str(reader.fields["general.architecture"].contents())
@@ -109,11 +110,13 @@ def gguf_py_identity_copy(src, dst, dtype: str, reencode: bool) -> None:
     tensors = [t for t in reader.tensors if t.name != "output.weight"]
     f16 = [t for t in tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
     as_bf16 = {t.name for t in f16 if bf16_exact(t.data)} if reencode else set()
+    reencode = reencode and bool(as_bf16)  # nothing exact: the plain copy, which it would equal but for its markers
     writer = gguf.GGUFWriter(str(dst), arch)
     if "general.alignment" in reader.fields:
         writer.data_alignment = int(reader.fields["general.alignment"].contents())
     writer.add_key_value(MARKER_KEY, dtype, gguf.GGUFValueType.STRING)
     writer.add_key_value(SOURCE_KEY, str(src.resolve()), gguf.GGUFValueType.STRING)
+    writer.add_key_value(CONTENT_KEY, hashlib.sha256(Path(src).read_bytes()).hexdigest(), gguf.GGUFValueType.STRING)
     if reencode:
         writer.add_key_value(REENCODE_KEY, "bf16", gguf.GGUFValueType.STRING)
         writer.add_key_value(BF16_TENSORS_KEY, len(as_bf16), gguf.GGUFValueType.UINT32)

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 
 from reranker.errors import RerankerError
+from reranker.extras import install_hint
 
 TOP_K = 10
-BENCH_EXTRA = "pip install 'jina-reranker-gguf[bench]'"
 
 
 def require_module(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise RerankerError(f"reranker bench-quant needs {module.split('.')[0]}, which is not installed: {BENCH_EXTRA}") from e
+        raise RerankerError(f"reranker bench-quant needs {module.split('.')[0]}, which is not installed: {install_hint('bench')}") from e
 
 
 def _none_if_nan(x: float) -> float | None:

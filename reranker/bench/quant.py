@@ -36,10 +36,13 @@ from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine.cpu import default_threads
 from reranker.engine.identity import with_identity_output
 from reranker.errors import RerankerError
+from reranker.extras import require
 from reranker.gguf.header import check_gguf_file, header_value
 from reranker.gguf.hub import resolve
+from reranker.gguf.layout import read_layout
 from reranker.gguf.quantize import BENCH_LEVELS, QUANT_TYPES, level_in_name, quantize
 
+_K_BLOCK = 256  # values per block of every K-quant (llama.cpp's QK_K): a row must hold a whole number of them
 log = logging.getLogger(__name__)
 
 #: Levels a reference can be, most precise first: the first one found is the reference.
@@ -180,7 +183,28 @@ def plan_levels(models: Sequence[str], out_dir: str | os.PathLike, *, levels: Se
         raise RerankerError(f"no scoring head {'at ' + str(head_path) if head_path else 'beside ' + str(found[ref_name])}; "
                             "pass --head path/to/mlp_weights.npz")
     ref = Level(ref_name, found[ref_name], reference=True)
+    _warn_k_quant_misfits(ref.path, [n for n in names if "_K" in n])
     return Plan(ref, [ref] + [Level(n, found.get(n)) for n in names], head_path, make_dir)
+
+
+def k_quant_misfits(path: str | os.PathLike) -> tuple[int, int, list[int]]:
+    """(weight matrices whose rows are not a multiple of 256 values, weight matrices, those row sizes) of a GGUF,
+    from its header: llama.cpp stores such matrices of a K-quant level in a fallback type (usually Q8_0 or Q5_0)."""
+    matrices = [t for t in read_layout(path).tensors if len(t.dims) >= 2 and t.dims[1] > 1]
+    misfits = [t for t in matrices if t.dims[0] % _K_BLOCK]
+    return len(misfits), len(matrices), sorted({t.dims[0] for t in misfits})
+
+
+def _warn_k_quant_misfits(reference: Path, k_levels: list[str]) -> None:
+    """One line, before anything is made, when the K-quant levels cannot be what they are named."""
+    if not k_levels:
+        return
+    n, total, rows = k_quant_misfits(reference)
+    if n:
+        log.warning("%s: %d of %d weight matrices have rows of %s values, not multiples of 256, so llama.cpp stores them "
+                    "in a fallback type (Q8_0, Q5_0, ...) in %s: those levels will measure alike; for levels that differ, "
+                    "bench a model whose sizes are multiples of 256 (the real model, or `reranker synth --preset small`)",
+                    reference.name, n, total, "/".join(map(str, rows)), ", ".join(k_levels))
 
 
 def _made_path(plan: Plan, name: str) -> Path:
@@ -208,7 +232,7 @@ def make_level(plan: Plan, level: Level, n_threads: int | None = None) -> float 
         return None
     t0 = time.perf_counter()
     with atomic_path(dst) as tmp:  # an interrupted run leaves no half file to reuse
-        quantize(ref, tmp, level.name, n_threads=n_threads)
+        quantize(ref, tmp, level.name, n_threads=n_threads, explain=False)  # plan_levels said it once for all levels
     stamp.write_text(source, encoding="utf-8")
     level.path = dst
     return time.perf_counter() - t0
@@ -315,6 +339,7 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
     `recalibrate`: keep every level's hidden states, and add to each quantized level's row the
     held-out fidelity before and after a correction fitted towards the reference (`recalibrate.py`).
     """
+    require("bench", "reranker bench-quant")  # before the reference is scored, which the comparison needs scipy for
     if recalibrate and len(eval_set.groups()) < 4:
         raise RerankerError(f"--recalibrate fits on half of the queries and measures on the other half: it needs at least "
                             f"4 queries, the evaluation set has {len(eval_set.groups())}")

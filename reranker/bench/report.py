@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from reranker.bench.compare import BENCH_EXTRA
 from reranker.bench.quant import BenchReport
 from reranker.errors import RerankerError
+from reranker.extras import install_hint
 
 JSON_VERSION = 1
 
@@ -135,7 +135,7 @@ def plot(report: BenchReport, path: str | os.PathLike) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RerankerError(f"the bench-quant plot needs matplotlib, which is not installed: {BENCH_EXTRA}") from e
+        raise RerankerError(f"the bench-quant plot needs matplotlib, which is not installed: {install_hint('bench')}") from e
     rows = [r for r in report.rows if r.get("pairs_per_s") is not None]
     key, label = ("ndcg_at_10", "nDCG@10") if rows and all(r.get("ndcg_at_10") is not None for r in rows) \
         else ("spearman", "Spearman correlation with the reference")

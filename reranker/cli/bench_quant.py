@@ -52,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from reranker.extras import require
+
+    # Before any level is made or scored: the comparison (scipy), the metrics and the plot come last.
+    require("bench", "reranker bench-quant")
     from reranker.bench.quant import Settings, bench_quant, plan_levels
     from reranker.bench.report import markdown, write_outputs
     from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> None:
           f"{sum(c.stale for c in copies)} stale) in {folder}")
     if copies:
         # "current" says nothing about whether a process has the copy open: only that it would be reused.
-        print("current: its source GGUF is unchanged, so loading it again reuses the copy; "
-              "stale: the source is gone or changed, the copy is never used again")
+        print("current: a source GGUF with the bytes it was made from exists, so loading it again reuses the copy; "
+              "stale: none does (gone or changed), the copy is never used again")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="list or clear the fast path's cached GGUF copies",
                        description="The fast path writes one copy of each GGUF it loads, with an identity output "
                                    "projection, into $RERANKER_CACHE (default ~/.cache/jina-reranker-gguf). A copy is "
-                                   "stale when its source GGUF is gone or changed (or unrecorded): it is never used again.")
+                                   "keyed by its source's bytes, and stale when no GGUF with those bytes is left (or an older version made it): "
+                                   "it is never used again.")
     p.add_argument("action", choices=("list", "clear"), help="list the copies, or delete them")
     p.add_argument("--stale", action="store_true", help="clear only the stale copies")
     p.add_argument("--dir", default=None, help="the cache folder (default: $RERANKER_CACHE or ~/.cache/jina-reranker-gguf)")

@@ -7,9 +7,10 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="checkpoint folder -> <name>-<TYPE>.gguf + mlp_weights.npz, as the release")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a jina-reranker-m0 checkpoint folder (config.json, safetensors, tokenizer), e.g. from `reranker synth`")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16",
+                   help="weights' storage type, as the release's files (default: %(default)s; f32 is the reference)")
     p.add_argument("--name", default=None, help="file name stem (default: the checkpoint folder's name)")
     p.set_defaults(func=run)
 

@@ -7,10 +7,10 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize an F32/F16/BF16 GGUF with llama.cpp")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the F32, F16 or BF16 GGUF to quantize")
+    p.add_argument("output", help="the GGUF to write")
     p.add_argument("--type", default="Q8_0", help="BF16 (exact from a bf16-valued F16), Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, ... (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="quantizing threads (default: every CPU)")
     p.set_defaults(func=run)
 
 

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one backbone process per device: GPU indices '0,1', 'all', or 'cpu,cpu' (default: one, in-process)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this machine (default); ray: Ray Data actors on a Ray cluster, OUTPUT a folder of "
-                        "Parquet parts (pip install 'jina-reranker-gguf[ray]')")
+                        "Parquet parts (needs the ray extra)")
     p.add_argument("--ray-address", default=None,
                    help="--engine ray: the cluster ('auto': the running one; default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--actors", type=int, default=None,

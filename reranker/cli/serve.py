@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> None:
 
         from reranker.serve.app import create_app
     except ImportError as e:
-        raise RerankerError(f"reranker serve needs {e.name}: pip install 'jina-reranker-gguf[serve]'") from e
+        from reranker.extras import install_hint
+
+        raise RerankerError(f"reranker serve needs {e.name}, which is not installed: {install_hint('serve')}") from e
     settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                              max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
                              max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,

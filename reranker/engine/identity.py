@@ -5,8 +5,13 @@ full-vocabulary logits of each one. In generation mode only the tokens we mark p
 logits; with an output matrix whose first H rows are the identity, those logits' first H
 values are the final-norm hidden state. The release's GGUFs tie the output to the token
 embeddings, so they are rewritten once, with the identity added, into a cache folder.
-Each copy records the path of the GGUF it was made from; `cached_copies` lists them and
-`clear_cache` removes them (all, or the stale ones whose source is gone or changed).
+
+Copies are keyed by the source's content (its SHA-256), not its path and mtime: rerunning `reranker synth` +
+`convert` rewrites a byte-identical GGUF with a new mtime, and its copy is reused instead of written again
+beside an orphan. A source is hashed once per (path, size, mtime, ctime, inode) and remembered in the cache's
+`.sources.json` (a 3 GB F16 file hashes in a few seconds, against ~4 GB written for its copy). Each copy
+records its source's hash and the path it was made from; `cached_copies` lists them and `clear_cache`
+removes them (all, or the stale ones: no known source with that content exists any more).
 
 BF16: an F16 GGUF whose tensors hold bf16 values (the release's do: the checkpoint is bf16) can be
 run as BF16 with the same weights, and llama.cpp's BF16 mat-muls use the CPU's native bf16 dot
@@ -21,7 +26,8 @@ when `use_bf16` says so:
   auto keeps F16) and llama.cpp was built with AVX512_BF16.
 
 Only tensors whose every value is exact in BF16 are re-encoded (checked per tensor), so the
-weights are unchanged; the activations are rounded to bf16 instead of f16 inside the mat-muls,
+weights are unchanged; when none is, the copy would equal the plain one, so the plain one is used (the count,
+`bf16_tensor_counts`, is remembered per content); the activations are rounded to bf16 instead of f16 inside the mat-muls,
 as in transformers' bf16 mode. On random-weight models that moves scores by up to 7.6e-3 from
 fp32 (F16: 6.3e-4; transformers bf16: 1.7e-2); `bf16=False` / `--bf16 off` keeps F16.
 """
@@ -29,6 +35,7 @@ fp32 (F16: 6.3e-4; transformers bf16: 1.7e-2); `bf16=False` / `--bf16 off` keeps
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -60,11 +67,15 @@ log = logging.getLogger(__name__)
 
 MARKER_KEY = "jina_reranker.identity_output"
 SOURCE_KEY = "jina_reranker.identity_source"  # the absolute path of the GGUF the copy was made from
+CONTENT_KEY = "jina_reranker.identity_content"  # the SHA-256 of that GGUF's bytes: what the copy is keyed by
 REENCODE_KEY = "jina_reranker.identity_reencode"  # "bf16" when F16 tensors were asked to become BF16 (absent: none)
 BF16_TENSORS_KEY = "jina_reranker.bf16_tensors"  # how many F16 tensors became BF16 in the copy
 BF16_ENV = "RERANKER_BF16"
 _PATTERN = "*.identity-*-*.gguf"
-_VERSION = "1"
+_VERSION = "2"  # 2: keyed by the source's content (1: by its path, size and mtime; such copies are stale)
+_MEMO = ".sources.json"
+_WITHIN = 6  # `_write` puts the copy's own entries first: header reads stop after them
+_HASH_BLOCK = 1 << 23
 _DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
@@ -80,21 +91,108 @@ def identity_marker(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _cache_path(src: Path, dtype: str, cache_dir: Path, reencode: str | None = None) -> Path:
-    st = src.stat()
-    extra = f"|{reencode}" if reencode else ""  # no re-encode: the key of copies made before it existed
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_VERSION}{extra}".encode()).hexdigest()[:16]
-    return cache_dir / f"{src.stem}.identity-{dtype}{'-' + reencode if reencode else ''}-{key}.gguf"
+def _copy_key(content: str, dtype: str, reencode: str | None) -> str:
+    return hashlib.sha256(f"{content}|{dtype}|{_VERSION}|{reencode or ''}".encode()).hexdigest()[:16]
 
 
-def _reencode_of(copy: Path) -> str | None:
-    value = header_value(copy, REENCODE_KEY, within=4)
+def _copy_name(stem: str, dtype: str, reencode: str | None, key: str) -> str:
+    return f"{stem}.identity-{dtype}{'-' + reencode if reencode else ''}-{key}.gguf"
+
+
+def _header_str(copy: Path, key: str) -> str | None:
+    value = header_value(copy, key, within=_WITHIN)
     return value if isinstance(value, str) else None
 
 
+def _reencode_of(copy: Path) -> str | None:
+    return _header_str(copy, REENCODE_KEY)
+
+
 def _source_of(copy: Path) -> Path | None:
-    value = header_value(copy, SOURCE_KEY, within=4)
-    return Path(value) if isinstance(value, str) else None
+    value = _header_str(copy, SOURCE_KEY)
+    return None if value is None else Path(value)
+
+
+class _Memo:
+    """The cache's `.sources.json`: each source path's SHA-256 under its stat, and each content's BF16-exact count.
+
+    Read-modify-write without a lock: two processes saving at once may drop each other's new entry,
+    which only costs a second hash later; the file itself is replaced atomically.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.changed = folder, False
+        try:
+            data = json.loads((folder / _MEMO).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or unreadable: hashes are recomputed
+            data = {}
+        ok = isinstance(data, dict) and data.get("version") == 1
+        self.paths: dict[str, dict] = data.get("paths", {}) if ok else {}
+        self.bf16: dict[str, list[int]] = data.get("bf16", {}) if ok else {}
+
+    @staticmethod
+    def _stat(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # ctime: a rewrite that restores the mtime
+
+    def content(self, path: Path) -> str:
+        """The SHA-256 of `path`'s bytes: remembered while its stat is unchanged, else hashed once."""
+        key = str(path.resolve())
+        stat = self._stat(path)
+        known = self.paths.get(key)
+        if isinstance(known, dict) and known.get("stat") == stat and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+        self.paths[key] = {"stat": stat, "sha256": digest.hexdigest()}
+        self.changed = True
+        return self.paths[key]["sha256"]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        live = {p: e for p, e in self.paths.items() if os.path.exists(p)}  # bounded: gone sources are dropped
+        shas = {e.get("sha256") for e in live.values() if isinstance(e, dict)}
+        data = {"version": 1, "paths": live, "bf16": {k: v for k, v in self.bf16.items() if k in shas}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(self.folder / _MEMO) as tmp:
+                tmp.write_text(json.dumps(data, indent=0), encoding="utf-8")
+        except OSError as e:  # a read-only cache still works, it just hashes again next time
+            log.debug("cannot save %s: %s", self.folder / _MEMO, e)
+        self.changed = False
+
+
+def _bf16_split(layout: Layout) -> tuple[set[str], int]:
+    """(names of the F16 tensors whose every value is exact in BF16, how many F16 tensors there are)."""
+    data = np.memmap(layout.path, dtype=np.uint8, mode="r")
+    f16 = [t for t in layout.tensors if t.ggml_type == _F16 and t.name != "output.weight"]
+    start = layout.data_start
+    exact = {t.name for t in f16 if bf16_exact(data[start + t.offset : start + t.offset + t.nbytes].view(np.uint16))}
+    return exact, len(f16)
+
+
+def _bf16_counts(src: Path, content: str, memo: _Memo) -> tuple[int, int, set[str] | None]:
+    """(BF16-exact F16 tensors, F16 tensors, their names when they were just computed) of the source `content`."""
+    known = memo.bf16.get(content)
+    if isinstance(known, list) and len(known) == 2:
+        return known[0], known[1], None
+    exact, n = _bf16_split(read_layout(src))  # reads every F16 tensor once (a table lookup per value)
+    memo.bf16[content] = [len(exact), n]
+    memo.changed = True
+    return len(exact), n, exact
+
+
+def bf16_tensor_counts(src: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """(k, n): k of the n F16 tensors of `src` are exact in BF16, so the fast path's BF16 copy re-encodes k.
+    Remembered per content in the cache, so only a new file is read."""
+    src = check_gguf_file(src)
+    memo = _Memo(Path(cache_dir) if cache_dir else default_cache_dir())
+    k, n, _ = _bf16_counts(src, memo.content(src), memo)
+    memo.save()
+    return k, n
 
 
 @dataclass(frozen=True)
@@ -107,22 +205,38 @@ class CachedCopy:
     stale: bool  # the source is unknown, gone, or changed since: the copy will never be used again
 
 
+def _live_source(content: str, recorded: Path | None, memo: _Memo) -> Path | None:
+    """A source GGUF whose bytes are `content` now: the recorded one or any other remembered with that content."""
+    candidates = [Path(p) for p, e in memo.paths.items() if isinstance(e, dict) and e.get("sha256") == content]
+    for path in dict.fromkeys(([recorded] if recorded else []) + candidates):
+        try:
+            if memo.content(path) == content:
+                return path
+        except OSError:  # gone or unreadable
+            continue
+    return None
+
+
 def cached_copies(cache_dir: str | os.PathLike | None = None) -> list[CachedCopy]:
     """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path.
 
-    Only files carrying the copy's own marker: another file that merely matches the name is left alone."""
+    Only files carrying the copy's own marker: another file that merely matches the name is left alone.
+    A copy is stale when no source with its content exists (a source whose stat changed is hashed again),
+    or when an older version of this package made it (keyed otherwise: it is never found again).
+    """
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    memo = _Memo(folder)
     out = []
     for path in sorted(folder.glob(_PATTERN)):
         dtype = identity_marker(path)
         if dtype is None:  # named like a copy, but without the marker every copy carries: not ours to list or delete
             continue
-        source = _source_of(path)
-        try:
-            stale = source is None or dtype not in _DTYPES or _cache_path(source, dtype, folder, _reencode_of(path)) != path
-        except OSError:  # the source is gone (or unreadable)
-            stale = True
-        out.append(CachedCopy(path, path.stat().st_size, source, stale))
+        recorded, content = _source_of(path), _header_str(path, CONTENT_KEY)
+        source = None
+        if content is not None and dtype in _DTYPES and path.name.endswith(f"-{_copy_key(content, dtype, _reencode_of(path))}.gguf"):
+            source = _live_source(content, recorded, memo)
+        out.append(CachedCopy(path, path.stat().st_size, source or recorded, source is None))
+    memo.save()
     return out
 
 
@@ -142,7 +256,8 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
     """Path of a GGUF equal to `src` but with an identity output projection (`dtype` f16 or f32).
 
     `src` itself when it already has one; otherwise a cached copy, written once (atomically,
-    so concurrent processes are safe) and reused while `src` is unchanged.
+    so concurrent processes are safe) and reused for any source with the same bytes (found by its SHA-256,
+    which is remembered per path and stat, so an unchanged source is not read again).
 
     `bf16=True` with an F16 `src` (`general.file_type` MOSTLY_F16): each F16 tensor whose every
     value is exactly representable in BF16 is written as BF16 (the same values; checked per
@@ -153,16 +268,27 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
     src = check_gguf_file(src)
     if identity_marker(src) == dtype:
         return src
-    reencode = "bf16" if bf16 and header_value(src, gguf.Keys.General.FILE_TYPE) == gguf.LlamaFileType.MOSTLY_F16 else None
-    dst = _cache_path(src, dtype, Path(cache_dir) if cache_dir else default_cache_dir(), reencode)
-    if dst.is_file():
-        return dst
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    memo = _Memo(folder)
+    content = memo.content(src)
+    as_bf16 = None
+    reencode = None
+    if bf16 and header_value(src, gguf.Keys.General.FILE_TYPE) == gguf.LlamaFileType.MOSTLY_F16:
+        k, _, as_bf16 = _bf16_counts(src, content, memo)
+        reencode = "bf16" if k else None  # none exact: the copy would be the plain one, byte for byte but its markers
+    key = _copy_key(content, dtype, reencode)
+    for found in sorted(folder.glob(_copy_name("*", dtype, reencode, key))):  # any source's name: same content, same copy
+        if identity_marker(found) == dtype and _header_str(found, CONTENT_KEY) == content:
+            memo.save()
+            return found
+    dst = folder / _copy_name(src.stem, dtype, reencode, key)
     layout = read_layout(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("writing %s (one-time copy of %s with an identity output projection%s)", dst, src.name,
              ", F16 tensors as BF16 where exact" if reencode else "")
     with atomic_path(dst) as tmp:
-        _write(layout, tmp, dtype, reencode)
+        _write(layout, tmp, dtype, reencode, content, as_bf16)
+    memo.save()
     return dst
 
 
@@ -189,8 +315,16 @@ def fast_path_gguf(src: str | os.PathLike, identity_dtype: str, bf16: bool | Non
     `Reranker.from_pretrained(fast=True)` loads; call it beforehand to write the copy up front."""
     want, why = use_bf16(bf16, n_gpu_layers, src)
     path = with_identity_output(src, identity_dtype, bf16=want)
-    log.debug("fast path copy %s (bf16 re-encode %s: %s)", path.name, "on" if want else "off", why)
+    log.debug("fast path copy %s (%s)", path.name, bf16_note(src, want, why))
     return path
+
+
+def bf16_note(src: str | os.PathLike, want: bool, why: str) -> str:
+    """What the BF16 re-encode did to `src`'s copy, for the log: "BF16 re-encode: k of n F16 tensors, why"."""
+    if not want:
+        return f"BF16 re-encode off: {why}"
+    k, n = bf16_tensor_counts(src)
+    return f"BF16 re-encode: {k} of {n} F16 tensors, {why}{'; none is exact in BF16, so the copy stays F16' if not k else ''}"
 
 
 def weights_description(metadata) -> str:
@@ -266,10 +400,10 @@ def _check_shapes(layout: Layout, arch: str, n_embd: int, n_vocab: int) -> None:
 
 _F16, _BF16 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16
 _OUTPUT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}
-_OWN_KEYS = (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, REENCODE_KEY, BF16_TENSORS_KEY)
+_OWN_KEYS = (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, CONTENT_KEY, REENCODE_KEY, BF16_TENSORS_KEY)
 
 
-def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None = None) -> None:
+def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None, content: str, as_bf16: set[str] | None = None) -> None:
     """Write the copy: the source's entries and tensors as bytes, except the ones that change.
 
     The file is laid out as gguf-py's GGUFWriter lays it out (the architecture first, then our markers;
@@ -292,15 +426,19 @@ def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None = None) -
 
     tensors = [t for t in layout.tensors if t.name != "output.weight"]
     f16 = [t for t in tensors if t.ggml_type == _F16]
-    # The check reads each F16 tensor once more (a table lookup per value); tensors that would lose bits stay F16.
-    as_bf16 = {t.name for t in f16 if bf16_exact(raw(t).view(np.uint16))} if reencode == "bf16" else set()
+    # Tensors that would lose bits stay F16 (`as_bf16`: passed when the caller just checked them).
+    if reencode != "bf16":
+        as_bf16 = set()
+    elif as_bf16 is None:
+        as_bf16, _ = _bf16_split(layout)
     all_bf16 = bool(f16) and len(as_bf16) == len(f16)
 
     entries = [encode_entry(gguf.Keys.General.ARCHITECTURE, gguf.GGUFValueType.STRING, arch),
                encode_entry(MARKER_KEY, gguf.GGUFValueType.STRING, dtype),  # early, so identity_marker() finds it fast
-               encode_entry(SOURCE_KEY, gguf.GGUFValueType.STRING, str(src.resolve()))]
+               encode_entry(SOURCE_KEY, gguf.GGUFValueType.STRING, str(src.resolve())),
+               encode_entry(CONTENT_KEY, gguf.GGUFValueType.STRING, content)]
     if reencode:
-        entries += [encode_entry(REENCODE_KEY, gguf.GGUFValueType.STRING, reencode),  # within the first 4 entries
+        entries += [encode_entry(REENCODE_KEY, gguf.GGUFValueType.STRING, reencode),  # within the first _WITHIN entries
                     encode_entry(BF16_TENSORS_KEY, gguf.GGUFValueType.UINT32, len(as_bf16))]
         log.info("%s: %d of %d F16 tensors written as BF16 (exact)%s", src.name, len(as_bf16), len(f16),
                  "" if len(as_bf16) == len(f16) else "; the others would lose bits and stay F16")

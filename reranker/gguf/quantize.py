@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import llama_cpp
 from reranker import llama_log
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
+
+log = logging.getLogger(__name__)
 
 # Level name -> llama.cpp file type, for every `LLAMA_FTYPE_*` this llama-cpp-python knows.
 QUANT_TYPES: dict[str, int] = {
@@ -38,8 +41,13 @@ def level_in_name(name: str, extra: tuple[str, ...] = ()) -> str | None:
     return None
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0", n_threads: int | None = None) -> Path:
-    """Write `dst`, a `qtype` copy of the F32/F16/BF16 GGUF `src`; returns `dst`."""
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0", n_threads: int | None = None, *,
+             explain: bool = True) -> Path:
+    """Write `dst`, a `qtype` copy of the F32/F16/BF16 GGUF `src`; returns `dst`.
+
+    llama.cpp's two warning lines per tensor that a K-quant cannot hold (rows not a multiple of 256) become one
+    line saying what happened (`explain=False`: a debug line, for a caller that explained it already).
+    """
     src_path = check_gguf_file(src)
     key = qtype.upper()
     if key not in QUANT_TYPES:
@@ -50,9 +58,17 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[key]
     params.nthread = n_threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(), ctypes.byref(params))
+    with llama_log.collect_fallbacks() as fell:
+        rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(), ctypes.byref(params))
+    if fell and rc == 0:
+        used = sorted({f[4] or "another type" for f in fell})
+        log.log(logging.WARNING if explain else logging.DEBUG, "%s: %d tensors were stored as %s, not %s: their rows (%s values) are not multiples of the %d that %s "
+                    "needs, so this level differs little from %s (a model too small for K-quants; `reranker synth --preset small` "
+                    "has rows that fit)", dst_path.name, len(fell), "/".join(used), key,
+                    ", ".join(map(str, sorted({f[1] for f in fell}))), fell[0][2], key, "/".join(used))
     if rc != 0:
         dst_path.unlink(missing_ok=True)
         raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}); "
                             "tensor row sizes must be multiples of 256 for K-quants")
     return dst_path
+

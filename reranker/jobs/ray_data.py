@@ -15,7 +15,7 @@ window, so a batch holding the local job's windows gives its scores bit for bit.
                         batch_format="pyarrow", batch_size=2048, **actor_options(actors=2))
     ds.write_parquet("scored/")                   # the input columns plus score
 
-Ray is an optional dependency (`pip install 'jina-reranker-gguf[ray]'`); this module imports it
+Ray is an optional dependency (the `ray` extra); this module imports it
 only inside `require_ray`, so importing it, like importing `reranker`, works without Ray.
 """
 
@@ -33,9 +33,9 @@ import numpy as np
 
 from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
 from reranker.errors import RerankerError
+from reranker.extras import install_hint
 from reranker.settings import LoadSettings
 
-RAY_EXTRA = "pip install 'jina-reranker-gguf[ray]'"
 COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document"}
 NODE_LOCK = ".ray-node-setup.lock"
 
@@ -46,7 +46,7 @@ def require_ray(why: str = "--engine ray") -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise RerankerError(f"{why} needs Ray with Ray Data, which is not installed: {RAY_EXTRA}") from e
+        raise RerankerError(f"{why} needs Ray with Ray Data, which is not installed: {install_hint('ray')}") from e
     return ray
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from reranker.errors import RerankerError
+from reranker.extras import install_hint
 from reranker.jobs.records import Reject, Unit
 
 INPUT_FORMATS = ("jsonl", "pairs-jsonl", "parquet", "beir")
-PARQUET_EXTRA = "pip install 'jina-reranker-gguf[parquet]'"
 FLAT_FIELDS = ("query_id", "query", "doc_id", "document")
 RUN_FIELDS = "`qid Q0 docid rank score tag`"
 
@@ -34,7 +34,7 @@ def import_pyarrow(why: str) -> tuple[Any, Any]:
         import pyarrow
         import pyarrow.parquet
     except ImportError as e:
-        raise RerankerError(f"{why} needs pyarrow, which is not installed: {PARQUET_EXTRA}") from e
+        raise RerankerError(f"{why} needs pyarrow, which is not installed: {install_hint('parquet')}") from e
     return pyarrow, pyarrow.parquet
 
 

@@ -1,6 +1,8 @@
 """Run an offline job: `run_job(spec, settings, ...)` for the local engine and the Ray engine.
 
-Both engines share one preflight (`preflight`): the model is resolved, `bf16` decided once (so every
+Both engines share one preflight (`preflight`), after the optional packages the job needs are checked
+(`require_extras`: pyarrow for Parquet, Ray for `--engine ray`, before the model is resolved or any file is
+written, so a missing one costs nothing and leaves no checkpoint behind): the model is resolved, `bf16` decided once (so every
 process loads the same copy), the job's fingerprint made from the files and `LoadSettings.fingerprint()`,
 and every path checked against every file read before anything loads; the caller of `run_job` then
 gets the job's summary back (nothing here prints; progress goes to a tqdm bar or the log).
@@ -67,6 +69,21 @@ def preflight(spec: JobSpec, settings: LoadSettings) -> Preflight:
     return Preflight(Path(files.gguf), head, resolved, model_fingerprint(files.gguf, head, resolved.fingerprint()))
 
 
+def require_extras(spec: JobSpec, engine: str = "local") -> None:
+    """The optional packages `spec` needs on `engine`, or a RerankerError naming the one missing and its install command."""
+    from reranker.extras import require
+    from reranker.jobs.readers import detect_input_format
+    from reranker.jobs.writers import detect_output_format
+
+    if engine == "ray":  # Ray Data reads every input and writes Parquet parts (the extra brings pyarrow)
+        require("ray", "--engine ray")
+        return
+    if spec.input is not None and detect_input_format(spec.input, spec.input_format) == "parquet":
+        require("parquet", f"reading {spec.input}")
+    if detect_output_format(spec.output, spec.output_format) == "parquet":
+        require("parquet", f"writing {spec.output}")
+
+
 def run_job(spec: JobSpec, settings: LoadSettings, *, devices: str | None = None, engine: str = "local",
             ray_options=None, quiet: bool = False) -> Summary:
     """Score `spec`'s input with the model `settings` describe; resumes where an earlier run stopped.
@@ -82,8 +99,9 @@ def run_job(spec: JobSpec, settings: LoadSettings, *, devices: str | None = None
         raise RerankerError("give -i INPUT, or --queries, --corpus and --run for BEIR files")
     if engine not in ("local", "ray"):
         raise RerankerError(f"engine={engine!r} must be 'local' or 'ray'")
+    if engine == "local":
+        require_extras(spec, engine)  # the Ray engine's own checks of its flags come first
     if engine == "ray":
-        from reranker.jobs.ray_data import require_ray
         from reranker.jobs.ray_job import RayOptions, check_ray_job
 
         for flag, used in (("--chunk", spec.chunking is not None), ("--save-hidden", spec.hidden is not None)):
@@ -91,7 +109,7 @@ def run_job(spec: JobSpec, settings: LoadSettings, *, devices: str | None = None
                 raise RerankerError(f"{flag} is not supported with --engine ray yet; use the local engine for it")
         if devices:
             raise RerankerError("--devices chooses the local engine's processes; with --engine ray give --actors N")
-        require_ray()  # before the model is resolved: the one-line install hint comes first
+        require_extras(spec, engine)  # before the model is resolved: the one-line install hint comes first
         ray_options = ray_options or RayOptions()
         pre = preflight(spec, settings)
         check_ray_job(spec, ray_options, model=pre.gguf, head=pre.head)

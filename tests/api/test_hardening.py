@@ -374,17 +374,18 @@ def test_quant_must_match_a_local_file(gguf_path):
 
 # --- 9. the identity-output cache ------------------------------------------------------------------
 
-def write_small_gguf(path):
-    """A GGUF with just what the identity copy reads (a vocabulary of 32, hidden size 8): copies in milliseconds."""
+def write_small_gguf(path, value: float = 1.0):
+    """A GGUF with just what the identity copy reads (a vocabulary of 32, hidden size 8): copies in milliseconds.
+    Copies are keyed by content, so sources that must get copies of their own differ in `value`."""
     kv = {"qwen2vl.embedding_length": 8, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(32)]}
-    return write_gguf(path, kv, {"token_embd.weight": np.ones((32, 8), np.float32)})
+    return write_gguf(path, kv, {"token_embd.weight": np.full((32, 8), value, np.float32)})
 
 
 @pytest.fixture()
 def two_copies(tmp_path):
     """A cache holding two identity copies, of two source GGUFs that the test may change."""
     cache = tmp_path / "cache"
-    sources = [write_small_gguf(tmp_path / name) for name in ("a-F32.gguf", "b-F32.gguf")]
+    sources = [write_small_gguf(tmp_path / name, value) for name, value in (("a-F32.gguf", 1.0), ("b-F32.gguf", 2.0))]
     for src in sources:
         with_identity_output(src, "f32", cache_dir=cache)
     return cache, sources
@@ -395,7 +396,9 @@ def test_cache_lists_and_clears_copies(two_copies):
     copies = cached_copies(cache)
     assert [c.source for c in copies] == [a.resolve(), b.resolve()]
     assert not any(c.stale for c in copies) and all(c.size == c.path.stat().st_size > 0 for c in copies)
-    os.utime(a, ns=(0, 0))  # the source changed: its copy will never be used again
+    os.utime(a, ns=(0, 0))  # touched, the same bytes: its copy is still the one used
+    assert [c.stale for c in cached_copies(cache)] == [False, False]
+    write_small_gguf(a, 3.0)  # the source changed: its copy will never be used again
     assert [c.stale for c in cached_copies(cache)] == [True, False]
     assert [c.source for c in clear_cache(cache, stale_only=True)] == [a.resolve()]
     assert [c.source for c in cached_copies(cache)] == [b.resolve()]

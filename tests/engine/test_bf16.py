@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -126,14 +131,67 @@ def test_default_threads(monkeypatch):
     info = "".join(f"processor: {i}\nphysical id: 0\ncore id: {i // 2}\n\n" for i in range(8))  # 4 cores, SMT 2
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: info)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a job that just ended: not what decides
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 0.1)
     assert cpu.default_threads() == 4
-    monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 1.2)
     assert cpu.default_threads() == 3
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: None)  # no /proc/stat: the load average decides
+    assert cpu.default_threads() == 1
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 2)
+    monkeypatch.setattr(cpu, "_busy_now", lambda cpus: 0.0)
+    assert cpu.default_threads() == 2
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda _: {0}, raising=False)
     assert cpu.default_threads() == 1
     monkeypatch.setenv(cpu.THREADS_ENV, "2")
     assert cpu.default_threads() == 2
+
+
+def test_threads_for_busy_cores():
+    assert [cpu.threads_for(2, b) for b in (0.0, 0.5, 0.74, 0.75, 1.0, 1.8, 5.0)] == [2, 2, 2, 1, 1, 1, 1]
+    assert [cpu.threads_for(16, b) for b in (0.0, 0.8, 2.9, 15.9)] == [16, 15, 13, 1]
+
+
+def test_cgroup_quota(tmp_path):
+    assert cpu.cgroup_cpu_limit(tmp_path) is None  # no cgroup files
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu.cgroup_cpu_limit(tmp_path) is None
+    for quota, want in (("150000 100000", 1), ("400000 100000", 4), ("50000 100000", 1)):
+        (tmp_path / "cpu.max").write_text(quota + "\n")
+        assert cpu.cgroup_cpu_limit(tmp_path) == want
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu.cgroup_cpu_limit(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpu.cgroup_cpu_limit(v1) == 3
+
+
+def test_busy_ticks_read_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 0 10 500 5 0 0 0 0 0\n"  # the total line is not a core
+                    "cpu0 1 2 3 1000 50 4 5 6 0 0\n"
+                    "cpu1 100 0 0 10 0 0 0 0 0 0\n"
+                    "intr 12345\n")
+    assert cpu._busy_ticks(frozenset({0}), stat) == 1 + 2 + 3 + 4 + 5 + 6  # idle and iowait left out
+    assert cpu._busy_ticks(frozenset({0, 1}), stat) == 121
+    assert cpu._busy_ticks(frozenset({7}), stat) is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file() or not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_busy_cores_sees_another_process_spinning_on_a_core():
+    """A real process spinning on one core: the sample counts it busy (what the 1-minute load average would only show
+    after a minute, and keep showing for minutes after it stopped)."""
+    core = min(os.sched_getaffinity(0))
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    try:
+        time.sleep(0.3)
+        assert cpu.busy_cores(frozenset({core})) >= 0.75
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_cli_option():
@@ -245,3 +303,100 @@ def test_a_job_is_not_resumed_across_the_bf16_choice(tiny_ggufs, tmp_path, capsy
     assert main([*base, "--bf16", "on"]) != 0
     assert "different settings (bf16: off -> on: pass the options it was started with to resume)" in capsys.readouterr().err
     assert main([*base, "--bf16", "off"]) == 0  # the same choice resumes (here: finds the job done)
+
+
+# --- the copy is keyed by content -------------------------------------------------------------------
+
+def _exact_tensor(seed: int) -> np.ndarray:
+    return torch.randn(N_VOCAB, N_EMBD, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(torch.float16).numpy()
+
+
+def _lossy(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[0, 0] = np.float16(1.0009765625)  # the lowest F16 mantissa bit: not in BF16
+    return out
+
+
+def test_identical_bytes_reuse_one_copy(tmp_path):
+    """README's first command run twice rewrites a byte-identical GGUF (new mtime, new inode): the copy is reused,
+    nothing is orphaned; another path with the same bytes shares it, and other bytes get their own."""
+    import hashlib
+    import json
+    import os
+
+    src = _tiny_gguf(tmp_path / "m-F16.gguf", {"token_embd.weight": _exact_tensor(0)})
+    cache = tmp_path / "cache"
+    copy = with_identity_output(src, "f32", cache)
+    written = copy.stat().st_mtime_ns
+    data = src.read_bytes()
+    src.unlink()
+    _tiny_gguf(src, {"token_embd.weight": _exact_tensor(0)})  # `reranker convert` again: the same bytes, a new file
+    os.utime(src, ns=(1, 1))
+    assert src.read_bytes() == data
+    twin = shutil.copy(src, tmp_path / "twin-F16.gguf")
+    assert with_identity_output(src, "f32", cache) == copy and with_identity_output(twin, "f32", cache) == copy
+    assert copy.stat().st_mtime_ns == written and [c.path for c in cached_copies(cache)] == [copy]
+    assert not cached_copies(cache)[0].stale
+    # the hash is remembered under the source's stat, and it is the SHA-256 of its bytes
+    memo = json.loads((cache / ".sources.json").read_text())
+    assert memo["paths"][str(src.resolve())]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert header_value(copy, identity.CONTENT_KEY) == hashlib.sha256(data).hexdigest()
+
+    other = _tiny_gguf(tmp_path / "o-F16.gguf", {"token_embd.weight": _exact_tensor(1)})
+    assert with_identity_output(other, "f32", cache) != copy and len(cached_copies(cache)) == 2
+    src.unlink()
+    twin.unlink()  # no source with the first copy's bytes is left: stale, and only that one
+    assert [c.stale for c in cached_copies(cache)] == [True, False]
+    assert [c.path for c in identity.clear_cache(cache, stale_only=True)] == [copy]
+
+
+def test_remembered_hash_is_trusted_while_the_stat_holds(tmp_path):
+    """An unchanged source is not read again: its remembered hash decides which copy is used."""
+    import json
+
+    src = _tiny_gguf(tmp_path / "m-F16.gguf", {"token_embd.weight": _exact_tensor(0)})
+    cache = tmp_path / "cache"
+    copy = with_identity_output(src, "f32", cache)
+    memo_file = cache / ".sources.json"
+    memo = json.loads(memo_file.read_text())
+    memo["paths"][str(src.resolve())]["sha256"] = "0" * 64
+    memo_file.write_text(json.dumps(memo))
+    assert with_identity_output(src, "f32", cache) != copy  # the (falsified) remembered hash was used, not the bytes
+    memo["paths"][str(src.resolve())]["stat"][1] += 1  # a stat that no longer holds: hashed again
+    memo_file.write_text(json.dumps(memo))
+    assert with_identity_output(src, "f32", cache) == copy
+
+
+def test_bf16_copy_without_an_exact_tensor_is_the_plain_copy(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    lossy = _tiny_gguf(tmp_path / "l-F16.gguf", {"token_embd.weight": _lossy(_exact_tensor(0)),
+                                                 "blk.0.attn_q.weight": _lossy(_exact_tensor(1))})
+    plain = with_identity_output(lossy, "f32", cache, bf16=False)
+    assert with_identity_output(lossy, "f32", cache, bf16=True) == plain and len(cached_copies(cache)) == 1
+    assert identity.bf16_tensor_counts(lossy, cache) == (0, 2)
+    mixed = _tiny_gguf(tmp_path / "x-F16.gguf", {"token_embd.weight": _exact_tensor(0),
+                                                 "blk.0.attn_q.weight": _lossy(_exact_tensor(1))})
+    assert with_identity_output(mixed, "f32", cache, bf16=True) != with_identity_output(mixed, "f32", cache, bf16=False)
+    assert identity.bf16_tensor_counts(mixed, cache) == (1, 2)
+    monkeypatch.setenv("RERANKER_CACHE", str(cache))  # what `-v` prints when loading
+    assert identity.bf16_note(lossy, True, "requested").startswith("BF16 re-encode: 0 of 2 F16 tensors, requested; none")
+    assert identity.bf16_note(mixed, True, "requested") == "BF16 re-encode: 1 of 2 F16 tensors, requested"
+    assert identity.bf16_note(mixed, False, "turned off") == "BF16 re-encode off: turned off"
+
+
+def test_load_logs_how_many_tensors_were_reencoded(tiny_ggufs, caplog):
+    """`-v` says "k of n": counted here with torch on the tensors' bytes (the layout reader is checked against
+    gguf-py's in tests/gguf/test_layout.py, whose own reader takes ~20 s on the 150k-token vocabulary)."""
+    import logging
+
+    from reranker import Reranker
+
+    layout = read_layout(tiny_ggufs["f16"])
+    raw = np.memmap(tiny_ggufs["f16"], dtype=np.uint8, mode="r")
+    f16 = [t for t in layout.tensors if t.ggml_type == gguf.GGMLQuantizationType.F16]
+    values = [torch.from_numpy(raw[layout.data_start + t.offset:][: t.nbytes].view(np.float16).astype(np.float32)) for t in f16]
+    exact = sum(bool(torch.equal(x.to(torch.bfloat16).to(torch.float32), x)) for x in values)
+    assert f16 and exact == 0  # float32 random weights: none is bf16-exact, the case README's first command hits
+    with caplog.at_level(logging.INFO, logger="reranker"):
+        Reranker.from_pretrained(str(tiny_ggufs["f16"]), device="cpu", n_ctx=256, bf16=True).close()
+    assert f"BF16 re-encode: {exact} of {len(f16)} F16 tensors, requested" in caplog.text

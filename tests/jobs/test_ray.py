@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,14 +99,15 @@ def parts(out):
 
 def test_without_ray_the_error_says_how_to_install(monkeypatch, tmp_path, capsys, model):
     monkeypatch.setitem(sys.modules, "ray", None)
+    from reranker.extras import install_hint
     from reranker.jobs.ray_data import require_ray
 
-    with pytest.raises(RerankerError, match=r"pip install 'jina-reranker-gguf\[ray\]'"):
+    with pytest.raises(RerankerError, match=re.escape(install_hint("ray"))):
         require_ray()
     (tmp_path / "in.jsonl").write_text('{"query": "q", "documents": ["d"]}\n')
     assert main(ray_args(model, tmp_path / "in.jsonl", tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "jina-reranker-gguf[ray]" in err[0]
+    assert len(err) == 1 and install_hint("ray") in err[0]
 
 
 def test_output_must_be_a_folder(tmp_path, capsys, model):
