@@ -10,10 +10,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=["tiny", "small", "m0"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--no-vision", dest="vision", action="store_false",
+                   help="leave the vision tower (visual.*) out: a text-only checkpoint, no mmproj on convert")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from reranker.synth.random_checkpoint import synth_checkpoint
 
-    print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed))
+    print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed, vision=args.vision))
