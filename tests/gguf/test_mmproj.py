@@ -38,9 +38,9 @@ NAME = "jina-reranker-m0-tiny"  # the conftest checkpoint's folder name
 RECORD = Path(__file__).parent / "data" / "mmproj-tiny-llama-cpp.json"
 
 # mtmd (no flash attention, 2-core AVX2 CPU) vs transformers on one 84x56 image, relative (L2): F32 mmproj 5.5e-4,
-# F16 8.2e-4, Q8_0 1.6e-2 (Q8_0 blocks of 32 across the tiny tower's whole 32-wide rows). F32 differs
-# from ggml's GELU / quick-GELU (F16 lookup tables) against torch's exact ones. A projector that swaps q
-# and k, loses the qkv split or the mean / std, or another seed's tower is off by 3e-1 or more.
+# F16 8.2e-4, Q8_0 1.6e-2 (Q8_0 blocks of 32 across the tiny tower's whole 32-wide rows). F32's residue is
+# ggml's GELU / quick-GELU (F16 lookup tables) against torch's exact ones. Mutations of the converter measured
+# here: q and k swapped in the qkv split 4.4e-1, image_mean 0.5 instead of CLIP's 2.6e-1; another image 1.4.
 EMBD_RTOL = {"f32": 2e-3, "f16": 3e-3, "q8_0": 5e-2}
 
 
@@ -145,8 +145,9 @@ def test_bad_checkpoints_are_named(tiny_checkpoint, tmp_path):
 # llama.cpp's mtmd runs the file
 
 
-def _mtmd_image_embeddings(lm_path: Path, mmproj_path: Path, image: np.ndarray) -> tuple[np.ndarray, dict]:
-    """mtmd's embeddings of one RGB uint8 image (its own preprocessing, at 4..768 merged tokens)."""
+@pytest.fixture(scope="module")
+def llama_model(tiny_ggufs):
+    """The tiny F32 backbone as a bare llama_model, loaded once: mtmd checks the projector against it."""
     import ctypes
 
     import llama_cpp
@@ -157,9 +158,19 @@ def _mtmd_image_embeddings(lm_path: Path, mmproj_path: Path, image: np.ndarray) 
     llama_log.install()  # llama.cpp's and mtmd's C logs through `logging`, not on stderr
     M.mtmd_log_set(llama_log._callback, ctypes.c_void_p(0))
     M.mtmd_helper_log_set(llama_log._callback, ctypes.c_void_p(0))
-    mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(lm_path).encode(), mparams)
-    assert model, lm_path
+    model = llama_cpp.llama_model_load_from_file(str(tiny_ggufs["f32"]).encode(), llama_cpp.llama_model_default_params())
+    assert model, tiny_ggufs["f32"]
+    yield model
+    llama_cpp.llama_model_free(model)
+
+
+def _mtmd_image_embeddings(model, mmproj_path: Path, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """mtmd's embeddings of one RGB uint8 image (its own preprocessing, at 4..768 merged tokens)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as M
+
     p = M.mtmd_context_params_default()
     p.use_gpu, p.n_threads, p.print_timings, p.warmup = False, 2, False, False
     p.flash_attn_type = 0  # disabled: F32 attention, as transformers' eager
@@ -191,7 +202,6 @@ def _mtmd_image_embeddings(lm_path: Path, mmproj_path: Path, image: np.ndarray) 
         if bitmap:
             M.mtmd_bitmap_free(bitmap)
         M.mtmd_free(ctx)
-        llama_cpp.llama_model_free(model)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +212,7 @@ def vl_model(tiny_checkpoint):
     return load_vl_model(tiny_checkpoint)
 
 
-def test_mtmd_encodes_an_image_as_transformers(tiny_checkpoint, tiny_ggufs, mmprojs, vl_model):
+def test_mtmd_encodes_an_image_as_transformers(tiny_checkpoint, llama_model, mmprojs, vl_model):
     """84x56 pixels (a multiple of 28 within the limits: neither side resizes), 3x2 merged tokens."""
     from oracle import image_embeddings, image_processor, rel_err
     from PIL import Image
@@ -214,11 +224,11 @@ def test_mtmd_encodes_an_image_as_transformers(tiny_checkpoint, tiny_ggufs, mmpr
     assert want.shape == (6, 64)
     other = np.random.default_rng(8).integers(0, 256, image.shape, dtype=np.uint8)
     for t in MMPROJ_TYPES:
-        got, info = _mtmd_image_embeddings(tiny_ggufs["f32"], mmprojs[t], image)
+        got, info = _mtmd_image_embeddings(llama_model, mmprojs[t], image)
         assert info == {"vision": True, "mrope": True, "nx": 3, "ny": 2}, t
         err = float(rel_err(got.ravel(), want.ravel()))
         print(f"mtmd {t} mmproj vs transformers: {err:.2e} relative")
         assert err < EMBD_RTOL[t], f"{t}: {err:.3g} >= {EMBD_RTOL[t]}"
     # the comparison can fail: another image is far off
-    got_other, _ = _mtmd_image_embeddings(tiny_ggufs["f32"], mmprojs["f32"], other)
+    got_other, _ = _mtmd_image_embeddings(llama_model, mmprojs["f32"], other)
     assert float(rel_err(got_other.ravel(), want.ravel())) > 0.1
