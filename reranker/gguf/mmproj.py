@@ -5,7 +5,8 @@ Writes what llama.cpp's own converter writes for the same checkpoint (`convert_h
 0.3.36): architecture `clip`, projector type `qwen2vl_merger`; the fused `attn.qkv` split into q / k / v,
 the Conv3D patch embedding split into its two temporal slices (`v.patch_embd.weight`,
 `v.patch_embd.weight.1`), names from gguf-py's MMPROJ tensor map, image mean / std from
-`preprocessor_config.json`. tests/gguf/test_mmproj.py compares the two files byte for byte.
+`preprocessor_config.json`. tests/gguf/test_mmproj.py compares the two files byte for byte (F32, F16
+and Q8_0 projectors; float32 and bfloat16 checkpoints).
 
 jina-reranker-m0 is registered as `JinaVLForRanking`, which llama.cpp's converter does not know; its
 `model_type` (`qwen2_vl`) and `vision_config` are Qwen2-VL's, so the Qwen2-VL rules apply as they are.
@@ -46,17 +47,27 @@ def mmproj_name(name: str, mmproj_type: str) -> str:
     return f"mmproj-{name}-{MMPROJ_TYPES[mmproj_type][2]}.gguf"
 
 
-def _visual_names(checkpoint: Path) -> Iterator[tuple[str, Path]]:
-    """`visual.*` tensors in llama.cpp's order: shard by shard, names sorted within each shard."""
+# The Hub layout's prefix, and the one a checkpoint saved by transformers >= 4.52 has instead.
+_PREFIXES = ("visual.", "model.visual.")
+
+
+def _visual_names(checkpoint: Path) -> Iterator[tuple[str, str, Path]]:
+    """(Hub name, stored name, file) of the vision tower's tensors in llama.cpp's order: shard by shard,
+    Hub names sorted within each shard. `model.visual.*` (newer transformers) reads as `visual.*`, the
+    names llama.cpp's converter takes, so both layouts give the same file."""
     for file in _safetensors_files(checkpoint):  # as llama.cpp: the index's shard names sorted
         with safe_open(file, framework="pt") as f:
-            for name in sorted(f.keys()):
-                if name.startswith("visual."):
-                    yield name, file
+            names = {}
+            for stored in f.keys():
+                prefix = next((p for p in _PREFIXES if stored.startswith(p)), None)
+                if prefix is not None:
+                    names["visual." + stored[len(prefix):]] = stored
+            for hub in sorted(names):
+                yield hub, names[hub], file
 
 
 def has_vision(checkpoint: str | Path) -> bool:
-    """Whether the checkpoint carries a vision tower (`visual.*` tensors)."""
+    """Whether the checkpoint carries a vision tower (`visual.*` or `model.visual.*` tensors)."""
     return next(_visual_names(Path(checkpoint)), None) is not None
 
 
@@ -124,11 +135,11 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
     name = name or checkpoint.resolve().name
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, depth)
 
-    plan = []  # (gguf name, source name, file, index, out type)
-    for src, file in sources:
+    plan = []  # (gguf name, stored name, file, index into it, out type, shape)
+    for hub, src, file in sources:
         with safe_open(file, framework="pt") as f:
             shape = list(f.get_slice(src).get_shape())
-        for part, part_shape, index in _split(src, shape):
+        for part, part_shape, index in _split(hub, shape):
             gname = part if part.startswith("v.") else tmap.get_name(part, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise RerankerError(f"{src}: no llama.cpp projector name for {part!r} (vision depth {depth}); "

@@ -90,20 +90,29 @@ def test_same_bytes_as_llama_cpp_converter(tiny_checkpoint, mmprojs, tmp_path):
         pytest.skip("llama.cpp's converter not found: set LLAMA_CPP_SDIST to llama_cpp_python-0.3.36.tar.gz "
                     "(pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:) or LLAMA_CPP_SRC to "
                     "its vendor/llama.cpp; test_same_file_as_llama_cpp_record checks against its recorded output")
-    ckpt = tmp_path / NAME  # the same checkpoint, under the architecture llama.cpp registers for Qwen2-VL
-    ckpt.mkdir()
-    for f in tiny_checkpoint.iterdir():
-        if f.name != "config.json":
-            (ckpt / f.name).symlink_to(f)
-    cfg = json.loads((tiny_checkpoint / "config.json").read_text(encoding="utf-8"))
-    (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2VLForConditionalGeneration"]}))
-    for t, ours in mmprojs.items():
-        theirs = tmp_path / f"llama-cpp-{t}.gguf"
+
+    def llama_cpp_convert(checkpoint: Path, t: str, out: Path) -> Path:
+        ckpt = tmp_path / f"qwen2vl-{checkpoint.name}"  # the checkpoint under the architecture llama.cpp registers
+        if not ckpt.exists():
+            ckpt.mkdir()
+            for f in checkpoint.iterdir():
+                if f.name != "config.json":
+                    (ckpt / f.name).symlink_to(f)
+            cfg = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+            (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2VLForConditionalGeneration"]}))
         res = subprocess.run([sys.executable, str(script), str(ckpt), "--mmproj", "--outtype", t, "--model-name", NAME,
-                              "--outfile", str(theirs)], capture_output=True, text=True, timeout=300)
+                              "--outfile", str(out)], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
+        return out
+
+    for t, ours in mmprojs.items():
+        theirs = llama_cpp_convert(tiny_checkpoint, t, tmp_path / f"llama-cpp-{t}.gguf")
         assert header_summary(ours) == header_summary(theirs), t
         assert ours.read_bytes() == theirs.read_bytes(), t
+    # a bf16 checkpoint (the m0 preset's and the Hub's dtype) goes through F32 first, in both
+    bf16 = synth_checkpoint(tmp_path / "bf16", "tiny", seed=0, dtype="bfloat16", tokenizer=False)
+    ours = convert_mmproj(bf16, tmp_path / "ours-bf16", "f16", NAME)
+    assert ours.read_bytes() == llama_cpp_convert(bf16, "f16", tmp_path / "llama-cpp-bf16-f16.gguf").read_bytes()
 
 
 def test_language_model_file_unchanged_by_the_vision_tower(tiny_checkpoint, tiny_ggufs, tmp_path):
@@ -119,6 +128,29 @@ def test_language_model_file_unchanged_by_the_vision_tower(tiny_checkpoint, tiny
     # convert() writes the projector beside the vision checkpoint's GGUF, F16 by default
     for lm_type, path in tiny_ggufs.items():
         assert [p.name for p in path.parent.glob("mmproj*")] == [mmproj_name(NAME, "f16")], lm_type
+
+
+def test_newer_transformers_layout_gives_the_same_files(tiny_checkpoint, tiny_ggufs, mmprojs, tmp_path):
+    """A checkpoint saved by transformers >= 4.52 (`model.language_model.*`, `model.visual.*`) converts to the same
+    backbone and projector as the Hub layout."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "new-layout"
+    ckpt.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        if f.name != "model.safetensors":
+            (ckpt / f.name).symlink_to(f)
+    renamed = {}
+    for k, v in load_file(str(tiny_checkpoint / "model.safetensors")).items():
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model."):
+            k = "model.language_model." + k[len("model."):]
+        renamed[k] = v
+    save_file(renamed, str(ckpt / "model.safetensors"))
+    lm, _ = convert(ckpt, tmp_path / "out", outtype="f32", name=NAME, mmproj_type="f16")
+    assert lm.read_bytes() == tiny_ggufs["f32"].read_bytes()
+    assert (tmp_path / "out" / mmproj_name(NAME, "f16")).read_bytes() == mmprojs["f16"].read_bytes()
 
 
 def test_a_folder_resolves_to_the_language_model_not_the_projector(tiny_ggufs):
