@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -32,7 +33,7 @@ import pytest
 from reranker.gguf.convert import convert
 from reranker.gguf.hub import resolve
 from reranker.gguf.mmproj import MMPROJ_TYPES, convert_mmproj, mmproj_name
-from reranker.synth.random_checkpoint import synth_checkpoint
+from reranker.synth.random_checkpoint import PRESETS, synth_checkpoint
 
 NAME = "jina-reranker-m0-tiny"  # the conftest checkpoint's folder name
 RECORD = Path(__file__).parent / "data" / "mmproj-tiny-llama-cpp.json"
@@ -109,9 +110,13 @@ def test_same_bytes_as_llama_cpp_converter(tiny_checkpoint, mmprojs, tmp_path):
         theirs = llama_cpp_convert(tiny_checkpoint, t, tmp_path / f"llama-cpp-{t}.gguf")
         assert header_summary(ours) == header_summary(theirs), t
         assert ours.read_bytes() == theirs.read_bytes(), t
-    # a bf16 checkpoint (the m0 preset's and the Hub's dtype) goes through F32 first, in both
-    bf16 = synth_checkpoint(tmp_path / "bf16", "tiny", seed=0, dtype="bfloat16", tokenizer=False)
+    # bf16 (the m0 preset's and the Hub's dtype) goes through F32 first in both; 12 blocks order as strings
+    # (visual.blocks.10 before visual.blocks.2) in both, as m0's 32 do
+    deep = replace(PRESETS["tiny"], name="tiny-deep", vision_depth=12)
+    bf16 = synth_checkpoint(tmp_path / "bf16", deep, seed=0, dtype="bfloat16", tokenizer=False)
     ours = convert_mmproj(bf16, tmp_path / "ours-bf16", "f16", NAME)
+    blocks = [int(n.split(".")[2]) for n, _, _ in header_summary(ours)["tensors"] if n.startswith("v.blk.")]
+    assert list(dict.fromkeys(blocks)) == sorted(range(12), key=str)  # 0, 1, 10, 11, 2, ...
     assert ours.read_bytes() == llama_cpp_convert(bf16, "f16", tmp_path / "llama-cpp-bf16-f16.gguf").read_bytes()
 
 
