@@ -84,27 +84,52 @@ def _llama_cpp_converter(tmp: Path) -> Path | None:
     return found[0] if found else None
 
 
-@pytest.mark.slow  # llama.cpp's converter, three runs of ~5 s
+def run_llama_cpp_converter(script: Path, checkpoint: Path, mmproj_type: str, out: Path, work: Path) -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py --mmproj` on `checkpoint`, under the architecture llama.cpp registers."""
+    ckpt = work / f"qwen2vl-{checkpoint.name}"
+    if not ckpt.exists():
+        ckpt.mkdir(parents=True)
+        for f in checkpoint.iterdir():
+            if f.name != "config.json":
+                (ckpt / f.name).symlink_to(f.resolve())
+        cfg = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2VLForConditionalGeneration"]}))
+    res = subprocess.run([sys.executable, str(script), str(ckpt), "--mmproj", "--outtype", mmproj_type, "--model-name",
+                          NAME, "--outfile", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def record_llama_cpp_output(sdist: str) -> None:
+    """Rewrite data/mmproj-tiny-llama-cpp.json from llama.cpp's converter (never from reranker.gguf.mmproj):
+
+        LLAMA_CPP_SDIST=.../llama_cpp_python-0.3.36.tar.gz PYTHONPATH=. python tests/gguf/test_mmproj.py
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        script = _llama_cpp_converter(work / "src")
+        assert script is not None, f"no convert_hf_to_gguf.py in {sdist}"
+        ckpt = synth_checkpoint(work / NAME, "tiny", seed=0)
+        record = {"_source": f"llama.cpp's convert_hf_to_gguf.py from {Path(sdist).name} (vendor/llama.cpp), run as "
+                             f"`convert_hf_to_gguf.py CKPT --mmproj --outtype T --model-name {NAME}` on `reranker synth "
+                             "--preset tiny --seed 0` with architectures [Qwen2VLForConditionalGeneration]"}
+        for t in MMPROJ_TYPES:
+            out = run_llama_cpp_converter(script, ckpt, t, work / f"{t}.gguf", work)
+            record[t] = {**header_summary(out), "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+    RECORD.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+@pytest.mark.slow  # llama.cpp's converter, four runs of ~5 s
 def test_same_bytes_as_llama_cpp_converter(tiny_checkpoint, mmprojs, tmp_path):
     script = _llama_cpp_converter(tmp_path / "src")
     if script is None:
         pytest.skip("llama.cpp's converter not found: set LLAMA_CPP_SDIST to llama_cpp_python-0.3.36.tar.gz "
                     "(pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:) or LLAMA_CPP_SRC to "
                     "its vendor/llama.cpp; test_same_file_as_llama_cpp_record checks against its recorded output")
-
     def llama_cpp_convert(checkpoint: Path, t: str, out: Path) -> Path:
-        ckpt = tmp_path / f"qwen2vl-{checkpoint.name}"  # the checkpoint under the architecture llama.cpp registers
-        if not ckpt.exists():
-            ckpt.mkdir()
-            for f in checkpoint.iterdir():
-                if f.name != "config.json":
-                    (ckpt / f.name).symlink_to(f)
-            cfg = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-            (ckpt / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2VLForConditionalGeneration"]}))
-        res = subprocess.run([sys.executable, str(script), str(ckpt), "--mmproj", "--outtype", t, "--model-name", NAME,
-                              "--outfile", str(out)], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return out
+        return run_llama_cpp_converter(script, checkpoint, t, out, tmp_path)
 
     for t, ours in mmprojs.items():
         theirs = llama_cpp_convert(tiny_checkpoint, t, tmp_path / f"llama-cpp-{t}.gguf")
@@ -271,3 +296,7 @@ def test_mtmd_encodes_an_image_as_transformers(tiny_checkpoint, llama_model, mmp
     far = float(rel_err(got_other.ravel(), want.ravel()))
     print(f"mtmd f32 mmproj, another image, vs transformers: {far:.2e} relative")
     assert far > 0.1
+
+
+if __name__ == "__main__":
+    record_llama_cpp_output(os.environ["LLAMA_CPP_SDIST"])
