@@ -171,7 +171,7 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
     w.add_vision_patch_size(int(vision["patch_size"]))
     w.add_vision_embedding_length(int(vision["embed_dim"]))
     # llama.cpp's Qwen2-VL rule: vision_config.hidden_size (the merger's output width) becomes the
-    # "feed_forward_length" key; mtmd does not read it for this projector.
+    # "feed_forward_length" key; mtmd only logs it (the FFN widths come from the tensors).
     w.add_vision_feed_forward_length(int(vision["hidden_size"]))
     w.add_vision_block_count(depth)
     w.add_vision_head_count(int(vision["num_heads"]))
