@@ -200,3 +200,48 @@ def assert_scores_close(got, want, dtype: str = "f32", what: str = "scores") -> 
     worst = float(diff.max())
     assert worst < SCORE_ATOL[dtype], f"{what}: |difference| {worst:.3g} >= {SCORE_ATOL[dtype]:g} ({dtype}); per pair {diff}"
     return worst
+
+
+# --- the vision tower ------------------------------------------------------------------------------
+
+
+def load_vl_model(checkpoint_dir: str | Path) -> torch.nn.Module:
+    """transformers' ``Qwen2VLForConditionalGeneration`` with the whole checkpoint (float32, eval, eager).
+
+    The Hub layout (``model.*`` language model, ``visual.*`` vision tower) is renamed as vLLM does for
+    the current class: ``visual.`` -> ``model.visual.``, ``model.`` -> ``model.language_model.``; the
+    ``score.*`` head is not part of it. Strict but for ``lm_head.weight``, tied to the embedding.
+    """
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig.from_pretrained(str(checkpoint_dir))
+    config._attn_implementation = "eager"
+    model = Qwen2VLForConditionalGeneration(config)
+    state = {}
+    for k, v in load_file(str(Path(checkpoint_dir) / "model.safetensors")).items():
+        if k.startswith("visual."):
+            state["model." + k] = v.float()
+        elif k.startswith("model."):
+            state["model.language_model." + k[len("model."):]] = v.float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model.float().eval()
+
+
+def image_processor(checkpoint_dir: str | Path):
+    """The checkpoint's own ``preprocessor_config.json`` in transformers' Qwen2-VL image processor."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(checkpoint_dir))
+
+
+@torch.inference_mode()
+def image_embeddings(model: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> np.ndarray:
+    """The merger's output for one image, [merged tokens, hidden], float64: what replaces ``<|image_pad|>``."""
+    out = model.model.get_image_features(pixel_values, grid_thw)
+    emb = getattr(out, "pooler_output", out)
+    if isinstance(emb, (list, tuple)):
+        emb = torch.cat(list(emb))
+    return emb.double().numpy()

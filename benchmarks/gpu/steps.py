@@ -216,10 +216,12 @@ def _models(ctx: dict, args) -> None:
                                                         convert(P["tiny_ckpt"], P["tiny_f32"].parent, outtype="f32")))
             ready(P["tiny_f32"]).touch()
         if not ready(P["ckpt"]).exists():
-            timed(f"{ctx['preset']}: synth checkpoint", lambda: synth_checkpoint(P["ckpt"], preset=ctx["preset"], seed=0))
+            # Text steps only: m0's vision tower (665 M parameters, 1.3 GB) is not needed by them.
+            timed(f"{ctx['preset']}: synth checkpoint", lambda: synth_checkpoint(P["ckpt"], preset=ctx["preset"], seed=0,
+                                                                                 vision=False))
             ready(P["ckpt"]).touch()
         if not ready(P["F16"]).exists():
-            timed(f"{ctx['preset']}: convert f16", lambda: convert(P["ckpt"], P["F16"].parent, outtype="f16"))
+            timed(f"{ctx['preset']}: convert f16", lambda: convert(P["ckpt"], P["F16"].parent, outtype="f16", mmproj_type=None))
             ready(P["F16"]).touch()
         # F16's identity copy waits for the quant stage: reranker.engine.identity imports llama_cpp, which is
         # not installed while this stage runs (GPU_RUN_NO_LLAMA); importing it here crashed the stage.
@@ -250,7 +252,7 @@ def _models(ctx: dict, args) -> None:
     from reranker.gguf.convert import convert
 
     if not ready(P["BF16"]).exists():
-        timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16"))
+        timed(f"{ctx['preset']}: convert bf16", lambda: convert(P["ckpt"], P["BF16"].parent, outtype="bf16", mmproj_type=None))
         ready(P["BF16"]).touch()
     ident("BF16")
 

@@ -12,6 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "benchmarks, bench-quant), m0 (the real model's, 1.5 B parameters) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights: the same seed, the same bytes (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--no-vision", dest="vision", action="store_false",
+                   help="leave the vision tower (visual.*) out: a text-only checkpoint, no mmproj on convert")
     p.set_defaults(func=run)
 
 
@@ -21,4 +23,4 @@ def run(args: argparse.Namespace) -> None:
     require("synth", "reranker synth")  # before the folder is made
     from reranker.synth.random_checkpoint import synth_checkpoint
 
-    print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed))
+    print(synth_checkpoint(args.output, preset=args.preset, seed=args.seed, vision=args.vision))

@@ -1,8 +1,10 @@
-"""An original jina-reranker-m0 checkpoint -> the release's GGUF backbone + `mlp_weights.npz`.
+"""An original jina-reranker-m0 checkpoint -> the release's GGUF backbone + `mlp_weights.npz`
+(+ the vision projector `mmproj-<name>-<TYPE>.gguf` when the checkpoint has a vision tower).
 
 Mirrors how the release was built: llama.cpp's `qwen2vl` text model (the layout of
 convert_hf_to_gguf.py), the Qwen2 gpt2/qwen2 BPE vocabulary with `<|box_end|>` and the
-text of id 100 swapped, and the scoring head dumped beside it.
+text of id 100 swapped, and the scoring head dumped beside it. The projector is
+reranker.gguf.mmproj's; the language-model file does not depend on it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from safetensors import safe_open
 from head import ScoringHead
 from reranker.defaults import HEAD_FILE, ORIGINAL_BOX_END_ID, SCORE_TOKEN_ID
 from reranker.errors import RerankerError
+from reranker.gguf.mmproj import MMPROJ_TYPES, convert_mmproj
+from reranker.gguf.safetensors_files import safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +70,8 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     raise RerankerError(f"unexpected language-model tensor {hf_name!r}: not a Qwen2-VL checkpoint?")
 
 
-def _safetensors_files(checkpoint: Path) -> list[Path]:
-    index = checkpoint / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [checkpoint / s for s in shards]
-    single = checkpoint / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise RerankerError(f"no model.safetensors (or model.safetensors.index.json) in {checkpoint}")
-
-
 def _iter_tensors(checkpoint: Path) -> Iterator[tuple[str, str, Path]]:
-    for file in _safetensors_files(checkpoint):
+    for file in safetensors_files(checkpoint):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 gname = gguf_tensor_name(name)
@@ -125,11 +118,19 @@ def _vocab(checkpoint: Path, vocab_size: int) -> tuple[list[str], list[int], lis
     return tokens, types, merges
 
 
-def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", name: str | None = None) -> tuple[Path, Path]:
-    """Write `<name>-<TYPE>.gguf` and `mlp_weights.npz` into `out_dir`; returns both paths."""
+def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", name: str | None = None,
+            mmproj_type: str | None = "f16") -> tuple[Path, Path]:
+    """Write `<name>-<TYPE>.gguf` and `mlp_weights.npz` into `out_dir`; returns both paths.
+
+    With `visual.*` weights in the checkpoint, also writes `mmproj-<name>-<MMPROJ_TYPE>.gguf` there
+    (reranker.gguf.mmproj.convert_mmproj; `mmproj_type` f32, f16 or q8_0; None skips it).
+    """
+
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if outtype not in OUTTYPES:
         raise RerankerError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if mmproj_type is not None and mmproj_type not in MMPROJ_TYPES:
+        raise RerankerError(f"--mmproj-type {mmproj_type!r} is not one of {', '.join(MMPROJ_TYPES)}")
     config_path = checkpoint / "config.json"
     if not config_path.is_file():
         raise RerankerError(f"no config.json in {checkpoint}: expected a jina-reranker-m0 style checkpoint directory")
@@ -178,6 +179,8 @@ def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", n
     npz_path = out_dir / HEAD_FILE
     ScoringHead.from_checkpoint(checkpoint).save_npz(npz_path)
     log.info("wrote %s and %s", gguf_path, npz_path)
+    if mmproj_type is not None:
+        convert_mmproj(checkpoint, out_dir, mmproj_type, name)
     return gguf_path, npz_path
 
 

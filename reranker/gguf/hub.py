@@ -50,7 +50,14 @@ def _matches(path: Path, quant: str) -> bool:
     return level_in_name(path.name, extra=(quant,)) == quant.upper()
 
 
+def is_mmproj(path: Path) -> bool:
+    """A vision projector (`mmproj-*.gguf`, llama.cpp's name for it), not a backbone."""
+    return path.name.lower().startswith("mmproj")
+
+
 def _pick(ggufs: list[Path], quant: str | None, where: str) -> Path:
+    # `reranker convert` writes the projector beside the backbone, at a level of its own: never a candidate
+    ggufs = [p for p in ggufs if not is_mmproj(p)]
     if quant:
         hits = [p for p in ggufs if _matches(p, quant)]
     else:

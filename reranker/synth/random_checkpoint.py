@@ -1,13 +1,16 @@
 """Synthetic jina-reranker-m0 checkpoints in the original Hugging Face layout.
 
 The real weights cannot be downloaded here, so :func:`synth_checkpoint` writes a directory that looks
-like ``jinaai/jina-reranker-m0`` (language model + score head; the vision tower is left out):
+like ``jinaai/jina-reranker-m0`` (language model, score head and Qwen2-VL vision tower):
 
 * ``config.json``: flat Qwen2-VL config (old transformers style), ``architectures =
   ["JinaVLForRanking"]``, ``model_type = "qwen2_vl"``, M-RoPE ``rope_scaling``, a ``vision_config``;
 * ``model.safetensors``: ``model.embed_tokens.weight`` [151936, H], ``model.layers.N.*``,
   ``model.norm.weight``, ``score.0.{weight,bias}`` [H, H] / [H], ``score.2.{weight,bias}`` [1, H] / [1];
-  no ``lm_head`` (tied embeddings);
+  no ``lm_head`` (tied embeddings); then the vision tower under ``visual.*`` (Conv3D patch embedding,
+  ``blocks.N.*`` with fused ``attn.qkv``, the ``merger`` to H), unless ``vision=False``;
+* ``preprocessor_config.json``: Qwen2-VL's image processor (CLIP mean / std, patch 14, temporal
+  patch 2, merge 2) with the pixel limits jina-reranker-m0 scores at (3136 .. 602112);
 * the real Qwen2-VL tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json``,
   ``merges.txt``) from :mod:`reranker.synth.qwen_vocab`.
 
@@ -37,7 +40,7 @@ import torch
 from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
 from reranker.synth.qwen_vocab import SPECIAL_START_ID, special_token_ids, write_qwen2_tokenizer
 
-__all__ = ["Preset", "PRESETS", "synth_checkpoint", "tensor_shapes"]
+__all__ = ["Preset", "PRESETS", "preprocessor_config_dict", "synth_checkpoint", "tensor_shapes", "vision_tensor_shapes"]
 
 VOCAB_SIZE = 151_936  # 151,643 BPE + 14 special + padding rows
 
@@ -55,6 +58,7 @@ class Preset:
     mrope_section: tuple[int, int, int]
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     vocab_size: int = VOCAB_SIZE
+    # Qwen2-VL-2B's vision tower (jina-reranker-m0's); the merger always projects to hidden_size.
     vision_depth: int = 32
     vision_embed_dim: int = 1280
     vision_num_heads: int = 16
@@ -72,14 +76,23 @@ class Preset:
             raise ValueError(f"{self.name}: mrope_section must sum to head_dim/2 = {self.head_dim // 2}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"{self.name}: dtype must be one of {sorted(_DTYPES)}")
+        if self.vision_embed_dim % self.vision_num_heads or (self.vision_embed_dim // self.vision_num_heads) % 4:
+            # llama.cpp's Qwen2-VL vision rope splits each head into 4 sections
+            raise ValueError(f"{self.name}: vision head dim (vision_embed_dim / vision_num_heads) must be a multiple of 4")
+        if self.vision_depth < 3:
+            # llama.cpp's converter names the merger's `mlp.2` as block 2 of the projector (mm.{bid},
+            # bid < depth): a shallower tower cannot be converted by it
+            raise ValueError(f"{self.name}: vision_depth must be at least 3 (llama.cpp maps visual.merger.mlp.2 to mm.2)")
 
 
 PRESETS: dict[str, Preset] = {
     # Unit tests: every row size is a multiple of 32 (Q8_0 / Q4_0 / Q5_x quantize); not K-quant friendly.
-    "tiny": Preset("tiny", 64, 128, 2, 4, 2, (2, 3, 3)),
+    # Vision: 3 blocks of width 32, 2 heads of 16 (the least llama.cpp's converter and vision rope take).
+    "tiny": Preset("tiny", 64, 128, 2, 4, 2, (2, 3, 3), vision_depth=3, vision_embed_dim=32, vision_num_heads=2),
     # CPU benchmarks: every row size (512, 1536) is a multiple of 256, so all K-quants apply.
-    "small": Preset("small", 512, 1536, 4, 8, 2, (8, 12, 12)),
-    # The real jina-reranker-m0 language model shapes (1.54 B parameters).
+    "small": Preset("small", 512, 1536, 4, 8, 2, (8, 12, 12), vision_depth=4, vision_embed_dim=256, vision_num_heads=4),
+    # The real jina-reranker-m0 shapes (1.54 B parameters in the language model, Qwen2-VL-2B's
+    # 665 M parameter vision tower).
     "m0": Preset("m0", 1536, 8960, 28, 12, 2, (16, 24, 24), dtype="bfloat16"),
 }
 
@@ -151,8 +164,63 @@ def config_dict(p: Preset) -> dict:
     }
 
 
-def tensor_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
-    """Checkpoint keys and shapes, in file order."""
+# Qwen2-VL's image processor as jina-reranker-m0 uses it: the OpenAI CLIP mean / std, and the pixel
+# limits its modeling code passes to AutoProcessor (4 .. 768 merged 28x28 tokens per image).
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+MIN_PIXELS = 3136
+MAX_PIXELS = 602112
+
+
+def preprocessor_config_dict() -> dict:
+    """``preprocessor_config.json``: Qwen2-VL's image processor at jina-reranker-m0's pixel limits."""
+    return {
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": IMAGE_MEAN,
+        "image_std": IMAGE_STD,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
+
+
+def vision_tensor_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """The vision tower's keys and shapes (Hub names, ``visual.*``), in file order."""
+    E, M, H = p.vision_embed_dim, p.vision_embed_dim * 4, p.hidden_size  # mlp_ratio 4
+    merged = E * 4  # spatial_merge_size 2: 2x2 patches concatenated
+    out: list[tuple[str, tuple[int, ...]]] = [("visual.patch_embed.proj.weight", (E, 3, 2, 14, 14))]
+    for i in range(p.vision_depth):
+        pre = f"visual.blocks.{i}."
+        out += [
+            (pre + "norm1.weight", (E,)),
+            (pre + "norm1.bias", (E,)),
+            (pre + "norm2.weight", (E,)),
+            (pre + "norm2.bias", (E,)),
+            (pre + "attn.qkv.weight", (3 * E, E)),
+            (pre + "attn.qkv.bias", (3 * E,)),
+            (pre + "attn.proj.weight", (E, E)),
+            (pre + "attn.proj.bias", (E,)),
+            (pre + "mlp.fc1.weight", (M, E)),
+            (pre + "mlp.fc1.bias", (M,)),
+            (pre + "mlp.fc2.weight", (E, M)),
+            (pre + "mlp.fc2.bias", (E,)),
+        ]
+    out += [
+        ("visual.merger.ln_q.weight", (E,)),
+        ("visual.merger.ln_q.bias", (E,)),
+        ("visual.merger.mlp.0.weight", (merged, merged)),
+        ("visual.merger.mlp.0.bias", (merged,)),
+        ("visual.merger.mlp.2.weight", (H, merged)),
+        ("visual.merger.mlp.2.bias", (H,)),
+    ]
+    return out
+
+
+def tensor_shapes(p: Preset, vision: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+    """Checkpoint keys and shapes, in file order (the vision tower last, unless ``vision=False``)."""
     H, F = p.hidden_size, p.intermediate_size
     q_out = p.num_attention_heads * p.head_dim
     kv_out = p.num_key_value_heads * p.head_dim
@@ -180,7 +248,7 @@ def tensor_shapes(p: Preset) -> list[tuple[str, tuple[int, ...]]]:
         ("score.2.weight", (1, H)),
         ("score.2.bias", (1,)),
     ]
-    return out
+    return out + (vision_tensor_shapes(p) if vision else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +287,17 @@ def _layer_tensor(p: Preset, seed: int, name: str, shape: tuple[int, ...]) -> to
     }
     gain, fan_in = gains[leaf]
     return _randn(seed, name, shape, gain / math.sqrt(fan_in))
+
+
+def _vision_tensor(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Scaled like the language model (std = 1 / sqrt(fan_in)), so that pixels normalised to ~N(0, 1)
+    come out of the merger at the text embeddings' scale and different images give different tokens."""
+    if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
+        return _randn(seed, name, shape, _NORM_NOISE, 1.0)
+    if name.endswith(".bias"):
+        return _randn(seed, name, shape, _BIAS_STD)
+    fan_in = math.prod(shape[1:])
+    return _randn(seed, name, shape, 1.0 / math.sqrt(fan_in))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,12 +441,15 @@ def synth_checkpoint(
     *,
     dtype: str | None = None,
     tokenizer: bool = True,
+    vision: bool = True,
 ) -> Path:
     """Write a synthetic jina-reranker-m0 checkpoint into ``out_dir`` and return its path.
 
     ``preset`` is a key of :data:`PRESETS` (``"tiny"``, ``"small"``, ``"m0"``) or a :class:`Preset`.
     ``dtype`` overrides the preset's storage dtype (``"float32"``, ``"bfloat16"``, ``"float16"``);
-    ``config.json``'s ``torch_dtype`` follows it. Same ``(preset, seed, dtype)`` -> same bytes.
+    ``config.json``'s ``torch_dtype`` follows it. Same ``(preset, seed, dtype, vision)`` -> same bytes.
+    ``vision=False`` leaves the ``visual.*`` tensors out (a text-only checkpoint; the ``m0`` tower
+    alone is 665 M parameters). The language-model and head tensors do not depend on ``vision``.
     """
     p = PRESETS[preset] if isinstance(preset, str) else preset
     if dtype is not None:
@@ -379,10 +461,12 @@ def synth_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_dict(p), indent=2) + "\n", encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_dict(), indent=2) + "\n",
+                                                  encoding="utf-8")
     if tokenizer:
         write_qwen2_tokenizer(out)
 
-    shapes = tensor_shapes(p)
+    shapes = tensor_shapes(p, vision=vision)
     calib = _Calib(p, _calibration_prompts(p, seed))
     needed = {t for s in calib.seqs for t in s}
     tmp = out / "model.safetensors.tmp"
@@ -412,5 +496,8 @@ def synth_checkpoint(
         head = _score_head(p, seed, calib.last_hidden(norm.float()), dt)
         for name in ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"):
             _write(f, head[name])
+        for name, shape in shapes:
+            if name.startswith("visual."):
+                _write(f, _vision_tensor(seed, name, shape).to(dt))
     tmp.replace(out / "model.safetensors")
     return out

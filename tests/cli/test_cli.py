@@ -22,6 +22,13 @@ def test_synth_convert_quantize_rerank(tmp_path):
     assert res.returncode == 0, res.stderr
     gguf = tmp_path / "out" / "ckpt-F16.gguf"
     assert gguf.is_file() and (tmp_path / "out" / "mlp_weights.npz").is_file()
+    mmproj = tmp_path / "out" / "mmproj-ckpt-F16.gguf"  # the vision projector, F16 by default
+    assert mmproj.is_file() and res.stdout.split() == [str(gguf), str(tmp_path / "out" / "mlp_weights.npz"), str(mmproj)]
+    res = run("rerank", "-m", str(tmp_path / "out"), "-q", "rockets", "-d", "a rocket launch", "--json")
+    assert res.returncode == 0, res.stderr  # the folder resolves to the backbone beside the projector
+    assert json.loads(res.stdout)["model"] == str(tmp_path / "out")
+    res = run("convert", str(ckpt), "-o", str(tmp_path / "q8"), "--outtype", "f32", "--mmproj-type", "q8_0")
+    assert res.returncode == 0 and (tmp_path / "q8" / "mmproj-ckpt-Q8_0.gguf").is_file(), res.stderr
     res = run("quantize", str(gguf), str(tmp_path / "out" / "ckpt-Q8_0.gguf"), "--type", "Q8_0")
     assert res.returncode == 0, res.stderr
     res = run("rerank", "-m", str(gguf), "-q", "rockets", "-d", "a rocket launch", "-d", "a cake recipe", "--json")

@@ -13,7 +13,7 @@ import pytest
 
 from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
 from reranker.synth import qwen_vocab
-from reranker.synth.random_checkpoint import PRESETS, synth_checkpoint, tensor_shapes
+from reranker.synth.random_checkpoint import PRESETS, synth_checkpoint, tensor_shapes, vision_tensor_shapes
 
 tokenizers = pytest.importorskip("tokenizers")
 tiktoken = pytest.importorskip("tiktoken")
@@ -193,6 +193,24 @@ def test_presets():
     assert all(s[-1] % 256 == 0 for k, s in tensor_shapes(PRESETS["small"]) if len(s) == 2)
     assert all(s[-1] % 256 == 0 for k, s in tensor_shapes(PRESETS["m0"]) if len(s) == 2)
     assert PRESETS["tiny"].head_dim == 16 and PRESETS["small"].head_dim == 64
+    # Qwen2-VL-2B's vision tower: 32 blocks of 1280 (16 heads), merger 5120 -> 1536
+    assert (real.vision_depth, real.vision_embed_dim, real.vision_num_heads) == (32, 1280, 16)
+    vis = dict(vision_tensor_shapes(real))
+    assert vis["visual.merger.mlp.2.weight"] == (1536, 5120) and vis["visual.blocks.31.attn.qkv.weight"] == (3840, 1280)
+    assert sum(int(np.prod(s)) for s in vis.values()) == 665_271_296
+    assert [k for k, _ in tensor_shapes(real, vision=False)] == [k for k, _ in tensor_shapes(real) if not k.startswith("visual.")]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vision_depth": 2}, "vision_depth must be at least 3"),  # llama.cpp's converter maps merger.mlp.2 to mm.2
+    ({"vision_num_heads": 16}, "multiple of 4"),  # head dim 2: llama.cpp's vision rope takes 4 sections
+])
+def test_vision_shapes_llama_cpp_cannot_take_are_refused(change, match):
+    from dataclasses import replace
+
+    replace(PRESETS["tiny"], vision_depth=3, vision_num_heads=8).validate()  # the limits themselves are fine
+    with pytest.raises(ValueError, match=match):
+        replace(PRESETS["tiny"], **change).validate()
 
 
 def test_checkpoint_layout(tiny_dir):
@@ -215,7 +233,25 @@ def test_checkpoint_layout(tiny_dir):
     assert shapes["score.0.weight"] == (64, 64) and shapes["score.2.weight"] == (1, 64)
     assert shapes["model.layers.1.self_attn.k_proj.bias"] == (32,)
     assert not any(k.startswith("lm_head") for k in shapes)
-    assert not any("visual" in k for k in shapes)
+    assert shapes["visual.patch_embed.proj.weight"] == (32, 3, 2, 14, 14)  # Conv3D: temporal patch 2, patch 14
+    assert shapes["visual.blocks.2.attn.qkv.weight"] == (96, 32) and shapes["visual.merger.mlp.2.weight"] == (64, 128)
+    assert {k for k in shapes if k.startswith("visual.")} == {k for k, _ in vision_tensor_shapes(p)}
+    assert cfg["vision_config"]["depth"] == 3 and cfg["vision_config"]["hidden_size"] == 64
+    pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    assert (pre["min_pixels"], pre["max_pixels"], pre["patch_size"], pre["merge_size"]) == (3136, 602112, 14, 2)
+    assert pre["image_mean"] == [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP
+    assert pre["image_std"] == [0.26862954, 0.26130258, 0.27577711]
+
+
+def test_vision_false_leaves_the_text_tensors_as_they_are(tmp_path, tiny_dir):
+    """The vision tower is an addition: every language-model and head tensor is the same with or without it."""
+    from safetensors.torch import load_file
+
+    text = synth_checkpoint(tmp_path / "text", "tiny", seed=0, tokenizer=False, vision=False)
+    st, sv = load_file(str(text / "model.safetensors")), load_file(str(tiny_dir / "model.safetensors"))
+    assert set(st) == {k for k in sv if not k.startswith("visual.")} and not any(k.startswith("visual.") for k in st)
+    for k, t in st.items():
+        assert t.dtype == sv[k].dtype and t.numpy().tobytes() == sv[k].numpy().tobytes(), k
 
 
 def test_autoconfig_parses(tiny_dir):
@@ -294,3 +330,29 @@ def test_oracle_hidden_states_and_head(tiny_dir, hf_tok):
     assert ((s > 0.02) & (s < 0.98)).all(), s  # not saturated
     assert s.max() - s.min() > 0.15, s  # spread
     assert LOGIT_BIAS == 2.65
+
+
+def test_transformers_loads_the_vision_tower(tiny_dir):
+    """Qwen2VLForConditionalGeneration takes the whole checkpoint (renamed as vLLM does) and the image processor
+    its preprocessor_config.json: one image comes out of the merger as (h/28)(w/28) tokens of the text width."""
+    pytest.importorskip("transformers")
+    from oracle import image_embeddings, image_processor, load_vl_model
+    from PIL import Image
+
+    model = load_vl_model(tiny_dir)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    proc = image_processor(tiny_dir)
+    rng = np.random.default_rng(0)
+    grids = {}
+    for h, w in [(56, 84), (10, 10), (1000, 1000), (28, 2000)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        inputs = proc(images=[image], return_tensors="pt")
+        t, gh, gw = inputs["image_grid_thw"][0].tolist()
+        grids[(h, w)] = (gh, gw)
+        assert t == 1 and 3136 <= gh * gw * 14 * 14 <= 602112, (h, w, gh, gw)  # jina-reranker-m0's pixel limits
+        if gh * gw > 1024:
+            continue  # the processor's limit is the point; eager attention over 11664 patches is not (1 GB)
+        emb = image_embeddings(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        assert emb.shape == (gh * gw // 4, 64) and np.isfinite(emb).all()
+        assert 0.3 < emb.std() < 3.0, emb.std()  # at the text embeddings' scale (std 1), neither dead nor exploding
+    assert grids[(56, 84)] == (4, 6) and grids[(10, 10)] == (4, 4) and grids[(1000, 1000)] == (54, 54)
