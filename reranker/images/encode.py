@@ -40,15 +40,30 @@ _GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: loggi
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """One image's embeddings (n_tokens x n_embd float32, row-major over the grid) and its grid."""
+    """One image's embeddings (n_tokens x n_embd float32, row-major over the grid), its grid, and the
+    M-RoPE positions llama.cpp gives its tokens."""
 
     embeddings: np.ndarray
     nx: int  # merged tokens per row
     ny: int  # rows
+    rel_positions: np.ndarray  # (4, n_tokens) int32 for an image starting at position 0: t, y, x, 0
 
     @property
     def n_tokens(self) -> int:
         return self.nx * self.ny
+
+    @property
+    def n_pos(self) -> int:
+        """Positions the image takes: the text after it starts at its start + n_pos (max(nx, ny), as transformers)."""
+        return max(self.nx, self.ny)
+
+    def positions(self, start: int) -> np.ndarray:
+        """The image tokens' positions when the image starts at `start`, in the layout of a `llama_batch` of
+        embeddings under M-RoPE (libmtmd's helper): 4 rows of n_tokens, temporal, row (y), column (x), unused (0).
+        Flattened row by row, this is `llama_batch.pos` for those tokens."""
+        pos = self.rel_positions.copy()
+        pos[:3] += start
+        return pos
 
 
 class _MtmdLog:
@@ -146,11 +161,11 @@ class VisionEncoder:
             params.n_threads = n_threads
         params.warmup = warmup
         params.image_min_tokens = sizing.min_tokens
+        params.image_max_tokens = sizing.max_tokens
         if flash_attn is None:
             flash_attn = header_value(self.path, "general.file_type") != 0  # 0: ALL_F32
         # libmtmd's "auto" turns fused attention on wherever the backend has it (the CPU included).
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.image_max_tokens = sizing.max_tokens
         _log.take()
         ctx = mtmd_cpp.mtmd_init_from_file(str(self.path).encode(), model, params)
         if not ctx:
@@ -202,6 +217,10 @@ class VisionEncoder:
                     # llama.cpp resized the image: its sizing and ours disagree, and the pixels are no longer the original's.
                     raise RerankerError(f"llama.cpp sized {name} as {nx}x{ny} tokens where the original's preprocessing gives "
                                         f"{prepared.grid_w}x{prepared.grid_h}; the projector {self.path} is not Qwen2-VL's")
+                rel = np.zeros((4, n), dtype=np.int32)
+                for i in range(n):  # llama.cpp's own positions, so the decoder gets what libmtmd would give it
+                    d = mtmd_cpp.mtmd_image_tokens_get_decoder_pos(tokens, 0, i)
+                    rel[:, i] = (d.t, d.y, d.x, d.z)
                 rc = mtmd_cpp.mtmd_encode_chunk(self._ctx, chunk)
                 if rc != 0:
                     raise RerankerError(f"libmtmd could not encode {name} (code {rc}: {_log.take() or 'no reason logged'})")
@@ -212,7 +231,7 @@ class VisionEncoder:
                     mtmd_cpp.mtmd_input_chunks_free(chunks)
                 if bitmap:
                     mtmd_cpp.mtmd_bitmap_free(bitmap)
-        return ImageEmbedding(emb, nx, ny)
+        return ImageEmbedding(emb, nx, ny, rel)
 
     @staticmethod
     def _image_chunk(chunks, name: str):

@@ -135,6 +135,29 @@ def test_an_f32_projector_runs_unfused_attention(tmp_path, tiny_vision, llama_mo
     assert rel(default, ref) < fused_err
 
 
+@pytest.mark.parametrize("w, h", [(333, 217), (60, 1200), (56, 56)])
+def test_positions_equal_transformers_rope_index(tmp_path, encoder, w, h):
+    """llama.cpp's M-RoPE positions for the image tokens (what the decoder is given) equal transformers'
+    get_rope_index for the original's prompt shape: text, the image, text; the text after it continues at
+    the image's start + n_pos."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    e = encoder.encode(prepare(load_image(png(tmp_path, w, h))))
+    before, after = 7, 5
+    cfg = Qwen2VLConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                     "num_key_value_heads": 1, "vocab_size": 256, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+                        vision_config={"depth": 1, "embed_dim": 8, "hidden_size": 16, "num_heads": 2})
+    hf = Qwen2VLModel(cfg)
+    types = torch.tensor([[0] * before + [1] * e.n_tokens + [0] * after])
+    pos, _ = hf.get_rope_index(torch.zeros_like(types), types, image_grid_thw=torch.tensor([[1, 2 * e.ny, 2 * e.nx]]))
+    pos = pos[:, 0].numpy()
+    ours = e.positions(before)
+    assert ours.shape == (4, e.n_tokens) and ours.dtype == np.int32 and not ours[3].any()
+    np.testing.assert_array_equal(ours[:3], pos[:, before:before + e.n_tokens])  # (t, row, column) both
+    assert (pos[:, before + e.n_tokens] == before + e.n_pos).all()
+
+
 def test_an_image_that_is_not_prepared(encoder):
     im = Image.new("RGB", (100, 90))
     with pytest.raises(RerankerError, match=r"image 4 is not prepared for the vision tower \(RGB 100x90"):
