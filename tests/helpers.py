@@ -249,7 +249,8 @@ def llama_cpp_source(cache: Path) -> Path:
                 parts = m.name.split("/vendor/llama.cpp/", 1)
                 if len(parts) == 2 and parts[1].startswith(keep) and (m.isfile() or m.isdir()):
                     m.name = parts[1]
-                    tar.extract(m, staging, filter="data")
+                    # the "data" filter (no links out, no special files) exists from 3.10.12 / 3.11.4 on
+                    tar.extract(m, staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(dest)
