@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,29 @@ def ray_cluster(_identity_cache):
                    configure_logging=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src():
+    """llama.cpp's source of the installed llama-cpp-python (its converter), fetched once from PyPI and cached."""
+    from helpers import llama_cpp_source
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jina-reranker-gguf-tests"
+    try:
+        return llama_cpp_source(cache)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        msg = f"llama.cpp's converter is not available ({e}); set RERANKER_LLAMA_CPP_SRC to a llama.cpp checkout"
+        if REQUIRE_EXTRAS:
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory, llama_cpp_src):
+    """(checkpoint, F32 mmproj): a tiny Qwen2-VL vision tower (merger output 64, the tiny preset's hidden size) in
+    the Hub layout, and its vision projector written by llama.cpp's own `convert_hf_to_gguf.py --mmproj` (~10 s)."""
+    from helpers import convert_mmproj, write_tiny_vision_checkpoint
+
+    root = tmp_path_factory.mktemp("vision")
+    ckpt = write_tiny_vision_checkpoint(root / "tiny-vision")
+    return ckpt, convert_mmproj(llama_cpp_src, ckpt, root / "mmproj-tiny-vision-F32.gguf")

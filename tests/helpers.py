@@ -191,3 +191,129 @@ def running_server(reranker, settings=None):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+# --- vision: a tiny Qwen2-VL vision tower and llama.cpp's own converter ---------------------------------------
+
+#: Qwen2-VL's preprocessor_config.json (Qwen/Qwen2-VL-2B-Instruct; jina-reranker-m0 ships the same values).
+QWEN2VL_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
+    "do_convert_rgb": True, "resample": 3, "rescale_factor": 1 / 255, "min_pixels": 3136, "max_pixels": 12845056,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+}
+
+
+def tiny_vision_config(text_hidden: int = 64) -> dict:
+    """A Qwen2-VL vision tower small enough for tests. Depth 3: llama.cpp's converter maps the merger's
+    `mlp.2` only for block indices below the depth, so a tower of 1 or 2 blocks cannot be converted."""
+    return {"depth": 3, "embed_dim": 32, "hidden_size": text_hidden, "num_heads": 2, "mlp_ratio": 4, "patch_size": 14,
+            "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3, "hidden_act": "quick_gelu"}
+
+
+def tiny_vision_model(vision_config: dict, seed: int = 0):
+    """transformers' Qwen2-VL vision tower (float32, eager attention, eval), seeded weights of unit gain.
+
+    transformers' own init (std 0.02) makes the tower nearly constant, so weights are redrawn with
+    std 1/sqrt(fan_in) (layer norms 1 +- 0.1): different images then give clearly different embeddings.
+    """
+    import torch
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    cfg = Qwen2VLVisionConfig(**vision_config)
+    cfg._attn_implementation = "eager"
+    model = Qwen2VisionTransformerPretrainedModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):  # layer norms
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def write_tiny_vision_checkpoint(out: Path, text_hidden: int = 64, seed: int = 0) -> Path:
+    """A Qwen2-VL checkpoint in the Hub layout with only its vision tower (`visual.*`), for llama.cpp's
+    `convert_hf_to_gguf.py --mmproj`: config.json (Qwen2VLForConditionalGeneration, text hidden size
+    `text_hidden`), model.safetensors, preprocessor_config.json."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    vc = tiny_vision_config(text_hidden)
+    model = tiny_vision_model(vc, seed)
+    save_file({"visual." + k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": text_hidden,
+              "intermediate_size": 2 * text_hidden, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-6, "vocab_size": 151936, "torch_dtype": "float32", "vision_config": vc}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(QWEN2VL_PREPROCESSOR, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def load_tiny_vision(checkpoint: Path):
+    """The vision tower saved by `write_tiny_vision_checkpoint`, loaded strictly into transformers."""
+    from safetensors.torch import load_file
+
+    vc = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))["vision_config"]
+    model = tiny_vision_model(vc, seed=0)
+    sd = {k.removeprefix("visual."): v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def llama_cpp_source(cache: Path) -> Path:
+    """llama.cpp's source tree as vendored by the installed llama-cpp-python (its `convert_hf_to_gguf.py`,
+    `conversion/` and `gguf-py/`), so tests can run llama.cpp's own converter as a reference.
+
+    `RERANKER_LLAMA_CPP_SRC` names a checkout; otherwise the source package of the installed version is
+    fetched once with `pip download --no-binary` (PyPI) and those files are kept under `cache`.
+    """
+    import importlib.metadata
+    import shutil
+    import tarfile
+    import tempfile
+
+    if os.environ.get("RERANKER_LLAMA_CPP_SRC"):
+        return Path(os.environ["RERANKER_LLAMA_CPP_SRC"])
+    version = importlib.metadata.version("llama-cpp-python")
+    dest = cache / f"llama.cpp-{version}"
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+                              "--no-binary", ":all:", "-d", tmp], capture_output=True, text=True,
+                             timeout=600)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if res.returncode != 0 or not sdists:
+            raise RuntimeError(f"pip download llama-cpp-python=={version} failed: {res.stderr[-2000:]}")
+        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        staging = Path(tmp) / "src"
+        with tarfile.open(sdists[0]) as tar:
+            for m in tar.getmembers():
+                parts = m.name.split("/vendor/llama.cpp/", 1)
+                if len(parts) == 2 and parts[1].startswith(keep) and (m.isfile() or m.isdir()):
+                    m.name = parts[1]
+                    # the "data" filter (no links out, no special files) exists from 3.10.12 / 3.11.4 on
+                    tar.extract(m, staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(dest)
+        except OSError:  # another session got there first, or /tmp is another file system
+            if not (dest / "convert_hf_to_gguf.py").is_file():
+                shutil.copytree(staging, dest, dirs_exist_ok=True)
+    return dest
+
+
+def convert_mmproj(source: Path, checkpoint: Path, out: Path, outtype: str = "f32") -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py --mmproj` (offline) on `checkpoint`; returns the mmproj GGUF."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, as llama.cpp runs it
+    res = run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(checkpoint), "--mmproj", "--outtype", outtype,
+               "--outfile", str(out)], env=env, cwd=source)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama.cpp's converter failed on {checkpoint}:\n{res.stderr[-3000:]}")
+    return out

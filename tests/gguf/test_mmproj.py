@@ -3,12 +3,12 @@
 The reference for the file is llama.cpp's own converter, `convert_hf_to_gguf.py --mmproj` (class
 Qwen2VLVisionModel) from the llama-cpp-python 0.3.36 sdist (`vendor/llama.cpp/`), run on the tiny synthetic
 checkpoint with `architectures` set to `Qwen2VLForConditionalGeneration` (it does not know JinaVLForRanking) and
-`--model-name jina-reranker-m0-tiny`. It runs offline in ~5 s per type, so `test_same_bytes_as_llama_cpp_converter`
-runs it live where the sdist is found (LLAMA_CPP_SDIST=path/to/llama_cpp_python-0.3.36.tar.gz, or an unpacked
-tree in LLAMA_CPP_SRC) and compares the three files byte for byte. Where it is not found, the files are
-compared with what it wrote when run by hand (data/mmproj-tiny-llama-cpp.json: every header key and value,
-every tensor's name, shape and type, and the whole file's sha256, for f32, f16 and q8_0): the same check, from
-a record. Regenerate the record only with llama.cpp's converter, never from reranker.gguf.mmproj.
+`--model-name jina-reranker-m0-tiny`. It runs offline in ~5 s per type: `test_same_bytes_as_llama_cpp_converter`
+(slow) runs it live (the sdist is fetched from PyPI once: the `llama_cpp_src` fixture) and compares the three files
+byte for byte; the fast tier compares them with what it wrote (data/mmproj-tiny-llama-cpp.json: every header key
+and value, every tensor's name, shape and type, and the whole file's sha256, for f32, f16 and q8_0). Regenerate
+the record only with llama.cpp's converter (`PYTHONPATH=.:tests python tests/gguf/test_mmproj.py`), never from
+reranker.gguf.mmproj.
 
 The file's function: llama.cpp's mtmd loads it beside the language model, reports vision and M-RoPE, and
 encodes an image to what transformers' Qwen2-VL vision tower computes from the same pixels.
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,21 +68,6 @@ def test_same_file_as_llama_cpp_record(mmprojs, mmproj_type):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == want["sha256"]
 
 
-def _llama_cpp_converter(tmp: Path) -> Path | None:
-    src = os.environ.get("LLAMA_CPP_SRC")
-    if src and (Path(src) / "convert_hf_to_gguf.py").is_file():
-        return Path(src) / "convert_hf_to_gguf.py"
-    sdist = os.environ.get("LLAMA_CPP_SDIST")
-    if not sdist or not Path(sdist).is_file():
-        return None
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
-                   and ("/conversion/" in m.name or "/gguf-py/" in m.name or m.name.endswith("/convert_hf_to_gguf.py"))]
-        tar.extractall(tmp, members=members, filter="data")
-    found = sorted(tmp.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    return found[0] if found else None
-
-
 def run_llama_cpp_converter(script: Path, checkpoint: Path, mmproj_type: str, out: Path, work: Path) -> Path:
     """llama.cpp's `convert_hf_to_gguf.py --mmproj` on `checkpoint`, under the architecture llama.cpp registers."""
     ckpt = work / f"qwen2vl-{checkpoint.name}"
@@ -101,20 +84,23 @@ def run_llama_cpp_converter(script: Path, checkpoint: Path, mmproj_type: str, ou
     return out
 
 
-def record_llama_cpp_output(sdist: str) -> None:
+def record_llama_cpp_output() -> None:
     """Rewrite data/mmproj-tiny-llama-cpp.json from llama.cpp's converter (never from reranker.gguf.mmproj):
 
-        LLAMA_CPP_SDIST=.../llama_cpp_python-0.3.36.tar.gz PYTHONPATH=. python tests/gguf/test_mmproj.py
+        PYTHONPATH=.:tests python tests/gguf/test_mmproj.py
     """
+    import importlib.metadata
     import tempfile
 
+    from helpers import llama_cpp_source
+
+    script = llama_cpp_source(Path(tempfile.gettempdir()) / "jina-reranker-gguf-tests") / "convert_hf_to_gguf.py"
+    version = importlib.metadata.version("llama-cpp-python")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        script = _llama_cpp_converter(work / "src")
-        assert script is not None, f"no convert_hf_to_gguf.py in {sdist}"
         ckpt = synth_checkpoint(work / NAME, "tiny", seed=0)
-        record = {"_source": f"llama.cpp's convert_hf_to_gguf.py from {Path(sdist).name} (vendor/llama.cpp), run as "
-                             f"`convert_hf_to_gguf.py CKPT --mmproj --outtype T --model-name {NAME}` on `reranker synth "
+        record = {"_source": f"llama.cpp's convert_hf_to_gguf.py from llama_cpp_python-{version}.tar.gz (vendor/llama.cpp), "
+                             f"run as `convert_hf_to_gguf.py CKPT --mmproj --outtype T --model-name {NAME}` on `reranker synth "
                              "--preset tiny --seed 0` with architectures [Qwen2VLForConditionalGeneration]"}
         for t in MMPROJ_TYPES:
             out = run_llama_cpp_converter(script, ckpt, t, work / f"{t}.gguf", work)
@@ -123,12 +109,9 @@ def record_llama_cpp_output(sdist: str) -> None:
 
 
 @pytest.mark.slow  # llama.cpp's converter, four runs of ~5 s
-def test_same_bytes_as_llama_cpp_converter(tiny_checkpoint, mmprojs, tmp_path):
-    script = _llama_cpp_converter(tmp_path / "src")
-    if script is None:
-        pytest.skip("llama.cpp's converter not found: set LLAMA_CPP_SDIST to llama_cpp_python-0.3.36.tar.gz "
-                    "(pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:) or LLAMA_CPP_SRC to "
-                    "its vendor/llama.cpp; test_same_file_as_llama_cpp_record checks against its recorded output")
+def test_same_bytes_as_llama_cpp_converter(tiny_checkpoint, mmprojs, tmp_path, llama_cpp_src):
+    script = llama_cpp_src / "convert_hf_to_gguf.py"  # fetched from PyPI once (tests/conftest.py); CI runs it too
+
     def llama_cpp_convert(checkpoint: Path, t: str, out: Path) -> Path:
         return run_llama_cpp_converter(script, checkpoint, t, out, tmp_path)
 
@@ -300,4 +283,4 @@ def test_mtmd_encodes_an_image_as_transformers(tiny_checkpoint, llama_model, mmp
 
 
 if __name__ == "__main__":
-    record_llama_cpp_output(os.environ["LLAMA_CPP_SDIST"])
+    record_llama_cpp_output()
