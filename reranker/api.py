@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,10 +18,11 @@ from reranker.engine.backbone import Backbone
 from reranker.engine.identity import bf16_note, fast_path_gguf, use_bf16, weights_description
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import ScoredDocuments, Usage, check_keep_hidden, prepare, score_prepared
+from reranker.engine.vision import Vision, find_mmproj
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
 from reranker.gguf.hub import resolve
-from reranker.options import Chunking, as_chunking, check_lengths, check_pairs, require_int
+from reranker.options import Chunking, ImageRef, as_chunking, check_lengths, check_pairs, require_int
 from reranker.settings import LoadSettings
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,10 @@ class Reranker:
         self.last_usage = Usage(weights=self.weights_dtype)
         #: The `LoadSettings` it was loaded with (None when built from a backbone and a head directly).
         self.settings: LoadSettings | None = None
+        #: The GGUF it was loaded from (not the fast path's copy): where `mmproj-*.gguf` is looked for.
+        self.gguf_source: Path = backbone.path
+        self._vision: Vision | None = None
+        self._vision_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
@@ -98,7 +105,7 @@ class Reranker:
                         identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = None, max_length: int | None = None,
                         max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                        deterministic: bool = False) -> "Reranker":
+                        deterministic: bool = False, mmproj: str | os.PathLike | None = None) -> "Reranker":
         """Load a GGUF (a path, or a Hub id such as `jinaai/jina-reranker-m0-GGUF:Q8_0`) and its head.
 
         `head` defaults to the `mlp_weights.npz` beside the GGUF (or in the Hub repo).
@@ -120,6 +127,9 @@ class Reranker:
         runs one row at a time, so a pair's score does not depend on the other pairs of a call
         (bit-identical alone or in any batch, on the CPU); slower, see README "Deterministic mode".
 
+        `mmproj`: the vision projector for image pairs (`doc_type="image"`, ...); default: the one
+        `mmproj-*.gguf` beside the GGUF. It is loaded on the first image: text-only use never loads it.
+
         Every setting is checked before any file is read. `quant` with a local .gguf file may
         only restate that file's level (it selects a file in a folder or a Hub repo).
         The keywords are those of `reranker.settings.LoadSettings`; see `from_settings`.
@@ -130,7 +140,7 @@ class Reranker:
                                               identity_dtype=identity_dtype, bf16=bf16, max_length=max_length,
                                               max_query_length=max_query_length, batch_size=batch_size,
                                               cache_dir=cache_dir, local_files_only=local_files_only,
-                                              deterministic=deterministic))
+                                              deterministic=deterministic, mmproj=mmproj))
 
     @classmethod
     def from_settings(cls, settings: LoadSettings) -> "Reranker":
@@ -155,6 +165,7 @@ class Reranker:
         rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=s.max_query_length,
                  device=device, batch_size=s.batch_size)
         rr.settings = s
+        rr.gguf_source = files.gguf
         log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype, f" ({bf16_note(files.gguf, want_bf16, why)})" if s.fast else "")
         return rr
 
@@ -173,10 +184,31 @@ class Reranker:
             max_length = self.backbone.n_ctx
         return PromptBuilder(self.backbone.tokenizer, max_length, max_query_length or self.max_query_length)
 
+    @property
+    def vision(self) -> Vision:
+        """The vision projector, loaded on first use (`mmproj=`, else the `mmproj-*.gguf` beside the GGUF)."""
+        with self._vision_lock:
+            self._check_open()
+            if self._vision is None:
+                path = (self.settings.mmproj if self.settings else None) or find_mmproj(self.gguf_source)
+                if path is None:
+                    raise RerankerError(f"image pairs need the vision projector, and there is no mmproj-*.gguf beside "
+                                        f"{self.gguf_source}; pass mmproj='path/to/mmproj-...gguf' (CLI: --mmproj), made "
+                                        "by `reranker convert` from a checkpoint with its visual.* weights")
+                self._vision = Vision(path, self.backbone, self.settings.n_threads if self.settings else None)
+            return self._vision
+
+    def _with_images(self, pairs: list) -> list:
+        """`pairs` with each image side (`ImageRef`) replaced by its `Embeddings` (one image at a time)."""
+        if not any(isinstance(x, ImageRef) for pair in pairs for x in pair):
+            return pairs
+        return [tuple(self.vision.embed(x) if isinstance(x, ImageRef) else x for x in pair) for pair in pairs]
+
     def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,
                         max_length: int | None = None, max_query_length: int | None = None,
-                        show_progress_bar: bool = False, check_finite: bool = True) -> ScoredDocuments:
+                        show_progress_bar: bool = False, check_finite: bool = True, doc_type: str = "text",
+                        query_type: str = "text") -> ScoredDocuments:
         """Score `[query, document]` pairs, or one query against `documents`: what every other call runs.
 
         Pairs go in batches of `batch_size`; each batch is scored as one call (`engine.scoring`): its
@@ -186,15 +218,16 @@ class Reranker:
         bit for bit. A non-finite score is a `RerankerError` naming its pair (unless `check_finite`
         is False: `embed` reads states whatever the head makes of them). `keep_hidden`: also
         each pair's last hidden state (with chunking, its scoring chunk's). Sets `last_usage`.
+        `doc_type` / `query_type` "image": the documents / queries are images (see `compute_score`).
         """
         self._check_open()
         check_options(batch_size=batch_size)
         chunks = as_chunking(chunking)
         check_keep_hidden(chunks, keep_hidden)
         if documents is None:
-            pairs = check_pairs(query_or_pairs)
+            pairs = check_pairs(query_or_pairs, doc_type, query_type)
         else:
-            pairs = check_pairs([[query_or_pairs, d] for d in _documents(documents)])
+            pairs = check_pairs([[query_or_pairs, d] for d in _documents(documents)], doc_type, query_type)
         builder = self.prompt_builder(max_length, max_query_length)
         batch_size = batch_size or self.batch_size
         usage = Usage(weights=self.weights_dtype, **({"chunks": [], "best_chunk": []} if chunks is not None else {}))
@@ -202,7 +235,7 @@ class Reranker:
         hidden = np.empty((len(pairs), self.backbone.n_embd), dtype=np.float32) if keep_hidden else None
         with tqdm(total=len(pairs), disable=not show_progress_bar, unit="pair", desc="Reranking") as bar:
             for start in range(0, len(pairs), batch_size):
-                part = score_prepared(self, prepare(builder, pairs[start : start + batch_size], chunks),
+                part = score_prepared(self, prepare(builder, self._with_images(pairs[start : start + batch_size]), chunks),
                                       keep_hidden=keep_hidden, first=start, check_finite=check_finite)
                 scores[start : start + len(part.scores)] = part.scores
                 if hidden is not None:
@@ -222,7 +255,8 @@ class Reranker:
                                hidden, usage)
 
     def embed(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, max_length: int | None = None,
-              max_query_length: int | None = None, show_progress_bar: bool = False) -> np.ndarray:
+              max_query_length: int | None = None, show_progress_bar: bool = False, doc_type: str = "text",
+              query_type: str = "text") -> np.ndarray:
         """Last-token hidden states of `[query, document]` pairs, shape (n, hidden), float32.
 
         `pairs` is any iterable of [query, document] lists or tuples (a generator is read once).
@@ -230,7 +264,7 @@ class Reranker:
         """
         return self.score_documents(pairs, keep_hidden=True, batch_size=batch_size, max_length=max_length,
                                     max_query_length=max_query_length, show_progress_bar=show_progress_bar,
-                                    check_finite=False).hidden
+                                    check_finite=False, doc_type=doc_type, query_type=query_type).hidden
 
     @torch.inference_mode()
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
@@ -242,7 +276,8 @@ class Reranker:
 
     def compute_score(self, pairs: Iterable[Sequence[str]] | Sequence[str], *, batch_size: int | None = None,
                       max_length: int | None = None, max_query_length: int | None = None,
-                      show_progress_bar: bool = False, chunking: bool | Chunking | None = None) -> list[float] | float:
+                      show_progress_bar: bool = False, chunking: bool | Chunking | None = None, doc_type: str = "text",
+                      query_type: str = "text") -> list[float] | float:
         """Scores of `[query, document]` pairs, like the original model's `compute_score`.
 
         A single pair (a list or tuple of two strings) gives a float; any other iterable of
@@ -253,37 +288,47 @@ class Reranker:
         chunks, each scored as its own prompt, and its score is their max (or mean, or first);
         `last_usage.chunks` and `.best_chunk` then say, per pair, how many chunks it had and
         which scored best. Default: truncation, as the original model.
+
+        `doc_type="image"` / `query_type="image"`, as the original: the documents / queries are images (a
+        local path, `pathlib.Path`, `PIL.Image`, bytes or a `data:` URI; URLs are not fetched), scored
+        through the vision projector (`mmproj`); a side given as `{"image": ...}` or `{"text": ...}`
+        says its own kind, so one call can mix them. An image is never cut; its text side is.
         """
-        single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+        single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple))
         scores = self.score_documents([pairs] if single else pairs, chunking=chunking, batch_size=batch_size,
                                       max_length=max_length, max_query_length=max_query_length,
-                                      show_progress_bar=show_progress_bar).scores
+                                      show_progress_bar=show_progress_bar, doc_type=doc_type, query_type=query_type).scores
         return scores.tolist()[0] if single else scores.tolist()
 
     def rank(self, query: str, documents: Iterable[str], *, top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None, show_progress_bar: bool = False,
-             chunking: bool | Chunking | None = None) -> list[dict]:
+             chunking: bool | Chunking | None = None, doc_type: str = "text", query_type: str = "text") -> list[dict]:
         """Documents sorted by relevance to `query`, like sentence-transformers' `CrossEncoder.rank`.
 
         Each result is `{"corpus_id": index, "score": float}` (plus `"text"` with `return_documents`,
         and `"chunks"`, `"best_chunk"` with `chunking`, see `compute_score`).
-        `documents` is any iterable of strings; `top_k` is None (all) or at least 1.
+        `documents` is any iterable of strings (images with `doc_type="image"`, or `{"image": ...}` items;
+        see `compute_score`); `top_k` is None (all) or at least 1.
         """
         self._check_open()
         check_options(batch_size=batch_size, top_k=top_k)
         documents = _documents(documents)
         result = self.score_documents(query, documents, chunking=chunking, batch_size=batch_size,
-                                      show_progress_bar=show_progress_bar)
+                                      show_progress_bar=show_progress_bar, doc_type=doc_type, query_type=query_type)
         scores = result.scores.tolist()
         extra: dict[int, dict] = {}
         if result.chunks is not None:
             extra = {i: {"chunks": int(result.chunks[i]), "best_chunk": int(result.best_chunk[i])} for i in range(len(scores))}
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_k]
-        return [{"corpus_id": i, "score": scores[i], **({"text": documents[i]} if return_documents else {}), **extra.get(i, {})}
-                for i in order]
+        return [{"corpus_id": i, "score": scores[i], **(_echo(documents[i], doc_type) if return_documents else {}),
+                 **extra.get(i, {})} for i in order]
 
     def close(self) -> None:
         """Free the llama.cpp model and context; later calls raise a `RerankerError`. Closing twice is fine."""
+        with self._vision_lock:
+            if self._vision is not None:  # the projector is bound to the model: it goes first
+                self._vision.close()
+                self._vision = None
         self.backbone.close()
 
     def __enter__(self) -> "Reranker":
@@ -291,6 +336,13 @@ class Reranker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _echo(document: object, doc_type: str) -> dict:
+    """`rank`'s `return_documents` entry: `{"text": ...}` or `{"image": ...}`, as the document was given."""
+    if isinstance(document, dict):
+        return dict(document)
+    return {"image": document} if doc_type == "image" else {"text": document}
 
 
 def _documents(documents: object) -> list:

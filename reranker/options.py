@@ -69,31 +69,59 @@ def lone_surrogate(text: str) -> str | None:
 SURROGATE_FIX = "such text has no UTF-8 form: fix how it was decoded (or drop that character)"
 
 
-def check_pair(pair: object, index: int) -> tuple[str, str]:
-    """Validate one `[query, document]` pair and return it as a tuple."""
+SIDE_TYPES = ("text", "image")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRef:
+    """An image side of a pair, as given (a path, bytes, a PIL image or a data: URI): loaded when scored."""
+
+    source: object
+    name: str
+
+
+def check_side(value: object, kind: str, name: str) -> str | ImageRef:
+    """One side of a pair: text (a str), or an image when `kind` is "image" or the value is `{"image": ...}`
+    (`{"text": ...}` is text whatever `kind` says)."""
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in SIDE_TYPES:
+            raise RerankerError(f"{name} must be {{\"text\": str}} or {{\"image\": ...}}, got keys {sorted(map(str, value))}")
+        kind, value = next(iter(value.items()))
+    if kind == "image":
+        if value is None or isinstance(value, (int, float, list, tuple, dict)):
+            raise RerankerError(f"{name} must be an image (a path, bytes, a PIL.Image or a data: URI), got {type(value).__name__}")
+        return ImageRef(value, f"{name} image")
+    if not isinstance(value, str):
+        raise RerankerError(f"{name} must be a str, got {type(value).__name__} ({value!r:.60}); convert it to text first, "
+                            "or pass doc_type=\"image\" / query_type=\"image\" (or {\"image\": ...}) for an image")
+    if problem := lone_surrogate(value):
+        raise RerankerError(f"{name} holds {problem}; {SURROGATE_FIX}")
+    return value
+
+
+def check_pair(pair: object, index: int, doc_type: str = "text", query_type: str = "text") -> tuple[str | ImageRef, str | ImageRef]:
+    """Validate one `[query, document]` pair and return it as a tuple (image sides as `ImageRef`)."""
     if not isinstance(pair, (list, tuple)) or len(pair) != 2:
         raise RerankerError(
             f"pair {index} must be a [query, document] list or tuple of two strings, got {type(pair).__name__}"
             f"{'' if not isinstance(pair, (list, tuple)) else f' of length {len(pair)}'}"
         )
     query, document = pair
-    for name, value in (("query", query), ("document", document)):
-        if not isinstance(value, str):
-            raise RerankerError(
-                f"pair {index}: the {name} must be a str, got {type(value).__name__} ({value!r:.60}); "
-                "convert it to text first (images are not supported by the GGUF backbone)"
-            )
-        if problem := lone_surrogate(value):
-            raise RerankerError(f"pair {index}: the {name} holds {problem}; {SURROGATE_FIX}")
-    return query, document
+    return check_side(query, query_type, f"pair {index}: the query"), check_side(document, doc_type, f"pair {index}: the document")
 
 
-def check_pairs(pairs: object) -> list[tuple[str, str]]:
-    """Validate `[query, document]` pairs: any iterable of them (a generator is read once, here)."""
+def check_pairs(pairs: object, doc_type: str = "text", query_type: str = "text") -> list[tuple[str | ImageRef, str | ImageRef]]:
+    """Validate `[query, document]` pairs: any iterable of them (a generator is read once, here).
+
+    `doc_type` / `query_type` ("text" or "image") say what the documents / queries are, as the original's
+    `compute_score`; a side given as `{"text": ...}` or `{"image": ...}` says it for itself."""
+    for what, kind in (("doc_type", doc_type), ("query_type", query_type)):
+        if kind not in SIDE_TYPES:
+            raise RerankerError(f"{what}={kind!r} must be \"text\" or \"image\"")
     if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
         raise RerankerError(f"pairs must be a list (or other iterable) of [query, document] pairs, "
                             f"got {type(pairs).__name__} ({pairs!r:.60})")
-    return [check_pair(p, i) for i, p in enumerate(pairs)]
+    return [check_pair(p, i, doc_type, query_type) for i, p in enumerate(pairs)]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class LoadSettings:
     cache_dir: str | os.PathLike | None = None
     local_files_only: bool | None = None
     deterministic: bool = False
+    mmproj: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         # Every setting is checked before any file is read, with the messages from_pretrained always gave.
@@ -104,5 +105,5 @@ class LoadSettings:
                       n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                       max_length=args.max_length, max_query_length=args.max_query_length,
                       bf16={"auto": None, "on": True, "off": False}[getattr(args, "bf16", "auto")],
-                      deterministic=getattr(args, "deterministic", False))
+                      deterministic=getattr(args, "deterministic", False), mmproj=getattr(args, "mmproj", None))
         return cls(**{**values, **overrides})

@@ -251,6 +251,17 @@ MUTATIONS = [
              "    if False:",
              ("tests/images/test_encode.py::test_header_checks_name_the_file_and_the_fix",),
              "a projector for another backbone fails later, in libmtmd's log, not with a clear error"),
+    # Image pairs through the engine (tests/engine/test_segments.py, tests/api/test_images.py).
+    Mutation("image-grid-transposed", "reranker/engine/vision.py",
+             "Embeddings(e.embeddings, nx=e.nx, ny=e.ny)",
+             "Embeddings(e.embeddings, nx=e.ny, ny=e.nx)",
+             ("tests/api/test_images.py::test_image_documents_equal_the_original",),
+             "a tall image's rows get a wide image's positions"),
+    Mutation("text-after-image-at-its-token-count", "reranker/engine/segments.py",
+             "        return max(self.nx, self.ny)\n",
+             "        return len(self.rows)\n",
+             ("tests/engine/test_segments.py::test_image_rows_at_mrope_positions_equal_transformers",),
+             "the text after an image continues one position per image token, not at +max(nx, ny) as transformers"),
     # The suite's own rule: in CI a missing test extra fails instead of skipping.
     Mutation("extras-may-skip", "tests/conftest.py",
              "    pytest.importorskip = _importorfail",

@@ -234,7 +234,7 @@ class Backbone:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
-        on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        on_gpu = self.on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         cparams.n_ubatch = min(n_ubatch or (N_UBATCH_GPU if on_gpu else N_UBATCH_CPU), n_batch)
         cparams.n_seq_max = n_seq_max
         if fast:
@@ -269,6 +269,12 @@ class Backbone:
     @property
     def closed(self) -> bool:
         return getattr(self, "_model", None) is None
+
+    @property
+    def llama_model(self):
+        """The `llama_model` pointer (for libmtmd's vision projector, which must be closed before this backbone)."""
+        self._check_open()
+        return self._model
 
     def _check_open(self) -> None:
         if self.closed:
