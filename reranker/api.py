@@ -300,7 +300,7 @@ class Reranker:
                                       show_progress_bar=show_progress_bar, doc_type=doc_type, query_type=query_type).scores
         return scores.tolist()[0] if single else scores.tolist()
 
-    def rank(self, query: str, documents: Iterable[str], *, top_k: int | None = None, return_documents: bool = False,
+    def rank(self, query: str | object, documents: Iterable[object], *, top_k: int | None = None, return_documents: bool = False,
              batch_size: int | None = None, show_progress_bar: bool = False,
              chunking: bool | Chunking | None = None, doc_type: str = "text", query_type: str = "text") -> list[dict]:
         """Documents sorted by relevance to `query`, like sentence-transformers' `CrossEncoder.rank`.

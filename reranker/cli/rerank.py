@@ -14,9 +14,14 @@ from reranker.errors import RerankerError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rerank", help="rank documents for one query")
     add_model_args(p)
-    p.add_argument("-q", "--query", required=True, help="the query the documents are ranked for")
+    p.add_argument("-q", "--query", help="the query the documents are ranked for")
+    p.add_argument("--image-query", metavar="PATH", help="an image as the query (instead of -q)")
     p.add_argument("-d", "--document", dest="documents", action="append", help="a document (repeatable)")
+    p.add_argument("--image", dest="images", metavar="PATH", action="append",
+                   help="an image document (repeatable; ranked with the -d and -f documents)")
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
+    p.add_argument("--mmproj", metavar="PATH",
+                   help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF)")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
     p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
     add_chunk_args(p)
@@ -28,14 +33,19 @@ def run(args: argparse.Namespace) -> None:
 
     check_options(top_k=args.top_n)
     chunking = chunking_option(args)
-    docs = list(args.documents or []) + (read_documents(args.file) if args.file else [])
+    if (args.query is None) == (args.image_query is None):
+        raise RerankerError("give the query as -q TEXT or as --image-query PATH (one of the two)")
+    query = args.query if args.query is not None else {"image": args.image_query}
+    docs = [{"text": d} for d in [*(args.documents or []), *(read_documents(args.file) if args.file else [])]]
+    docs += [{"image": path} for path in args.images or []]
     if not docs:
-        raise RerankerError("no documents: give -d DOC (repeatable) or -f FILE")
+        raise RerankerError("no documents: give -d DOC or --image PATH (repeatable), or -f FILE")
     reranker = load_reranker(args)
-    ranked = reranker.rank(args.query, docs, top_k=args.top_n, return_documents=True, chunking=chunking)
+    ranked = reranker.rank(query, docs, top_k=args.top_n, return_documents=True, chunking=chunking)
     if args.json:
         out = {"model": args.model, "usage": {"total_tokens": reranker.last_usage.tokens},
-               "results": [{"index": r["corpus_id"], "relevance_score": r["score"], "document": {"text": r["text"]},
+               "results": [{"index": r["corpus_id"], "relevance_score": r["score"],
+                            "document": {k: r[k] for k in ("text", "image") if k in r},
                             **{k: r[k] for k in ("chunks", "best_chunk") if k in r}}
                            for r in ranked]}
         json.dump(out, sys.stdout, ensure_ascii=False, indent=2)
@@ -43,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         return
     print(f"{'rank':>4}  {'index':>5}  {'score':>8}  " + (f"{'chunk':>7}  " if chunking else "") + "document")
     for n, r in enumerate(ranked, 1):
-        text = " ".join(r["text"].split())
+        text = " ".join(r["text"].split()) if "text" in r else f"[image] {r['image']}"
         best = f"{r['best_chunk'] + 1:>3}/{r['chunks']:<3}  " if chunking else ""
         print(f"{n:>4}  {r['corpus_id']:>5}  {r['score']:8.4f}  {best}{text[:100] + ('…' if len(text) > 100 else '')}")
 

@@ -153,3 +153,25 @@ def test_text_only_never_loads_the_projector_and_a_missing_one_is_named(vision_m
     mmproj = next(gguf.parent.glob("mmproj-*.gguf"))
     with Reranker.from_pretrained(str(alone / gguf.name), device="cpu", n_ctx=512, mmproj=str(mmproj)) as rr:
         assert 0 < rr.compute_score([QUERY, picture(40, 40, 0)], doc_type="image") < 1
+
+
+def test_rerank_command_takes_images(vision_model, tmp_path, capsys):
+    import json
+
+    from reranker.cli import main
+
+    rr, _, gguf = vision_model
+    png = tmp_path / "page.png"
+    IMAGES["tall"]().save(png)
+    base = ["rerank", "-m", str(gguf), "--n-ctx", "2048", "--threads", "2", "--json"]
+    assert main([*base, "-q", QUERY, "--image", str(png), "-d", "a text document"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_index = {r["index"]: r for r in out["results"]}
+    assert by_index[1]["document"] == {"image": str(png)} and by_index[0]["document"] == {"text": "a text document"}
+    assert by_index[1]["relevance_score"] == pytest.approx(rr.compute_score([QUERY, png], doc_type="image"), abs=1e-6)
+    assert main([*base, "--image-query", str(png), "-d", "a text document"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"][0]["relevance_score"] == pytest.approx(
+        rr.compute_score([png, "a text document"], query_type="image"), abs=1e-6)
+    assert main([*base, "-q", QUERY, "--image-query", str(png), "-d", "x"]) == 2
+    assert "one of the two" in capsys.readouterr().err
