@@ -113,3 +113,15 @@ def test_a_set_event_stops_tokenising_between_pieces(tokenizer):
     with cancelled_by(event), pytest.raises(Cancelled):
         tokenizer.encode(text)
     assert len(tokenizer.encode("still works")) > 0, "outside the block nothing is cancelled"
+
+
+def test_threads_tokenise_at_once_and_get_the_ids_of_one_at_a_time(tokenizer):
+    """No lock serialises llama_tokenize (each call has its own buffer): eight threads at once get what one
+    thread alone gets, and a long text in one thread does not hold the others back until it ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = hostile_texts(64, seed=3) + [" ".join(["rerank"] * 50_000)]
+    want = [tokenizer.encode(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(tokenizer.encode, texts * 4))
+    assert got == want * 4
