@@ -865,3 +865,40 @@ def test_huge_and_bomb_requests_do_not_starve_small_ones(tiny_ggufs, tiny_rerank
         time.sleep(2)
         assert cpu_seconds(proc.pid) - before < 0.3, "tokenising went on after its client left"
         assert 'code="499"' in httpx.get(f"{url}/metrics").text
+
+
+def test_batches_take_small_requests_whole_and_never_starve_a_huge_one(tiny_reranker):
+    """The scheduler's batch policy on its own (no decode): the smallest queued requests whole in up to half the
+    batch, the rest shared, so a huge request gets prompts in every batch however many small ones arrive; a
+    request alone is taken in order up to the budget, as first come first served took it."""
+    from reranker.engine.prompts import Prompt
+    from reranker.serve.scheduler import Scheduler, Ticket
+
+    sched = Scheduler(tiny_reranker, batch_tokens=100, max_queue=10**6)
+    ten = Prompt([1] * 10, False)
+
+    def queue(*tickets):
+        for t in tickets:
+            sched._queue.append(t)
+            sched._pending += len(t.prompts)
+
+    alone = Ticket([ten] * 30)
+    queue(alone)
+    assert sched._take() == [(alone, i) for i in range(10)]
+    sched._queue.clear()
+    sched._pending = 0
+    huge = Ticket([ten] * 50)
+    queue(huge)
+    for _ in range(5):  # new small requests keep arriving, more than a batch holds
+        smalls = [Ticket([ten] * 2) for _ in range(8)]
+        queue(*smalls)
+        batch = sched._take()
+        taken = [t for t, _ in batch]
+        assert len(batch) == 10, "the batch is full"
+        assert taken.count(huge) >= 1, "the huge request progresses in every batch"
+        done = [s for s in smalls if taken.count(s) == 2]
+        assert len(done) >= 2, "the smallest requests are taken whole"
+        sched._queue.clear()  # the next round starts from the huge request alone plus new arrivals
+        sched._queue.append(huge)
+        sched._pending = len(huge.prompts) - huge.next
+    assert sched._pending == sum(len(t.prompts) - t.next for t in sched._queue)
