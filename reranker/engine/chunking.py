@@ -108,9 +108,10 @@ class Chunker:
         tokenizer, budget = self.builder.tokenizer, self.builder.budget
         if len(self.builder.prompt_ids(query, document)) <= budget:
             return None, False
-        if self._base is None or self._base[0] != query:  # the query once per chunker, not per document
-            self._base = (query, len(tokenizer.encode(format_prompt(query, ""))))
-        room = budget - self._base[1] - MARGIN
+        base = self._base  # read once: a chunker may be shared by threads
+        if base is None or base[0] != query:  # the query once per chunker, not per document
+            base = self._base = (query, len(tokenizer.encode(format_prompt(query, ""))))
+        room = budget - base[1] - MARGIN
         size = min(self.chunking.size or room, room)
         if size < MIN_CHUNK:  # the query leaves no useful room: truncate as without chunking
             return None, False
