@@ -14,9 +14,17 @@ All in one run, on the same model and settings (compare the ratios; the machine'
 Every answer's scores are compared with the job's (max |diff| printed: the server packs pairs of
 different requests together, so a few 1e-4 on F16 is the expected order).
 
+`--mixed` measures instead what a few huge requests do to many small ones (issue 21): the small
+requests (`--docs` documents each) sent by `--mixed-clients` clients, alone, then again while
+`--huge` requests of `--huge-docs` documents each are sent at the same moment (each by its own
+client); p50 / p99 of the small ones in both runs, and the huge ones' latencies. The batches are
+shared round-robin between queued requests, so a small request waits about one batch, not the
+huge requests' whole work.
+
     python benchmarks/serve.py                        # builds the `small` synthetic model once (F16)
     python benchmarks/serve.py --requests 128 --threads 2 --json out.json
     python benchmarks/serve.py --model m.gguf --device cuda --n-gpu-layers -1   # mlp_weights.npz beside it
+    python benchmarks/serve.py --mixed --preset tiny --outtype f32 --threads 1    # the mixed load, tiny model
 """
 
 from __future__ import annotations
@@ -143,6 +151,53 @@ async def burst(url: str, requests: list[dict], clients: int) -> tuple[float, li
     return wall, latencies, scores
 
 
+def percentiles(latencies: list[float]) -> str:
+    lat = 1e3 * np.array(latencies)
+    return f"p50 {np.percentile(lat, 50):7.0f} ms  p99 {np.percentile(lat, 99):7.0f} ms  max {lat.max():7.0f} ms"
+
+
+def run_mixed(gguf: Path, args) -> None:
+    """Small requests alone, then beside `--huge` huge ones sent at once: the small ones' p50 / p99 in both."""
+    small = make_requests(args.requests, args.docs, tuple(args.doc_words))
+    huge = make_requests(args.huge, args.huge_docs, tuple(args.doc_words), seed=1)
+    print(f"model {gguf.name}; {len(small)} small requests x {args.docs} documents by {args.mixed_clients} clients; "
+          f"{len(huge)} huge requests x {args.huge_docs} documents; {args.threads} threads; load average {load_average()} at start")
+
+    async def huge_one(request: dict) -> float:
+        _, lat, _ = await burst(server.url, [request], 1)
+        return lat[0]
+
+    async def together() -> tuple[tuple, list[float], float]:
+        t = time.perf_counter()
+        huge_jobs = [asyncio.ensure_future(huge_one(r)) for r in huge]
+        await asyncio.sleep(0.2)  # the huge requests arrive first: the worst case for first come first served
+        small_run = await burst(server.url, small, args.mixed_clients)
+        huge_lat = list(await asyncio.gather(*huge_jobs))
+        return small_run, huge_lat, time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(prefix="reranker-serve-mixed-") as tmp:
+        server = Server(gguf, Path(tmp) / "serve.log", args)
+        try:
+            asyncio.run(burst(server.url, small[: min(8, len(small))], 4))  # warm-up
+            alone = asyncio.run(burst(server.url, small, args.mixed_clients))
+            t = time.perf_counter()
+            huge_alone = asyncio.run(burst(server.url, huge, len(huge)))
+            huge_seconds = time.perf_counter() - t
+            mixed, huge_lat, mixed_seconds = asyncio.run(together())
+            log = server.stop()
+        finally:
+            if server.proc.poll() is None:
+                server.proc.kill()
+    print(f"small requests alone           {percentiles(alone[1])}   ({alone[0]:.1f} s for all)")
+    print(f"small requests beside the huge {percentiles(mixed[1])}   ({mixed_seconds:.1f} s for everything)")
+    print(f"huge requests alone            {percentiles(huge_alone[1])}   ({huge_seconds:.1f} s for all)")
+    print(f"huge requests beside the small {percentiles(huge_lat)}")
+    print(f"p99 of the small ones, beside / alone: {np.percentile(mixed[1], 99) / np.percentile(alone[1], 99):.2f}x; "
+          f"the huge ones' work alone: {huge_seconds:.1f} s; load average {load_average()} at end")
+    stopped = re.search(r"stopped; (.*)", log)
+    print(f"server at exit: {stopped.group(1) if stopped else 'no summary line'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a GGUF with mlp_weights.npz beside it (default: synthetic `small`, F16)")
@@ -164,12 +219,20 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench",
                     help="where the synthetic model is built (default: %(default)s)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--preset", default="small", help="the synthetic model's preset without --model (default: %(default)s)")
+    ap.add_argument("--outtype", default="f16", help="its GGUF type (default: %(default)s)")
+    ap.add_argument("--mixed", action="store_true", help="measure the mixed load instead (see above)")
+    ap.add_argument("--huge", type=int, default=3, help="--mixed: huge requests (default: %(default)s)")
+    ap.add_argument("--huge-docs", type=int, default=1000, help="--mixed: documents per huge request (default: %(default)s)")
+    ap.add_argument("--mixed-clients", type=int, default=4, help="--mixed: clients sending the small requests (default: %(default)s)")
     args = ap.parse_args()
 
-    gguf = args.model or synthetic_model(args.cache, "small", "f16")[0]
+    gguf = args.model or synthetic_model(args.cache, args.preset, args.outtype)[0]
     from reranker.engine.identity import with_identity_output
 
     with_identity_output(gguf, "f32")  # the fast path's one-time copy, made before anything is timed
+    if args.mixed:
+        return run_mixed(gguf, args)
     requests = make_requests(args.requests, args.docs, tuple(args.doc_words))
     n_pairs = args.requests * args.docs
     levels = [int(x) for x in args.concurrency.split(",")]

@@ -167,8 +167,10 @@ def modes_hold() -> None:
 
 
 @contextlib.contextmanager
-def running_server(reranker, settings=None):
-    """(base URL, app) of a uvicorn server on an ephemeral loopback port, in a thread; stopped on exit."""
+def running_server(reranker, settings=None, **config):
+    """(base URL, app) of a uvicorn server on an ephemeral loopback port, in a thread; stopped on exit.
+
+    `config`: more `uvicorn.Config` settings; the `uvicorn.Server` is `app.state.uvicorn`."""
     import uvicorn
 
     from reranker.serve.app import create_app
@@ -177,7 +179,8 @@ def running_server(reranker, settings=None):
     app = create_app(reranker, settings or ServeSettings())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    app.state.uvicorn = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

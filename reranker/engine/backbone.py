@@ -189,9 +189,9 @@ class Backbone:
     `deterministic=True` decodes each sequence alone from cell 0 of an empty cache, so its
     state is a function of the sequence alone (tests/engine/test_deterministic.py).
 
-    Thread-safe: a lock serialises `embed` and `close`, and the tokenizer has its own (so a
-    window can be tokenised while another decodes); `close` takes both, and after it every
-    call raises a `RerankerError`.
+    Thread-safe: a lock serialises `embed` and `close`; the tokenizer needs no lock but its own
+    (many threads tokenise at once, while another decodes); `close` takes both, waits for the
+    tokenising in progress, and after it every call raises a `RerankerError`.
     """
 
     def __init__(
@@ -226,7 +226,7 @@ class Backbone:
             self.close()
             raise RerankerError(f"{self.path} has no identity output projection, which fast=True needs; "
                                 "pass the path from reranker.engine.identity.with_identity_output()")
-        # The tokenizer has its own lock: the job tokenises the next window while this one decodes.
+        # Not under this lock: the job tokenises the next window, and the server its requests, while one decodes.
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
 
         n_batch = min(n_batch, n_ctx)

@@ -89,6 +89,7 @@ class Chunker:
     def __init__(self, builder: PromptBuilder, chunking: Chunking) -> None:
         self.builder = builder
         self.chunking = chunking
+        self._base: tuple[str, int] | None = None  # (fitted query, tokens of its prompt with no document)
 
     def prompts(self, query: str, document: str) -> DocumentPrompts:
         """The prompts of one pair (a document that fits gives exactly `builder.build`'s prompt)."""
@@ -105,9 +106,12 @@ class Chunker:
 
     def _texts(self, query: str, document: str) -> tuple[list[str] | None, bool]:
         tokenizer, budget = self.builder.tokenizer, self.builder.budget
-        if len(tokenizer.encode(format_prompt(query, document))) <= budget:
+        if len(self.builder.prompt_ids(query, document)) <= budget:
             return None, False
-        room = budget - len(tokenizer.encode(format_prompt(query, ""))) - MARGIN
+        base = self._base  # read once: a chunker may be shared by threads
+        if base is None or base[0] != query:  # the query once per chunker, not per document
+            base = self._base = (query, len(tokenizer.encode(format_prompt(query, ""))))
+        room = budget - base[1] - MARGIN
         size = min(self.chunking.size or room, room)
         if size < MIN_CHUNK:  # the query leaves no useful room: truncate as without chunking
             return None, False

@@ -28,12 +28,23 @@ class Prompt:
     truncated: bool
 
 
+#: Last characters of a document after which the prompt's `QUERY_PREFIX` ("\n...") starts a new
+#: pre-token: a letter run or a digit ends there, while punctuation or whitespace would take the
+#: newline along. ASCII only, where llama.cpp's and Python's character classes surely agree.
+_SEPARABLE_END = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
 class PromptBuilder:
     """Tokenises pairs so the scoring token is the single last token and user text stays text.
 
     Truncation follows the original model, made strict: the query keeps at most
     `max_query_length` tokens, the document is cut to fit `max_length`, and the scoring
     token always survives.
+
+    The query is tokenised once per builder and query (a call's, or a job window's, pairs share
+    one): a prompt's ids are the ids of `DOC_PREFIX + document` followed by those of
+    `QUERY_PREFIX + query` wherever that equals tokenising the whole prompt (the document ends in
+    an ASCII letter or digit, `_SEPARABLE_END`), else the whole prompt is tokenised.
     """
 
     def __init__(self, tokenizer: GGUFTokenizer, max_length: int = MAX_LENGTH, max_query_length: int = MAX_QUERY_LENGTH) -> None:
@@ -41,6 +52,18 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_query_length = max_query_length
+        # One entry each (a tuple, swapped whole, so threads sharing a builder see a consistent pair).
+        self._fitted: tuple[str, tuple[str, bool]] | None = None  # (query, fit_query's answer)
+        self._tail: tuple[str, list[int]] | None = None  # (fitted query, ids of QUERY_PREFIX + it)
+
+    def prompt_ids(self, query: str, document: str) -> list[int]:
+        """Ids of `format_prompt(query, document)` (no cut, no scoring token), the query's part tokenised once."""
+        if document[-1:] not in _SEPARABLE_END:
+            return self.tokenizer.encode(format_prompt(query, document))
+        tail = self._tail
+        if tail is None or tail[0] != query:
+            tail = self._tail = (query, self.tokenizer.encode(QUERY_PREFIX + query))
+        return self.tokenizer.encode(DOC_PREFIX + document) + tail[1]
 
     @property
     def budget(self) -> int:
@@ -49,10 +72,16 @@ class PromptBuilder:
 
     def fit_query(self, query: str) -> tuple[str, bool]:
         """The query cut to `max_query_length` tokens, and whether it was cut."""
+        memo = self._fitted
+        if memo is not None and memo[0] == query:
+            return memo[1]
         query_ids = self.tokenizer.encode(query)
         if len(query_ids) <= self.max_query_length:
-            return query, False
-        return self.tokenizer.decode(query_ids[: self.max_query_length]), True
+            fitted = query, False
+        else:
+            fitted = self.tokenizer.decode(query_ids[: self.max_query_length]), True
+        self._fitted = (query, fitted)
+        return fitted
 
     def build(self, query: str, document: str) -> Prompt:
         """Prompt ids of one pair; for text that needs no cut they equal tokenising the whole prompt."""
@@ -62,7 +91,7 @@ class PromptBuilder:
     def build_fitted(self, query: str, document: str, truncated: bool = False) -> Prompt:
         """`build` for a query already cut by `fit_query` (`truncated`: it was)."""
         budget = self.budget
-        ids = self.tokenizer.encode(format_prompt(query, document))
+        ids = self.prompt_ids(query, document)
         if len(ids) > budget:
             truncated = True
             ids = self._cut_document(query, document, ids, budget)
@@ -75,7 +104,7 @@ class PromptBuilder:
         keep = len(doc_ids)
         while len(ids) > budget and keep > 0:
             keep = max(0, keep - (len(ids) - budget))
-            ids = self.tokenizer.encode(format_prompt(query, self.tokenizer.decode(doc_ids[:keep])))
+            ids = self.prompt_ids(query, self.tokenizer.decode(doc_ids[:keep]))
         # Only a query longer than the whole budget gets here still too long: cut its end.
         return ids[:budget]
 

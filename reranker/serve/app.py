@@ -3,7 +3,10 @@
 A rerank request is read (at most `max_request_bytes`), validated (400 for a body that is not
 JSON, 422 naming the field otherwise), refused early when the queue is full (503 + Retry-After),
 tokenised in a worker thread, queued, and awaited until its scores arrive, its client leaves
-(its work is cancelled) or its time is up (504, work cancelled). Errors are `{"detail": "..."}`.
+(its work is cancelled) or its time is up (504, work cancelled). Tokenising too stops when the
+client leaves or the time is up (between two llama.cpp calls), and never holds a lock other
+requests need. A handler cancelled by the server's shutdown (uvicorn's graceful timeout) answers
+503, never a 500. Errors are `{"detail": "..."}`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from reranker.engine.tokenizer import cancelled_by
 from reranker.errors import RerankerError
 from reranker.serve.metrics import Metrics
 from reranker.serve.prepare import build_prompts, check_prompts, check_sizes
@@ -93,6 +98,13 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
         except ClientDisconnect:  # the client left mid-body: nobody reads an answer, and nothing failed here
             code = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:
+            # uvicorn cancels the handlers still running when its graceful shutdown times out: the request
+            # is answered as one the stopping server cannot take, not as a server failure.
+            code = 503
+            log.warning("%s: the server stopped before this request was answered (503)", endpoint)
+            return JSONResponse({"detail": "the server is shutting down; retry"}, status_code=503,
+                                headers={"Retry-After": str(settings.retry_after)})
         except Exception as e:
             log.exception("%s failed", endpoint)
             raise HTTPException(500, f"internal error: {type(e).__name__}: {e}") from e
@@ -142,10 +154,13 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             if not scheduler.has_room(n):
                 raise overloaded(f"{scheduler.pending} pairs are queued")
             metrics.in_flight.inc()
+            gone = asyncio.ensure_future(_disconnected(request))
             try:
                 try:
-                    prepared = await run_in_threadpool(build_prompts, reranker, query, texts, req.options(),
-                                                       settings.chunking, settings.max_chunks)
+                    prepared = await tokenised(gone, deadline, build_prompts, reranker, query, texts, req.options(),
+                                               settings.chunking, settings.max_chunks)
+                    if prepared is None:  # the client left while its texts were tokenised
+                        return Response(status_code=CLIENT_CLOSED)
                     check_prompts(prepared, settings)
                 except RerankerError as e:
                     raise HTTPException(422, str(e)) from e
@@ -155,8 +170,9 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                     raise overloaded(str(e)) from e
                 except Closed as e:
                     raise HTTPException(503, str(e), headers={"Retry-After": str(settings.retry_after)}) from e
-                scores = await wait_for(request, scheduler, ticket, deadline)
+                scores = await wait_for(gone, scheduler, ticket, deadline)
             finally:
+                gone.cancel()
                 metrics.in_flight.dec()
             if scores is None:  # the client left: nobody reads this
                 return Response(status_code=CLIENT_CLOSED)
@@ -226,10 +242,35 @@ def _message(loc: str, errors: list[dict]) -> str:
     return "must be a string or an object with a string text field"
 
 
-async def wait_for(request: Request, scheduler: Scheduler, ticket, deadline: float):
-    """The ticket's scores; None when the client left first; 504 when the deadline comes first (work cancelled)."""
+async def tokenised(gone: asyncio.Future, deadline: float, fn, *args):
+    """`fn(*args)` in a worker thread, its tokenising cancellable; None when the client left first;
+    504 when the deadline comes first. Either way the thread stops at its next llama.cpp call."""
+    cancel = threading.Event()
+
+    def run():
+        with cancelled_by(cancel):
+            return fn(*args)
+
+    work = asyncio.ensure_future(run_in_threadpool(run))
+    # Once given up, the thread ends on its own with `Cancelled`; nobody awaits it then.
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        done, _ = await asyncio.wait({work, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            cancel.set()
+    if work in done:
+        return work.result()
+    if gone in done:
+        return None
+    raise HTTPException(504, "the request timed out while its texts were tokenised (--request-timeout); "
+                             "send shorter documents or fewer of them")
+
+
+async def wait_for(gone: asyncio.Future, scheduler: Scheduler, ticket, deadline: float):
+    """The ticket's scores; None when the client left first (`gone` done); 504 when the deadline comes first (work cancelled)."""
     result = asyncio.wrap_future(ticket.future)
-    gone = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({result, gone}, timeout=max(0.0, deadline - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -240,7 +281,6 @@ async def wait_for(request: Request, scheduler: Scheduler, ticket, deadline: flo
             return None
         raise HTTPException(504, "the request timed out waiting for the model (--request-timeout); retry later or send fewer documents")
     finally:
-        gone.cancel()
         if not ticket.future.done():  # this task was cancelled (e.g. a forced shutdown): drop the work too
             scheduler.cancel(ticket)
 

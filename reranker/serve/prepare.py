@@ -1,7 +1,8 @@
 """One request's query and documents -> prompt ids, with the Reranker's own PromptBuilder.
 
-Runs in a request's worker thread (the tokenizer has its own lock, so it overlaps the decode
-calls of other requests), before anything is queued: a bad text is refused here, alone.
+Runs in a request's worker thread (the tokenizer holds no lock other requests wait on, so it
+overlaps their tokenising and the decode calls), before anything is queued: a bad text is refused
+here, alone. The handler stops it at the request's deadline or disconnect (`tokenizer.cancelled_by`).
 The request becomes a `Prepared` through `engine.scoring.prepare` (with chunking, a long document
 becomes one prompt per chunk), and `Prepared.pair_scores` folds the chunks' scores back into one per
 document, as `Reranker.score_documents` does.

@@ -1,7 +1,11 @@
 """The cross-request batcher: prompts of concurrent requests share decode calls and head calls.
 
-Requests queue `Ticket`s (their prompts, in order). One worker thread takes whatever is queued,
-first come first served, up to `batch_tokens` prompt tokens (at least one prompt), and scores
+Requests queue `Ticket`s (their prompts, in order). One worker thread takes what is queued, up
+to `batch_tokens` prompt tokens (at least one prompt), shared round-robin between the queued
+requests rather than first come first served: the smallest requests first, whole, in up to
+half of it, then the rest in equal shares (what one leaves unused goes to the others), so a small
+request sent after a huge one is scored in the next batch instead of after all of the huge one's,
+and a huge one still gets at least half of every batch. It scores
 it with `engine.scoring.score_prompts`, the kernel of `score_prepared` (sorted by length, packed
 into `llama_decode` calls, the head in one torch call), then hands each ticket its scores; a
 request scored alone is one `score_prepared` call (what `Reranker.score_documents` runs), so its
@@ -49,6 +53,7 @@ class Ticket:
         self.prompts = prompts
         self.counts = counts
         self.tokens = sum(len(p.ids) for p in prompts)
+        self.queued_tokens = self.tokens  # of the prompts not yet taken into a batch
         self.scores = np.empty(len(prompts), dtype=np.float32)
         self.next = 0  # the first prompt not yet taken into a batch
         self.left = len(prompts)  # prompts not yet scored
@@ -146,7 +151,13 @@ class Scheduler:
     # --- the worker ---------------------------------------------------------------------------
 
     def _take(self) -> list[tuple[Ticket, int]] | None:
-        """The next batch: (ticket, prompt index) in queue order, up to the token budget; None: stop."""
+        """The next batch: (ticket, prompt index), up to the token budget, shared between the queued tickets; None: stop.
+
+        First the smallest tickets whole, while they fit in half the budget; then, in rounds, each
+        ticket still taking adds its prompts, in order, up to an equal share of the room left (at
+        least one prompt); a ticket that could add nothing more leaves the round. A ticket alone
+        takes its prompts in order up to the budget, as first come first served did.
+        """
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -154,18 +165,44 @@ class Scheduler:
                 return None
             batch: list[tuple[Ticket, int]] = []
             tokens = 0
-            while self._queue:
-                t = self._queue[0]
-                n = len(t.prompts[t.next].ids)
-                if batch and tokens + n > self.batch_tokens:
+            # Small requests first, whole, smallest first, in up to half the batch: each is answered
+            # from this one batch instead of a share of several.
+            for t in sorted(self._queue, key=lambda t: t.queued_tokens):
+                if tokens + t.queued_tokens > self.batch_tokens // 2:
                     break
-                batch.append((t, t.next))
-                tokens += n
-                t.next += 1
-                self._pending -= 1
-                if t.next == len(t.prompts):
-                    self._queue.popleft()
+                tokens += self._take_all(t, batch)
+            # The rest shared between the others (at least half the batch: a huge request is never starved).
+            taking = list(self._queue)
+            while taking and tokens < self.batch_tokens:
+                share = max(1, (self.batch_tokens - tokens) // len(taking))
+                still = []
+                for t in taking:
+                    got = 0
+                    while t.next < len(t.prompts):
+                        n = len(t.prompts[t.next].ids)
+                        if batch and (tokens + n > self.batch_tokens or (got and got + n > share)):
+                            break
+                        batch.append((t, t.next))
+                        tokens += n
+                        got += n
+                        t.next += 1
+                        t.queued_tokens -= n
+                        self._pending -= 1
+                    if t.next == len(t.prompts):
+                        self._queue.remove(t)
+                    elif got and got + len(t.prompts[t.next].ids) > share:  # its share is used: more next round
+                        still.append(t)
+                taking = still
             return batch
+
+    def _take_all(self, t: Ticket, batch: list[tuple[Ticket, int]]) -> int:
+        """Add every queued prompt of `t` to `batch` and drop it from the queue: its tokens."""
+        n = t.queued_tokens
+        batch.extend((t, i) for i in range(t.next, len(t.prompts)))
+        self._pending -= len(t.prompts) - t.next
+        t.next, t.queued_tokens = len(t.prompts), 0
+        self._queue.remove(t)
+        return n
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:

@@ -733,3 +733,172 @@ def test_a_non_finite_chunk_score_names_the_requests_document(tiny_reranker):
         assert "non-finite score for document 1 (its chunk 0);" in r.json()["detail"], r.text
         r = c.post("/v2/rerank", json=plain)  # without chunking, prompt i is document i
         assert r.status_code == 500 and "non-finite score for document 1;" in r.json()["detail"], r.text
+
+
+# --- hostile load (issue 21) ---------------------------------------------------------------------------
+
+
+def test_a_small_request_sent_after_a_huge_one_finishes_first(tiny_reranker):
+    """Batches are shared round-robin between queued requests: the small one rides the next batch
+    instead of waiting for every batch of the huge one (first come first served would finish it last)."""
+    docs = [f"{DOCS[i % len(DOCS)]} (copy {i})" for i in range(120)]
+    with running_server(tiny_reranker, ServeSettings(max_documents=200, batch_tokens=256)) as (url, app):
+        sched = app.state.scheduler
+        done: dict[str, float] = {}
+
+        def post(name, body):
+            r = httpx.post(f"{url}/v1/rerank", json=body, timeout=60)
+            done[name] = time.monotonic()
+            return r
+
+        with model_busy(tiny_reranker):
+            huge = in_background(post, "huge", {"query": QUERY, "documents": docs})
+            wait_until(lambda: sched.scoring > 0, "the huge request's first batch is being decoded")
+            left = sched.pending
+            assert left > 3 * sched.scoring, "the huge request must span several batches"
+            small = in_background(post, "small", {"query": QUERY, "documents": DOCS[:1]})
+            wait_until(lambda: sched.pending == left + 1, "the small request is queued behind the huge one")
+        r_small, r_huge = small(), huge()
+        assert done["small"] < done["huge"], "the small request must not wait for the whole huge one"
+        check_response(r_small, dict(enumerate(tiny_reranker.compute_score([[QUERY, DOCS[0]]]))))
+        check_response(r_huge, dict(enumerate(tiny_reranker.compute_score([[QUERY, d] for d in docs]))))
+
+
+def test_a_handler_cancelled_at_shutdown_answers_503_not_a_500_traceback(tiny_reranker, caplog):
+    """uvicorn cancels the handlers still running when its graceful shutdown times out (a SIGTERM's second
+    phase): a request waiting for the model then gets 503 + Retry-After, never a 500 with a CancelledError."""
+    with running_server(tiny_reranker, timeout_graceful_shutdown=1) as (url, app):
+        sched = app.state.scheduler
+        post = lambda docs: httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=30)
+        with model_busy(tiny_reranker):
+            first = in_background(post, DOCS[:1])
+            wait_until(lambda: sched.scoring == 1, "the first request is being decoded")
+            second = in_background(post, DOCS[1:3])
+            wait_until(lambda: sched.pending == 2, "the second request is queued")
+            app.state.uvicorn.should_exit = True  # what SIGTERM does
+            answers = [first(), second()]  # answered while the model is still held: by the cancellation
+        for r in answers:
+            assert r.status_code == 503 and r.headers["retry-after"] == "1" and "shutting down" in r.json()["detail"], r.text
+    assert app.state.stats.answered == {503: 2}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a shutdown is no server error"
+
+
+def hostile_document(chars: int, seed: int = 0) -> str:
+    """About `chars` characters of words, spaces and newlines: text a tokenizer spends seconds on."""
+    rng = np.random.default_rng(seed)
+    words = np.array(["rerank", "document", "检索", "query", "the", "token", "café", "1234", "🎉", "of\n"])
+    return " ".join(words[rng.integers(len(words), size=chars // 6)].tolist())[:chars]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow  # a real process
+def test_sigterm_while_a_huge_request_tokenises_answers_it_and_exits_cleanly(tiny_ggufs, tmp_path):
+    """A SIGTERM while a 15 MB document is tokenised: the request is answered (504 at --request-timeout: its
+    tokenising stops there), never a 500 with a CancelledError traceback, and the server exits 0."""
+    log_path = tmp_path / "serve.log"
+    body = json.dumps({"query": QUERY, "documents": [hostile_document(15_000_000)]}).encode()
+    with serve_process(tiny_ggufs["f32"], log_path, "--request-timeout", "2", "--max-document-chars", "16000000",
+                       "--max-request-bytes", str(32 * 2**20)) as (proc, url):
+        start = time.monotonic()
+        job = in_background(lambda: httpx.post(f"{url}/v1/rerank", content=body, timeout=60,
+                                               headers={"Content-Type": "application/json"}))
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        r = job(60)
+        elapsed = time.monotonic() - start
+        assert r.status_code in (503, 504), r.text
+        assert elapsed < 2 + 2, f"answered after {elapsed:.1f} s, past --request-timeout 2"
+        assert proc.wait(30) == 0
+    log = log_path.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert f"1 rerank requests accepted, 1 answered ({r.status_code}: 1)" in log, log
+
+
+@pytest.mark.slow  # a real process
+def test_huge_and_bomb_requests_do_not_starve_small_ones(tiny_ggufs, tiny_reranker, tmp_path):
+    """Issue 21's denial of service, with the caps raised so the hostile requests get in: a 15 MB document and
+    a chunking bomb (1 MB, chunks of 8 tokens, a billion of them asked) are each answered within
+    --request-timeout, while a small request from another client keeps being answered 200 within ~2 s; and a
+    client that gives up (a timeout, or a disconnect mid-tokenising) leaves no CPU burning behind it."""
+    timeout = 4.0
+    huge = {"query": QUERY, "documents": [hostile_document(15_000_000)]}
+    bomb = {"query": QUERY, "documents": [hostile_document(1_000_000, seed=1)], "chunking": {"size": 8, "max_chunks": 10**9}}
+    small = {"query": QUERY, "documents": DOCS[:2]}
+    want = dict(enumerate(tiny_reranker.compute_score([[QUERY, d] for d in DOCS[:2]])))
+    with serve_process(tiny_ggufs["f32"], tmp_path / "serve.log", "--request-timeout", str(timeout),
+                       "--max-document-chars", "16000000", "--max-request-bytes", str(32 * 2**20)) as (proc, url):
+        def timed(body):
+            t0 = time.monotonic()
+            r = httpx.post(f"{url}/v1/rerank", json=body, timeout=60)
+            return r, time.monotonic() - t0
+
+        hostile = [in_background(timed, huge), in_background(timed, bomb)]
+        latencies = []
+        with httpx.Client(base_url=url, timeout=30) as c:
+            end = time.monotonic() + timeout + 1
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                check_response(c.post("/v1/rerank", json=small), want)
+                latencies.append(time.monotonic() - t0)
+        for job, what in zip(hostile, ("15 MB document", "chunking bomb")):
+            r, elapsed = job(60)
+            assert r.status_code in (200, 504), (what, r.text)
+            assert elapsed < timeout + 1.5, f"the {what} was answered after {elapsed:.1f} s (--request-timeout {timeout})"
+        assert len(latencies) >= 5 and max(latencies) < 2.0, f"small requests took {sorted(latencies)[-3:]} s at worst"
+        # Given up: nothing of the hostile requests keeps running (a second of CPU is what any busy second costs).
+        time.sleep(0.5)
+        before = cpu_seconds(proc.pid)
+        time.sleep(2)
+        assert cpu_seconds(proc.pid) - before < 0.3, "the server kept working after answering"
+        data = json.dumps(huge).encode()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            time.sleep(1.5)  # the server reads, parses and starts tokenising it
+        time.sleep(0.5)
+        before = cpu_seconds(proc.pid)
+        time.sleep(2)
+        assert cpu_seconds(proc.pid) - before < 0.3, "tokenising went on after its client left"
+        assert 'code="499"' in httpx.get(f"{url}/metrics").text
+
+
+def test_batches_take_small_requests_whole_and_never_starve_a_huge_one(tiny_reranker):
+    """The scheduler's batch policy on its own (no decode): the smallest queued requests whole in up to half the
+    batch, the rest shared, so a huge request gets prompts in every batch however many small ones arrive; a
+    request alone is taken in order up to the budget, as first come first served took it."""
+    from reranker.engine.prompts import Prompt
+    from reranker.serve.scheduler import Scheduler, Ticket
+
+    sched = Scheduler(tiny_reranker, batch_tokens=100, max_queue=10**6)
+    ten = Prompt([1] * 10, False)
+
+    def queue(*tickets):
+        for t in tickets:
+            sched._queue.append(t)
+            sched._pending += len(t.prompts)
+
+    alone = Ticket([ten] * 30)
+    queue(alone)
+    assert sched._take() == [(alone, i) for i in range(10)]
+    sched._queue.clear()
+    sched._pending = 0
+    huge = Ticket([ten] * 50)
+    queue(huge)
+    for _ in range(5):  # new small requests keep arriving, more than a batch holds
+        smalls = [Ticket([ten] * 2) for _ in range(8)]
+        queue(*smalls)
+        batch = sched._take()
+        taken = [t for t, _ in batch]
+        assert len(batch) == 10, "the batch is full"
+        assert taken.count(huge) >= 1, "the huge request progresses in every batch"
+        done = [s for s in smalls if taken.count(s) == 2]
+        assert len(done) >= 2, "the smallest requests are taken whole"
+        sched._queue.clear()  # the next round starts from the huge request alone plus new arrivals
+        sched._queue.append(huge)
+        sched._pending = len(huge.prompts) - huge.next
+    assert sched._pending == sum(len(t.prompts) - t.next for t in sched._queue)
