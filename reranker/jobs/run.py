@@ -78,9 +78,15 @@ def require_extras(spec: JobSpec, engine: str = "local") -> None:
     if engine == "ray":  # Ray Data reads every input and writes Parquet parts (the extra brings pyarrow)
         require("ray", "--engine ray")
         return
-    if spec.input is not None and detect_input_format(spec.input, spec.input_format) == "parquet":
+    def parquet(detect, path, given) -> bool:
+        try:
+            return detect(path, given) == "parquet"
+        except RerankerError:  # an undetectable format (or a pipe) is refused by the input's own checks, with their fix
+            return False
+
+    if spec.input is not None and parquet(detect_input_format, spec.input, spec.input_format):
         require("parquet", f"reading {spec.input}")
-    if detect_output_format(spec.output, spec.output_format) == "parquet":
+    if parquet(detect_output_format, spec.output, spec.output_format):
         require("parquet", f"writing {spec.output}")
 
 
