@@ -175,3 +175,41 @@ def test_rerank_command_takes_images(vision_model, tmp_path, capsys):
         rr.compute_score([png, "a text document"], query_type="image"), abs=1e-6)
     assert main([*base, "-q", QUERY, "--image-query", str(png), "-d", "x"]) == 2
     assert "one of the two" in capsys.readouterr().err
+
+
+def jpeg_with_exif_rotation(img: Image.Image) -> bytes:
+    """`img` stored sideways in a JPEG whose EXIF orientation (6: rotate 90 CW to view) brings it upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_large_and_rotated_images_equal_the_original(vision_model):
+    """Above max_pixels (scaled down to at most 768 merged patches), and an EXIF-rotated JPEG (both sides decode it with PIL)."""
+    rr, reference, _ = vision_model
+    large = picture(1100, 700, 5)  # 770,000 pixels > 602,112
+    rotated = jpeg_with_exif_rotation(picture(120, 64, 6))
+    got = rr.compute_score([[QUERY, large], [QUERY, rotated]], doc_type="image")
+    want = [reference(QUERY, large), reference(QUERY, Image.open(io.BytesIO(rotated)).transpose(Image.Transpose.ROTATE_270))]
+    assert np.abs(np.array(got) - np.array(want)).max() < SCORE_TOL, (got, want)
+    assert rr.last_usage.tokens > 768  # the large image's patches are in the prompt
+
+
+@pytest.mark.slow  # two more conversions and loads
+def test_f16_and_q8_0_projectors_drift_within_bounds(vision_model, tiny_checkpoint, tmp_path):
+    """Score drift of quantized projectors against the F32 one (same F32 backbone), on random weights."""
+    from reranker.gguf.mmproj import convert_mmproj
+
+    rr, _, gguf = vision_model
+    images = [make() for make in IMAGES.values()]
+    pairs = [[QUERY, im] for im in images]
+    f32 = np.array(rr.compute_score(pairs, doc_type="image"))
+    drift = {}
+    for t in ("f16", "q8_0"):
+        mmproj = convert_mmproj(tiny_checkpoint, tmp_path / t, t)
+        with Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=2048, n_batch=1024, mmproj=str(mmproj)) as q:
+            drift[t] = float(np.abs(np.array(q.compute_score(pairs, doc_type="image")) - f32).max())
+    print(f"projector score drift against F32: {drift}")
+    assert drift["f16"] < 2e-3 and drift["q8_0"] < 2e-2, drift
