@@ -1,0 +1,157 @@
+"""Image documents: ours (mmproj in libmtmd + GGUF backbone in llama.cpp) against transformers, same images, same run.
+
+Each side scores the same image documents against one text query, one image at a time through the vision
+tower (Qwen2-VL's vision graph takes one image per call; transformers is run the same way), with the vision
+encode and the language-model decode timed apart. Ours packs the image prompts into shared decode calls (as
+`compute_score` does); transformers runs each prompt alone (its images differ in size; padding them into a
+batch is not how the original's `compute_score` runs either). Transformers runs in bf16 on a CPU with native bf16
+(avx512_bf16/amx), else fp32, with SDPA attention: its strongest setting on that machine.
+
+    python benchmarks/images.py                       # `small` synthetic shapes (CPU)
+    python benchmarks/images.py --preset m0 --n 8     # the real m0 shapes: Qwen2-VL-2B's vision tower (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE, os.path.join(_ROOT, "tests")]
+
+QUERY = "a chart of the quarterly sales"
+SIZES = {"0.3 MP": (640, 480), "0.6 MP": (896, 672)}
+
+
+def images(n: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = list(SIZES.values())[i % len(SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, ((xx ^ yy) * (i + 3)) % 256], -1) + rng.integers(0, 30, (h, w, 3))
+        out.append(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB"))
+    return out
+
+
+def model(preset: str, cache: Path, outtype: str = "f16") -> tuple[Path, Path, Path]:
+    """(checkpoint, GGUF, mmproj) of a synthetic checkpoint with its vision tower, both files `outtype`, built once."""
+    from reranker.gguf.convert import convert
+    from reranker.synth.random_checkpoint import synth_checkpoint
+
+    ckpt = cache / f"jina-reranker-m0-{preset}-vision"
+    gguf = cache / f"{preset}-vision-gguf-{outtype}" / f"{ckpt.name}-{outtype.upper()}.gguf"
+    if not gguf.is_file():
+        if not (ckpt / "model.safetensors").is_file():
+            synth_checkpoint(ckpt, preset=preset, seed=0)
+        convert(ckpt, gguf.parent, outtype=outtype, mmproj_type=outtype)
+    return ckpt, gguf, next(gguf.parent.glob("mmproj-*.gguf"))
+
+
+def ours(gguf: Path, mmproj: Path, imgs, n_gpu_layers: int) -> dict:
+    from reranker import Reranker
+    from reranker.engine.scoring import prepare, score_prepared
+    from reranker.options import ImageRef
+
+    with Reranker.from_pretrained(str(gguf), mmproj=str(mmproj), n_ctx=4096, n_batch=4096, n_gpu_layers=n_gpu_layers) as rr:
+        rr.compute_score([QUERY, imgs[0]], doc_type="image")  # warm-up: loads the projector, reserves its buffers
+        t = time.perf_counter()
+        embedded = [rr.vision.embed(ImageRef(im, f"image {i}")) for i, im in enumerate(imgs)]
+        encode = time.perf_counter() - t
+        prepared = prepare(rr.prompt_builder(), [(QUERY, e) for e in embedded])
+        t = time.perf_counter()
+        scores = score_prepared(rr, prepared).scores
+        decode = time.perf_counter() - t
+        return {"encode": encode, "decode": decode, "tokens": prepared.tokens, "scores": scores}
+
+
+def transformers_side(ckpt: Path, imgs, dtype_name: str, device: str) -> dict:
+    import torch
+    from oracle import SCORE_TOKEN_ID, head_scores, image_processor, load_vl_model, score_head
+    from tokenizers import Tokenizer
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    vl = load_vl_model(ckpt)
+    vl.config._attn_implementation = "sdpa"
+    for m in vl.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            m.config._attn_implementation = "sdpa"
+    vl = vl.to(device, dtype)
+    proc = image_processor(ckpt)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    pad = tok.token_to_id("<|image_pad|>")
+    head = score_head(ckpt)
+    encode = decode = 0.0
+    tokens, scores = 0, []
+    with torch.inference_mode():
+        for i, im in enumerate(imgs[:1] + imgs):  # the first is a warm-up, not counted
+            x = proc(images=[im], return_tensors="pt")
+            grid = x["image_grid_thw"].to(device)
+            t = time.perf_counter()
+            feats = vl.model.get_image_features(x["pixel_values"].to(device, dtype), grid)
+            feats = torch.cat(list(getattr(feats, "pooler_output", feats)))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t_enc = time.perf_counter() - t
+            n = len(feats)
+            ids = tok.encode(f"**Document**:\n<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>\n**Query**:\n{QUERY}",
+                             add_special_tokens=False).ids + [SCORE_TOKEN_ID]
+            input_ids = torch.tensor([ids], device=device)
+            embeds = vl.model.get_input_embeddings()(input_ids)
+            embeds[input_ids == pad] = feats.to(embeds.dtype)
+            mm = (input_ids == pad).int()
+            t = time.perf_counter()
+            position_ids, _ = vl.model.get_rope_index(input_ids, mm, grid)
+            out = vl.model.language_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+            h = out.last_hidden_state[0, -1].float().cpu().numpy()
+            t_dec = time.perf_counter() - t
+            if i == 0:
+                continue
+            encode, decode, tokens = encode + t_enc, decode + t_dec, tokens + len(ids)
+            scores.append(float(head_scores(head, h[None].astype(np.float64))[0]))
+    return {"encode": encode, "decode": decode, "tokens": tokens, "scores": np.array(scores)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "m0"])
+    ap.add_argument("--n", type=int, default=8, help="images (half 0.3 MP, half 0.6 MP)")
+    ap.add_argument("--outtype", default="f16", choices=["f16", "f32"],
+                    help="our GGUF's and mmproj's type (f32 can be the faster on CPUs without native f16/bf16 math)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
+    args = ap.parse_args()
+
+    import torch
+
+    from reranker.engine.cpu import native_bf16
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bf16" if device == "cuda" or native_bf16()[0] else "fp32"
+    ckpt, gguf, mmproj = model(args.preset, args.cache, args.outtype)
+    imgs = images(args.n)
+    a = ours(gguf, mmproj, imgs, -1 if device == "cuda" else 0)
+    b = transformers_side(ckpt, imgs, dtype, device)
+    n = len(imgs)
+    print(f"{args.preset} shapes, {n} image documents ({', '.join(SIZES)}), one text query, device {device}; "
+          f"transformers {dtype} SDPA")
+    print(f"{'side':26s} {'images/s':>9s} {'encode s/img':>13s} {'decode tok/s':>13s} {'prompt tokens':>14s}")
+    t = args.outtype.upper()
+    for name, r in ((f"ours (mmproj {t}, GGUF {t})", a), (f"transformers {dtype}", b)):
+        print(f"{name:26s} {n / (r['encode'] + r['decode']):9.2f} {r['encode'] / n:13.3f} {r['tokens'] / r['decode']:13.0f} "
+              f"{r['tokens']:14d}")
+    print(f"ours / transformers: images/s {(b['encode'] + b['decode']) / (a['encode'] + a['decode']):.2f}x, "
+          f"encode {b['encode'] / a['encode']:.2f}x, decode {b['decode'] / a['decode']:.2f}x; "
+          f"max |score difference| {np.abs(a['scores'] - b['scores']).max():.2e} ({t} vs {dtype}, random weights)")
+
+
+if __name__ == "__main__":
+    main()
