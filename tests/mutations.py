@@ -73,7 +73,7 @@ MUTATIONS = [
              "the fused inference path (score_embeddings, reranker head) has its folded bias 0.004 low"),
     # The command line and jobs.
     Mutation("rerank-empty-query", "reranker/cli/rerank.py",
-             "ranked = reranker.rank(args.query, docs,",
+             "ranked = reranker.rank(query, docs,",
              'ranked = reranker.rank("", docs,',
              ("tests/cli/test_cli.py",),
              "`reranker rerank` scores every document against an empty query"),
@@ -251,6 +251,17 @@ MUTATIONS = [
              "    if False:",
              ("tests/images/test_encode.py::test_header_checks_name_the_file_and_the_fix",),
              "a projector for another backbone fails later, in libmtmd's log, not with a clear error"),
+    # A server under hostile load (tests/serve/test_serve.py).
+    Mutation("serve-cancelled-is-500", "reranker/serve/app.py",
+             "        except asyncio.CancelledError:",
+             "        except KeyboardInterrupt:",
+             ("tests/serve/test_serve.py::test_a_handler_cancelled_at_shutdown_answers_503_not_a_500_traceback",),
+             "a SIGTERM during a request answers it 500 with a CancelledError traceback"),
+    Mutation("tokenize-cancel-ignored", "reranker/engine/tokenizer.py",
+             "    event = CANCEL.get()\n",
+             "    event = None\n",
+             ("tests/serve/test_serve.py::test_huge_and_bomb_requests_do_not_starve_small_ones",),
+             "a huge document keeps burning CPU after its client gave up (tokenising is not cancelled)"),
     # Image pairs through the engine (tests/engine/test_segments.py, tests/api/test_images.py).
     Mutation("image-grid-transposed", "reranker/engine/vision.py",
              "Embeddings(e.embeddings, nx=e.nx, ny=e.ny)",
