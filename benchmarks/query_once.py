@@ -1,5 +1,6 @@
 """What tokenising the query once per call gains `rank` (issue 21): the `PromptBuilder` as it is against one that
-tokenises the whole prompt for every document (and fits the query again for each), as the builder did before.
+tokenises the whole prompt for every document (and fits the query again for each), as the builder did before;
+and what it gains `reranker serve` (its app in-process: one request of the same documents).
 
 Both builders give the same ids (checked here on every prompt; tests/engine/test_tokenize_pieces.py proves it on
 hostile text). Timed, best of `--repeat`, alternating the two: tokenising alone (`prepare`, the prompts of
@@ -41,8 +42,36 @@ def whole_prompt_builder(base):
     return WholePrompt(base.tokenizer, base.max_length, base.max_query_length)
 
 
-def measure(rr, query: str, docs: list[str], repeat: int) -> tuple[int, dict[str, tuple[float, float]]]:
-    """(the fitted query's tokens, {"tokenise" | "rank": (best seconds whole, best seconds once)}), alternating the two."""
+def serve(rr):
+    """(base URL, stop) of `reranker serve`'s app for `rr`, in-process on an ephemeral loopback port."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from reranker.serve.app import create_app
+    from reranker.serve.settings import ServeSettings
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(rr, ServeSettings()), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(30)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def measure(rr, query: str, docs: list[str], repeat: int, url: str) -> tuple[int, dict[str, tuple[float, float]]]:
+    """(the fitted query's tokens, {"tokenise" | "rank" | "serve": (best seconds whole, best seconds once)}),
+    alternating the two; "serve" is one `POST /v1/rerank` of the same documents, answered in full."""
+    import httpx
+
     from reranker import Reranker
     from reranker.engine.scoring import prepare
 
@@ -64,9 +93,13 @@ def measure(rr, query: str, docs: list[str], repeat: int) -> tuple[int, dict[str
                 t = time.perf_counter()
                 rr.rank(query, docs)
                 times.setdefault(("rank", mode), []).append(time.perf_counter() - t)
+                t = time.perf_counter()
+                r = httpx.post(f"{url}/v1/rerank", json={"query": query, "documents": docs}, timeout=600)
+                times.setdefault(("serve", mode), []).append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
             finally:
                 Reranker.prompt_builder = plain
-    rows = {what: (min(times[(what, "whole")]), min(times[(what, "once")])) for what in ("tokenise", "rank")}
+    rows = {what: (min(times[(what, "whole")]), min(times[(what, "once")])) for what in ("tokenise", "rank", "serve")}
     return len(once.tokenizer.encode(once.fit_query(query)[0])), rows
 
 
@@ -95,11 +128,13 @@ def main() -> None:
     print(f"model {gguf.name}; {args.docs} documents of {args.doc_words[0]}-{args.doc_words[1]} words; {args.threads} "
           f"llama.cpp thread(s); best of {args.repeat}; load average {load_average()} at start")
     print(f"{'query':<12}{'query tokens':>13}{'what':>10}{'whole (s)':>11}{'once (s)':>10}{'gain':>7}")
+    url, stop = serve(rr)
     for name, query in queries.items():
-        n_query, rows = measure(rr, query, docs, args.repeat)
+        n_query, rows = measure(rr, query, docs, args.repeat, url)
         for what, (tw, to) in rows.items():
             print(f"{name:<12}{n_query:>13}{what:>10}{tw:>11.4f}{to:>10.4f}{tw / to:>6.2f}x")
     print(f"load average {load_average()} at end")
+    stop()
     rr.close()
 
 
