@@ -213,3 +213,19 @@ def test_f16_and_q8_0_projectors_drift_within_bounds(vision_model, tiny_checkpoi
             drift[t] = float(np.abs(np.array(q.compute_score(pairs, doc_type="image")) - f32).max())
     print(f"projector score drift against F32: {drift}")
     assert drift["f16"] < 2e-3 and drift["q8_0"] < 2e-2, drift
+
+
+def test_deterministic_mode_and_hidden_states_with_images(vision_model, tiny_checkpoint):
+    """Deterministic: an image pair's score is bit-identical alone and in any batch; `embed` gives the states scored."""
+    _, _, gguf = vision_model
+    images = [make() for make in IMAGES.values()]
+    pairs = [[QUERY, {"image": im}] for im in images] + [[QUERY, {"text": "a text document about sales"}]]
+    with Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=2048, n_batch=1024, deterministic=True) as rr:
+        batch = rr.compute_score(pairs)
+        alone = [rr.compute_score(p) for p in pairs]
+        assert batch == alone  # bit for bit
+        reordered = rr.compute_score(pairs[::-1], batch_size=2)
+        assert reordered[::-1] == batch
+        hidden = rr.embed(pairs)
+        assert hidden.shape == (len(pairs), 64)
+        assert rr.score_embeddings(hidden).tolist() == pytest.approx(batch, abs=0)
