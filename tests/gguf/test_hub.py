@@ -59,3 +59,18 @@ def test_local_folder_and_file(tiny_ggufs):
     assert resolve(str(folder)).gguf == tiny_ggufs["f16"]
     files = resolve(str(tiny_ggufs["f32"]))
     assert files.gguf == tiny_ggufs["f32"] and files.head == tiny_ggufs["f32"].parent / "mlp_weights.npz"
+
+
+@pytest.mark.slow
+def test_hub_repo_mmproj_in_the_cache_is_found(hf_cache, tiny_ggufs):
+    """A vision projector downloaded with the repo's GGUF (`hf download ... --include 'mmproj-*'`) is used for images."""
+    import numpy as np
+    from PIL import Image
+
+    snap = next((hf_cache / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir())
+    mmproj = next(tiny_ggufs["f32"].parent.glob("mmproj-*.gguf"))
+    shutil.copy(mmproj, snap / mmproj.name)
+    image = Image.fromarray(np.full((56, 84, 3), 128, np.uint8))
+    with Reranker.from_pretrained(REPO, quant="f32", cache_dir=hf_cache, local_files_only=True, device="cpu", n_ctx=1024) as r:
+        assert 0 < r.compute_score(["q", image], doc_type="image") < 1
+        assert r.vision.path.name == mmproj.name
