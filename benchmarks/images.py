@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16", choices=["f16", "f32"],
                     help="our GGUF's and mmproj's type (f32 can be the faster on CPUs without native f16/bf16 math)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
+    ap.add_argument("--json", type=Path, help="also write the figures here (the prepared GPU run reads them)")
     args = ap.parse_args()
 
     import torch
@@ -148,6 +149,17 @@ def main() -> None:
     for name, r in ((f"ours (mmproj {t}, GGUF {t})", a), (f"transformers {dtype}", b)):
         print(f"{name:26s} {n / (r['encode'] + r['decode']):9.2f} {r['encode'] / n:13.3f} {r['tokens'] / r['decode']:13.0f} "
               f"{r['tokens']:14d}")
+    if args.json:
+        import json
+
+        sides = {"ours": a, "transformers": b}
+        args.json.write_text(json.dumps({
+            "preset": args.preset, "images": n, "device": device, "transformers_dtype": dtype, "ours_type": t,
+            **{f"{k}_{m}": (n / (r["encode"] + r["decode"]) if m == "images_per_s" else r["encode"] / n if m == "encode_s_per_image"
+                            else r["tokens"] / r["decode"]) for k, r in sides.items()
+               for m in ("images_per_s", "encode_s_per_image", "decode_tokens_per_s")},
+            "ratio_images_per_s": (b["encode"] + b["decode"]) / (a["encode"] + a["decode"]),
+            "max_score_diff": float(np.abs(a["scores"] - b["scores"]).max())}, indent=1))
     print(f"ours / transformers: images/s {(b['encode'] + b['decode']) / (a['encode'] + a['decode']):.2f}x, "
           f"encode {b['encode'] / a['encode']:.2f}x, decode {b['decode'] / a['decode']:.2f}x; "
           f"max |score difference| {np.abs(a['scores'] - b['scores']).max():.2e} ({t} vs {dtype}, random weights)")

@@ -1004,6 +1004,36 @@ def step_serve(ctx: dict, R: Result) -> None:
         f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms")
 
 
+def step_images(ctx: dict, R: Result) -> None:
+    """Optional: image documents (benchmarks/images.py): ours (F16 GGUF + F16 mmproj in libmtmd) against transformers
+    bf16 on the same 8 images (0.3 and 0.6 MP), the vision encode and the decode timed apart; m0's shapes on the GPU
+    (Qwen2-VL-2B's vision tower), `small` in the rehearsal. Its own synthetic checkpoint with a vision tower (the
+    convert stage's has none). Skipped without Pillow; it never adds a check."""
+    import importlib.util
+
+    if importlib.util.find_spec("PIL") is None:
+        R.set("skipped", "Pillow is not importable here")
+    elif run([sys.executable, "-c", "import llama_cpp.mtmd_cpp"], timeout=60)[0] != 0:
+        R.set("skipped", "this llama.cpp build has no libmtmd (the prebuilt CUDA libraries are built without it)")
+    if "skipped" in R.data:
+        say(f"images: skipped, {R.data['skipped']}")
+        return
+    out = Path(ctx["work"]) / "results" / "images-bench.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(BENCH / "images.py"), "--preset", "small" if ctx["cpu"] else "m0", "--n", "8",
+           "--cache", str(Path(ctx["work"]) / "images"), "--json", str(out)]
+    rc, wall, text = run(cmd)
+    R.set("output", text[-3000:])
+    print(text[-3000:], flush=True)
+    if rc != 0 or not out.is_file():
+        R.set("error", f"benchmarks/images.py exit {rc} after {wall:.0f} s: {tail_lines(text)}")
+        return
+    res = json.loads(out.read_text())
+    R.set("result", res)
+    say(f"images: ours {res['ours_images_per_s']:.2f} images/s, transformers {res['transformers_images_per_s']:.2f} "
+        f"({res['ratio_images_per_s']:.2f}x); encode {res['ours_encode_s_per_image'] * 1000:.0f} ms/image")
+
+
 def step_ray(ctx: dict, R: Result) -> None:
     """`--engine ray` (1 GPU actor) against the local job on the GPU: benchmarks/ray_scale.py, when Ray is
     installed on this machine. It is not carried (its wheel alone exceeds the 64 MiB that travels), so on a
@@ -1059,7 +1089,7 @@ def main() -> None:
     R.set("started", time.strftime("%H:%M:%S"))
     fn = {"check-offload": step_check_offload, "check-scores": step_check_scores, "check-head": step_check_head,
           "check-job": step_check_job, "matmul": step_matmul, "transformers": step_transformers, "head": step_head,
-          "sweep": step_sweep, "serve": step_serve, "ray": step_ray}.get(args.step)
+          "sweep": step_sweep, "serve": step_serve, "images": step_images, "ray": step_ray}.get(args.step)
     t = time.perf_counter()
     try:
         if fn is not None:
