@@ -280,7 +280,7 @@ class Reranker:
                       query_type: str = "text") -> list[float] | float:
         """Scores of `[query, document]` pairs, like the original model's `compute_score`.
 
-        A single pair (a list or tuple of two strings) gives a float; any other iterable of
+        A single pair (a list or tuple of a query and a document) gives a float; any other iterable of
         pairs (a generator too) a list of floats in input order; `[]` gives `[]`. A non-finite
         score (a broken GGUF or head) is a `RerankerError`, never a silent `nan`.
 
