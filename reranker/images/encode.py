@@ -36,6 +36,9 @@ MMPROJ_FIX = ("pass the vision projector converted from the same checkpoint as t
 # The projector types of Qwen2-VL's vision tower + merger (2.5-VL's adds window attention; m0 is 2-VL).
 QWEN2VL_PROJECTORS = ("qwen2vl_merger",)
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# libmtmd's advice for Qwen-VL grounding (at least 1024 image tokens) on every load: the original reranker sizes
+# images from 4 tokens, as we do, so the advice does not apply; it goes to DEBUG.
+_NOT_FOR_RERANKING = ("require at minimum 1024 image tokens", "try adding --image-min-tokens", "llama.cpp/issues/16842")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class _MtmdLog:
         if level != 5:  # 5 continues the previous line at its level
             self._level = _GGML_LEVELS.get(level, logging.DEBUG)
         line = text.decode("utf-8", errors="replace").rstrip("\n")
+        if self._level == logging.WARNING and any(a in line for a in _NOT_FOR_RERANKING):
+            self._level = logging.DEBUG
         if self._level >= logging.ERROR and line.strip():
             self.errors = (self.errors + [line.strip()])[-5:]
         if logger.isEnabledFor(self._level):

@@ -229,3 +229,16 @@ def test_deterministic_mode_and_hidden_states_with_images(vision_model, tiny_che
         hidden = rr.embed(pairs)
         assert hidden.shape == (len(pairs), 64)
         assert rr.score_embeddings(hidden).tolist() == pytest.approx(batch, abs=0)
+
+
+def test_loading_the_projector_warns_nothing(vision_model, caplog):
+    """libmtmd's Qwen-VL grounding advice (1024 image tokens at least) does not apply to reranking: not a warning."""
+    import logging
+
+    _, _, gguf = vision_model
+    with caplog.at_level(logging.DEBUG, logger="reranker.llama"), \
+            Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=1024) as rr:
+        rr.compute_score([QUERY, picture(40, 40, 0)], doc_type="image")
+    advice = [r for r in caplog.records if "1024 image tokens" in r.getMessage()]
+    assert advice and all(r.levelno == logging.DEBUG for r in advice)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "reranker.llama"]
