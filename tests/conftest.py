@@ -101,6 +101,16 @@ def reference(tiny_checkpoint, oracle):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_ggufs):
+    """The tiny F32 GGUF's own tokenizer (its vocabulary alone: no weights, no context)."""
+    from reranker.engine.backbone import VocabOnly
+
+    vocab = VocabOnly(tiny_ggufs["f32"])
+    yield vocab.tokenizer
+    vocab.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_reranker(tiny_ggufs):
     from reranker import Reranker
 

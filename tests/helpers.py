@@ -76,13 +76,16 @@ def kill_when(cmd, out: Path, after_consumed: int, delay: float) -> int:
     return proc.returncode
 
 
-def write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray], arch: str = "qwen2vl") -> Path:
+def write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray], arch: str = "qwen2vl", alignment: int | None = None) -> Path:
     """A GGUF written by gguf-py (the reference writer), its entries in `kv`'s order.
 
     A value's GGUF type follows its Python type (an int is UINT32, as GGUF's counts and ids are);
-    `(value, gguf.GGUFValueType.X)` gives another.
+    `(value, gguf.GGUFValueType.X)` gives another. `alignment`: the data's (gguf-py takes it from
+    its attribute, not from a `general.alignment` entry, which `kv` must then hold too).
     """
     w = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        w.data_alignment = alignment
     for key, value in kv.items():
         if isinstance(value, tuple):
             value, vtype = value

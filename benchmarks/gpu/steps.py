@@ -971,6 +971,19 @@ def step_sweep(ctx: dict, R: Result) -> None:
     llama_cpp.llama_init_from_model = orig_init
 
 
+def _bench(R: Result, cmd: list[str], out: Path) -> dict | None:
+    """Run a benchmark script (`cmd`, which writes `out` as JSON): its output and figures into R; None on failure."""
+    rc, wall, text = run(cmd)
+    R.set("output", text[-3000:])
+    print(text[-3000:], flush=True)
+    if rc != 0 or not out.is_file():
+        R.set("error", f"benchmarks/{Path(cmd[1]).name} exit {rc} after {wall:.0f} s: {tail_lines(text)}")
+        return None
+    res = json.loads(out.read_text())
+    R.set("result", res)
+    return res
+
+
 def step_serve(ctx: dict, R: Result) -> None:
     """Optional: `reranker serve` at 1, 8 and 32 clients against the job on the same pairs (benchmarks/serve.py),
     on Q8_0. Its own process with a timeout; without the server's packages it is skipped, and it never adds a check."""
@@ -992,14 +1005,9 @@ def step_serve(ctx: dict, R: Result) -> None:
     shape += ["--rounds", "1"]
     cmd = [sys.executable, str(BENCH / "serve.py"), "--model", str(gguf), "--device", device(ctx),
            "--threads", str(min(8, os.cpu_count() or 1)), "--json", str(out), *shape]
-    rc, wall, text = run(cmd)
-    R.set("output", text[-3000:])
-    print(text[-3000:], flush=True)
-    if rc != 0 or not out.is_file():
-        R.set("error", f"benchmarks/serve.py exit {rc} after {wall:.0f} s: {tail_lines(text)}")
+    res = _bench(R, cmd, out)
+    if res is None:
         return
-    res = json.loads(out.read_text())
-    R.set("result", res)
     say(f"serve: {res['ratio_at_max_clients']:.2f} of the job's pairs/s at 32 clients; light-load 10-document request "
         f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms")
 
@@ -1022,14 +1030,9 @@ def step_images(ctx: dict, R: Result) -> None:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(BENCH / "images.py"), "--preset", "small" if ctx["cpu"] else "m0", "--n", "8",
            "--cache", str(Path(ctx["work"]) / "images"), "--json", str(out)]
-    rc, wall, text = run(cmd)
-    R.set("output", text[-3000:])
-    print(text[-3000:], flush=True)
-    if rc != 0 or not out.is_file():
-        R.set("error", f"benchmarks/images.py exit {rc} after {wall:.0f} s: {tail_lines(text)}")
+    res = _bench(R, cmd, out)
+    if res is None:
         return
-    res = json.loads(out.read_text())
-    R.set("result", res)
     say(f"images: ours {res['ours_images_per_s']:.2f} images/s, transformers {res['transformers_images_per_s']:.2f} "
         f"({res['ratio_images_per_s']:.2f}x); encode {res['ours_encode_s_per_image'] * 1000:.0f} ms/image")
 

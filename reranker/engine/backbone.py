@@ -56,25 +56,37 @@ def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
     return model
 
 
-class _PackedBatch:
-    """A `llama_batch` whose arrays are numpy buffers, filled without per-token Python loops."""
+def _ptr(a: np.ndarray, ctype):
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
 
-    def __init__(self, capacity: int) -> None:
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
+
+class _BatchBuffers:
+    """A `llama_batch` whose arrays are numpy buffers of `capacity` entries (`pos_per_entry` positions each):
+    the positions, sequence ids and output flags; the input (tokens or embedding rows) is the subclass's."""
+
+    def __init__(self, capacity: int, pos_per_entry: int = 1) -> None:
+        self.pos = np.zeros(pos_per_entry * capacity, dtype=np.int32)
         self.n_seq_id = np.ones(capacity, dtype=np.int32)
         self.seq = np.zeros(capacity, dtype=np.int32)
         self.logits = np.zeros(capacity, dtype=np.int8)
-        # seq_id is an array of pointers, one per token, each into `self.seq`.
+        # seq_id is an array of pointers, one per entry, each into `self.seq`.
         self.seq_ptr = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
         self.struct = llama_cpp.llama_batch()
-        p = lambda a, t: a.ctypes.data_as(ctypes.POINTER(t))  # noqa: E731
-        self.struct.token = p(self.token, llama_cpp.llama_token)
+        self.struct.token = ctypes.POINTER(llama_cpp.llama_token)()
         self.struct.embd = ctypes.POINTER(ctypes.c_float)()
-        self.struct.pos = p(self.pos, llama_cpp.llama_pos)
-        self.struct.n_seq_id = p(self.n_seq_id, ctypes.c_int32)
+        self.struct.pos = _ptr(self.pos, llama_cpp.llama_pos)
+        self.struct.n_seq_id = _ptr(self.n_seq_id, ctypes.c_int32)
         self.struct.seq_id = self.seq_ptr.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
-        self.struct.logits = p(self.logits, ctypes.c_int8)
+        self.struct.logits = _ptr(self.logits, ctypes.c_int8)
+
+
+class _PackedBatch(_BatchBuffers):
+    """A batch of tokens, filled without per-token Python loops."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.struct.token = _ptr(self.token, llama_cpp.llama_token)
 
     def fill(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]], all_outputs: bool) -> list[int]:
         """Lay out (ids, seq_id, first position, output last token) chunks one after another.
@@ -96,24 +108,13 @@ class _PackedBatch:
         return last
 
 
-class _EmbeddingBatch:
-    """A `llama_batch` of embedding rows (an image's) with M-RoPE positions: 4 per row, section-major."""
+class _EmbeddingBatch(_BatchBuffers):
+    """A batch of embedding rows (an image's; token stays NULL) with M-RoPE positions: 4 per row, section-major."""
 
     def __init__(self, capacity: int, n_embd: int) -> None:
+        super().__init__(capacity, pos_per_entry=4)
         self.embd = np.zeros((capacity, n_embd), dtype=np.float32)
-        self.pos = np.zeros(4 * capacity, dtype=np.int32)
-        self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self.seq = np.zeros(capacity, dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        self.seq_ptr = self.seq.ctypes.data + 4 * np.arange(capacity, dtype=np.uint64)
-        self.struct = llama_cpp.llama_batch()
-        p = lambda a, t: a.ctypes.data_as(ctypes.POINTER(t))  # noqa: E731
-        self.struct.token = ctypes.POINTER(llama_cpp.llama_token)()  # NULL: the rows are the input
-        self.struct.embd = p(self.embd, ctypes.c_float)
-        self.struct.pos = p(self.pos, llama_cpp.llama_pos)
-        self.struct.n_seq_id = p(self.n_seq_id, ctypes.c_int32)
-        self.struct.seq_id = self.seq_ptr.ctypes.data_as(ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
-        self.struct.logits = p(self.logits, ctypes.c_int8)
+        self.struct.embd = _ptr(self.embd, ctypes.c_float)
 
     def fill(self, chunks: Sequence[tuple[Embeddings, int, int, int, int]], all_outputs: bool) -> None:
         """Lay out (image, first row, rows, seq_id, the image's first position) chunks one after another."""

@@ -44,7 +44,8 @@ _NOT_FOR_RERANKING = ("require at minimum 1024 image tokens", "try adding --imag
 @dataclass(frozen=True)
 class ImageEmbedding:
     """One image's embeddings (n_tokens x n_embd float32, row-major over the grid), its grid, and the
-    M-RoPE positions llama.cpp gives its tokens."""
+    M-RoPE positions libmtmd gives its tokens (the backbone computes its own, `engine.segments.Embeddings`;
+    tests/images/test_encode.py checks the two and transformers' agree)."""
 
     embeddings: np.ndarray
     nx: int  # merged tokens per row
@@ -54,19 +55,6 @@ class ImageEmbedding:
     @property
     def n_tokens(self) -> int:
         return self.nx * self.ny
-
-    @property
-    def n_pos(self) -> int:
-        """Positions the image takes: the text after it starts at its start + n_pos (max(nx, ny), as transformers)."""
-        return max(self.nx, self.ny)
-
-    def positions(self, start: int) -> np.ndarray:
-        """The image tokens' positions when the image starts at `start`, in the layout of a `llama_batch` of
-        embeddings under M-RoPE (libmtmd's helper): 4 rows of n_tokens, temporal, row (y), column (x), unused (0).
-        Flattened row by row, this is `llama_batch.pos` for those tokens."""
-        pos = self.rel_positions.copy()
-        pos[:3] += start
-        return pos
 
 
 class _MtmdLog:

@@ -16,7 +16,6 @@ from oracle import assert_scores_close
 
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
-from reranker.engine.backbone import VocabOnly
 from reranker.engine.chunking import Chunker, char_boundaries, token_spans
 from reranker.engine.prompts import PromptBuilder
 from reranker.options import as_chunking
@@ -29,13 +28,6 @@ LONG = {
     "newlines": "\n\nFirst line.\r\n  indented\tand tabbed.   \n" * 25 + "   \n\n",
     "one-word": "x" * 900,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ggufs):
-    vocab = VocabOnly(tiny_ggufs["f32"])
-    yield vocab.tokenizer
-    vocab.close()
 
 
 @pytest.fixture(scope="module")

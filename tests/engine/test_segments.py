@@ -125,13 +125,10 @@ def flat_ids(prompt: Segments) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def builder(tiny_ggufs):
-    from reranker.engine.backbone import VocabOnly
+def builder(tokenizer):
     from reranker.engine.prompts import PromptBuilder
 
-    vocab = VocabOnly(tiny_ggufs["f32"])
-    yield lambda **limits: PromptBuilder(vocab.tokenizer, **limits)
-    vocab.close()
+    return lambda **limits: PromptBuilder(tokenizer, **limits)
 
 
 def image(ny, nx):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from oracle import hf_tokenizer, prompt_ids
 
-from reranker.engine.backbone import VocabOnly
 from reranker.engine.prompts import PromptBuilder, format_prompt
 from reranker.engine.tokenizer import Cancelled, cancelled_by, text_pieces
 
@@ -35,13 +34,6 @@ def hostile_texts(n: int, seed: int) -> list[str]:
         k = int(rng.integers(1, 60))
         out.append("".join(FRAGMENTS[i] for i in rng.integers(len(FRAGMENTS), size=k)))
     return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ggufs):
-    v = VocabOnly(tiny_ggufs["f32"])
-    yield v.tokenizer
-    v.close()
 
 
 @pytest.fixture(scope="module")

@@ -36,20 +36,7 @@ def model_gguf(path, *, file_type=gguf.LlamaFileType.MOSTLY_F16, lossy=False, al
         tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     if output:
         tensors["output.weight"] = exact
-    if alignment:  # gguf-py's writer takes the alignment from its attribute, not the entry
-        w = gguf.GGUFWriter(str(path), "qwen2vl")
-        w.data_alignment = alignment
-        for key, value in kv.items():
-            vtype = gguf.GGUFValueType.UINT32 if type(value) is int else gguf.GGUFValueType.get_type(value)
-            w.add_key_value(key, value, vtype)
-        for name, array in tensors.items():
-            w.add_tensor(name, array)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return path
-    return write_gguf(path, kv, tensors)
+    return write_gguf(path, kv, tensors, alignment=alignment)
 
 
 CASES = {

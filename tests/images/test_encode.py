@@ -24,6 +24,7 @@ import pytest
 from helpers import convert_mmproj, load_tiny_vision, write_gguf, write_tiny_vision_checkpoint
 from PIL import Image
 
+from reranker.engine.segments import Embeddings
 from reranker.errors import RerankerError
 from reranker.images import encode as encode_mod
 from reranker.images.encode import VisionEncoder, check_mmproj
@@ -137,9 +138,9 @@ def test_an_f32_projector_runs_unfused_attention(tmp_path, tiny_vision, llama_mo
 
 @pytest.mark.parametrize("w, h", [(333, 217), (60, 1200), (56, 56)])
 def test_positions_equal_transformers_rope_index(tmp_path, encoder, w, h):
-    """llama.cpp's M-RoPE positions for the image tokens (what the decoder is given) equal transformers'
-    get_rope_index for the original's prompt shape: text, the image, text; the text after it continues at
-    the image's start + n_pos."""
+    """libmtmd's M-RoPE positions for the image tokens and the backbone's own (`engine.segments.Embeddings`, what
+    the decoder is given) equal transformers' get_rope_index for the original's prompt shape: text, the image,
+    text; the text after it continues at the image's start + n_pos."""
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
@@ -152,10 +153,13 @@ def test_positions_equal_transformers_rope_index(tmp_path, encoder, w, h):
     types = torch.tensor([[0] * before + [1] * e.n_tokens + [0] * after])
     pos, _ = hf.get_rope_index(torch.zeros_like(types), types, image_grid_thw=torch.tensor([[1, 2 * e.ny, 2 * e.nx]]))
     pos = pos[:, 0].numpy()
-    ours = e.positions(before)
-    assert ours.shape == (4, e.n_tokens) and ours.dtype == np.int32 and not ours[3].any()
-    np.testing.assert_array_equal(ours[:3], pos[:, before:before + e.n_tokens])  # (t, row, column) both
-    assert (pos[:, before + e.n_tokens] == before + e.n_pos).all()
+    ours = Embeddings(e.embeddings, nx=e.nx, ny=e.ny)
+    llama = e.rel_positions.copy()
+    llama[:3] += before
+    for got in (ours.positions(before), llama):
+        assert got.shape == (4, e.n_tokens) and got.dtype == np.int32 and not got[3].any()
+        np.testing.assert_array_equal(got[:3], pos[:, before:before + e.n_tokens])  # (t, row, column) both
+    assert (pos[:, before + e.n_tokens] == before + ours.n_pos).all()
 
 
 def test_an_image_that_is_not_prepared(encoder):
