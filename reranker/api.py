@@ -18,7 +18,7 @@ from reranker.engine.backbone import Backbone
 from reranker.engine.identity import bf16_note, fast_path_gguf, use_bf16, weights_description
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import ScoredDocuments, Usage, check_keep_hidden, prepare, score_prepared
-from reranker.engine.vision import Vision, find_mmproj
+from reranker.engine.vision import Vision, find_mmproj, load
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
 from reranker.gguf.hub import resolve
@@ -199,10 +199,11 @@ class Reranker:
             return self._vision
 
     def _with_images(self, pairs: list) -> list:
-        """`pairs` with each image side (`ImageRef`) replaced by its `Embeddings` (one image at a time)."""
+        """`pairs` with each image side (`ImageRef`) loaded and sized (`PendingImage`; encoded when scored)."""
         if not any(isinstance(x, ImageRef) for pair in pairs for x in pair):
             return pairs
-        return [tuple(self.vision.embed(x) if isinstance(x, ImageRef) else x for x in pair) for pair in pairs]
+        sizing = self.vision.sizing  # a missing projector is an error before any image is read
+        return [tuple(load(x, sizing) if isinstance(x, ImageRef) else x for x in pair) for pair in pairs]
 
     def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,

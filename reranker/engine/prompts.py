@@ -1,6 +1,6 @@
 """(query, document) pairs -> prompt token ids, with the original model's truncation rule.
 
-A side that is an image (its `Embeddings`) makes the prompt `Segments`: the original's template
+A side that is an image (its `Embeddings`, or a `PendingImage` still to encode) makes the prompt `Segments`: the original's template
 with `<|vision_start|>` image `<|vision_end|>` in that side's place (`build_parts`).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reranker.defaults import DOC_PREFIX, MAX_LENGTH, MAX_QUERY_LENGTH, QUERY_PREFIX, SCORE_TOKEN_ID, VISION_END_ID, VISION_START_ID
-from reranker.engine.segments import Embeddings, Segments
+from reranker.engine.segments import Image, Segments
 from reranker.engine.tokenizer import GGUFTokenizer
 from reranker.errors import RerankerError
 from reranker.options import check_lengths
@@ -108,7 +108,7 @@ class PromptBuilder:
         # Only a query longer than the whole budget gets here still too long: cut its end.
         return ids[:budget]
 
-    def build_parts(self, query: str | Embeddings, document: str | Embeddings) -> Prompt:
+    def build_parts(self, query: str | Image, document: str | Image) -> Prompt:
         """The prompt of a pair in which either side (or both) may be an image.
 
         The original's template with the image's rows between `<|vision_start|>` and `<|vision_end|>`
@@ -116,24 +116,24 @@ class PromptBuilder:
         splits at special tokens. An image is never cut: a text query is cut to `max_query_length`
         tokens, then the text side to fit `max_length`; an image that cannot fit is a RerankerError.
         """
-        if not isinstance(query, Embeddings) and not isinstance(document, Embeddings):
+        if not isinstance(query, Image) and not isinstance(document, Image):
             return self.build(query, document)
         truncated = False
-        if not isinstance(query, Embeddings):
+        if not isinstance(query, Image):
             query, truncated = self.fit_query(query)
-        text = query if not isinstance(query, Embeddings) else document if not isinstance(document, Embeddings) else ""
+        text = query if not isinstance(query, Image) else document if not isinstance(document, Image) else ""
 
         def with_text(t: str) -> Segments:  # the prompt with the text side (if any) replaced by `t`
-            q = t if not isinstance(query, Embeddings) else query
-            d = t if not isinstance(document, Embeddings) and isinstance(query, Embeddings) else document
+            q = t if not isinstance(query, Image) else query
+            d = t if not isinstance(document, Image) and isinstance(query, Image) else document
             return Segments(tuple(self._parts(q, d)))
 
         prompt = with_text(text)
         if len(prompt) > self.max_length:
             if len(with_text("")) > self.max_length:
-                images = [e for e in (document, query) if isinstance(e, Embeddings)]
+                images = [e for e in (document, query) if isinstance(e, Image)]
                 raise RerankerError(f"an image of {' and '.join(f'{e.ny} x {e.nx}' for e in images)} merged patches "
-                                    f"({sum(len(e.rows) for e in images)} tokens) does not fit max_length={self.max_length} "
+                                    f"({sum(e.n_tokens for e in images)} tokens) does not fit max_length={self.max_length} "
                                     "with the template: raise max_length, or give the image fewer pixels")
             ids = self.tokenizer.encode(text)
             keep = len(ids)
@@ -143,11 +143,11 @@ class PromptBuilder:
             truncated = True
         return Prompt(prompt, truncated)
 
-    def _parts(self, query: str | Embeddings, document: str | Embeddings) -> list:
+    def _parts(self, query: str | Image, document: str | Image) -> list:
         # Walk the template DOC_PREFIX, document, QUERY_PREFIX, query; an image flushes the text before it.
         parts, text = [], DOC_PREFIX
         for side, after in ((document, QUERY_PREFIX), (query, "")):
-            if isinstance(side, Embeddings):
+            if isinstance(side, Image):
                 parts += [self.tokenizer.encode(text), [VISION_START_ID], side, [VISION_END_ID]]
                 text = after
             else:

@@ -20,7 +20,7 @@ import numpy as np
 
 from reranker.engine.chunking import Chunker, DocumentPrompts, aggregate
 from reranker.engine.prompts import Prompt, PromptBuilder
-from reranker.engine.segments import Embeddings
+from reranker.engine.segments import Image, Segments
 from reranker.errors import RerankerError
 from reranker.options import Chunking
 
@@ -42,7 +42,10 @@ def score_prompts(reranker, prompts: Sequence[Prompt], *, keep_hidden: bool = Fa
     """
     lengths = np.fromiter((len(p.ids) for p in prompts), dtype=np.int64, count=len(prompts))
     order = np.argsort(-lengths, kind="stable")
-    embeddings = reranker.backbone.embed([prompts[i].ids for i in order])
+    sequences = [prompts[i].ids for i in order]
+    if any(isinstance(s, Segments) and s.pending for s in sequences):  # images built as pixels: project them now
+        sequences = [s.encoded(reranker.vision.encode) if isinstance(s, Segments) else s for s in sequences]
+    embeddings = reranker.backbone.embed(sequences)
     scores = np.empty(len(prompts), dtype=np.float32)
     scores[order] = reranker.score_embeddings(embeddings)
     if name is not None:
@@ -131,11 +134,12 @@ class Prepared:
         return aggregate(prompt_scores, self.counts, self.chunking.aggregate if self.chunking is not None else "first")
 
 
-def prepare(builder: PromptBuilder, pairs: Sequence[tuple[str | Embeddings, str | Embeddings]],
+def prepare(builder: PromptBuilder, pairs: Sequence[tuple[str | Image, str | Image]],
             chunking: Chunking | None = None, names: list[str] | None = None) -> Prepared:
     """Pairs -> prompts, truncated as the original model (or, with `chunking`, a long text document split into chunks).
 
-    Either side of a pair may be an image's `Embeddings` (`PromptBuilder.build_parts`); such a pair is one prompt."""
+    Either side of a pair may be an image (`Embeddings`, or a `PendingImage` that `score_prompts` encodes;
+    `PromptBuilder.build_parts`); such a pair is one prompt."""
     if chunking is None:
         return Prepared([DocumentPrompts([builder.build_parts(q, d)]) for q, d in pairs], names=names)
     chunker = Chunker(builder, chunking)

@@ -11,7 +11,7 @@ and width p + i % nx, and the text after it continues at p + max(nx, ny).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,34 +37,80 @@ class Embeddings:
         return np.stack([np.full_like(i, start), start + i // self.nx, start + i % self.nx, np.zeros_like(i)])
 
     @property
+    def n_tokens(self) -> int:
+        """KV cells the image takes: one per merged patch."""
+        return self.nx * self.ny
+
+    @property
     def n_pos(self) -> int:
         """Positions the image takes: the text after it starts this much further."""
         return max(self.nx, self.ny)
 
 
-Part = Sequence[int] | Embeddings
+@dataclass(frozen=True, eq=False)
+class PendingImage:
+    """An image loaded and sized as the original (`vision.load`), not yet encoded: `nx` x `ny` merged patches.
+
+    Its size is known before the projector runs, so prompts are built (and cut) where images are read
+    (a job's reader thread, a server request) and `scoring.score_prompts` encodes them just before the decode.
+    """
+
+    pixels: object  # reranker.images.preprocess.PreparedImage: untyped, so this layer imports no PIL
+    nx: int
+    ny: int
+    name: str = "image"
+
+    @property
+    def n_tokens(self) -> int:
+        return self.nx * self.ny
+
+    @property
+    def n_pos(self) -> int:
+        return max(self.nx, self.ny)
+
+
+#: An image side of a prompt: encoded (`Embeddings`) or still pixels (`PendingImage`).
+Image = Embeddings | PendingImage
+Part = Sequence[int] | Embeddings | PendingImage
 
 
 @dataclass(frozen=True, eq=False)
 class Segments:
-    """A prompt as parts in order: token-id sequences and `Embeddings`; it must end with a token (the scoring token)."""
+    """A prompt as parts in order: token-id sequences and images; it must end with a token (the scoring token)."""
 
     parts: tuple[Part, ...]
 
     def __post_init__(self) -> None:
-        parts = tuple(p for p in self.parts if isinstance(p, Embeddings) or len(p))
+        parts = tuple(p for p in self.parts if isinstance(p, Image) or len(p))
         object.__setattr__(self, "parts", parts)
-        if not parts or isinstance(parts[-1], Embeddings):
+        if not parts or isinstance(parts[-1], Image):
             raise RerankerError("a prompt must end with a token (the scoring token), not an image")
 
     def __len__(self) -> int:
         """KV cells the prompt takes: one per token and per image row."""
-        return sum(len(p.rows) if isinstance(p, Embeddings) else len(p) for p in self.parts)
+        return sum(p.n_tokens if isinstance(p, Image) else len(p) for p in self.parts)
 
     def starts(self) -> list[int]:
         """The first position of each part."""
         out, pos = [], 0
         for p in self.parts:
             out.append(pos)
-            pos += p.n_pos if isinstance(p, Embeddings) else len(p)
+            pos += p.n_pos if isinstance(p, Image) else len(p)
         return out
+
+    @property
+    def pending(self) -> bool:
+        """Whether an image is still pixels (`encoded` makes it embeddings)."""
+        return any(isinstance(p, PendingImage) for p in self.parts)
+
+    def encoded(self, encode: Callable[[PendingImage], Embeddings]) -> Segments:
+        """This prompt with each `PendingImage` replaced by `encode(image)`, which must keep its grid."""
+        parts = []
+        for p in self.parts:
+            if isinstance(p, PendingImage):
+                e = encode(p)
+                if (e.nx, e.ny) != (p.nx, p.ny):
+                    raise RerankerError(f"{p.name} was sized as {p.ny} x {p.nx} merged patches but encoded as {e.ny} x {e.nx}")
+                p = e
+            parts.append(p)
+        return Segments(tuple(parts))

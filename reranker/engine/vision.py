@@ -1,5 +1,9 @@
 """Image sides of pairs -> the backbone's `Embeddings`: loaded and sized as the original, encoded by the mmproj.
 
+Two steps, so they can run in different places: `load` (decode, EXIF, RGB, smart_resize; pure CPU, no
+model) gives a `PendingImage` whose token grid is known, where prompts are built (the caller's thread,
+a job's reader); `Vision.encode` runs the projector, from `scoring.score_prompts`, just before the decode.
+
 The vision projector (`mmproj-*.gguf`, written by `reranker convert` or llama.cpp's converter) runs in
 llama.cpp's libmtmd, bound to the backbone's model. It is loaded on the first image, so text-only use
 never loads libmtmd: `find_mmproj` looks beside the GGUF when no path is given.
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from reranker.engine.backbone import Backbone
 from reranker.engine.cpu import default_threads
-from reranker.engine.segments import Embeddings
+from reranker.engine.segments import Embeddings, PendingImage
 from reranker.errors import RerankerError
 from reranker.options import ImageRef
 
@@ -28,6 +32,16 @@ def find_mmproj(gguf: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
+def load(image: ImageRef, sizing=None) -> PendingImage:
+    """`image` loaded (EXIF orientation, RGB, bombs refused) and resized as Qwen2-VL's processor: its pixels
+    and grid (`sizing`: a `reranker.images.preprocess.Sizing`, default the original's 4 to 768 tokens)."""
+    from reranker.images.load import load_image
+    from reranker.images.preprocess import Sizing, prepare
+
+    prepared = prepare(load_image(image.source, image.name), sizing or Sizing(), image.name)
+    return PendingImage(prepared, nx=prepared.grid_w, ny=prepared.grid_h, name=image.name)
+
+
 class Vision:
     """Images -> `Embeddings` for one backbone (thread-safe: the encoder serialises libmtmd)."""
 
@@ -38,15 +52,16 @@ class Vision:
         self.encoder = VisionEncoder(mmproj, backbone.llama_model, n_threads=n_threads or default_threads(),
                                      use_gpu=backbone.on_gpu)
         self.path = self.encoder.path
+        self.sizing = self.encoder.sizing  # what `load` must size images with for this projector
+
+    def encode(self, image: PendingImage) -> Embeddings:
+        """The embeddings of an image from `load`."""
+        e = self.encoder.encode(image.pixels, image.name)
+        return Embeddings(e.embeddings, nx=e.nx, ny=e.ny)
 
     def embed(self, image: ImageRef) -> Embeddings:
-        """The image's embeddings: loaded (EXIF, RGB), resized as Qwen2-VL's processor, encoded."""
-        from reranker.images.load import load_image
-        from reranker.images.preprocess import prepare
-
-        prepared = prepare(load_image(image.source, image.name), self.encoder.sizing, image.name)
-        e = self.encoder.encode(prepared, image.name)
-        return Embeddings(e.embeddings, nx=e.nx, ny=e.ny)
+        """The image's embeddings: `load`, then `encode`."""
+        return self.encode(load(image, self.sizing))
 
     def close(self) -> None:
         self.encoder.close()

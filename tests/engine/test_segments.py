@@ -181,3 +181,18 @@ def test_image_pairs_score_through_the_one_path(tiny_checkpoint, tiny_reranker, 
 
     assert_scores_close(got.scores[:3], head_scores(score_head(tiny_checkpoint), want_hidden), "f32", "image pairs' scores")
     assert got.usage.tokens == sum(len(p.ids) for p in prepared.prompts)
+
+
+def test_pending_images_take_their_grid_and_are_replaced_by_their_encoding():
+    """A prompt built from an image's pixels (`PendingImage`) has the length and positions of its encoding,
+    and `encoded` swaps in the projector's rows only when they fill the same grid."""
+    from reranker.engine.segments import PendingImage
+
+    pending = PendingImage(pixels=None, nx=3, ny=2, name="doc 0 image")
+    rows = Embeddings(np.ones((6, 4), dtype=np.float32), nx=3, ny=2)
+    seg = Segments(([1, 2], pending, [3, 100]))
+    assert seg.pending and len(seg) == 10 and seg.starts() == [0, 2, 5]
+    done = seg.encoded(lambda p: rows)
+    assert not done.pending and done.parts[1] is rows and len(done) == len(seg) and done.starts() == seg.starts()
+    with pytest.raises(RerankerError, match="doc 0 image was sized as 2 x 3 merged patches but encoded as 3 x 2"):
+        seg.encoded(lambda p: Embeddings(np.ones((6, 4), dtype=np.float32), nx=2, ny=3))
