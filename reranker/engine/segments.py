@@ -19,8 +19,25 @@ import numpy as np
 from reranker.errors import RerankerError
 
 
+class _Grid:
+    """An image's place in a prompt: `nx` x `ny` merged patches."""
+
+    nx: int
+    ny: int
+
+    @property
+    def n_tokens(self) -> int:
+        """KV cells the image takes: one per merged patch."""
+        return self.nx * self.ny
+
+    @property
+    def n_pos(self) -> int:
+        """Positions the image takes: the text after it starts this much further."""
+        return max(self.nx, self.ny)
+
+
 @dataclass(frozen=True, eq=False)
-class Embeddings:
+class Embeddings(_Grid):
     """An image's embeddings: `rows` (nx * ny, n_embd) float32, row-major over its merged-patch grid."""
 
     rows: np.ndarray
@@ -36,19 +53,9 @@ class Embeddings:
         i = np.arange(first, len(self.rows) if count is None else first + count, dtype=np.int32)
         return np.stack([np.full_like(i, start), start + i // self.nx, start + i % self.nx, np.zeros_like(i)])
 
-    @property
-    def n_tokens(self) -> int:
-        """KV cells the image takes: one per merged patch."""
-        return self.nx * self.ny
-
-    @property
-    def n_pos(self) -> int:
-        """Positions the image takes: the text after it starts this much further."""
-        return max(self.nx, self.ny)
-
 
 @dataclass(frozen=True, eq=False)
-class PendingImage:
+class PendingImage(_Grid):
     """An image loaded and sized as the original (`vision.load`), not yet encoded: `nx` x `ny` merged patches.
 
     Its size is known before the projector runs, so prompts are built (and cut) where images are read
@@ -59,14 +66,6 @@ class PendingImage:
     nx: int
     ny: int
     name: str = "image"
-
-    @property
-    def n_tokens(self) -> int:
-        return self.nx * self.ny
-
-    @property
-    def n_pos(self) -> int:
-        return max(self.nx, self.ny)
 
 
 #: An image side of a prompt: encoded (`Embeddings`) or still pixels (`PendingImage`).
