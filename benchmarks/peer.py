@@ -33,6 +33,7 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import numpy as np  # noqa: E402
+from flops import matmul_rate, matmul_shape, useful_flops  # noqa: E402
 from job import load_average, synthetic_pairs  # noqa: E402
 from tf_peer import run_transformers  # noqa: E402
 
@@ -148,16 +149,27 @@ def main() -> None:
     print(f"the default (--bf16 auto) runs the F16 file as {'BF16' if auto else 'F16'} here ({why})")
     print(f"transformers best: {best['dtype']} {best['attn']} {'sorted' if best['sorted'] else 'input order'} batch "
           f"{best['batch']}: {best['tokens_per_s']:.1f} tok/s")
-    print(f"{'path':<44}{'tok/s':>9}{'vs tf best':>12}")
+    shape = matmul_shape(ckpt)
+    rates = {dt: matmul_rate(shape, dt, threads) for dt in ("bf16", "fp32")}
+    per_token = useful_flops(ckpt, 1) / 1e9
+    print(f"torch mat-mul {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]} on {threads} threads: bf16 {rates['bf16']:.0f} GFLOP/s, "
+          f"fp32 {rates['fp32']:.0f} GFLOP/s; GFLOP/s below = 2 x non-embedding params x prompt tokens / wall")
+
+    def rate(tps: float) -> str:
+        g = tps * per_token
+        return f"{g:>9.1f}{g / rates['bf16']:>9.0%}{g / rates['fp32']:>9.0%}"
+
+    print(f"{'path':<44}{'tok/s':>9}{'vs tf best':>12}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}")
     for name, r in ours.items():
-        print(f"{'ours ' + name + ' (runs as ' + r['weights'] + ')':<44}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / best['tokens_per_s']:>11.2f}x")
+        print(f"{'ours ' + name + ' (runs as ' + r['weights'] + ')':<44}{r['tokens_per_s']:>9.1f}"
+              f"{r['tokens_per_s'] / best['tokens_per_s']:>11.2f}x{rate(r['tokens_per_s'])}")
     for dt in dict.fromkeys(r["dtype"] for r in tf):
         for attn in dict.fromkeys(r["attn"] for r in tf):
             sub = [r for r in tf if r["dtype"] == dt and r["attn"] == attn]
             if sub:
                 b = max(sub, key=lambda r: r["tokens_per_s"])
                 print(f"{'transformers ' + dt + ' ' + attn + ' (best batch ' + str(b['batch']) + (', sorted' if b['sorted'] else '') + ')':<44}"
-                      f"{b['tokens_per_s']:>9.1f}{b['tokens_per_s'] / best['tokens_per_s']:>11.2f}x")
+                      f"{b['tokens_per_s']:>9.1f}{b['tokens_per_s'] / best['tokens_per_s']:>11.2f}x{rate(b['tokens_per_s'])}")
     ref = next(r for r in tf if r["dtype"] == "fp32") if any(r["dtype"] == "fp32" for r in tf) else best
     print(f"scores, max |diff| vs transformers {ref['dtype']}: " + ", ".join(
         f"{n} {np.abs(r['scores'] - ref['scores']).max():.1e}" for n, r in ours.items())
@@ -167,6 +179,7 @@ def main() -> None:
     if args.json:
         strip = lambda r: {k: v for k, v in r.items() if k != "scores"}  # noqa: E731
         args.json.write_text(json.dumps({"preset": args.preset, "pairs": len(pairs), "threads": threads, "load_average": loads,
+                                         "matmul_gflops": rates, "gflop_per_token": per_token,
                                          "ours": {k: strip(v) for k, v in ours.items()}, "transformers": [strip(r) for r in tf]},
                                         indent=1) + "\n")
 

@@ -193,6 +193,9 @@ class Backbone:
     Thread-safe: a lock serialises `embed` and `close`; the tokenizer needs no lock but its own
     (many threads tokenise at once, while another decodes); `close` takes both, waits for the
     tokenising in progress, and after it every call raises a `RerankerError`.
+
+    `eval_callback`: a `llama_cpp.ggml_backend_sched_eval_callback` given to llama.cpp's scheduler
+    (ggml's per-node hook; `benchmarks/profile.py` times each op with it). None: none.
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class Backbone:
         kv_type: str | None = None,
         fast: bool = False,
         deterministic: bool = False,
+        eval_callback=None,
     ) -> None:
         self._lock = threading.RLock()  # first, so close() (and __del__) always has it
         self._ctx = None
@@ -255,6 +259,9 @@ class Backbone:
             flash_attn = False
         cparams.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+        if eval_callback is not None:  # kept referenced: llama.cpp calls it for as long as the context lives
+            self._eval_callback = eval_callback
+            cparams.cb_eval = eval_callback
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
