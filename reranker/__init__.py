@@ -22,14 +22,15 @@ if TYPE_CHECKING:
     from reranker.api import Reranker, Usage
     from reranker.engine.prompts import format_prompt
     from reranker.engine.scoring import ScoredDocuments
+    from reranker.images.pdf import pdf_pages
     from reranker.settings import LoadSettings
 
-__all__ = ["Chunking", "LoadSettings", "Reranker", "RerankerError", "ScoredDocuments", "Usage", "format_prompt"]
+__all__ = ["Chunking", "LoadSettings", "Reranker", "RerankerError", "ScoredDocuments", "Usage", "format_prompt", "pdf_pages"]
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import reranker.errors` (the `head` package does) needs no llama.cpp.
 _LAZY = {"Reranker": "reranker.api", "Usage": "reranker.api", "format_prompt": "reranker.engine.prompts",
-         "LoadSettings": "reranker.settings", "ScoredDocuments": "reranker.engine.scoring"}
+         "LoadSettings": "reranker.settings", "ScoredDocuments": "reranker.engine.scoring", "pdf_pages": "reranker.images.pdf"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray", "ray.data", "pyarrow"),
     "bench": ("scipy.stats", "matplotlib", "ir_measures"),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "pdf": ("pypdfium2",),
 }
 
 

@@ -8,6 +8,7 @@ option and the rule.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -74,18 +75,48 @@ SIDE_TYPES = ("text", "image")
 
 @dataclass(frozen=True, eq=False)
 class ImageRef:
-    """An image side of a pair, as given (a path, bytes, a PIL image or a data: URI): loaded when scored."""
+    """An image side of a pair, as given (a path, bytes, a PIL image, a data: URI or a `PdfPage`): loaded when scored."""
 
     source: object
     name: str
 
 
+@dataclass(frozen=True)
+class PdfPage:
+    """Page `page` of the PDF at `path`, counted from 1 as a viewer numbers pages; rendered when scored
+    (reranker.images.pdf). Its id, `str()`, is ``path#page``."""
+
+    path: str | os.PathLike
+    page: int
+
+    def __str__(self) -> str:
+        return f"{os.fspath(self.path)}#{self.page}"
+
+
+def check_pdf_side(value: dict, name: str) -> ImageRef:
+    """`{"pdf": path, "page": n}` -> an `ImageRef` to that page (the file is read when the pair is scored)."""
+    path, page = value.get("pdf"), value.get("page")
+    if set(value) != {"pdf", "page"}:
+        raise RerankerError(f"{name} must be {{\"pdf\": path, \"page\": n}} (pages count from 1), got keys {sorted(map(str, value))}; "
+                            "for every page of a file use reranker.pdf_pages(path)")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise RerankerError(f"{name}: \"pdf\" must be a local file path (str or pathlib.Path), got {path!r:.60}")
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise RerankerError(f"{name}: \"page\" must be an integer >= 1 (pages count from 1, as a PDF viewer shows them), "
+                            f"got {page!r:.60}")
+    ref = PdfPage(path, page)
+    return ImageRef(ref, f"{name} {ref}")
+
+
 def check_side(value: object, kind: str, name: str) -> str | ImageRef:
     """One side of a pair: text (a str), or an image when `kind` is "image" or the value is `{"image": ...}`
-    (`{"text": ...}` is text whatever `kind` says)."""
+    (`{"text": ...}` is text whatever `kind` says), or a PDF page, `{"pdf": path, "page": n}`."""
     if isinstance(value, dict):
+        if "pdf" in value:
+            return check_pdf_side(value, name)
         if len(value) != 1 or next(iter(value)) not in SIDE_TYPES:
-            raise RerankerError(f"{name} must be {{\"text\": str}} or {{\"image\": ...}}, got keys {sorted(map(str, value))}")
+            raise RerankerError(f"{name} must be {{\"text\": str}}, {{\"image\": ...}} or {{\"pdf\": path, \"page\": n}}, "
+                                f"got keys {sorted(map(str, value))}")
         kind, value = next(iter(value.items()))
     if kind == "image":
         if value is None or isinstance(value, (int, float, list, tuple, dict)):

@@ -6,6 +6,9 @@
 the levels are made from): correlation, per-query top-10 overlap, score differences, order flips,
 and, when the set has relevance judgements, nDCG@10 / MRR@10 / Recall@100 from ir-measures
 (`compare.py`).
+The vision projector's levels (F32, F16, Q8_0: given files, or made from the checkpoint as `reranker convert
+--mmproj-type` makes them) go through the same loop (`_score_levels`), each with the reference backbone, on
+image documents: file size, memory, images/s and score drift against the F32 projector.
 `report.py` turns the result into markdown, JSON and a plot.
 """
 
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +41,7 @@ from reranker.engine.cpu import default_threads
 from reranker.engine.identity import with_identity_output
 from reranker.errors import RerankerError
 from reranker.extras import require
-from reranker.gguf.header import check_gguf_file, header_value
+from reranker.gguf.header import check_file, check_gguf_file, header_value
 from reranker.gguf.hub import resolve
 from reranker.gguf.layout import read_layout
 from reranker.gguf.quantize import BENCH_LEVELS, QUANT_TYPES, level_in_name, quantize
@@ -75,11 +79,15 @@ class BenchReport:
     """Everything one run measured: a row per level, the evaluation set, the settings, the machine."""
 
     rows: list[dict[str, Any]]
-    eval_set: dict[str, Any]
+    eval_set: dict[str, Any] | None
     settings: dict[str, Any]
     environment: dict[str, Any]
     scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     ids: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    #: The vision projector's levels, measured on `image_set` (scores under "mmproj_LEVEL", ids `image_ids`).
+    projector_rows: list[dict[str, Any]] = field(default_factory=list)
+    image_set: dict[str, Any] | None = None
+    image_ids: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
 
 # --- levels -------------------------------------------------------------------------------
@@ -222,20 +230,123 @@ def make_level(plan: Plan, level: Level, n_threads: int | None = None) -> float 
     """
     if level.path is not None:
         return None
-    dst = _made_path(plan, level.name)
     ref = plan.reference.path
-    st = ref.stat()
-    source = f"{ref.resolve()}|{st.st_size}|{st.st_mtime_ns}\n"  # what the file was made from
+
+    def write(tmp: Path) -> None:
+        quantize(ref, tmp, level.name, n_threads=n_threads, explain=False)  # plan_levels said it once for all levels
+
+    return _make_or_reuse(level, _made_path(plan, level.name), _stamp(ref), write, gguf_level)
+
+
+def _stamp(*sources: Path) -> str:
+    """What a made file was made from: each source's path, size and mtime."""
+    return "".join(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}\n" for p in sources)
+
+
+def _make_or_reuse(level: Level, dst: Path, source: str, write, level_of) -> float | None:
+    """`level.path` = `dst`, written by `write(tmp)` unless an earlier run made it from the same `source`
+    (recorded in `<dst>.source`); seconds taken, or None when reused."""
     stamp = dst.with_name(dst.name + ".source")
-    if dst.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == source and gguf_level(dst) == level.name:
+    if dst.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == source and level_of(dst) == level.name:
         level.path = dst
         return None
     t0 = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst) as tmp:  # an interrupted run leaves no half file to reuse
-        quantize(ref, tmp, level.name, n_threads=n_threads, explain=False)  # plan_levels said it once for all levels
+        write(tmp)
     stamp.write_text(source, encoding="utf-8")
     level.path = dst
     return time.perf_counter() - t0
+
+
+# --- vision projector levels --------------------------------------------------------------
+
+#: The projector levels `reranker convert --mmproj-type` writes; F32, the most precise, is the reference.
+MMPROJ_LEVELS = ("F32", "F16", "Q8_0")
+_MMPROJ_FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0"}  # general.file_type, as convert_mmproj and llama.cpp write it
+
+
+@dataclass
+class ProjectorPlan:
+    """Projector levels (the reference first), measured beside the backbone `gguf`; missing ones are made
+    from `checkpoint` into `make_dir`."""
+
+    levels: list[Level]
+    gguf: Path
+    checkpoint: Path | None
+    make_dir: Path
+
+    @property
+    def reference(self) -> Level:
+        return self.levels[0]
+
+
+def mmproj_level(path: str | os.PathLike) -> str:
+    """The level of a vision projector GGUF ("F32", "F16", "Q8_0") from its header."""
+    p = check_file(path, "vision projector", "pass the mmproj-*.gguf that `reranker convert` writes beside the model")
+    if header_value(p, "general.type") != "mmproj":
+        raise RerankerError(f"{p} is not a vision projector (general.type {header_value(p, 'general.type')!r}, not 'mmproj'); "
+                            "pass the mmproj-*.gguf that `reranker convert` writes beside the model")
+    ftype = header_value(p, "general.file_type")
+    if ftype not in _MMPROJ_FILE_TYPES:
+        raise RerankerError(f"{p} has general.file_type {ftype!r}; the projector levels measured are {', '.join(MMPROJ_LEVELS)}")
+    return _MMPROJ_FILE_TYPES[ftype]
+
+
+def plan_projectors(gguf: Path, out_dir: str | os.PathLike, *, files: Sequence[str] = (), checkpoint: str | os.PathLike | None = None,
+                    levels: Sequence[str] | None = None) -> ProjectorPlan:
+    """The projector levels to measure: the given `files` (one per level), plus, from `checkpoint`, every
+    level of `levels` (default all of `MMPROJ_LEVELS`) they lack, made as `reranker convert --mmproj-type`
+    makes it. The F32 projector is the reference, so it must be given or made."""
+    found: dict[str, Path] = {}
+    for f in files:
+        name = mmproj_level(f)
+        if name in found:
+            raise RerankerError(f"{f} and {found[name]} are both {name} projectors; give one file per level")
+        found[name] = Path(f)
+    wanted = list(MMPROJ_LEVELS if levels is None else [x.strip().upper() for x in levels])
+    for name in wanted:
+        if name not in MMPROJ_LEVELS:
+            raise RerankerError(f"unknown projector level {name!r}; choose from {', '.join(MMPROJ_LEVELS)}")
+    if checkpoint is not None:
+        from reranker.gguf.mmproj import has_vision
+
+        ckpt = Path(checkpoint)
+        if not (ckpt / "config.json").is_file() or not has_vision(ckpt):
+            raise RerankerError(f"{ckpt} is not a checkpoint with a vision tower (config.json and visual.* weights): "
+                                "--mmproj-checkpoint takes the folder `reranker convert` reads")
+        names = [n for n in MMPROJ_LEVELS if n in found or n in wanted or n == "F32"]
+    else:
+        if levels is not None:
+            raise RerankerError("--mmproj-levels makes projector levels from a checkpoint: add --mmproj-checkpoint DIR")
+        ckpt, names = None, [n for n in MMPROJ_LEVELS if n in found]
+    if "F32" not in names:
+        raise RerankerError("the projector levels are compared with the F32 projector: add it (--mmproj mmproj-...-F32.gguf), "
+                            "or --mmproj-checkpoint DIR to make it")
+    return ProjectorPlan([Level(n, found.get(n), reference=n == "F32") for n in names], gguf, ckpt, Path(out_dir) / "mmproj")
+
+
+def make_projector(plan: ProjectorPlan, level: Level) -> float | None:
+    """Convert a missing projector level from the checkpoint (reused when an earlier run made it from the same one)."""
+    if level.path is not None:
+        return None
+    from reranker.gguf.mmproj import convert_mmproj, mmproj_name
+    from reranker.gguf.safetensors_files import safetensors_files
+
+    ckpt = plan.checkpoint
+    name = ckpt.resolve().name
+    dst = plan.make_dir / mmproj_name(name, level.name.lower())
+
+    def write(tmp: Path) -> None:
+        # convert_mmproj names the file itself: write into a scratch folder beside, then move into tmp
+        scratch = tmp.with_name(tmp.name + ".d")
+        try:
+            os.replace(convert_mmproj(ckpt, scratch, level.name.lower(), name=name), tmp)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    sources = [ckpt / "config.json", ckpt / "preprocessor_config.json", *safetensors_files(ckpt)]
+    return _make_or_reuse(level, dst, _stamp(*sources), write, mmproj_level)
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -273,9 +384,10 @@ class Settings:
 
 
 def _measure(level: Level, head: Path, pairs_file: Path, n_pairs: int, settings: Settings, work: Path,
-             bar: tqdm, hidden: bool = False) -> tuple[dict, np.ndarray]:
+             bar: tqdm, hidden: bool = False, gguf: Path | None = None, mmproj: Path | None = None) -> tuple[dict, np.ndarray]:
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"gguf": str(level.path), "head": str(head), "pairs": str(pairs_file),
+    spec = {"gguf": str(gguf or level.path), "head": str(head), "pairs": str(pairs_file),
+            **({"mmproj": str(mmproj)} if mmproj else {}),
             "scores": str(work / "scores.npy"), "result": str(work / "result.json"),
             **({"hidden": str(work / HIDDEN_FILE)} if hidden else {}),
             **{k: getattr(settings, k) for k in Settings.__dataclass_fields__}}
@@ -332,48 +444,92 @@ def environment(settings: Settings) -> dict[str, Any]:
     }
 
 
-def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, settings: Settings | None = None, *,
-                quantize_threads: int | None = None, progress: bool = True, recalibrate: bool = False) -> BenchReport:
+def bench_quant(plan: Plan, eval_set: EvalSet | None, out_dir: str | os.PathLike, settings: Settings | None = None, *,
+                quantize_threads: int | None = None, progress: bool = True, recalibrate: bool = False,
+                projectors: ProjectorPlan | None = None, image_set: EvalSet | None = None) -> BenchReport:
     """Make the missing levels of `plan`, score `eval_set` with every level, compare each with the reference.
 
     `recalibrate`: keep every level's hidden states, and add to each quantized level's row the
     held-out fidelity before and after a correction fitted towards the reference (`recalibrate.py`).
+    `projectors`: also measure those vision projector levels, each with the plan's reference backbone, on
+    `image_set` (image documents), the same way; `eval_set` None measures only them.
     """
     require("bench", "reranker bench-quant")  # before the reference is scored, which the comparison needs scipy for
-    if recalibrate and len(eval_set.groups()) < 4:
+    if eval_set is None and projectors is None:
+        raise RerankerError("nothing to measure: give an evaluation set (--beir, --pairs or --synthetic) or projector levels")
+    if projectors is not None and image_set is None:
+        raise RerankerError("projector levels are measured on images: give an image set (--images DIR or --synthetic-images N)")
+    if recalibrate and (eval_set is None or len(eval_set.groups()) < 4):
         raise RerankerError(f"--recalibrate fits on half of the queries and measures on the other half: it needs at least "
-                            f"4 queries, the evaluation set has {len(eval_set.groups())}")
+                            f"4 queries, the evaluation set has {len(eval_set.groups()) if eval_set else 0}")
     settings = dataclasses.replace(settings or Settings())
+    if eval_set is not None:
+        settings.warmup = min(settings.warmup, len(eval_set.pairs()))
     out = Path(out_dir)
     work = out / "work"
+    rows: list[dict[str, Any]] = []
+    all_scores: dict[str, np.ndarray] = {}
+    if eval_set is not None:
+        rows, all_scores = _score_levels(
+            plan.levels, eval_set, settings, work, progress, plan.head, recalibrate,
+            make=lambda level: make_level(plan, level, n_threads=quantize_threads), files=lambda level: (level.path, None))
+        if recalibrate:
+            _recalibrate(plan, rows, work, out, eval_set.groups())
+    projector_rows: list[dict[str, Any]] = []
+    if projectors is not None:
+        projector_rows, projector_scores = _score_levels(
+            projectors.levels, image_set, settings, work / "mmproj", progress, plan.head, False,
+            make=lambda level: make_projector(projectors, level), files=lambda level: (projectors.gguf, level.path))
+        for row in projector_rows:  # one image per pair
+            row["images_per_s"] = row["pairs_per_s"]
+        all_scores.update({f"mmproj_{name}": v for name, v in projector_scores.items()})
+    st = {"reference": plan.reference.name, "reference_path": str(plan.reference.path), "head": str(plan.head),
+          "levels": [lv.name for lv in plan.levels] if eval_set is not None else [], **vars(settings)}
+    if projectors is not None:
+        st["mmproj_levels"] = [lv.name for lv in projectors.levels]
+        st["mmproj_backbone"] = str(projectors.gguf)
+    return BenchReport(rows, eval_set.summary() if eval_set is not None else None, st, environment(settings), all_scores,
+                       _ids(eval_set), projector_rows, image_set.summary() if image_set is not None else None, _ids(image_set))
+
+
+def _ids(eval_set: EvalSet | None) -> list[tuple[str, str]]:
+    return [] if eval_set is None else [(q.query_id, doc_id) for q in eval_set.queries for doc_id, _ in q.docs]
+
+
+def _score_levels(levels: list[Level], eval_set: EvalSet, settings: Settings, work: Path, progress: bool, head: Path,
+                  hidden: bool, *, make, files) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The measurement loop of every kind of level: `make(level)` makes a missing file (seconds, or None), `files(level)`
+    gives the (backbone GGUF, vision projector or None) it is measured with; each is scored in a fresh worker and
+    compared with the first level's scores (the reference's)."""
     work.mkdir(parents=True, exist_ok=True)
     pairs = eval_set.pairs()
     groups = eval_set.groups()
     pairs_file = work / "pairs.json"
     pairs_file.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    settings.warmup = min(settings.warmup, len(pairs))
+    settings = dataclasses.replace(settings, warmup=min(settings.warmup, len(pairs)))
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, np.ndarray] = {}
     ref_scores: np.ndarray | None = None
-    with tqdm(total=len(plan.levels), desc="levels", unit="level", disable=not progress, position=0) as levels_bar:
-        for level in plan.levels:
-            levels_bar.set_postfix_str(level.name + (": quantizing" if level.path is None else ""))
-            quantize_s = make_level(plan, level, n_threads=quantize_threads)
+    with tqdm(total=len(levels), desc="levels", unit="level", disable=not progress, position=0) as levels_bar:
+        for level in levels:
+            levels_bar.set_postfix_str(level.name + (": making" if level.path is None else ""))
+            made_s = make(level)
+            gguf, mmproj = files(level)
             # The fast path's one-time GGUF copy (in from_pretrained's default dtype) is made here,
             # so the worker times a steady-state load, as every later run of the job sees it.
             levels_bar.set_postfix_str(f"{level.name}: preparing")
-            with_identity_output(level.path, IDENTITY_DTYPE)
+            with_identity_output(gguf, IDENTITY_DTYPE)
             levels_bar.set_postfix_str(f"{level.name}: scoring")
             with tqdm(total=len(pairs), desc=f"{level.name} pairs", unit="pair", disable=not progress,
                       position=1, leave=False) as pairs_bar:
-                numbers, scores = _measure(level, plan.head, pairs_file, len(pairs), settings, work / level.name, pairs_bar,
-                                           hidden=recalibrate)
+                numbers, scores = _measure(level, head, pairs_file, len(pairs), settings, work / level.name, pairs_bar,
+                                           hidden=hidden, gguf=gguf, mmproj=mmproj)
             if ref_scores is None:
                 ref_scores = scores
             all_scores[level.name] = scores
             size = level.path.stat().st_size
             row: dict[str, Any] = {"level": level.name, "reference": level.reference, "path": str(level.path),
-                                   "made": quantize_s is not None, "quantize_s": quantize_s,
+                                   "made": made_s is not None, "quantize_s": made_s,
                                    "file_bytes": size, "file_mb": size / 2**20, **numbers}
             row.update(fidelity(ref_scores, scores, groups))
             if eval_set.qrels:
@@ -382,14 +538,7 @@ def bench_quant(plan: Plan, eval_set: EvalSet, out_dir: str | os.PathLike, setti
                 row.update({key: None for key in RETRIEVAL_MEASURES})
             rows.append(row)
             levels_bar.update(1)
-    if recalibrate:
-        _recalibrate(plan, rows, work, out, groups)
-    summary = eval_set.summary()
-    return BenchReport(rows, summary,
-                       {"reference": plan.reference.name, "reference_path": str(plan.reference.path),
-                        "head": str(plan.head), "levels": [lv.name for lv in plan.levels], **vars(settings)},
-                       environment(settings), all_scores,
-                       [(q.query_id, doc_id) for q in eval_set.queries for doc_id, _ in q.docs])
+    return rows, all_scores
 
 
 def _recalibrate(plan: Plan, rows: list[dict[str, Any]], work: Path, out: Path, groups: Sequence[int]) -> None:

@@ -37,6 +37,12 @@ COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("mrr_at_10", "MRR@10", "{:.4f}".format),
     ("recall_at_100", "Recall@100", "{:.4f}".format),
 ]
+#: The vision projector's table: its levels measured with the reference backbone on image documents.
+PROJECTOR_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    c for c in COLUMNS if c[0] in ("level", "file_mb", "load_s", "peak_host_mb", "gpu_mem_mb")
+] + [("images_per_s", "images/s", "{:.2f}".format)] + [
+    c for c in COLUMNS if c[0] in ("spearman", "kendall", "top10_overlap", "mean_abs_diff", "max_abs_diff", "order_flips")
+]
 OUTPUT_NAMES = {"markdown": "bench_quant.md", "json": "bench_quant.json", "plot": "bench_quant.png", "scores": "scores.npz"}
 
 
@@ -46,15 +52,29 @@ def _cell(value: Any, fmt: Callable[[Any], str]) -> str:
     return fmt(value)
 
 
-def markdown_table(report: BenchReport) -> str:
-    """One row per level, every column of `COLUMNS` ("–" where a number does not apply)."""
-    lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
-             "| " + " | ".join("---" if key == "level" else "---:" for key, _, _ in COLUMNS) + " |"]
-    for row in report.rows:
+def markdown_table(report: BenchReport, rows: list[dict[str, Any]] | None = None, columns=COLUMNS) -> str:
+    """One row per level (default: the backbone's), every column of `columns` ("–" where a number does not apply)."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
+             "| " + " | ".join("---" if key == "level" else "---:" for key, _, _ in columns) + " |"]
+    for row in report.rows if rows is None else rows:
         name = row["level"] + (" (ref)" if row.get("reference") else "")
-        cells = [name] + [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS[1:]]
+        cells = [name] + [_cell(row.get(key), fmt) for key, _, fmt in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def projector_table(report: BenchReport) -> str:
+    """The vision projector's levels (`PROJECTOR_COLUMNS`) with a line on how they were measured; "" without."""
+    if not report.projector_rows:
+        return ""
+    im, st = report.image_set, report.settings
+    return "\n".join([
+        f"Vision projector levels, each with the backbone `{Path(st['mmproj_backbone']).name}`, on {im['kind']} "
+        f"`{im['source']}` ({im['pairs']} image documents, {im['queries']} queries); drift against the F32 projector. "
+        "images/s: pairs with one image each, encoding and decoding.",
+        "",
+        markdown_table(report, report.projector_rows, PROJECTOR_COLUMNS),
+    ])
 
 
 RECALIBRATION_KEYS = ("spearman", "kendall", "top10_overlap", "order_flips", "mean_abs_diff", "max_abs_diff")
@@ -85,19 +105,22 @@ def recalibration_table(report: BenchReport) -> str:
 def markdown(report: BenchReport) -> str:
     """The table with a short header: evaluation set, reference, machine."""
     env, ev, st = report.environment, report.eval_set, report.settings
-    judged = f", {ev['judgements']} judgements" if ev.get("judgements") else ", no judgements"
-    lines = [
-        f"Evaluation set: {ev['kind']} `{ev['source']}` ({ev['queries']} queries, {ev['pairs']} pairs{judged}).",
-        *[f"Note: {n}." for n in ev.get("notes", [])],
+    lines = []
+    if ev is not None:
+        judged = f", {ev['judgements']} judgements" if ev.get("judgements") else ", no judgements"
+        lines += [f"Evaluation set: {ev['kind']} `{ev['source']}` ({ev['queries']} queries, {ev['pairs']} pairs{judged}).",
+                  *[f"Note: {n}." for n in ev.get("notes", [])]]
+    lines += [
         f"Reference: {st['reference']} `{Path(st['reference_path']).name}`. Device: {env['device']}; CPU: {env['cpu']} "
         f"({env['threads']} threads); llama-cpp-python {env['llama_cpp_python']}, torch {env['torch']}.",
         f"Scoring: `Reranker.compute_score`, batch_size={st['batch_size']}, n_batch={st['n_batch']}, "
         f"after a {st['warmup']}-pair warm-up; each level in a fresh process.",
-        "",
-        markdown_table(report),
     ]
+    if report.rows:
+        lines += ["", markdown_table(report)]
     recal = recalibration_table(report)
-    return "\n".join(lines + (["", recal] if recal else []))
+    projectors = projector_table(report)
+    return "\n".join(lines + (["", recal] if recal else []) + (["", projectors] if projectors else []))
 
 
 def _clean(value: Any) -> Any:
@@ -123,6 +146,9 @@ def to_json(report: BenchReport) -> dict[str, Any]:
         "settings": report.settings,
         "environment": report.environment,
         "levels": report.rows,
+        "projector_columns": {key: header for key, header, _ in PROJECTOR_COLUMNS},
+        "image_set": report.image_set,
+        "projector_levels": report.projector_rows,
     })
 
 
@@ -163,13 +189,19 @@ def plot(report: BenchReport, path: str | os.PathLike) -> Path:
 
 
 def write_outputs(report: BenchReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """bench_quant.md, bench_quant.json, bench_quant.png and scores.npz (every level's scores) in `out_dir`."""
+    """bench_quant.md, bench_quant.json, bench_quant.png (when backbone levels were measured) and scores.npz (every
+    level's scores; the projector's as `mmproj_LEVEL`, with `mmproj_query_id` / `mmproj_doc_id`) in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / name for kind, name in OUTPUT_NAMES.items()}
     paths["markdown"].write_text(markdown(report), encoding="utf-8")
     paths["json"].write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot(report, paths["plot"])
+    if report.rows:
+        plot(report, paths["plot"])
+    else:
+        del paths["plot"]
     ids = np.array(report.ids, dtype=str).reshape(-1, 2)
-    np.savez(paths["scores"], query_id=ids[:, 0], doc_id=ids[:, 1], **report.scores)
+    image_ids = np.array(report.image_ids, dtype=str).reshape(-1, 2)
+    extra = {"mmproj_query_id": image_ids[:, 0], "mmproj_doc_id": image_ids[:, 1]} if report.projector_rows else {}
+    np.savez(paths["scores"], query_id=ids[:, 0], doc_id=ids[:, 1], **extra, **report.scores)
     return paths

@@ -76,6 +76,59 @@ def synthetic_set(n_pairs: int, seed: int = 0, docs_per_query: int = SYNTHETIC_D
     return EvalSet("synthetic", f"synthetic:{n_pairs}:seed={seed}", queries)
 
 
+#: Sizes (width, height) of synthetic images, cycled: small to above max_pixels, portrait, landscape, a strip.
+SYNTHETIC_IMAGE_SIZES = ((448, 336), (336, 560), (1024, 768), (224, 224), (896, 224))
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _image_queries(docs: list[tuple[str, dict]], seed: int, docs_per_query: int, kind: str, source: str) -> EvalSet:
+    """Image documents in queries of `docs_per_query`, each query random words (seeded): speed and drift only."""
+    rng = random.Random(seed)
+    queries = []
+    for start in range(0, len(docs), docs_per_query):
+        qid = f"q{len(queries)}"
+        queries.append(Query(qid, " ".join(rng.choices(_WORDS, k=rng.randint(4, 12))), docs[start : start + docs_per_query]))
+    return EvalSet(kind, source, queries)
+
+
+def synthetic_image_set(n_images: int, folder: str | os.PathLike, seed: int = 0,
+                        docs_per_query: int = SYNTHETIC_DOCS_PER_QUERY) -> EvalSet:
+    """`n_images` seeded pictures (gradients and noise, of `SYNTHETIC_IMAGE_SIZES` in turn) written as PNGs into
+    `folder`, as `{"image": path}` documents in queries of `docs_per_query`; no judgements."""
+    import numpy as np
+    from PIL import Image
+
+    if n_images < 1:
+        raise RerankerError(f"--synthetic-images {n_images}: give at least 1 image")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_images):
+        w, h = SYNTHETIC_IMAGE_SIZES[i % len(SYNTHETIC_IMAGE_SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        a, b, c = rng.uniform(0.2, 3.0, size=3)
+        base = np.stack([np.sin(xx / w * a * 6), np.cos(yy / h * b * 6), np.sin((xx + yy) / (w + h) * c * 6)], -1)
+        pixels = np.clip((base + 1) * 110 + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        path = out / f"image-{i:05d}.png"
+        Image.fromarray(pixels, "RGB").save(path)
+        docs.append((path.stem, {"image": str(path.resolve())}))
+    return _image_queries(docs, seed, docs_per_query, "synthetic-images", f"synthetic-images:{n_images}:seed={seed}")
+
+
+def image_folder_set(folder: str | os.PathLike, seed: int = 0, docs_per_query: int = SYNTHETIC_DOCS_PER_QUERY) -> EvalSet:
+    """The images of `folder` (by suffix, sorted by name; not its subfolders) as `{"image": path}` documents, in queries
+    of `docs_per_query` with random queries (seeded); no judgements."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise RerankerError(f"image folder not found: {root}; give a folder of image files ({', '.join(IMAGE_SUFFIXES)})")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RerankerError(f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    docs = [(p.name, {"image": str(p.resolve())}) for p in files]
+    return _image_queries(docs, seed, docs_per_query, "images", str(root))
+
+
 def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     """BEIR `query-id corpus-id score` (TSV, header optional) or TREC `qid 0 docid rel` qrels."""
     p = Path(path)

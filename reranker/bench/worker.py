@@ -1,8 +1,8 @@
 """One quantization level measured in a fresh process: `python -m reranker.bench.worker SPEC.json`.
 
 A process per level makes its peak resident memory and its load time its own (nothing
-cached from the level before). The spec names the GGUF, the head, the pairs file and the
-loading options; the worker prints `progress N` lines on stdout while it scores, then
+cached from the level before). The spec names the GGUF, the head, the pairs file, the loading
+options and, for a projector level, the vision projector (the pairs then hold `{"image": path}` documents); the worker prints `progress N` lines on stdout while it scores, then
 writes the scores (`.npy`) and the numbers (JSON) where the spec says.
 """
 
@@ -64,7 +64,9 @@ def measure(spec: dict) -> dict:
     rr = Reranker.from_pretrained(spec["gguf"], head=spec["head"], device=spec.get("device"), n_ctx=spec.get("n_ctx"),
                                   n_batch=spec["n_batch"], n_gpu_layers=spec["n_gpu_layers"], n_threads=spec.get("n_threads"),
                                   max_length=spec.get("max_length"), max_query_length=spec["max_query_length"],
-                                  bf16=False)  # each level as stored: the F16 row is F16, the BF16 row BF16
+                                  bf16=False, mmproj=spec.get("mmproj"))  # each level as stored: the F16 row is F16
+    if spec.get("mmproj"):
+        rr.vision  # noqa: B018 (the projector loads on first use: its load is part of the level's)
     load_s = time.perf_counter() - t0
     try:
         batch = spec["batch_size"]

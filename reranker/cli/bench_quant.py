@@ -1,4 +1,4 @@
-"""`reranker bench-quant`: quantization levels of one model, measured on the same evaluation set."""
+"""`reranker bench-quant`: quantization levels of one model (and of its vision projector), measured on the same evaluation set."""
 
 from __future__ import annotations
 
@@ -26,10 +26,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated levels (default: {','.join(BENCH_LEVELS)}; with several files: those files)")
     p.add_argument("--reference", default=None, help="level of the reference file (default: the first of F32, BF16, F16 found)")
     p.add_argument("--head", default=None, help="mlp_weights.npz (default: the one beside the reference)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv, optional run")
     src.add_argument("--pairs", metavar="FILE", help='JSONL of {"query_id", "query", "doc_id", "document", "label"}')
     src.add_argument("--synthetic", type=int, metavar="N", help="N random pairs (speed and fidelity only)")
+    p.add_argument("--mmproj", dest="mmproj_files", metavar="FILE", action="append", default=[],
+                   help="a vision projector level to measure (repeatable; the F32 one is the reference): mmproj-*.gguf")
+    p.add_argument("--mmproj-checkpoint", metavar="DIR",
+                   help="make the projector levels from this checkpoint, as `reranker convert --mmproj-type` does "
+                        "(into OUT/mmproj/, reused on later runs)")
+    p.add_argument("--mmproj-levels", type=_levels, default=None,
+                   help="projector levels made from --mmproj-checkpoint (default: F32,F16,Q8_0)")
+    images = p.add_mutually_exclusive_group()
+    images.add_argument("--images", metavar="DIR", help="the projector levels' image set: the image files of DIR")
+    images.add_argument("--synthetic-images", type=int, metavar="N",
+                        help="the projector levels' image set: N seeded synthetic images of a few sizes (default: 32)")
     p.add_argument("--split", default="test", help="BEIR qrels split (default: %(default)s)")
     p.add_argument("--qrels", default=None, help="qrels file (default: DIR/qrels/<split>.tsv)")
     p.add_argument("--run", default=None, help="first-stage TREC run (default: run.trec, run.txt or *.run in DIR)")
@@ -63,20 +74,42 @@ def run(args: argparse.Namespace) -> None:
     for name in ("depth", "batch_size", "n_batch"):
         if getattr(args, name) < 1:
             raise RerankerError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    projectors_asked = bool(args.mmproj_files or args.mmproj_checkpoint)
+    if args.beir is None and args.pairs is None and args.synthetic is None and not projectors_asked:
+        raise RerankerError("give an evaluation set: --beir DIR, --pairs FILE or --synthetic N (or projector levels: "
+                            "--mmproj FILE / --mmproj-checkpoint DIR)")
+    if not projectors_asked and (args.images is not None or args.synthetic_images is not None or args.mmproj_levels):
+        raise RerankerError("--images, --synthetic-images and --mmproj-levels are for projector levels: add --mmproj FILE "
+                            "or --mmproj-checkpoint DIR")
     if args.synthetic is not None:
         eval_set = synthetic_set(args.synthetic, seed=args.seed)
     elif args.pairs is not None:
         eval_set = pairs_jsonl_set(args.pairs)
-    else:
+    elif args.beir is not None:
         eval_set = beir_set(args.beir, split=args.split, qrels=args.qrels, run=args.run, depth=args.depth,
                             negatives=args.negatives, seed=args.seed, max_queries=args.max_queries,
                             work_dir=f"{args.out}/work")
-    plan = plan_levels(args.models, args.out, levels=args.levels, reference=args.reference, head=args.head)
+    else:  # projector levels only: the backbone is the reference, no level of it is made
+        if args.levels:
+            raise RerankerError("--levels are backbone levels, measured on a text set: add --beir, --pairs or --synthetic")
+        eval_set = None
+    plan = plan_levels(args.models, args.out, levels=args.levels if eval_set is not None else [], reference=args.reference,
+                       head=args.head)
+    projectors = image_set = None
+    if projectors_asked:
+        from reranker.bench.quant import plan_projectors
+        from reranker.bench.sets import image_folder_set, synthetic_image_set
+
+        projectors = plan_projectors(plan.reference.path, args.out, files=args.mmproj_files, checkpoint=args.mmproj_checkpoint,
+                                     levels=args.mmproj_levels)
+        image_set = image_folder_set(args.images, seed=args.seed) if args.images is not None else \
+            synthetic_image_set(32 if args.synthetic_images is None else args.synthetic_images, f"{args.out}/work/images",
+                                seed=args.seed)
     settings = Settings(n_threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
                         batch_size=args.batch_size, max_length=args.max_length, max_query_length=args.max_query_length,
                         device=args.device, warmup=args.warmup)
     report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress,
-                         recalibrate=args.recalibrate)
+                         recalibrate=args.recalibrate, projectors=projectors, image_set=image_set)
     paths = write_outputs(report, args.out)
     print(markdown(report))
     for path in paths.values():

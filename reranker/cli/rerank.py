@@ -20,6 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", dest="images", metavar="PATH", action="append",
                    help="an image document (repeatable; ranked with the -d and -f documents)")
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
+    p.add_argument("--pdf", dest="pdfs", metavar="FILE", action="append",
+                   help="a PDF whose pages are image documents, one per page, shown as FILE#PAGE (pages from 1; repeatable)")
+    p.add_argument("--max-pages", type=int, default=None,
+                   help="pages one --pdf file may have at most (default 1000); a longer file is an error")
     p.add_argument("--mmproj", metavar="PATH",
                    help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF)")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
@@ -38,14 +42,15 @@ def run(args: argparse.Namespace) -> None:
     query = args.query if args.query is not None else {"image": args.image_query}
     docs = [{"text": d} for d in [*(args.documents or []), *(read_documents(args.file) if args.file else [])]]
     docs += [{"image": path} for path in args.images or []]
+    docs += pdf_documents(args.pdfs or [], args.max_pages)
     if not docs:
-        raise RerankerError("no documents: give -d DOC or --image PATH (repeatable), or -f FILE")
+        raise RerankerError("no documents: give -d DOC, --image PATH or --pdf FILE (repeatable), or -f FILE")
     reranker = load_reranker(args)
     ranked = reranker.rank(query, docs, top_k=args.top_n, return_documents=True, chunking=chunking)
     if args.json:
         out = {"model": args.model, "usage": {"total_tokens": reranker.last_usage.tokens},
                "results": [{"index": r["corpus_id"], "relevance_score": r["score"],
-                            "document": {k: r[k] for k in ("text", "image") if k in r},
+                            "document": {k: r[k] for k in ("text", "image", "pdf", "page") if k in r},
                             **{k: r[k] for k in ("chunks", "best_chunk") if k in r}}
                            for r in ranked]}
         json.dump(out, sys.stdout, ensure_ascii=False, indent=2)
@@ -53,9 +58,19 @@ def run(args: argparse.Namespace) -> None:
         return
     print(f"{'rank':>4}  {'index':>5}  {'score':>8}  " + (f"{'chunk':>7}  " if chunking else "") + "document")
     for n, r in enumerate(ranked, 1):
-        text = " ".join(r["text"].split()) if "text" in r else f"[image] {r['image']}"
+        text = " ".join(r["text"].split()) if "text" in r else f"[image] {r['image']}" if "image" in r else \
+            f"[pdf] {r['pdf']}#{r['page']}"
         best = f"{r['best_chunk'] + 1:>3}/{r['chunks']:<3}  " if chunking else ""
         print(f"{n:>4}  {r['corpus_id']:>5}  {r['score']:8.4f}  {best}{text[:100] + ('…' if len(text) > 100 else '')}")
+
+
+def pdf_documents(paths: list[str], max_pages: int | None) -> list[dict]:
+    """`{"pdf": path, "page": n}` for every page of each file (their page counts read now, nothing rendered)."""
+    if not paths:
+        return []
+    from reranker.images.pdf import MAX_PAGES, pdf_pages
+
+    return [item for path in paths for item in pdf_pages(path, max_pages=MAX_PAGES if max_pages is None else max_pages)]
 
 
 def read_documents(path: str | Path) -> list[str]:

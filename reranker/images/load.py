@@ -5,7 +5,8 @@ alpha is dropped, not composited, so a transparent background becomes whatever c
 it (usually black). Both are kept here so that scores match the original's.
 
 Accepted inputs: a local path (``str`` or ``os.PathLike``), ``bytes`` / ``bytearray`` /
-``memoryview`` holding an encoded file, a ``PIL.Image.Image``, or a ``data:`` URI string.
+``memoryview`` holding an encoded file, a ``PIL.Image.Image``, a ``data:`` URI string, or a PDF page
+(``options.PdfPage``, rendered by `pdf.render_page`).
 
 http(s) URLs are not fetched. A library that servers embed would otherwise make requests on a
 caller's behalf (to internal addresses, too: server-side request forgery), with its own timeouts,
@@ -33,12 +34,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
+from reranker.images.pdf import render_page
+from reranker.options import PdfPage
 
 #: Images larger than this (width x height) are refused before decoding: 2**27, about 11585 x 11585,
 #: which keeps 108-megapixel camera photos (402 MB as RGB) and refuses what would take gigabytes.
 MAX_PIXELS = 2**27
 
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | PdfPage
 
 _FIX = "pass an image file (PNG, JPEG, WebP, ...) as a local path, bytes, a PIL.Image or a data: URI"
 # warnings.catch_warnings swaps a process-wide filter list; the lock keeps our own threads from
@@ -52,6 +55,8 @@ def describe(image: ImageInput, what: str = "image") -> str:
         return f"{what} (bytes)"
     if isinstance(image, Image.Image):
         return f"{what} (PIL image)"
+    if isinstance(image, PdfPage):  # the API's names already hold the page's id
+        return what if str(image) in what else f"{what} {image}"
     if isinstance(image, str) and image[:5].lower() == "data:":
         return f"{what} (data: URI)"
     if isinstance(image, (str, os.PathLike)):
@@ -70,6 +75,8 @@ def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_
     name = describe(image, what)
     if isinstance(image, Image.Image):
         return _finish(image, name, max_pixels)
+    if isinstance(image, PdfPage):
+        return _finish(render_page(image, name), name, max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:

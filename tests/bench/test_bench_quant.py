@@ -1,8 +1,10 @@
-"""`reranker bench-quant` on the `small` synthetic model: levels made and scored, every output checked."""
+"""`reranker bench-quant` on the `small` synthetic model: levels made and scored, every output checked; the vision
+projector's levels on the `tiny` one."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ir_measures
 import numpy as np
@@ -264,5 +266,111 @@ def test_cli_errors(small_f16, tmp_path, capsys):
     assert "BEIR folder not found" in capsys.readouterr().err
     assert main([str(small_f16), "--synthetic", "4", "--levels", "Q8_0,Q9_X", "-o", str(tmp_path / "out")]) == 2
     assert "unknown level 'Q9_X'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # an evaluation set is required
-        main([str(small_f16)])
+    assert main([str(small_f16)]) == 2  # an evaluation set is required
+    assert "give an evaluation set" in capsys.readouterr().err
+
+
+# --- the vision projector's levels (tiny model: F32 backbone, projectors made from the checkpoint) ------------------
+
+N_IMAGES = 5  # one of each synthetic size
+
+
+@pytest.fixture(scope="module")
+def projector_out(tiny_ggufs, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-mmproj")
+    rc = main([str(tiny_ggufs["f32"]), "--mmproj-checkpoint", str(tiny_checkpoint), "--synthetic-images", str(N_IMAGES),
+               "-o", str(out), "--n-ctx", "2048", "--warmup", "1", "--no-progress"])
+    assert rc == 0
+    return out, json.loads((out / "bench_quant.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_projector_levels_are_made_and_measured(projector_out, tiny_ggufs, tiny_checkpoint, tmp_path):
+    from reranker import Reranker
+    from reranker.gguf.mmproj import convert_mmproj
+
+    out, report = projector_out
+    rows = {r["level"]: r for r in report["projector_levels"]}
+    assert list(rows) == ["F32", "F16", "Q8_0"] and rows["F32"]["reference"] and report["levels"] == []
+    for name, row in rows.items():  # made as `reranker convert --mmproj-type` writes them
+        made = convert_mmproj(tiny_checkpoint, tmp_path / name, name.lower())
+        assert row["made"] and Path(row["path"]).read_bytes() == made.read_bytes() and row["file_bytes"] == made.stat().st_size
+        assert row["pairs"] == N_IMAGES and row["images_per_s"] == row["pairs_per_s"] > 0 and row["load_s"] > 0
+        assert row["peak_host_mb"] > row["baseline_host_mb"] > 0 and row["tokens"] > N_IMAGES * 4
+    # Q8_0 keeps the patch embedding in F32 (llama.cpp's rule), a large share of the tiny tower: no smaller than F16 here
+    assert rows["F32"]["file_bytes"] > max(rows["F16"]["file_bytes"], rows["Q8_0"]["file_bytes"])
+    # Each level's scores are those of the API with that projector, on the set's images.
+    scores = np.load(out / "scores.npz")
+    pairs = json.loads((out / "work" / "mmproj" / "pairs.json").read_text(encoding="utf-8"))
+    assert len(pairs) == N_IMAGES and all(set(doc) == {"image"} for _, doc in pairs)
+    assert list(scores["mmproj_doc_id"]) == [f"image-{i:05d}" for i in range(N_IMAGES)]
+    for name, row in rows.items():
+        with Reranker.from_pretrained(str(tiny_ggufs["f32"]), device="cpu", n_ctx=2048, mmproj=row["path"]) as rr:
+            assert scores[f"mmproj_{name}"] == pytest.approx(rr.compute_score(pairs, batch_size=256), abs=1e-6)
+        drift = np.abs(scores[f"mmproj_{name}"].astype(np.float64) - scores["mmproj_F32"])
+        assert row["max_abs_diff"] == pytest.approx(drift.max()) and row["mean_abs_diff"] == pytest.approx(drift.mean())
+    assert rows["F32"]["max_abs_diff"] == 0 and 0 < rows["F16"]["max_abs_diff"] < rows["Q8_0"]["max_abs_diff"] < 5e-2
+    table = (out / "bench_quant.md").read_text(encoding="utf-8")
+    assert "| level | file MB | load s | peak host MB | GPU MB | images/s | Spearman |" in table and "| F16 |" in table
+    assert not (out / "bench_quant.png").exists()  # no backbone levels measured: no quality/throughput plot
+
+
+def test_projector_plans_and_image_sets(tiny_ggufs, tiny_checkpoint, tmp_path):
+    from reranker.bench.quant import MMPROJ_LEVELS, make_projector, mmproj_level, plan_projectors
+    from reranker.bench.sets import SYNTHETIC_IMAGE_SIZES, image_folder_set, synthetic_image_set
+    from reranker.gguf.mmproj import convert_mmproj
+
+    gguf = tiny_ggufs["f32"]
+    f16 = next(gguf.parent.glob("mmproj-*-F16.gguf"))  # convert's default, beside the model
+    f32 = convert_mmproj(tiny_checkpoint, tmp_path / "given", "f32")
+    assert MMPROJ_LEVELS == ("F32", "F16", "Q8_0") and mmproj_level(f16) == "F16" and mmproj_level(f32) == "F32"
+    plan = plan_projectors(gguf, tmp_path / "out", files=[str(f16), str(f32)])
+    assert [(lv.name, lv.path, lv.reference) for lv in plan.levels] == [("F32", f32, True), ("F16", f16, False)]
+    plan = plan_projectors(gguf, tmp_path / "out", files=[str(f16)], checkpoint=tiny_checkpoint, levels=["q8_0"])
+    assert [(lv.name, lv.path) for lv in plan.levels] == [("F32", None), ("F16", f16), ("Q8_0", None)]
+    assert make_projector(plan, plan.levels[0]) > 0 and mmproj_level(plan.levels[0].path) == "F32"
+    again = plan_projectors(gguf, tmp_path / "out", checkpoint=tiny_checkpoint, levels=["F32"])
+    assert make_projector(again, again.levels[0]) is None and again.levels[0].path == plan.levels[0].path  # reused
+    with pytest.raises(RerankerError, match=r"compared with the F32 projector: add it"):
+        plan_projectors(gguf, tmp_path, files=[str(f16)])
+    with pytest.raises(RerankerError, match=r"tiny-F32\.gguf is not a vision projector"):
+        plan_projectors(gguf, tmp_path, files=[str(gguf)])
+    with pytest.raises(RerankerError, match=r"are both F16 projectors"):
+        plan_projectors(gguf, tmp_path, files=[str(f16), str(f16)])
+    with pytest.raises(RerankerError, match=r"unknown projector level 'Q4_K_M'"):
+        plan_projectors(gguf, tmp_path, checkpoint=tiny_checkpoint, levels=["Q4_K_M"])
+    with pytest.raises(RerankerError, match=r"--mmproj-levels .* add --mmproj-checkpoint"):
+        plan_projectors(gguf, tmp_path, files=[str(f32)], levels=["F16"])
+    with pytest.raises(RerankerError, match=r"not a checkpoint with a vision tower"):
+        plan_projectors(gguf, tmp_path, checkpoint=tmp_path)
+
+    s = synthetic_image_set(7, tmp_path / "images", seed=1)
+    docs = [doc for q in s.queries for _, doc in q.docs]
+    from PIL import Image
+
+    assert [Image.open(d["image"]).size for d in docs] == [SYNTHETIC_IMAGE_SIZES[i % 5] for i in range(7)]
+    again = synthetic_image_set(7, tmp_path / "images2", seed=1)
+    assert [Path(d["image"]).read_bytes() for d in docs] == [Path(d["image"]).read_bytes() for q in again.queries for _, d in q.docs]
+    other = synthetic_image_set(1, tmp_path / "images3", seed=2)
+    assert Path(other.queries[0].docs[0][1]["image"]).read_bytes() != Path(docs[0]["image"]).read_bytes()
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    folder = image_folder_set(tmp_path / "images")
+    assert [d for q in folder.queries for d, _ in q.docs] == [f"image-{i:05d}.png" for i in range(7)]
+    with pytest.raises(RerankerError, match="holds no image files"):
+        image_folder_set(tmp_path / "given")
+    with pytest.raises(RerankerError, match="image folder not found"):
+        image_folder_set(tmp_path / "missing")
+
+
+def test_projector_cli_errors(tiny_ggufs, tmp_path, capsys):
+    model = str(tiny_ggufs["f32"])
+    assert main([model, "-o", str(tmp_path / "out")]) == 2
+    assert "give an evaluation set" in capsys.readouterr().err
+    assert main([model, "--synthetic", "4", "--synthetic-images", "4", "-o", str(tmp_path / "out")]) == 2
+    assert "are for projector levels: add --mmproj FILE" in capsys.readouterr().err
+    f16 = next(tiny_ggufs["f32"].parent.glob("mmproj-*-F16.gguf"))
+    assert main([model, "--mmproj", str(f16), "--levels", "Q8_0", "-o", str(tmp_path / "out")]) == 2
+    assert "--levels are backbone levels" in capsys.readouterr().err
+    assert main([model, "--mmproj", str(f16), "-o", str(tmp_path / "out")]) == 2
+    assert "compared with the F32 projector" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "work").exists()  # nothing scored

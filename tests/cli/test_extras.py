@@ -138,3 +138,12 @@ def test_every_cli_flag_has_help():
                 yield f"{path} {'/'.join(action.option_strings) or action.dest}"
 
     assert list(undocumented(build_parser(), "reranker")) == []
+
+
+def test_rerank_pdf_without_pypdfium2_fails_before_the_model_loads(model, tmp_path, monkeypatch):
+    pdf = tmp_path / "a.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n")  # never opened: the check comes first
+    err = one_line_error(without(["pypdfium2"], tmp_path, "rerank", "-m", str(model), "-q", "q", "--pdf", str(pdf),
+                                 cache=tmp_path / "cache"))
+    assert f"reading PDF {pdf} needs pypdfium2, which is not installed: {expected_hint('pdf', tmp_path, monkeypatch)}" in err
+    assert not (tmp_path / "cache").exists()  # the model was not loaded
