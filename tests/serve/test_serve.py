@@ -208,7 +208,10 @@ ERRORS = [
     ("/v1/rerank", {"query": "q", "documents": []}, 422, "documents"),
     ("/v1/rerank", {"query": "q", "documents": "just one string"}, 422, "documents"),
     ("/v1/rerank", {"query": "q", "documents": ["a", 7]}, 422, "documents.1"),
-    ("/v1/rerank", {"query": "q", "documents": ["a", {"image": "http://x/y.png"}]}, 422, "image"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"image": "http://x/y.png"}]}, 422, "documents[1]: image URLs are not fetched"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"text": "a", "image": "aGk="}]}, 422, "documents.1: an object here needs exactly one"),
+    ("/v2/rerank", {"query": "q", "documents": ["a", {"image": "aGk="}]}, 422, "documents[1] is an image: /v2/rerank (Cohere's API) takes text only"),
+    ("/v2/rerank", {"query": {"image": "aGk="}, "documents": ["a"]}, 422, "the query is an image"),
     ("/v1/rerank", {"query": "q", "documents": ["a", {"txt": "a"}]}, 422, "documents.1"),
     ("/v1/rerank", {"query": 5, "documents": ["a"]}, 422, "query"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
@@ -712,7 +715,7 @@ def test_a_non_finite_chunk_score_names_the_requests_document(tiny_reranker):
     prompts = {}
     for name, b in (("chunked", body), ("plain", plain)):
         req = CohereRerankRequest(**b)
-        prompts[name] = build_prompts(tiny_reranker, req.query_text(), req.texts(), req.options()).prompts
+        prompts[name] = build_prompts(tiny_reranker, req.query_side(), req.sides(), req.options()).prompts
     n0 = len(prompts["chunked"]) - 2
     assert n0 > 2, "document 0 was not chunked: the test would not tell documents from prompts"
     # Finite: document 0's chunks and its truncated prompt; NaN: document 1's prompt.
