@@ -199,6 +199,27 @@ def running_server(reranker, settings=None, **config):
         sock.close()
 
 
+def picture(w: int, h: int, seed: int, mode: str = "RGB"):
+    """A `w` x `h` PIL image: gradients and seeded noise, so that images of other seeds score differently."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+    noise = rng.integers(0, 40, size=(h, w, 3))
+    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def png_bytes(img) -> bytes:
+    """`img` as a PNG file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 # --- vision: a tiny Qwen2-VL vision tower and llama.cpp's own converter ---------------------------------------
 
 #: Qwen2-VL's preprocessor_config.json (Qwen/Qwen2-VL-2B-Instruct; jina-reranker-m0 ships the same values).
