@@ -18,7 +18,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from helpers import picture, png_bytes, running_server
+from helpers import picture, png_bytes, running_server, serve_process
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
@@ -244,3 +244,27 @@ def test_serve_documents_its_image_flags_and_checks_them(capsys):
     for field, value in (("max_image_pixels", MAX_PIXELS + 1), ("max_image_bytes", 0), ("max_images", -1)):
         with pytest.raises(Exception, match=field if field != "max_image_pixels" else "--max-image-pixels"):
             ServeSettings(**{field: value}).check()
+
+
+@pytest.mark.slow  # a real process
+def test_serve_command_loads_mmproj_at_start_and_scores_images(tiny_ggufs, tiny_reranker, tmp_path, capsys):
+    from reranker.cli import main
+
+    gguf = tiny_ggufs["f32"]
+    alone = tmp_path / "alone"  # the GGUF without a projector beside it: images come from --mmproj only
+    alone.mkdir()
+    shutil.copy(gguf, alone / gguf.name)
+    shutil.copy(gguf.parent / "mlp_weights.npz", alone / "mlp_weights.npz")
+    mmproj = next(gguf.parent.glob("mmproj-*.gguf"))
+    log = tmp_path / "serve.log"
+    with serve_process(alone / gguf.name, log, "--mmproj", str(mmproj)) as (_, url):
+        assert f"images on ({mmproj.name})" in log.read_text()
+        docs = [{"image": data_uri(PNGS[0])}, "a text document", {"image": b64(PNGS[1])}]
+        got = scores_of(httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=60))
+        want = tiny_reranker.compute_score([[QUERY, {"image": PNGS[0]}], [QUERY, docs[1]], [QUERY, {"image": PNGS[1]}]])
+        assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+    # A projector that cannot be loaded stops the command at start, in one line, before it listens.
+    assert main(["serve", "-m", str(alone / gguf.name), "--port", "0", "--n-ctx", "512",
+                 "--mmproj", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "mmproj file not found" in err and "missing.gguf" in err and "listening" not in err
