@@ -101,6 +101,17 @@ def test_an_image_query_is_projected_once_and_equals_compute_score(client, tiny_
     assert sorted(set(calls[:2])) == ["documents[3] image", "query image"] and len(calls) == 2 + 5
 
 
+def test_images_beside_chunked_text_documents(client, tiny_reranker):
+    """With `chunking`, a long text document is scored chunk by chunk and an image document as its one prompt."""
+    long_doc = " ".join(f"passage {i} about quarterly sales and 检索." for i in range(360))  # > 4096 tokens
+    docs = [{"image": b64(PNGS[0])}, long_doc, {"image": b64(PNGS[2])}]
+    want = tiny_reranker.compute_score([[QUERY, {"image": PNGS[0]}], [QUERY, long_doc], [QUERY, {"image": PNGS[2]}]],
+                                       chunking=True)
+    assert tiny_reranker.last_usage.chunks == [1, tiny_reranker.last_usage.chunks[1], 1] and tiny_reranker.last_usage.chunks[1] > 1
+    got = scores_of(client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "chunking": True}))
+    assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
+
+
 @pytest.fixture
 def untouched_png(tmp_path):
     """(a PNG's path, a check that it was not read since): its atime set before its mtime, so a read moves it
