@@ -10,6 +10,7 @@ import sys
 
 from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
+from reranker.gguf.header import check_file
 from reranker.serve.settings import API_KEY_ENV, MAX_IMAGE_PIXELS, ServeSettings
 
 
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> None:
     settings.check()
     if not 0 <= args.port <= 65535:
         raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")
+    if args.mmproj:  # a wrong path fails at once; a file that is no projector fails when it loads, still before listening
+        check_file(args.mmproj, "mmproj file", "pass --mmproj the mmproj-*.gguf that `reranker convert` wrote beside the GGUF")
     sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
     reranker = load_reranker(args)
     try:

@@ -252,6 +252,9 @@ def test_serve_documents_its_image_flags_and_checks_them(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for flag in ("--mmproj PATH", "--max-images", "--max-image-bytes", "--max-image-pixels", "URLs are never fetched"):
         assert flag in out
+    # A missing --mmproj is named before the model is even looked for.
+    assert main(["serve", "-m", "no-such-model.gguf", "--mmproj", "no-such-mmproj.gguf"]) == 2
+    assert "mmproj file not found: no-such-mmproj.gguf" in capsys.readouterr().err
     for field, value in (("max_image_pixels", MAX_PIXELS + 1), ("max_image_bytes", 0), ("max_images", -1)):
         with pytest.raises(Exception, match=field if field != "max_image_pixels" else "--max-image-pixels"):
             ServeSettings(**{field: value}).check()
@@ -274,8 +277,8 @@ def test_serve_command_loads_mmproj_at_start_and_scores_images(tiny_ggufs, tiny_
         got = scores_of(httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": docs}, timeout=60))
         want = tiny_reranker.compute_score([[QUERY, {"image": PNGS[0]}], [QUERY, docs[1]], [QUERY, {"image": PNGS[1]}]])
         assert got == pytest.approx(dict(enumerate(want)), abs=TOL)
-    # A projector that cannot be loaded stops the command at start, in one line, before it listens.
+    # A file that is no projector stops the command at start, in one line, before it listens.
     assert main(["serve", "-m", str(alone / gguf.name), "--port", "0", "--n-ctx", "512",
-                 "--mmproj", str(tmp_path / "missing.gguf")]) == 2
+                 "--mmproj", str(alone / "mlp_weights.npz")]) == 2
     err = capsys.readouterr().err
-    assert "mmproj file not found" in err and "missing.gguf" in err and "listening" not in err
+    assert "mlp_weights.npz is not a GGUF file" in err and "listening" not in err
