@@ -227,6 +227,28 @@ def test_bad_and_oversized_images_are_422_naming_the_document(client, body, star
     assert detail.startswith(start) and also in detail, detail
 
 
+def test_image_loading_stops_at_the_request_timeout(tiny_reranker, monkeypatch):
+    """Images are loaded in the request's thread, which stops between two images once the request is answered 504."""
+    import reranker.serve.prepare as prepare
+
+    loaded = []
+
+    def slow_load(*args, **kwargs):  # the real load, made slow enough that 20 images outlast the timeout
+        time.sleep(0.1)
+        loaded.append(1)
+        return real_load(*args, **kwargs)
+
+    real_load = prepare.load
+    monkeypatch.setattr(prepare, "load", slow_load)
+    with running_server(tiny_reranker, ServeSettings(request_timeout=0.5, max_images=20)) as (url, _):
+        r = httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": [{"image": b64(PNGS[2])}] * 20}, timeout=30)
+        assert r.status_code == 504, r.text
+        time.sleep(1.0)  # the 10 images left would take as long again
+        stopped = len(loaded)
+        time.sleep(0.5)
+    assert 1 <= stopped == len(loaded) < 10, (stopped, len(loaded))
+
+
 def test_without_a_projector_image_requests_get_400_and_text_still_works(tiny_ggufs, tmp_path):
     from reranker import Reranker
 
