@@ -115,7 +115,7 @@ def load_images(reranker, query: Side, documents: list[Side], settings: ServeSet
             from reranker.extras import install_hint
 
             raise RerankerError(f"images need {e.name}, which this server does not have: {install_hint('images')}") from e
-    return (loaded.get(query, query) if isinstance(query, ImageField) else query,
+    return (loaded[query] if isinstance(query, ImageField) else query,
             [loaded[d] if isinstance(d, ImageField) else d for d in documents])
 
 
