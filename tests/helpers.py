@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -197,6 +198,58 @@ def running_server(reranker, settings=None, **config):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_process(gguf, log_path, *extra: str, env: dict[str, str] | None = None):
+    """`reranker serve` in its own process on a free port: (process, base URL); `env`: variables to add."""
+    import httpx
+
+    from reranker.serve.settings import API_KEY_ENV
+
+    cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--device", "cpu", "--n-ctx", "4096",
+           "--n-batch", "1024", "--threads", "1", *extra]
+    environ = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 120
+        while not (m := re.search(r"listening on (http://\S+)", log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        url = m.group(1)
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, f"the server is not healthy:\n{log_path.read_text()}"
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def picture(w: int, h: int, seed: int, mode: str = "RGB"):
+    """A `w` x `h` PIL image: gradients and seeded noise, so that images of other seeds score differently."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+    noise = rng.integers(0, 40, size=(h, w, 3))
+    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def png_bytes(img) -> bytes:
+    """`img` as a PNG file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 # --- vision: a tiny Qwen2-VL vision tower and llama.cpp's own converter ---------------------------------------

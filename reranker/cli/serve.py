@@ -10,7 +10,8 @@ import sys
 
 from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
-from reranker.serve.settings import API_KEY_ENV, ServeSettings
+from reranker.gguf.header import check_file
+from reranker.serve.settings import API_KEY_ENV, MAX_IMAGE_PIXELS, ServeSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-chunks", type=int, default=d.max_chunks,
                    help="chunks per document a request may ask for; a larger chunking.max_chunks is cut to it "
                         "(default: %(default)s)")
+    g = p.add_argument_group("images (Jina's {\"image\": base64 | data: URI} queries and documents on /v1/rerank; "
+                             "URLs are never fetched, paths never read)")
+    g.add_argument("--mmproj", metavar="PATH",
+                   help="the vision projector (default: the one mmproj-*.gguf beside the GGUF; without one, image requests get 400)")
+    g.add_argument("--max-images", type=int, default=d.max_images,
+                   help="images per request, the query included, counted before any is decoded; beyond, 422 (default: %(default)s)")
+    g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+                   help="an image file's size (decoded from base64), checked before decoding; beyond, 422 (default: %(default)s)")
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="an image's width x height, read from its header before its pixels are decoded (decompression "
+                        f"bombs); beyond, 422 (default: %(default)s; at most {MAX_IMAGE_PIXELS})")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds from arrival to answer, else 504 (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=None,
@@ -63,13 +75,21 @@ def run(args: argparse.Namespace) -> None:
                              max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,
                              chunking=chunking_option(args), max_document_chars=args.max_document_chars,
                              max_query_chars=args.max_query_chars, max_prompts=args.max_prompts,
-                             max_chunks=args.max_request_chunks)
+                             max_chunks=args.max_request_chunks, max_images=args.max_images,
+                             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
     settings.check()
     if not 0 <= args.port <= 65535:
         raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")
+    if args.mmproj:  # a wrong path fails at once; a file that is no projector fails when it loads, still before listening
+        check_file(args.mmproj, "mmproj file", "pass --mmproj the mmproj-*.gguf that `reranker convert` wrote beside the GGUF")
     sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
     reranker = load_reranker(args)
-    app = create_app(reranker, settings)
+    try:
+        vision = images_on(reranker)
+        app = create_app(reranker, settings)
+    except BaseException:
+        reranker.close()
+        raise
     config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=args.access_log,
                             limit_concurrency=args.max_connections, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 5)
@@ -77,7 +97,8 @@ def run(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     print(f"reranker serve: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
           f"(model {args.model}, weights {reranker.weights_dtype}, "
-          f"auth {'on' if settings.api_key else 'off'})", file=sys.stderr, flush=True)
+          f"auth {'on' if settings.api_key else 'off'}, images {f'on ({vision})' if vision else 'off (no --mmproj)'})",
+          file=sys.stderr, flush=True)
     # uvicorn turns SIGTERM / SIGINT into a graceful stop, then raises the signal again once done:
     # these handlers take that second one, so the process exits 0 after a clean stop.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -90,6 +111,16 @@ def run(args: argparse.Namespace) -> None:
     print(f"reranker serve: stopped; {app.state.stats.summary()}", file=sys.stderr, flush=True)
     if not server.started:
         raise RerankerError("the server did not start (see the messages above)")
+
+
+def images_on(reranker) -> str | None:
+    """The vision projector's file name, loaded now when there is one (a broken file fails at start, and the first
+    image request does not wait for it); None: image requests are refused."""
+    from reranker.engine.vision import find_mmproj
+
+    if not ((reranker.settings.mmproj if reranker.settings else None) or find_mmproj(reranker.gguf_source)):
+        return None
+    return reranker.vision.path.name
 
 
 def bind(host: str, port: int) -> socket.socket:

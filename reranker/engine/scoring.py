@@ -20,7 +20,7 @@ import numpy as np
 
 from reranker.engine.chunking import Chunker, DocumentPrompts, aggregate
 from reranker.engine.prompts import Prompt, PromptBuilder
-from reranker.engine.segments import Image, Segments
+from reranker.engine.segments import Embeddings, Image, PendingImage, Segments
 from reranker.errors import RerankerError
 from reranker.options import Chunking
 
@@ -44,7 +44,15 @@ def score_prompts(reranker, prompts: Sequence[Prompt], *, keep_hidden: bool = Fa
     order = np.argsort(-lengths, kind="stable")
     sequences = [prompts[i].ids for i in order]
     if any(isinstance(s, Segments) and s.pending for s in sequences):  # images built as pixels: project them now
-        sequences = [s.encoded(reranker.vision.encode) if isinstance(s, Segments) else s for s in sequences]
+        # One image in many prompts (a server request's image query) is projected once.
+        encoded: dict[PendingImage, Embeddings] = {}
+
+        def encode(image: PendingImage) -> Embeddings:
+            if image not in encoded:
+                encoded[image] = reranker.vision.encode(image)
+            return encoded[image]
+
+        sequences = [s.encoded(encode) if isinstance(s, Segments) else s for s in sequences]
     embeddings = reranker.backbone.embed(sequences)
     scores = np.empty(len(prompts), dtype=np.float32)
     scores[order] = reranker.score_embeddings(embeddings)

@@ -2,7 +2,7 @@
 
 A rerank request is read (at most `max_request_bytes`), validated (400 for a body that is not
 JSON, 422 naming the field otherwise), refused early when the queue is full (503 + Retry-After),
-tokenised in a worker thread, queued, and awaited until its scores arrive, its client leaves
+tokenised in a worker thread (images decoded and sized there too), queued, and awaited until its scores arrive, its client leaves
 (its work is cancelled) or its time is up (504, work cancelled). Tokenising too stops when the
 client leaves or the time is up (between two llama.cpp calls), and never holds a lock other
 requests need. A handler cancelled by the server's shutdown (uvicorn's graceful timeout) answers
@@ -27,9 +27,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from reranker.engine.tokenizer import cancelled_by
+from reranker.engine.vision import find_mmproj
 from reranker.errors import RerankerError
 from reranker.serve.metrics import Metrics
-from reranker.serve.prepare import build_prompts, check_prompts, check_sizes
+from reranker.serve.prepare import build_prompts, check_images, check_prompts, check_sizes, images_of
 from reranker.serve.scheduler import Closed, Overloaded, Scheduler
 from reranker.serve.schemas import CohereRerankRequest, JinaRerankRequest, cohere_response, jina_response
 from reranker.serve.settings import ServeSettings
@@ -61,6 +62,8 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
     metrics = Metrics(lambda: scheduler.pending, lambda: scheduler.scoring)
     scheduler = Scheduler(reranker, batch_tokens, settings.max_queue, on_batch=metrics.observe_batch)
     stats = ServerStats()
+    # Images need the vision projector; a server without one refuses image requests before decoding them.
+    projector = (reranker.settings.mmproj if reranker.settings else None) or find_mmproj(reranker.gguf_source)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -144,9 +147,14 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             if n > settings.max_documents:
                 raise HTTPException(422, f"documents: {n} documents; this server takes at most {settings.max_documents} "
                                          "per request (--max-documents): split the request")
-            query, texts = req.query_text(), req.texts()
+            query, sides = req.query_side(), req.sides()
+            images = images_of(query, sides)
+            if images and projector is None:
+                raise HTTPException(400, f"{images[0].where} is an image, and this server has no vision projector: start it "
+                                         "with --mmproj path/to/mmproj-...gguf (or put the one mmproj-*.gguf beside the GGUF)")
             try:
-                check_sizes(query, texts, settings)
+                check_sizes(query, sides, settings)
+                check_images(images, settings)
             except RerankerError as e:
                 raise HTTPException(422, str(e)) from e
             if not scheduler.running:
@@ -157,8 +165,8 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             gone = asyncio.ensure_future(_disconnected(request))
             try:
                 try:
-                    prepared = await tokenised(gone, deadline, build_prompts, reranker, query, texts, req.options(),
-                                               settings.chunking, settings.max_chunks)
+                    prepared = await tokenised(gone, deadline, build_prompts, reranker, query, sides, req.options(),
+                                               settings.chunking, settings.max_chunks, settings)
                     if prepared is None:  # the client left while its texts were tokenised
                         return Response(status_code=CLIENT_CLOSED)
                     check_prompts(prepared, settings)
@@ -210,7 +218,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-_UNION_TAGS = {"str", "TextObject", "bool", "ChunkingField"}
+_UNION_TAGS = {"str", "SideObject", "bool", "ChunkingField"}
 
 
 def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
@@ -223,7 +231,7 @@ def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
             raise HTTPException(400, f"the body is not valid JSON ({errors[0]['msg']}); send a JSON object") from None
         by_field: dict[str, list[dict]] = {}
         for x in errors:
-            # A union's errors carry the member's name ('str', 'TextObject') in their location: merge them.
+            # A union's errors carry the member's name ('str', 'SideObject') in their location: merge them.
             loc = ".".join(str(p) for p in x["loc"] if str(p) not in _UNION_TAGS and not str(p).startswith("function-")) or "body"
             by_field.setdefault(loc, []).append(x)
         # A union member that got further (chunking.size) says more than one that failed at once (chunking: not a bool).
@@ -239,7 +247,7 @@ def _message(loc: str, errors: list[dict]) -> str:
         return (own or [errors[0]["msg"]])[0]
     if loc == "chunking":
         return "must be true, false or an object with size, overlap, max_chunks and aggregate"
-    return "must be a string or an object with a string text field"
+    return 'must be a string, {"text": string} or {"image": base64 or a data: URI}'
 
 
 async def tokenised(gone: asyncio.Future, deadline: float, fn, *args):

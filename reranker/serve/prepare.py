@@ -6,32 +6,117 @@ here, alone. The handler stops it at the request's deadline or disconnect (`toke
 The request becomes a `Prepared` through `engine.scoring.prepare` (with chunking, a long document
 becomes one prompt per chunk), and `Prepared.pair_scores` folds the chunks' scores back into one per
 document, as `Reranker.score_documents` does.
+
+Images (Jina's `{"image": ...}`): `check_images` refuses, before anything is decoded, too many images,
+URLs and other URIs, and images over the byte cap; `load_images` (in the worker thread, cancellable
+between images) decodes base64 to bytes and loads and sizes them (`engine.vision.load`, the pixel cap
+checked from the header before decoding). The library gets bytes or a data: URI string only: no request
+string reaches it as something it would open as a path, and nothing is fetched.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import fields, replace
 
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import Prepared, prepare
+from reranker.engine.segments import PendingImage
+from reranker.engine.tokenizer import check_cancelled
+from reranker.engine.vision import load
 from reranker.errors import RerankerError
-from reranker.options import MIN_LENGTH, Chunking
-from reranker.serve.schemas import ScoreOptions
+from reranker.options import MIN_LENGTH, Chunking, ImageRef
+from reranker.serve.schemas import ImageField, ScoreOptions, Side
 from reranker.serve.settings import ServeSettings
 
+#: A URI scheme (RFC 3986). Base64's alphabet has no ':', so a string that starts like this is never base64.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_SEND = "send the image file's bytes base64-encoded, or as a data: URI ('data:image/png;base64,...')"
 
-def check_sizes(query: str, documents: list[str], settings: ServeSettings) -> None:
+
+def check_sizes(query: Side, documents: list[Side], settings: ServeSettings) -> None:
     """Characters per query and per document within the server's caps: checked before any tokenising,
-    so a 15 MB document costs the server no more than reading it."""
-    if len(query) > settings.max_query_chars:
+    so a 15 MB document costs the server no more than reading it. (Images: `check_images`.)"""
+    if isinstance(query, str) and len(query) > settings.max_query_chars:
         raise RerankerError(f"query: {len(query)} characters; this server takes at most {settings.max_query_chars} "
                             "(--max-query-chars): send a shorter query")
-    long = [(i, len(d)) for i, d in enumerate(documents) if len(d) > settings.max_document_chars]
+    long = [(i, len(d)) for i, d in enumerate(documents) if isinstance(d, str) and len(d) > settings.max_document_chars]
     if long:
         i, n = long[0]
         more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
         raise RerankerError(f"documents[{i}]: {n} characters{more}; this server takes at most {settings.max_document_chars} "
                             "per document (--max-document-chars): split or shorten it")
+
+
+def images_of(query: Side, documents: list[Side]) -> list[ImageField]:
+    return [s for s in (query, *documents) if isinstance(s, ImageField)]
+
+
+def check_images(images: list[ImageField], settings: ServeSettings) -> None:
+    """What can be refused without decoding anything: too many images, URLs (never fetched: the server is no
+    client for other hosts), other URIs (`file:`, ...; never opened), and images over `max_image_bytes`."""
+    if len(images) > settings.max_images:
+        raise RerankerError(f"documents: {len(images)} images in one request; this server takes at most {settings.max_images} "
+                            "(--max-images): split the request")
+    for image in images:
+        value = image.value
+        scheme = _SCHEME.match(value)
+        if scheme and scheme.group().lower() in ("http:", "https:"):
+            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts); "
+                                f"download the image yourself and {_SEND}")
+        if scheme and scheme.group().lower() != "data:":
+            raise RerankerError(f"{image.where}: a {scheme.group()} URI is not an image this server reads "
+                                f"(it opens no paths or URIs from requests); {_SEND}")
+        payload = value.partition(",")[2] if scheme else value
+        if scheme and ";base64" not in value[: len(value) - len(payload)].lower():
+            size = len(payload)  # percent-encoded: at most one byte per character
+        else:
+            size = len(payload) // 4 * 3
+        if size > settings.max_image_bytes:
+            raise RerankerError(f"{image.where}: an image of about {size} bytes; this server takes at most "
+                                f"{settings.max_image_bytes} per image (--max-image-bytes): send a smaller file")
+
+
+def image_source(image: ImageField, settings: ServeSettings) -> bytes | str:
+    """What the library loads for `image`: its bytes (base64 decoded strictly: no whitespace, no other alphabet), or
+    its data: URI string, which `images.load` parses as one. Never any other string, which it would take for a path."""
+    if image.value[:5].lower() == "data:":
+        return image.value
+    try:
+        data = base64.b64decode(image.value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RerankerError(f"{image.where}: the image is neither a data: URI nor valid base64 ({e}; paths and URLs "
+                            f"are not read); {_SEND}") from None
+    if not data:
+        raise RerankerError(f"{image.where}: the image is empty; {_SEND}")
+    if len(data) > settings.max_image_bytes:
+        raise RerankerError(f"{image.where}: an image of {len(data)} bytes; this server takes at most "
+                            f"{settings.max_image_bytes} per image (--max-image-bytes): send a smaller file")
+    return data
+
+
+def load_images(reranker, query: Side, documents: list[Side], settings: ServeSettings) -> tuple:
+    """(query, documents) with every `ImageField` decoded, loaded and sized (`PendingImage`, encoded when scored).
+
+    Runs in the request's worker thread; stops between two images once the request is given up."""
+    images = images_of(query, documents)
+    if not images:
+        return query, documents
+    sizing = reranker.vision.sizing
+    loaded: dict[ImageField, PendingImage] = {}
+    for image in images:
+        check_cancelled()
+        try:
+            loaded[image] = load(ImageRef(image_source(image, settings), f"{image.where} image"), sizing,
+                                 max_pixels=settings.max_image_pixels)
+        except ImportError as e:
+            from reranker.extras import install_hint
+
+            raise RerankerError(f"images need {e.name}, which this server does not have: {install_hint('images')}") from e
+    return (loaded[query] if isinstance(query, ImageField) else query,
+            [loaded[d] if isinstance(d, ImageField) else d for d in documents])
 
 
 def check_prompts(prepared: Prepared, settings: ServeSettings) -> None:
@@ -71,13 +156,16 @@ def _request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunki
         raise RerankerError(f"chunking: {e}") from e
 
 
-def build_prompts(reranker, query: str, documents: list[str], options: ScoreOptions,
-                  default_chunking: Chunking | None = None, max_chunks: int | None = None) -> Prepared:
-    """Prompts of `(query, document)` for each document, in order, truncated (or chunked) as `compute_score` does.
+def build_prompts(reranker, query: Side, documents: list[Side], options: ScoreOptions,
+                  default_chunking: Chunking | None = None, max_chunks: int | None = None,
+                  settings: ServeSettings | None = None) -> Prepared:
+    """Prompts of `(query, document)` for each document, in order, truncated (or chunked) as `compute_score` does;
+    images (`ImageField`) loaded first, under `settings`' caps (default: the server's defaults).
 
     (A lone surrogate cannot reach here: the JSON parser refuses `"\\ud800"` with a 400.)
     """
     chunking = request_chunking(options, default_chunking, max_chunks)
+    query, documents = load_images(reranker, query, documents, settings or ServeSettings())
     builder = reranker.prompt_builder()
     if options.max_tokens_per_doc is not None:
         # The prompt without its document (template, cut query, scoring token), plus the document's allowance.

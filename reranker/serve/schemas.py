@@ -1,7 +1,8 @@
 """Requests and responses of the two hosted rerank APIs, field for field (pydantic).
 
-- Jina `POST /v1/rerank`: `{model, query, documents: [str | {"text"}], top_n?, return_documents?}`
-  -> `{model, usage: {total_tokens}, results: [{index, relevance_score, document?: {text}}]}`;
+- Jina `POST /v1/rerank`: `{model, query: str | {"text"} | {"image"}, documents: [str | {"text"} | {"image"}], top_n?,
+  return_documents?}` -> `{model, usage: {total_tokens}, results: [{index, relevance_score, document?: {text} | {image}}]}`
+  (an image: base64 or a data: URI string, as jina-reranker-m0's hosted API takes it; decoded in `prepare`);
 - Cohere `POST /v2/rerank`: `{model, query, documents: [str], top_n?, max_tokens_per_doc?}`
   -> `{id, results: [{index, relevance_score}], meta: {api_version, billed_units, tokens}}`.
 
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reranker.defaults import CHUNK_AGGREGATES
 from reranker.options import MIN_CHUNK
@@ -49,44 +50,59 @@ class ChunkingField(BaseModel):
     aggregate: Literal[CHUNK_AGGREGATES] | None = None
 
 
-class TextObject(BaseModel):
-    """Jina's `{"text": ...}` document (an `{"image": ...}` one is refused: the GGUF backbone reads text only)."""
+@dataclass(frozen=True, eq=False)
+class ImageField:
+    """An image as a request sent it (`value`: base64 or a data: URI, not yet decoded) and where (`documents[3]`, `query`).
+
+    Only `serve.prepare` turns it into bytes; nothing of a request ever reaches the library as a path or a URL."""
+
+    value: str
+    where: str
+
+
+Side = str | ImageField
+
+
+class SideObject(BaseModel):
+    """Jina's `{"text": ...}` or `{"image": base64 | data: URI}` (a query or a document): exactly one of them."""
 
     model_config = _STRICT
     text: str | None = None
-    image: object | None = None
+    image: str | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> TextObject:
-        if self.image is not None:
-            raise ValueError("image documents are not supported by the GGUF backbone (text only); send {\"text\": ...}")
-        if self.text is None:
-            raise ValueError('an object here needs a string "text" field')
+    def _one_kind(self) -> SideObject:
+        if (self.text is None) == (self.image is None):
+            raise ValueError('an object here needs exactly one of a string "text" or a string "image" (base64 or a data: URI)')
         return self
 
-    def as_text(self) -> str:
-        return self.text or ""
+    def side(self, where: str) -> Side:
+        return self.text if self.image is None else ImageField(self.image, where)
 
 
 class JinaRerankRequest(BaseModel):
-    """Jina's rerank request (`POST /v1/rerank`)."""
+    """Jina's rerank request (`POST /v1/rerank`): text and image (m0's shape) queries and documents."""
 
     model_config = _STRICT
     model: str | None = None
-    query: str | TextObject
-    documents: list[str | TextObject] = Field(min_length=1)
+    query: str | SideObject
+    documents: list[str | SideObject] = Field(min_length=1)
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = True
     chunking: bool | ChunkingField | None = None
 
-    def query_text(self) -> str:
-        return self.query if isinstance(self.query, str) else self.query.as_text()
+    def query_side(self) -> Side:
+        return self.query if isinstance(self.query, str) else self.query.side("query")
 
-    def texts(self) -> list[str]:
-        return [d if isinstance(d, str) else d.as_text() for d in self.documents]
+    def sides(self) -> list[Side]:
+        return [d if isinstance(d, str) else d.side(f"documents[{i}]") for i, d in enumerate(self.documents)]
 
     def options(self) -> ScoreOptions:
         return ScoreOptions(chunking=self.chunking)
+
+
+_TEXT_ONLY = ("/v2/rerank (Cohere's API) takes text only; send image documents and queries to /v1/rerank "
+              '(Jina\'s shape: {"image": base64 or a data: URI})')
 
 
 class CohereRerankRequest(BaseModel):
@@ -100,10 +116,26 @@ class CohereRerankRequest(BaseModel):
     max_tokens_per_doc: int | None = Field(default=None, ge=1)
     chunking: bool | ChunkingField | None = None
 
-    def query_text(self) -> str:
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _no_images(cls, value: object) -> object:
+        if isinstance(value, list):
+            for i, d in enumerate(value):
+                if isinstance(d, dict) and "image" in d:
+                    raise ValueError(f"documents[{i}] is an image: {_TEXT_ONLY}")
+        return value
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _no_image_query(cls, value: object) -> object:
+        if isinstance(value, dict) and "image" in value:
+            raise ValueError(f"the query is an image: {_TEXT_ONLY}")
+        return value
+
+    def query_side(self) -> Side:
         return self.query
 
-    def texts(self) -> list[str]:
+    def sides(self) -> list[Side]:
         return list(self.documents)
 
     def options(self) -> ScoreOptions:
@@ -119,12 +151,13 @@ def ranked(scores: list[float], top_n: int | None) -> list[int]:
 
 
 def jina_response(req: JinaRerankRequest, model: str, scores: list[float], tokens: int) -> dict:
-    texts = req.texts()
+    sides = req.sides()
     results = []
     for i in ranked(scores, req.top_n):
         r: dict = {"index": i, "relevance_score": scores[i]}
-        if req.return_documents:
-            r["document"] = {"text": texts[i]}
+        if req.return_documents:  # as sent: an image's base64 or data: URI, unchanged
+            side = sides[i]
+            r["document"] = {"image": side.value} if isinstance(side, ImageField) else {"text": side}
         results.append(r)
     return {"model": req.model or model, "usage": {"total_tokens": tokens}, "results": results}
 

@@ -9,6 +9,8 @@ from reranker.errors import RerankerError
 from reranker.options import Chunking, require_int
 
 API_KEY_ENV = "RERANKER_API_KEY"
+#: `reranker.images.load.MAX_PIXELS`, restated so that settings are checked without importing PIL (tested equal).
+MAX_IMAGE_PIXELS = 2**27
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,11 @@ class ServeSettings:
     - `max_document_chars`, `max_query_chars`: characters per document and per query, checked before tokenising;
     - `max_prompts`: prompts (a document's chunks each count) per request, counted before anything is queued
       (at most `max_queue`, so even a request into an empty queue is bounded);
-    - `max_chunks`: chunks per document a request may ask for; a request's larger `chunking.max_chunks` is cut to it.
+    - `max_chunks`: chunks per document a request may ask for; a request's larger `chunking.max_chunks` is cut to it;
+    - `max_images`: images per request (documents and the query), counted before any is decoded;
+    - `max_image_bytes`: an image's encoded size (after base64), refused before decoding it;
+    - `max_image_pixels`: an image's width x height, read from its header before its pixels are decoded
+      (decompression bombs); at most the library's own limit, `reranker.images.load.MAX_PIXELS`.
     """
 
     model_name: str = "jina-reranker-m0"
@@ -42,6 +48,9 @@ class ServeSettings:
     max_query_chars: int = 10_000
     max_prompts: int = 4096
     max_chunks: int = MAX_CHUNKS
+    max_images: int = 64
+    max_image_bytes: int = 8 * 2**20
+    max_image_pixels: int = 2**25
 
     def check(self) -> None:
         require_int("max_documents", self.max_documents, 1)
@@ -52,6 +61,12 @@ class ServeSettings:
         require_int("max_query_chars", self.max_query_chars, 1)
         require_int("max_prompts", self.max_prompts, 1)
         require_int("max_chunks", self.max_chunks, 1)
+        require_int("max_images", self.max_images, 0)
+        require_int("max_image_bytes", self.max_image_bytes, 1)
+        require_int("max_image_pixels", self.max_image_pixels, 1)
+        if self.max_image_pixels > MAX_IMAGE_PIXELS:
+            raise RerankerError(f"--max-image-pixels {self.max_image_pixels} exceeds the library's decompression-bomb limit "
+                                f"of {MAX_IMAGE_PIXELS} pixels; lower it")
         if self.chunking is not None and self.chunking.max_chunks > self.max_chunks:
             raise RerankerError(f"--max-chunks {self.chunking.max_chunks} (the default for requests) exceeds "
                                 f"--max-request-chunks {self.max_chunks}; lower it or raise --max-request-chunks")

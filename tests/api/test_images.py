@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import picture
 from oracle import SCORE_TOKEN_ID, head_scores, score_head
 from PIL import Image
 from tokenizers import Tokenizer
@@ -27,15 +28,6 @@ QUERY = "a chart of the quarterly sales"
 # error against transformers is ~6e-4 relative (llama.cpp rounds pixels and patch weights to F16 in its conv
 # and uses F16 GELU tables; tests/images/test_encode.py); random weights amplify it. The bound: 2e-3.
 SCORE_TOL = 2e-3
-
-
-def picture(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
-    noise = rng.integers(0, 40, size=(h, w, 3))
-    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
-    return img.convert(mode) if mode != "RGB" else img
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import PAIRS
-from helpers import running_server
+from helpers import running_server, serve_process
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
@@ -208,7 +206,10 @@ ERRORS = [
     ("/v1/rerank", {"query": "q", "documents": []}, 422, "documents"),
     ("/v1/rerank", {"query": "q", "documents": "just one string"}, 422, "documents"),
     ("/v1/rerank", {"query": "q", "documents": ["a", 7]}, 422, "documents.1"),
-    ("/v1/rerank", {"query": "q", "documents": ["a", {"image": "http://x/y.png"}]}, 422, "image"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"image": "http://x/y.png"}]}, 422, "documents[1]: image URLs are not fetched"),
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"text": "a", "image": "aGk="}]}, 422, "documents.1: an object here needs exactly one"),
+    ("/v2/rerank", {"query": "q", "documents": ["a", {"image": "aGk="}]}, 422, "documents[1] is an image: /v2/rerank (Cohere's API) takes text only"),
+    ("/v2/rerank", {"query": {"image": "aGk="}, "documents": ["a"]}, 422, "the query is an image"),
     ("/v1/rerank", {"query": "q", "documents": ["a", {"txt": "a"}]}, 422, "documents.1"),
     ("/v1/rerank", {"query": 5, "documents": ["a"]}, 422, "query"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
@@ -477,33 +478,6 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys, m
 # --- the real command under load (slow tier) -------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serve_process(gguf, log_path, *extra: str, env: dict[str, str] | None = None):
-    """`reranker serve` in its own process on a free port: (process, base URL); `env`: variables to add."""
-    cmd = [sys.executable, "-m", "reranker", "serve", "-m", str(gguf), "--port", "0", "--device", "cpu", "--n-ctx", "4096",
-           "--n-batch", "1024", "--threads", "1", *extra]
-    environ = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**environ, **(env or {})})
-    try:
-        deadline = time.monotonic() + 120
-        while not (m := re.search(r"listening on (http://\S+)", log_path.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
-            time.sleep(0.05)
-        url = m.group(1)
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, f"the server is not healthy:\n{log_path.read_text()}"
-            time.sleep(0.05)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def keyed_process(tiny_ggufs, tmp_path_factory):
     """`reranker serve --max-connections 4` whose API key comes only from RERANKER_API_KEY: (base URL, log path)."""
@@ -712,7 +686,7 @@ def test_a_non_finite_chunk_score_names_the_requests_document(tiny_reranker):
     prompts = {}
     for name, b in (("chunked", body), ("plain", plain)):
         req = CohereRerankRequest(**b)
-        prompts[name] = build_prompts(tiny_reranker, req.query_text(), req.texts(), req.options()).prompts
+        prompts[name] = build_prompts(tiny_reranker, req.query_side(), req.sides(), req.options()).prompts
     n0 = len(prompts["chunked"]) - 2
     assert n0 > 2, "document 0 was not chunked: the test would not tell documents from prompts"
     # Finite: document 0's chunks and its truncated prompt; NaN: document 1's prompt.
