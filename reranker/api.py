@@ -203,7 +203,16 @@ class Reranker:
         if not any(isinstance(x, ImageRef) for pair in pairs for x in pair):
             return pairs
         sizing = self.vision.sizing  # a missing projector is an error before any image is read
-        return [tuple(load(x, sizing) if isinstance(x, ImageRef) else x for x in pair) for pair in pairs]
+        loaded: dict[int, object] = {}  # by the source object: `rank`'s image query is loaded (and projected) once
+
+        def side(x):
+            if not isinstance(x, ImageRef):
+                return x
+            if id(x.source) not in loaded:
+                loaded[id(x.source)] = load(x, sizing)
+            return loaded[id(x.source)]
+
+        return [tuple(side(x) for x in pair) for pair in pairs]
 
     def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,
