@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an image document (repeatable; ranked with the -d and -f documents)")
     p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
     p.add_argument("--mmproj", metavar="PATH",
-                   help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF)")
+                   help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF; for a Hub model, the repo's mmproj*.gguf, downloaded on the first image)")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
     p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
     add_chunk_args(p)
