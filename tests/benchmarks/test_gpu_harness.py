@@ -290,3 +290,82 @@ def test_runtime_libraries_are_found_without_nvcc(tmp_path):
     (tmp_path / "nvidia" / "cu13" / "include").mkdir()
     assert cudatk.runtime_lib_dirs([tmp_path])[0] == str(lib)
     assert str(tmp_path / "nvidia" / "cu13" / "include") not in cudatk.runtime_lib_dirs([tmp_path])
+
+
+def test_both_build_routes_give_libmtmd():
+    """The images step needs libmtmd: the build route compiles it with llama.cpp (LLAVA_BUILD=ON, and the build key
+    changes with it, so an earlier build without it is not reused); the prebuilt route gets prepare.py's pack."""
+    src = (GPU / "run.py").read_text()
+    assert gpu_run.MTMD_BUILD_ARGS == ["-DLLAVA_BUILD=ON"]
+    assert "build_args = cudatk.llama_cmake_args(self.arch, not self.cpu) + MTMD_BUILD_ARGS" in src
+    assert '"args": build_args' in src and "args = list(build_args)" in src
+    assert "-DLLAVA_BUILD=OFF" not in src.replace('["-DLLAMA_BUILD=OFF", "-DLLAVA_BUILD=OFF"]', "")  # only the Python-only install
+
+
+def _mtmd_pack(tmp: Path, needed: list[str], name: str = "mtmd-libs.tar.xz") -> Path:
+    """A pack shaped as prepare.py's mtmd_prebuild writes it: one real ELF file and its soname links."""
+    import tarfile
+
+    folder = tmp / name.replace(".tar.xz", "")
+    folder.mkdir()
+    for lib in needed:
+        if not (tmp / lib).exists():
+            _elf(tmp, lib, lib)
+    real = _elf(tmp, f"{folder.name}/libmtmd.so.0.5.0", "libmtmd.so.0", needed)
+    (folder / "libmtmd.so.0").symlink_to(real.name)
+    (folder / "libmtmd.so").symlink_to("libmtmd.so.0")
+    pack = tmp / name
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for n in ("libmtmd.so", "libmtmd.so.0", "libmtmd.so.0.5.0"):
+            t.add(folder / n, arcname=f"lib/{n}")
+    return pack
+
+
+def test_mtmd_pack_verification(tmp_path):
+    import prepare
+
+    good = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0"])
+    info = prepare.verify_mtmd(good)
+    assert info["library"] == "libmtmd.so.0.5.0" and info["runpath"] == "$ORIGIN"
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0"} <= set(info["needed"])
+    cuda = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libcudart.so.13"], "cuda.tar.xz")
+    with pytest.raises(ValueError, match="needs .*libcudart.so.13"):  # it must not depend on CUDA itself
+        prepare.verify_mtmd(cuda)
+    unlinked = _mtmd_pack(tmp_path, ["libggml-base.so.0"], "unlinked.tar.xz")
+    with pytest.raises(ValueError, match="libllama.so.0"):
+        prepare.verify_mtmd(unlinked)
+
+
+def test_carried_libmtmd_goes_beside_the_prebuilt_libraries(tmp_path):
+    """libmtmd is found beside libllama (its runpath is $ORIGIN): the carried pack is unpacked into the prebuilt
+    folder, into a copy when that folder was named by --prebuilt; a damaged pack leaves the libraries as they are."""
+    import types
+
+    import prepare
+
+    carry = make_carry(tmp_path)
+    pack = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0"])
+    (carry / pack.name).write_bytes(pack.read_bytes())
+    manifest = json.loads((carry / "manifest.json").read_text())
+    manifest["mtmd"] = {"name": pack.name, "sha256": prepare.sha256(pack)}
+    (carry / "manifest.json").write_text(json.dumps(manifest))
+    given = tmp_path / "given" / "lib"
+    given.mkdir(parents=True)
+    (given / "libllama.so").write_bytes(b"\x7fELF")
+    runner = types.SimpleNamespace(carry=carry, work=tmp_path / "work")
+
+    lib = gpu_run.Runner._with_mtmd(runner, given)
+    assert lib == tmp_path / "work" / "prebuilt-given" / "lib"
+    assert (lib / "libllama.so").is_file() and (lib / "libmtmd.so").resolve() == lib / "libmtmd.so.0.5.0"
+    assert not (given / "libmtmd.so").exists()  # the named folder is not written into
+
+    own = tmp_path / "work" / "prebuilt" / "lib"  # the unpacked CUDA pack: this work folder's own
+    own.mkdir(parents=True)
+    assert gpu_run.Runner._with_mtmd(runner, own) == own and (own / "libmtmd.so.0.5.0").is_file()
+    assert gpu_run.Runner._with_mtmd(runner, own) == own  # already there: as it is
+
+    (carry / pack.name).write_bytes(pack.read_bytes()[:-1] + b"\0")
+    bare = tmp_path / "work" / "bare" / "lib"
+    bare.mkdir(parents=True)
+    assert gpu_run.Runner._with_mtmd(runner, bare) == bare and not (bare / "libmtmd.so").exists()
+    assert gpu_run.carry_problem(carry) is None  # only the images step depends on it: never a refusal
