@@ -369,3 +369,29 @@ def test_carried_libmtmd_goes_beside_the_prebuilt_libraries(tmp_path):
     bare.mkdir(parents=True)
     assert gpu_run.Runner._with_mtmd(runner, bare) == bare and not (bare / "libmtmd.so").exists()
     assert gpu_run.carry_problem(carry) is None  # only the images step depends on it: never a refusal
+
+
+def test_images_figures_reach_results_md_and_the_summary():
+    """The images step's figures (benchmarks/images.py --json, per size) are in results.md and on the summary screen;
+    a skip shows its reason."""
+    import report
+
+    def side(ips, enc, dec, tok):
+        return {"images_per_s": ips, "encode_s_per_image": enc, "decode_tokens_per_s": dec,
+                "prompt_tokens_per_s": tok * ips, "tokens_per_image": tok}
+
+    res = {"preset": "m0", "images": 8, "device": "cuda", "transformers_dtype": "bf16", "ours_type": "F16",
+           "ratio_images_per_s": 1.7, "max_score_diff": 3e-3,
+           **{f"ours_{k}": v for k, v in side(20.0, 0.02, 9000.0, 600).items()},
+           **{f"transformers_{k}": v for k, v in side(11.8, 0.05, 5000.0, 600).items()},
+           "sizes": {"0.3 MP": {"ours": side(30.0, 0.01, 9500.0, 409), "transformers": side(17.0, 0.03, 5200.0, 409)},
+                     "0.6 MP": {"ours": side(14.0, 0.03, 8800.0, 786), "transformers": side(8.0, 0.07, 4900.0, 786)}}}
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"images": {"status": "ok", "result": {"libmtmd": "/w/prebuilt/lib/libmtmd.so", "result": res}}}}
+    md, summary = report.render(data)
+    assert "| ours | 0.6 MP | 14.00 | 30 | 8800 | 11004 | 786 |" in md
+    assert "| transformers | 0.3 MP | 17.00 | 30 | 5200 | 6953 | 409 |" in md
+    assert "images (m0): ours 20.00 images/s, 12000 prompt tok/s | transformers 11.80, 7080 | 1.70x; encode 20 vs 50 ms/image" in summary
+    data["steps"]["images"] = {"status": "ok", "result": {"skipped": "no libmtmd: neither built ..."}}
+    md, _ = report.render(data)
+    assert "no libmtmd: neither built" in md
