@@ -388,7 +388,8 @@ def mtmd_prebuild(manifest: dict, jobs: int) -> None:
     os.replace(tmp, out)
     manifest["mtmd"] = {"name": MTMD_PACK, **info, "sha256": sha256(out), "key": key, "linked_against": libs["name"],
                         "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_seconds": seconds, "tested_on_gpu": False}
-    log(f"{MTMD_PACK}: {out.stat().st_size / 2**20:.2f} MiB, compiled in {seconds} s, needs {', '.join(info['needed'])}")
+    log(f"{MTMD_PACK}: {out.stat().st_size / 2**20:.2f} MiB, compiled in {seconds} s{' (nothing left to compile)' if seconds < 2 else ''}, "
+        f"needs {', '.join(info['needed'])}")
 
 
 def cuda_prebuild(sdist: Path, arch: str, configure_only: bool, pypi_nvcc: bool, jobs: int) -> Path | None:

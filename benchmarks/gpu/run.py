@@ -622,17 +622,20 @@ class Runner:
         self.results.step("build", status="ok", seconds=round(sec, 1), result=info)
 
     def _probe_llama(self, env: dict) -> tuple[bool, dict]:
-        # libmtmd only serves the images step: reported, never a reason to refuse the libraries
-        code = ("import json, llama_cpp\ntry:\n    import llama_cpp.mtmd_cpp as m\n    mtmd = m._libmtmd._name\n"
-                "except Exception as e:\n    mtmd = 'not loadable: ' + type(e).__name__ + ': ' + str(e)\nprint(json.dumps({'file': llama_cpp.__file__, 'version': llama_cpp.__version__, "
+        code = ("import json, llama_cpp\nprint(json.dumps({'file': llama_cpp.__file__, 'version': llama_cpp.__version__, "
                 "'lib': llama_cpp.llama_cpp._lib._name, "
                 "'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload()), "
-                "'system_info': llama_cpp.llama_print_system_info().decode(errors='replace'), 'mtmd': mtmd}))")
+                "'system_info': llama_cpp.llama_print_system_info().decode(errors='replace')}))")
         p = subprocess.run([self.py, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         try:
             d = json.loads(p.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return False, {"error": (p.stdout + p.stderr)[-1500:]}
+        # libmtmd serves only the images step: probed in a process of its own and reported, never a reason to refuse
+        # the libraries (a crash while loading it must not send the run to the long build)
+        p = subprocess.run([self.py, "-c", "import llama_cpp.mtmd_cpp as m; print(m._libmtmd._name)"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        d["mtmd"] = p.stdout.strip() if p.returncode == 0 else f"not loadable (rc {p.returncode}): {(p.stdout + p.stderr)[-400:]}"
         return bool(d["gpu_offload"]) or self.cpu, d
 
     def step_install(self) -> dict:
