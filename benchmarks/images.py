@@ -68,14 +68,29 @@ def groups(imgs) -> dict[str, list[int]]:
 
 def ours(gguf: Path, mmproj: Path, imgs, n_gpu_layers: int) -> dict:
     """Per size: the vision encode (one image at a time) and the decode of that size's prompts (packed), timed apart."""
+    import logging
+
     from reranker import Reranker
     from reranker.engine.scoring import prepare, score_prepared
     from reranker.options import ImageRef
 
+    class Backend(logging.Handler):  # libmtmd says where the vision tower runs ("CLIP using CUDA0 backend", at DEBUG)
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "CLIP using" in record.getMessage():
+                self.lines.append(record.getMessage().strip())
+
+    log = logging.getLogger("reranker.llama")
+    handler, level = Backend(logging.DEBUG), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)  # until the projector is loaded (the warm-up), not while timing
     per: dict[str, dict] = {}
     scores = np.zeros(len(imgs))
     with Reranker.from_pretrained(str(gguf), mmproj=str(mmproj), n_ctx=4096, n_batch=4096, n_gpu_layers=n_gpu_layers) as rr:
         rr.compute_score([QUERY, imgs[0]], doc_type="image")  # warm-up: loads the projector, reserves its buffers
+        log.removeHandler(handler)
+        log.setLevel(level)
         for size, idx in groups(imgs).items():
             t = time.perf_counter()
             embedded = [rr.vision.embed(ImageRef(imgs[i], f"image {i}")) for i in idx]
@@ -84,7 +99,7 @@ def ours(gguf: Path, mmproj: Path, imgs, n_gpu_layers: int) -> dict:
             t = time.perf_counter()
             scores[idx] = score_prepared(rr, prepared).scores
             per[size] = {"images": len(idx), "encode": encode, "decode": time.perf_counter() - t, "tokens": prepared.tokens}
-    return total(per, scores)
+    return {**total(per, scores), "vision_backend": "; ".join(handler.lines) or "not logged"}
 
 
 def total(per: dict[str, dict], scores) -> dict:
@@ -185,7 +200,8 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "preset": args.preset, "images": n, "device": device, "transformers_dtype": dtype, "ours_type": t, **flat,
             "sizes": {size: {k: figures[k]["sizes"][size] for k in sides} for size in figures["ours"]["sizes"]},
-            "ratio_images_per_s": ratio, "max_score_diff": diff}, indent=1))
+            "ratio_images_per_s": ratio, "max_score_diff": diff, "ours_vision_backend": a["vision_backend"]}, indent=1))
+    print(f"ours: {a['vision_backend']}")
     print(f"ours / transformers: images/s {ratio:.2f}x, encode {b['encode'] / a['encode']:.2f}x, decode {b['decode'] / a['decode']:.2f}x; "
           f"max |score difference| {diff:.2e} ({t} vs {dtype}, random weights)")
 

@@ -180,7 +180,7 @@ def render(data: dict) -> tuple[str, str]:
         res = im.get("result") or {}
         if res:
             md += [f"{res['images']} images, {res['preset']} shapes, {res['device']}; transformers {res['transformers_dtype']} SDPA; "
-                   f"libmtmd {im.get('libmtmd')}; ours/transformers {res['ratio_images_per_s']:.2f}x images/s; "
+                   f"libmtmd {im.get('libmtmd')} ({res.get('ours_vision_backend', '?')}); ours/transformers {res['ratio_images_per_s']:.2f}x images/s; "
                    f"max |score diff| {res['max_score_diff']:.2e}", "",
                    "| side | size | images/s | encode ms/image | decode tokens/s | prompt tokens/s | tokens/image |",
                    "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

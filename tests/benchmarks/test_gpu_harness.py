@@ -381,7 +381,7 @@ def test_images_figures_reach_results_md_and_the_summary():
                 "prompt_tokens_per_s": tok * ips, "tokens_per_image": tok}
 
     res = {"preset": "m0", "images": 8, "device": "cuda", "transformers_dtype": "bf16", "ours_type": "F16",
-           "ratio_images_per_s": 1.7, "max_score_diff": 3e-3,
+           "ratio_images_per_s": 1.7, "max_score_diff": 3e-3, "ours_vision_backend": "clip_ctx: CLIP using CUDA0 backend",
            **{f"ours_{k}": v for k, v in side(20.0, 0.02, 9000.0, 600).items()},
            **{f"transformers_{k}": v for k, v in side(11.8, 0.05, 5000.0, 600).items()},
            "sizes": {"0.3 MP": {"ours": side(30.0, 0.01, 9500.0, 409), "transformers": side(17.0, 0.03, 5200.0, 409)},
@@ -390,6 +390,7 @@ def test_images_figures_reach_results_md_and_the_summary():
             "steps": {"images": {"status": "ok", "result": {"libmtmd": "/w/prebuilt/lib/libmtmd.so", "result": res}}}}
     md, summary = report.render(data)
     assert "| ours | 0.6 MP | 14.00 | 30 | 8800 | 11004 | 786 |" in md
+    assert "libmtmd /w/prebuilt/lib/libmtmd.so (clip_ctx: CLIP using CUDA0 backend)" in md
     assert "| transformers | 0.3 MP | 17.00 | 30 | 5200 | 6953 | 409 |" in md
     assert "images (m0): ours 20.00 images/s, 12000 prompt tok/s | transformers 11.80, 7080 | 1.70x; encode 20 vs 50 ms/image" in summary
     data["steps"]["images"] = {"status": "ok", "result": {"skipped": "no libmtmd: neither built ..."}}
