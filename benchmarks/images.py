@@ -1,7 +1,7 @@
 """Image documents: ours (mmproj in libmtmd + GGUF backbone in llama.cpp) against transformers, same images, same run.
 
-Each side scores the same image documents against one text query, one image at a time through the vision
-tower (Qwen2-VL's vision graph takes one image per call; transformers is run the same way), with the vision
+Each side scores the same image documents (0.3 MP and 0.6 MP, each size timed apart) against one text query,
+one image at a time through the vision tower (Qwen2-VL's vision graph takes one image per call; transformers is run the same way), with the vision
 encode and the language-model decode timed apart. Ours packs the image prompts into shared decode calls (as
 `compute_score` does); transformers runs each prompt alone (its images differ in size; padding them into a
 batch is not how the original's `compute_score` runs either). Transformers runs in bf16 on a CPU with native bf16
@@ -57,21 +57,54 @@ def model(preset: str, cache: Path, outtype: str = "f16") -> tuple[Path, Path, P
     return ckpt, gguf, next(gguf.parent.glob("mmproj-*.gguf"))
 
 
+def groups(imgs) -> dict[str, list[int]]:
+    """Indices of the images of each size (SIZES' names), in order."""
+    names = {v: k for k, v in SIZES.items()}
+    out: dict[str, list[int]] = {}
+    for i, im in enumerate(imgs):
+        out.setdefault(names.get(im.size, f"{im.size[0]}x{im.size[1]}"), []).append(i)
+    return out
+
+
 def ours(gguf: Path, mmproj: Path, imgs, n_gpu_layers: int) -> dict:
+    """Per size: the vision encode (one image at a time) and the decode of that size's prompts (packed), timed apart."""
+    import logging
+
     from reranker import Reranker
     from reranker.engine.scoring import prepare, score_prepared
     from reranker.options import ImageRef
 
+    class Backend(logging.Handler):  # libmtmd says where the vision tower runs ("CLIP using CUDA0 backend", at DEBUG)
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "CLIP using" in record.getMessage():
+                self.lines.append(record.getMessage().strip())
+
+    log = logging.getLogger("reranker.llama")
+    handler, level = Backend(logging.DEBUG), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)  # until the projector is loaded (the warm-up), not while timing
+    per: dict[str, dict] = {}
+    scores = np.zeros(len(imgs))
     with Reranker.from_pretrained(str(gguf), mmproj=str(mmproj), n_ctx=4096, n_batch=4096, n_gpu_layers=n_gpu_layers) as rr:
         rr.compute_score([QUERY, imgs[0]], doc_type="image")  # warm-up: loads the projector, reserves its buffers
-        t = time.perf_counter()
-        embedded = [rr.vision.embed(ImageRef(im, f"image {i}")) for i, im in enumerate(imgs)]
-        encode = time.perf_counter() - t
-        prepared = prepare(rr.prompt_builder(), [(QUERY, e) for e in embedded])
-        t = time.perf_counter()
-        scores = score_prepared(rr, prepared).scores
-        decode = time.perf_counter() - t
-        return {"encode": encode, "decode": decode, "tokens": prepared.tokens, "scores": scores}
+        log.removeHandler(handler)
+        log.setLevel(level)
+        for size, idx in groups(imgs).items():
+            t = time.perf_counter()
+            embedded = [rr.vision.embed(ImageRef(imgs[i], f"image {i}")) for i in idx]
+            encode = time.perf_counter() - t
+            prepared = prepare(rr.prompt_builder(), [(QUERY, e) for e in embedded])
+            t = time.perf_counter()
+            scores[idx] = score_prepared(rr, prepared).scores
+            per[size] = {"images": len(idx), "encode": encode, "decode": time.perf_counter() - t, "tokens": prepared.tokens}
+    return {**total(per, scores), "vision_backend": "; ".join(handler.lines) or "not logged"}
+
+
+def total(per: dict[str, dict], scores) -> dict:
+    keys = ("images", "encode", "decode", "tokens")
+    return {**{k: sum(g[k] for g in per.values()) for k in keys}, "scores": scores, "sizes": per}
 
 
 def transformers_side(ckpt: Path, imgs, dtype_name: str, device: str) -> dict:
@@ -90,8 +123,9 @@ def transformers_side(ckpt: Path, imgs, dtype_name: str, device: str) -> dict:
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     pad = tok.token_to_id("<|image_pad|>")
     head = score_head(ckpt)
-    encode = decode = 0.0
-    tokens, scores = 0, []
+    per: dict[str, dict] = {}
+    size_of = {i: size for size, idx in groups(imgs).items() for i in idx}
+    scores = []
     with torch.inference_mode():
         for i, im in enumerate(imgs[:1] + imgs):  # the first is a warm-up, not counted
             x = proc(images=[im], return_tensors="pt")
@@ -116,9 +150,13 @@ def transformers_side(ckpt: Path, imgs, dtype_name: str, device: str) -> dict:
             t_dec = time.perf_counter() - t
             if i == 0:
                 continue
-            encode, decode, tokens = encode + t_enc, decode + t_dec, tokens + len(ids)
+            g = per.setdefault(size_of[i - 1], {"images": 0, "encode": 0.0, "decode": 0.0, "tokens": 0})
+            g["images"] += 1
+            g["encode"] += t_enc
+            g["decode"] += t_dec
+            g["tokens"] += len(ids)
             scores.append(float(head_scores(head, h[None].astype(np.float64))[0]))
-    return {"encode": encode, "decode": decode, "tokens": tokens, "scores": np.array(scores)}
+    return total(per, np.array(scores))
 
 
 def main() -> None:
@@ -142,27 +180,40 @@ def main() -> None:
     a = ours(gguf, mmproj, imgs, -1 if device == "cuda" else 0)
     b = transformers_side(ckpt, imgs, dtype, device)
     n = len(imgs)
+    t = args.outtype.upper()
+    sides = {"ours": a, "transformers": b}
+    figures = {k: rates(r) for k, r in sides.items()}
     print(f"{args.preset} shapes, {n} image documents ({', '.join(SIZES)}), one text query, device {device}; "
           f"transformers {dtype} SDPA")
-    print(f"{'side':26s} {'images/s':>9s} {'encode s/img':>13s} {'decode tok/s':>13s} {'prompt tokens':>14s}")
-    t = args.outtype.upper()
-    for name, r in ((f"ours (mmproj {t}, GGUF {t})", a), (f"transformers {dtype}", b)):
-        print(f"{name:26s} {n / (r['encode'] + r['decode']):9.2f} {r['encode'] / n:13.3f} {r['tokens'] / r['decode']:13.0f} "
-              f"{r['tokens']:14d}")
+    print(f"{'side':26s} {'size':>8s} {'images/s':>9s} {'encode s/img':>13s} {'decode tok/s':>13s} {'prompt tok/s':>13s} "
+          f"{'tokens/img':>11s}")
+    for name, key in ((f"ours (mmproj {t}, GGUF {t})", "ours"), (f"transformers {dtype}", "transformers")):
+        for size, f in [("all", figures[key]), *figures[key]["sizes"].items()]:
+            print(f"{name:26s} {size:>8s} {f['images_per_s']:9.2f} {f['encode_s_per_image']:13.3f} {f['decode_tokens_per_s']:13.0f} "
+                  f"{f['prompt_tokens_per_s']:13.0f} {f['tokens_per_image']:11.0f}")
+    ratio = (b["encode"] + b["decode"]) / (a["encode"] + a["decode"])
+    diff = float(np.abs(a["scores"] - b["scores"]).max())
     if args.json:
         import json
 
-        sides = {"ours": a, "transformers": b}
+        flat = {f"{k}_{m}": v for k, f in figures.items() for m, v in f.items() if m != "sizes"}
         args.json.write_text(json.dumps({
-            "preset": args.preset, "images": n, "device": device, "transformers_dtype": dtype, "ours_type": t,
-            **{f"{k}_{m}": (n / (r["encode"] + r["decode"]) if m == "images_per_s" else r["encode"] / n if m == "encode_s_per_image"
-                            else r["tokens"] / r["decode"]) for k, r in sides.items()
-               for m in ("images_per_s", "encode_s_per_image", "decode_tokens_per_s")},
-            "ratio_images_per_s": (b["encode"] + b["decode"]) / (a["encode"] + a["decode"]),
-            "max_score_diff": float(np.abs(a["scores"] - b["scores"]).max())}, indent=1))
-    print(f"ours / transformers: images/s {(b['encode'] + b['decode']) / (a['encode'] + a['decode']):.2f}x, "
-          f"encode {b['encode'] / a['encode']:.2f}x, decode {b['decode'] / a['decode']:.2f}x; "
-          f"max |score difference| {np.abs(a['scores'] - b['scores']).max():.2e} ({t} vs {dtype}, random weights)")
+            "preset": args.preset, "images": n, "device": device, "transformers_dtype": dtype, "ours_type": t, **flat,
+            "sizes": {size: {k: figures[k]["sizes"][size] for k in sides} for size in figures["ours"]["sizes"]},
+            "ratio_images_per_s": ratio, "max_score_diff": diff, "ours_vision_backend": a["vision_backend"]}, indent=1))
+    print(f"ours: {a['vision_backend']}")
+    print(f"ours / transformers: images/s {ratio:.2f}x, encode {b['encode'] / a['encode']:.2f}x, decode {b['decode'] / a['decode']:.2f}x; "
+          f"max |score difference| {diff:.2e} ({t} vs {dtype}, random weights)")
+
+
+def rates(r: dict) -> dict:
+    """images/s, encode s/image, decode tokens/s and prompt tokens/s (encode + decode) of one side, in all and per size."""
+    def one(g: dict) -> dict:
+        return {"images_per_s": g["images"] / (g["encode"] + g["decode"]), "encode_s_per_image": g["encode"] / g["images"],
+                "decode_tokens_per_s": g["tokens"] / g["decode"], "prompt_tokens_per_s": g["tokens"] / (g["encode"] + g["decode"]),
+                "tokens_per_image": g["tokens"] / g["images"]}
+
+    return {**one(r), "sizes": {size: one(g) for size, g in r["sizes"].items()}}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from reranker.engine.scoring import ScoredDocuments, Usage, check_keep_hidden, p
 from reranker.engine.vision import Vision, find_mmproj, load
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
-from reranker.gguf.hub import resolve
+from reranker.gguf.hub import HubSource, mmproj_from_hub, resolve
 from reranker.options import Chunking, ImageRef, as_chunking, check_lengths, check_pairs, require_int
 from reranker.settings import LoadSettings
 
@@ -94,6 +94,8 @@ class Reranker:
         self.settings: LoadSettings | None = None
         #: The GGUF it was loaded from (not the fast path's copy): where `mmproj-*.gguf` is looked for.
         self.gguf_source: Path = backbone.path
+        #: For a Hub model, its repo and commit: the vision projector is fetched from there on the first image.
+        self.hub_source: HubSource | None = None
         self._vision: Vision | None = None
         self._vision_lock = threading.Lock()
 
@@ -128,7 +130,8 @@ class Reranker:
         (bit-identical alone or in any batch, on the CPU); slower, see README "Deterministic mode".
 
         `mmproj`: the vision projector for image pairs (`doc_type="image"`, ...); default: the one
-        `mmproj-*.gguf` beside the GGUF. It is loaded on the first image: text-only use never loads it.
+        `mmproj-*.gguf` beside the GGUF, or for a Hub model the repo's one `mmproj*.gguf` at the GGUF's
+        commit (downloaded then). It is found and loaded on the first image: text-only use never does either.
 
         Every setting is checked before any file is read. `quant` with a local .gguf file may
         only restate that file's level (it selects a file in a folder or a Hub repo).
@@ -166,6 +169,7 @@ class Reranker:
                  device=device, batch_size=s.batch_size)
         rr.settings = s
         rr.gguf_source = files.gguf
+        rr.hub_source = files.hub
         log.info("%s: weights %s%s", files.gguf.name, rr.weights_dtype, f" ({bf16_note(files.gguf, want_bf16, why)})" if s.fast else "")
         return rr
 
@@ -186,11 +190,14 @@ class Reranker:
 
     @property
     def vision(self) -> Vision:
-        """The vision projector, loaded on first use (`mmproj=`, else the `mmproj-*.gguf` beside the GGUF)."""
+        """The vision projector, loaded on first use: `mmproj=`, else a Hub model's `mmproj*.gguf` (downloaded now
+        from the GGUF's repo and commit), else the `mmproj-*.gguf` beside the GGUF."""
         with self._vision_lock:
             self._check_open()
             if self._vision is None:
-                path = (self.settings.mmproj if self.settings else None) or find_mmproj(self.gguf_source)
+                path = self.settings.mmproj if self.settings else None
+                if path is None:
+                    path = mmproj_from_hub(self.hub_source) if self.hub_source else find_mmproj(self.gguf_source)
                 if path is None:
                     raise RerankerError(f"image pairs need the vision projector, and there is no mmproj-*.gguf beside "
                                         f"{self.gguf_source}; pass mmproj='path/to/mmproj-...gguf' (CLI: --mmproj), made "

@@ -13,13 +13,17 @@ Writes `benchmarks/gpu/carry/` (git-ignored; name it in the device tool's `carry
                                             (shared/gpu/, verified before it is copied), or with
                                             --cuda-prebuild built here (~20 min on 2 cores); not
                                             yet loaded on a GPU
+  mtmd-libs.tar.xz                          libmtmd (the vision projector's library, for the `images`
+                                            step), which the prebuild lacks: compiled here from the
+                                            pinned sdist's tools/mtmd against the prebuild's libllama
+                                            and libggml (mtmd/CMakeLists.txt; ~3 CPU-minutes, once)
   manifest.json                             versions, hashes, sizes
 
 Idempotent: what is already there (and matches its pin) is kept. Ends by checking that the
 tree that travels (tracked + untracked-not-ignored files + carry/) stays under the 64 MiB
 limit.
 
-    python3 benchmarks/gpu/prepare.py                     # ~20 s with a warm pip cache
+    python3 benchmarks/gpu/prepare.py                     # ~20 s with a warm pip cache (+ libmtmd the first time)
     python3 benchmarks/gpu/prepare.py --cuda-prebuild     # + the CUDA build (long; run it in the background)
 """
 
@@ -95,6 +99,11 @@ LIMIT = 64 * 2**20
 # packages and the driver); anything else would fail to load there.
 PREBUILT_NEEDED = {"libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libggml-base.so.0"}
 PREBUILT_LIBS = ["libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-cuda.so"]
+# libmtmd for the prebuilt libraries: what it may need at run time is llama.cpp's own libraries (found beside it
+# by $ORIGIN: the prebuild's, CUDA included) and the C/C++ runtime, nothing CUDA of its own.
+MTMD_PACK = "mtmd-libs.tar.xz"
+MTMD_NEEDED = {"libllama.so.0", "libggml.so.0", "libggml-base.so.0"}
+MTMD_RUNTIME = {"libstdc++.so.6", "libm.so.6", "libgcc_s.so.1", "libc.so.6", "ld-linux-x86-64.so.2", "libpthread.so.0", "libdl.so.2"}
 
 
 def log(msg: str) -> None:
@@ -297,6 +306,92 @@ def take_shared_prebuilt(arch: str, stripped: Path, manifest: dict, shared: Path
 # --cuda-prebuild (built once, 931 s on 2 cores: shared/gpu; not yet loaded on a GPU)
 
 
+def extract_stripped(folder: Path) -> Path:
+    """The stripped sdist from carry/, unpacked once into `folder`; its top folder (kept at the same path, so that
+    a build folder beside it stays incremental)."""
+    top = folder / SDIST.removesuffix(".tar.gz")
+    if not (top / "CMakeLists.txt").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(CARRY / STRIPPED, "r:gz") as t:
+            t.extractall(tmp, filter="data") if sys.version_info >= (3, 12) else t.extractall(tmp)
+        os.replace(tmp, folder)
+    return top
+
+
+def verify_mtmd(pack: Path) -> dict:
+    """Check that `pack` holds a libmtmd that can load beside the prebuilt libraries; raise ValueError naming what is off."""
+    with tarfile.open(pack, "r:xz") as t:
+        members = {m.name: m for m in t.getmembers()}
+        if "lib/libmtmd.so" not in members:
+            raise ValueError(f"{pack.name} lacks lib/libmtmd.so")
+        real = [m for m in members.values() if m.isfile() and m.name.startswith("lib/libmtmd.so")]
+        if len(real) != 1:
+            raise ValueError(f"{pack.name}: expected one libmtmd file (and its links), found {sorted(m.name for m in real)}")
+        tmp = CACHE / "verify-mtmd"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            t.extract(real[0], tmp, filter="data") if sys.version_info >= (3, 12) else t.extract(real[0], tmp)
+            needed, runpath = elf_needed(tmp / real[0].name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    foreign = needed - MTMD_NEEDED - MTMD_RUNTIME
+    if not MTMD_NEEDED <= needed or foreign or runpath != "$ORIGIN":
+        raise ValueError(f"{real[0].name} needs {sorted(needed)} with runpath {runpath!r}; expected {sorted(MTMD_NEEDED)} "
+                         "(+ the C/C++ runtime) and $ORIGIN")
+    return {"bytes": pack.stat().st_size, "sha256": sha256(pack), "library": Path(real[0].name).name,
+            "library_bytes": real[0].size, "needed": sorted(needed), "runpath": runpath}
+
+
+def mtmd_prebuild(manifest: dict, jobs: int) -> None:
+    """libmtmd for the prebuilt CUDA libraries in carry/ (which lack it), packed as carry/mtmd-libs.tar.xz.
+
+    The pinned sdist's own tools/mtmd CMake file compiles it (mtmd/CMakeLists.txt imports the prebuild's libllama,
+    libggml and libggml-base instead of building them), so nothing but libmtmd is compiled and its NEEDED entries
+    are the prebuild's sonames. libmtmd has no CUDA code: clip.cpp takes a GPU backend from ggml's registry at run
+    time (`ggml_backend_init_by_type(GPU)`), which the prebuild's libggml fills with CUDA. Kept while the
+    stripped sdist and mtmd/CMakeLists.txt are unchanged.
+    """
+    libs = manifest.get("cuda_libs")
+    out = CARRY / MTMD_PACK
+    if not libs or not (CARRY / libs["name"]).is_file():
+        log("no prebuilt libraries in carry/: no libmtmd needed beside them (the GPU build makes its own, LLAVA_BUILD=ON)")
+        out.unlink(missing_ok=True)
+        manifest.pop("mtmd", None)
+        return
+    key = {"stripped_sha256": manifest["stripped"]["sha256"], "cmake_sha256": sha256(HERE / "mtmd" / "CMakeLists.txt")}
+    have = manifest.get("mtmd") or {}
+    if out.is_file() and have.get("key") == key and have.get("sha256") == sha256(out):
+        log(f"{MTMD_PACK}: kept (built {have.get('built')}, {have.get('build_seconds')} s)")
+        return
+    src = extract_stripped(CACHE / "src-mtmd")
+    link = CACHE / "link"
+    shutil.rmtree(link, ignore_errors=True)
+    with tarfile.open(CARRY / libs["name"], "r:xz") as t:
+        t.extractall(link, filter="data") if sys.version_info >= (3, 12) else t.extractall(link)
+    build = CACHE / "build-mtmd"  # kept: a rerun after a changed source compiles only what changed
+    cmake = ["cmake", "-S", str(HERE / "mtmd"), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+             f"-DLLAMA_SRC={src / 'vendor' / 'llama.cpp'}", f"-DPREBUILT_LIB={link / 'lib'}"]
+    log("$ " + " ".join(cmake))
+    subprocess.run(cmake, check=True)
+    t0 = time.perf_counter()
+    log(f"compiling libmtmd ({jobs} jobs; ~3 CPU-minutes) ...")
+    subprocess.run(["cmake", "--build", str(build), "--target", "mtmd", "-j", str(jobs)], check=True)
+    seconds = round(time.perf_counter() - t0)
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w:xz", preset=9) as t:
+        for lib in sorted((build / "mtmd").glob("libmtmd.so*")):
+            t.add(lib, arcname=f"lib/{lib.name}")  # the soname links stay links
+    info = verify_mtmd(tmp)
+    os.replace(tmp, out)
+    manifest["mtmd"] = {"name": MTMD_PACK, **info, "sha256": sha256(out), "key": key, "linked_against": libs["name"],
+                        "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_seconds": seconds, "tested_on_gpu": False}
+    log(f"{MTMD_PACK}: {out.stat().st_size / 2**20:.2f} MiB, compiled in {seconds} s{' (nothing left to compile)' if seconds < 2 else ''}, "
+        f"needs {', '.join(info['needed'])}")
+
+
 def cuda_prebuild(sdist: Path, arch: str, configure_only: bool, pypi_nvcc: bool, jobs: int) -> Path | None:
     """llama.cpp's shared libraries with CUDA for `arch`, built here; packed into carry/ as .tar.xz."""
     sys.path.insert(0, str(HERE))
@@ -314,13 +409,7 @@ def cuda_prebuild(sdist: Path, arch: str, configure_only: bool, pypi_nvcc: bool,
         shutil.rmtree(site, ignore_errors=True)
         pip("install", "--no-index", "--no-deps", "--target", str(site), *map(str, sorted(wheels.glob("*.whl"))))
         (site / ".done").touch()
-    src = CACHE / "src-cuda"
-    if not (src / "CMakeLists.txt").is_file():
-        shutil.rmtree(src, ignore_errors=True)
-        with tarfile.open(CARRY / STRIPPED, "r:gz") as t:
-            t.extractall(CACHE / "src-cuda.tmp", filter="data") if sys.version_info >= (3, 12) else t.extractall(CACHE / "src-cuda.tmp")
-        os.replace(CACHE / "src-cuda.tmp" / SDIST.removesuffix(".tar.gz"), src)
-        shutil.rmtree(CACHE / "src-cuda.tmp", ignore_errors=True)
+    src = extract_stripped(CACHE / "src-cuda")
     tk = cudatk.toolkit(work=CACHE / "cuda-extra", extra_sites=[site], allow_stub_driver=True,
                         nvcc=str(site / "nvidia/cu13/bin/nvcc") if pypi_nvcc else None)
     log(f"toolkit: {json.dumps(tk.describe())}")
@@ -372,6 +461,8 @@ def main() -> None:
                     help="folder with a shared cuda-libs-sm<ARCH>.tar.xz and SHA256SUMS (default: shared/gpu beside the "
                          "checkout or one or two levels up)")
     ap.add_argument("--no-prebuilt", action="store_true", help="leave the shared prebuild out: the GPU run builds llama.cpp")
+    ap.add_argument("--no-mtmd", action="store_true",
+                    help="do not compile libmtmd for the prebuilt libraries (the GPU run's images step then skips on that route)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -400,7 +491,12 @@ def main() -> None:
         if lib:
             manifest["cuda_libs"] = {"name": lib.name, "arch": args.arch, "bytes": lib.stat().st_size, "sha256": sha256(lib),
                                      "built": time.strftime("%Y-%m-%d %H:%M:%S"), "tested_on_gpu": False}
-    manifest = {k: v for k, v in manifest.items() if k != "cuda_libs" or (CARRY / v["name"]).is_file()}
+    if args.no_mtmd or args.configure_only:
+        if args.no_mtmd:
+            (CARRY / MTMD_PACK).unlink(missing_ok=True)
+    else:
+        mtmd_prebuild(manifest, args.jobs)
+    manifest = {k: v for k, v in manifest.items() if k not in ("cuda_libs", "mtmd") or (CARRY / v["name"]).is_file()}
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     size = travelling_size(CARRY)
     mib = {k: round(v / 2**20, 2) for k, v in size.items()}

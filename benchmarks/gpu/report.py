@@ -174,6 +174,25 @@ def render(data: dict) -> tuple[str, str]:
                 md.append(f"| {name} | {r['pairs_per_s']:.1f} | {r['pairs_per_s'] / job_pps:.2f} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} |")
         else:
             md.append(str(sv.get("skipped") or sv.get("error")))
+    im = _r(data, "images")
+    if im.get("result") or im.get("skipped") or im.get("error"):
+        md += ["", "## Image documents (benchmarks/images.py; ours: F16 GGUF + F16 mmproj in libmtmd)", ""]
+        res = im.get("result") or {}
+        if res:
+            md += [f"{res['images']} images, {res['preset']} shapes, {res['device']}; transformers {res['transformers_dtype']} SDPA; "
+                   f"libmtmd {im.get('libmtmd')} ({res.get('ours_vision_backend', '?')}); ours/transformers {res['ratio_images_per_s']:.2f}x images/s; "
+                   f"max |score diff| {res['max_score_diff']:.2e}", "",
+                   "| side | size | images/s | encode ms/image | decode tokens/s | prompt tokens/s | tokens/image |",
+                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for side in ("ours", "transformers"):
+                rows = [("all", {m: res.get(f"{side}_{m}") for m in ("images_per_s", "encode_s_per_image", "decode_tokens_per_s",
+                                                                      "prompt_tokens_per_s", "tokens_per_image")})]
+                rows += [(size, g[side]) for size, g in (res.get("sizes") or {}).items()]
+                for size, f in rows:
+                    md.append(f"| {side} | {size} | {_f(f.get('images_per_s'), '{:.2f}')} | {_f(f.get('encode_s_per_image') and f['encode_s_per_image'] * 1000)} | "
+                              f"{_f(f.get('decode_tokens_per_s'))} | {_f(f.get('prompt_tokens_per_s'))} | {_f(f.get('tokens_per_image'))} |")
+        else:
+            md.append(str(im.get("skipped") or im.get("error")))
     tg = targets(data)
     md += ["", "## Targets", "", "| target | value | met |", "| --- | ---: | --- |"]
     md += [f"| {n} | {v} | {'–' if ok is None else ('yes' if ok else '**no**')} |" for n, v, ok in tg]
@@ -210,6 +229,12 @@ def render(data: dict) -> tuple[str, str]:
     bs, tf = transformers_best(data)
     if tf:
         s.append(f"transformers bf16 sdpa: {tf:.0f} tok/s at batch {bs}")
+    ir = _r(data, "images").get("result") or {}
+    if ir:
+        s.append(f"images ({ir['preset']}): ours {ir['ours_images_per_s']:.2f} images/s, {ir['ours_prompt_tokens_per_s']:.0f} prompt tok/s | "
+                 f"transformers {ir['transformers_images_per_s']:.2f}, {ir['transformers_prompt_tokens_per_s']:.0f} | "
+                 f"{ir['ratio_images_per_s']:.2f}x; encode {ir['ours_encode_s_per_image'] * 1000:.0f} vs "
+                 f"{ir['transformers_encode_s_per_image'] * 1000:.0f} ms/image")
     for n, v, ok in tg:
         s.append(f"  [{'  ' if ok is None else ('OK' if ok else 'NO')}] {n}: {v}")
     skipped = [n for n, st in data["steps"].items() if str(st.get("status", "")).startswith("skipped") or st.get("status") in ("error", "partial")]

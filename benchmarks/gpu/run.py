@@ -36,6 +36,9 @@ import cudatk  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
 STRIPPED = f"llama_cpp_python-{LLAMA_CPP_PYTHON}-stripped.tar.gz"
+# libmtmd (the vision projector's library, for the `images` step) beside libllama: the sdist's LLAVA_BUILD adds
+# vendor/llama.cpp/tools/mtmd, a CPU-only library (clip takes the GPU backend from ggml's registry at run time)
+MTMD_BUILD_ARGS = ["-DLLAVA_BUILD=ON"]
 T0 = time.time()
 
 # name -> (estimated seconds on the GPU machine, on the CPU rehearsal); used to skip steps when the budget runs low.
@@ -336,7 +339,9 @@ class Runner:
 
     def ctx(self) -> dict:
         return {"cpu": self.cpu, "work": str(self.work), "out": str(self.out), "seconds": self.args.seconds,
-                "preset": "small" if self.cpu else "m0", "arch": self.arch, "root": str(ROOT), "no_bf16": self.no_bf16}
+                "preset": "small" if self.cpu else "m0", "arch": self.arch, "root": str(ROOT), "no_bf16": self.no_bf16,
+                # the convert stage makes the images step's model only when that step is planned
+                "images": "images" in getattr(self, "planned", ())}
 
     def sh(self, cmd: str) -> str:
         try:
@@ -423,7 +428,7 @@ class Runner:
         if self.args.prebuilt == "no":
             return None
         if self.args.prebuilt not in ("auto", "no"):
-            return Path(self.args.prebuilt).resolve()
+            return self._with_mtmd(Path(self.args.prebuilt).resolve())
         if self.cpu:
             return None
         pack = self.carry / f"cuda-libs-sm{self.arch}.tar.xz"
@@ -440,7 +445,34 @@ class Runner:
             shutil.rmtree(dest, ignore_errors=True)
             with tarfile.open(pack) as t:
                 t.extractall(dest)  # noqa: S202 (our own archive)
-        return dest / "lib"
+        return self._with_mtmd(dest / "lib")
+
+    def _with_mtmd(self, lib: Path) -> Path:
+        """`lib` with libmtmd beside libllama, for the images step: as it is when it has one, else with carry's
+        mtmd-libs.tar.xz (prepare.py compiles it against the prebuilt libraries) unpacked into it, or into a copy
+        of it when it is not this work folder's own. Without a usable pack, `lib` as it is: images then skips."""
+        if (lib / "libmtmd.so").exists():
+            return lib
+        entry = (json.loads((self.carry / "manifest.json").read_text()).get("mtmd") or {})
+        pack = self.carry / entry.get("name", "mtmd-libs.tar.xz")
+        if not pack.is_file():
+            log(f"no libmtmd beside the prebuilt libraries and no {pack.name} in carry: the images step will skip")
+            return lib
+        import hashlib
+
+        got = hashlib.sha256(pack.read_bytes()).hexdigest()
+        if got != entry.get("sha256"):  # only the images step depends on it: keep the prebuilt libraries
+            log(f"{pack.name} has sha256 {got}, manifest.json says {entry.get('sha256')}: not used; the images step will skip")
+            return lib
+        if not lib.is_relative_to(self.work):  # a folder named by --prebuilt is not ours to write into
+            copy = self.work / "prebuilt-given" / "lib"
+            shutil.rmtree(copy.parent, ignore_errors=True)
+            shutil.copytree(lib, copy, symlinks=True)
+            lib = copy
+        with tarfile.open(pack) as t:
+            t.extractall(lib.parent)  # noqa: S202 (our own archive: lib/libmtmd.so*)
+        log(f"libmtmd from {pack.name} added beside the prebuilt libraries in {lib}")
+        return lib
 
     def _pip_llama(self, cmake_args: list[str], log_name: str, env: dict, nice: bool) -> subprocess.Popen:
         """Start `pip install` of the stripped sdist into work/site (scikit-build-core runs CMake); its output to $OUT/build.log."""
@@ -503,7 +535,9 @@ class Runner:
         info = self.build_info = {}
         self.build_t0 = time.time()
         self.results.step("build", status="running", started_at_s=round(now(), 1))
-        key = json.dumps({"cpu": self.cpu, "arch": self.arch, "version": LLAMA_CPP_PYTHON, "args": cudatk.llama_cmake_args(self.arch, not self.cpu)})
+        build_args = cudatk.llama_cmake_args(self.arch, not self.cpu) + MTMD_BUILD_ARGS
+        # the arguments are part of the key: an earlier build without libmtmd is not reused for this one
+        key = json.dumps({"cpu": self.cpu, "arch": self.arch, "version": LLAMA_CPP_PYTHON, "args": build_args})
         self.build_key = key
         try:
             if not self.cpu:
@@ -529,6 +563,8 @@ class Runner:
                 rc = self._wait(proc, min(300, self.left()))
                 if rc == 0:
                     env = dict(self.env, LLAMA_CPP_LIB_PATH=str(prebuilt))
+                    if (prebuilt / "libmtmd.so").exists():  # llama_cpp.mtmd_cpp looks in the package's lib/ otherwise
+                        env["MTMD_CPP_LIB"] = str(prebuilt)
                     have = env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
                     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*have, *(d for d in cudatk.runtime_lib_dirs() if d not in have)]))
                     ok, detail = self._probe_llama(env)
@@ -545,7 +581,7 @@ class Runner:
                 info["mode"] = "already built in this work folder (same settings); reused"
                 info["previous_build_seconds"] = self.state["llama"].get("seconds")
                 return self._build_done(0)
-            args = cudatk.llama_cmake_args(self.arch, not self.cpu) + ["-DLLAVA_BUILD=OFF"]
+            args = list(build_args)
             if self.toolkit:
                 args += self.toolkit.cmake_args()
             info["mode"] = ("CPU build (rehearsal)" if self.cpu else f"CUDA build for sm_{self.arch}") + f", {self.args.jobs} jobs, normal priority"
@@ -595,6 +631,11 @@ class Runner:
             d = json.loads(p.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return False, {"error": (p.stdout + p.stderr)[-1500:]}
+        # libmtmd serves only the images step: probed in a process of its own and reported, never a reason to refuse
+        # the libraries (a crash while loading it must not send the run to the long build)
+        p = subprocess.run([self.py, "-c", "import llama_cpp.mtmd_cpp as m; print(m._libmtmd._name)"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        d["mtmd"] = p.stdout.strip() if p.returncode == 0 else f"not loadable (rc {p.returncode}): {(p.stdout + p.stderr)[-400:]}"
         return bool(d["gpu_offload"]) or self.cpu, d
 
     def step_install(self) -> dict:
@@ -730,6 +771,7 @@ class Runner:
             log(f"short of disk ({shutil.disk_usage(self.work).free / 2**30:.1f} GiB free): BF16 is left out")
             steps = [s for s in steps if s != "bf16"]
         self.results.data["meta"]["no_bf16"] = self.no_bf16
+        self.planned = steps
         log(f"work {self.work}, out {self.out}, budget {self.args.budget:.0f} s, steps {','.join(steps)}")
         for pre in ("env", "deps", "build"):  # always (they are cheap when done already)
             if pre not in steps:

@@ -127,6 +127,8 @@ def paths(ctx: dict) -> dict[str, Path]:
         "tiny_ckpt": w / "tiny" / "jina-reranker-m0-tiny", "tiny_f32": w / "tiny" / "gguf" / "jina-reranker-m0-tiny-F32.gguf",
         "ckpt": w / p / name, "F16": w / p / "gguf" / f"{name}-F16.gguf", "Q8_0": w / p / "gguf" / f"{name}-Q8_0.gguf",
         "Q4_K_M": w / p / "gguf" / f"{name}-Q4_K_M.gguf", "BF16": w / p / "gguf-bf16" / f"{name}-BF16.gguf",
+        # the images step's own checkpoint, with the vision tower, and its F16 GGUF + mmproj (benchmarks/images.py's layout)
+        "images": w / "images", "images_model": w / "images" / f"{p}-vision-gguf-f16" / f"{name}-vision-F16.gguf",
     }
 
 
@@ -225,6 +227,11 @@ def _models(ctx: dict, args) -> None:
             ready(P["F16"]).touch()
         # F16's identity copy waits for the quant stage: reranker.engine.identity imports llama_cpp, which is
         # not installed while this stage runs (GPU_RUN_NO_LLAMA); importing it here crashed the stage.
+        if ctx.get("images") and not ready(P["images_model"]).exists():
+            # last here: the images step comes last too; its model (m0: a 4.4 GB checkpoint with Qwen2-VL-2B's tower,
+            # F16 GGUF + mmproj) is made while the other steps run, not inside the step's budget
+            timed(f"{ctx['preset']}: images model (synth with vision + convert f16)", lambda: images_model(ctx))
+            ready(P["images_model"]).touch()
         return
 
     from reranker.gguf.quantize import quantize
@@ -1012,6 +1019,17 @@ def step_serve(ctx: dict, R: Result) -> None:
         f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms")
 
 
+def images_model(ctx: dict) -> tuple[Path, Path, Path]:
+    """(checkpoint, GGUF, mmproj) of the images step, made once by benchmarks/images.py's own `model`."""
+    sys.path.insert(0, str(BENCH))
+    import images
+
+    P = paths(ctx)
+    made = images.model(ctx["preset"], P["images"], "f16")
+    assert made[1] == P["images_model"], (made, P["images_model"])  # the ready marker must name the file it made
+    return made
+
+
 def step_images(ctx: dict, R: Result) -> None:
     """Optional: image documents (benchmarks/images.py): ours (F16 GGUF + F16 mmproj in libmtmd) against transformers
     bf16 on the same 8 images (0.3 and 0.6 MP), the vision encode and the decode timed apart; m0's shapes on the GPU
@@ -1021,20 +1039,35 @@ def step_images(ctx: dict, R: Result) -> None:
 
     if importlib.util.find_spec("PIL") is None:
         R.set("skipped", "Pillow is not importable here")
-    elif run([sys.executable, "-c", "import llama_cpp.mtmd_cpp"], timeout=60)[0] != 0:
-        R.set("skipped", "this llama.cpp build has no libmtmd (the prebuilt CUDA libraries are built without it)")
+    else:
+        rc, _, tail = run([sys.executable, "-c", "import llama_cpp.mtmd_cpp as m; print(m._libmtmd._name)"], timeout=60)
+        if rc != 0:
+            R.set("skipped", "no libmtmd: neither built with llama.cpp (LLAVA_BUILD=ON) nor beside the prebuilt libraries "
+                             f"(prepare.py packs carry/mtmd-libs.tar.xz); {tail.strip()[-300:]}")
+        else:
+            R.set("libmtmd", tail.strip().splitlines()[-1])
     if "skipped" in R.data:
         say(f"images: skipped, {R.data['skipped']}")
         return
+    P = paths(ctx)
+    try:  # the convert stage makes it in the background; if that stage died, make it here
+        wait_ready(P["images_model"], deadline=DEADLINE - (100 if ctx["cpu"] else 150))  # leave the measurement its time
+    except StageFailed:
+        t = time.time()
+        images_model(ctx)
+        R.set("model_made_in_step_s", round(time.time() - t, 1))
     out = Path(ctx["work"]) / "results" / "images-bench.json"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(BENCH / "images.py"), "--preset", "small" if ctx["cpu"] else "m0", "--n", "8",
-           "--cache", str(Path(ctx["work"]) / "images"), "--json", str(out)]
+    cmd = [sys.executable, str(BENCH / "images.py"), "--preset", ctx["preset"], "--n", "8",
+           "--cache", str(P["images"]), "--json", str(out)]
     res = _bench(R, cmd, out)
     if res is None:
         return
+    sizes = "; ".join(f"{size}: {g['ours']['images_per_s']:.2f} vs {g['transformers']['images_per_s']:.2f} images/s, "
+                      f"encode {g['ours']['encode_s_per_image'] * 1000:.0f} ms/image" for size, g in res["sizes"].items())
     say(f"images: ours {res['ours_images_per_s']:.2f} images/s, transformers {res['transformers_images_per_s']:.2f} "
-        f"({res['ratio_images_per_s']:.2f}x); encode {res['ours_encode_s_per_image'] * 1000:.0f} ms/image")
+        f"({res['ratio_images_per_s']:.2f}x); prompt tokens/s {res['ours_prompt_tokens_per_s']:.0f} vs "
+        f"{res['transformers_prompt_tokens_per_s']:.0f}; {sizes}")
 
 
 def step_ray(ctx: dict, R: Result) -> None:

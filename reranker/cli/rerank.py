@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pages", type=int, default=None,
                    help="pages one --pdf file may have at most (default 1000); a longer file is an error")
     p.add_argument("--mmproj", metavar="PATH",
-                   help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF)")
+                   help="the vision projector for images (default: the mmproj-*.gguf beside the GGUF; for a Hub model, the repo's mmproj*.gguf, downloaded on the first image)")
     p.add_argument("--top-n", type=int, default=None, help="show only the best N (N >= 1)")
     p.add_argument("--json", action="store_true", help="print the Jina rerank API's JSON response")
     add_chunk_args(p)

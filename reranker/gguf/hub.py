@@ -11,6 +11,20 @@ from reranker.errors import RerankerError
 from reranker.gguf.header import GGUF_FIX, check_file, header_value
 from reranker.gguf.quantize import QUANT_TYPES, level_in_name
 
+#: The Hub files that are vision projectors (llama.cpp's `mmproj` prefix), never backbones.
+MMPROJ_PATTERN = "mmproj*.gguf"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a Hub GGUF came from, so its vision projector can be fetched later from the same commit."""
+
+    repo: str
+    revision: str  # the snapshot's commit: the projector must come from the same one as the GGUF
+    snapshot: Path  # the cached snapshot folder of that commit
+    cache_dir: str | os.PathLike | None
+    local_files_only: bool | None
+
 
 @dataclass(frozen=True)
 class ModelFiles:
@@ -18,6 +32,8 @@ class ModelFiles:
 
     gguf: Path
     head: Path | None
+    #: Set for a Hub model: `mmproj_from_hub` fetches its projector on the first image.
+    hub: HubSource | None = None
 
 
 def split_ref(model: str, quant: str | None) -> tuple[str, str | None]:
@@ -87,16 +103,25 @@ def resolve(model: str = DEFAULT_REPO, quant: str | None = None, *, cache_dir: s
     return _from_hub(model, quant or DEFAULT_QUANT, cache_dir, local_files_only)
 
 
+def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
+    """`snapshot_download`'s allow and ignore patterns for a model at `quant`: its GGUF and head, no projector."""
+    allow = [f"*{q}*.gguf" for q in sorted({quant, quant.upper(), quant.lower()})] + [HEAD_FILE]
+    # `*Q8_0*.gguf` also matches `mmproj-...-Q8_0.gguf`: a projector (0.6-1.3 GB for m0) is fetched only when the
+    # first image is scored (`mmproj_from_hub`), never for text-only use
+    return allow, [MMPROJ_PATTERN, MMPROJ_PATTERN.upper()]
+
+
 def _from_hub(repo: str, quant: str, cache_dir: str | os.PathLike | None, local_files_only: bool | None) -> ModelFiles:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     offline = constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
-    patterns = [f"*{q}*.gguf" for q in {quant, quant.upper(), quant.lower()}] + [HEAD_FILE]
+    patterns, ignore = hub_patterns(quant)
     fix = (f"download it where the Hub is reachable: `hf download {repo} --include '*{quant}*.gguf' {HEAD_FILE}` "
            "(then copy the cache, or pass the local .gguf path)")
     try:
-        folder = Path(snapshot_download(repo, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=offline))
+        folder = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=ignore,
+                                        cache_dir=cache_dir, local_files_only=offline))
     except LocalEntryNotFoundError as e:
         state = "offline mode is on" if offline else "the Hub is unreachable"
         raise RerankerError(f"{repo}:{quant} is not in the local Hugging Face cache and {state}; {fix}") from e
@@ -104,4 +129,73 @@ def _from_hub(repo: str, quant: str, cache_dir: str | os.PathLike | None, local_
         raise RerankerError(f"could not fetch {repo}:{quant} from the Hugging Face Hub ({e}); {fix}") from e
     gguf = _pick(sorted(folder.glob("*.gguf")), quant, f"{repo} (cached at {folder})")
     head = folder / HEAD_FILE
-    return ModelFiles(gguf, head if head.is_file() else None)
+    return ModelFiles(gguf, head if head.is_file() else None, HubSource(repo, folder.name, folder, cache_dir, local_files_only))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub lets through when the Hub cannot be reached: its HTTP client's transport errors
+    (httpx2 from huggingface_hub 2, httpx from 1, requests' are OSErrors) and HTTP errors (5xx, proxies)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _projectors(names: list[str]) -> list[str]:
+    # top level only, as the backbone is picked from the snapshot's top level
+    return sorted(n for n in names if "/" not in n and is_mmproj(Path(n)) and n.lower().endswith(".gguf"))
+
+
+def mmproj_from_hub(source: HubSource) -> Path:
+    """The vision projector (`mmproj*.gguf`) of a Hub model, downloaded now from the commit its GGUF came from.
+
+    The repo's list of files decides (the one projector, or an error naming several); offline, or when the
+    Hub cannot be reached, the cached snapshot's projectors do, as `snapshot_download` falls back to the cache.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = source.repo, source.revision
+    offline = constants.HF_HUB_OFFLINE if source.local_files_only is None else source.local_files_only
+    fix = (f"download it where the Hub is reachable: `hf download {repo} --revision {revision} --include "
+           f"'{MMPROJ_PATTERN}'` (then copy the cache), or pass mmproj='path/to/mmproj-...gguf' (CLI: --mmproj)")
+    unreachable: BaseException | None = None
+    names: list[str] | None = None
+    if not offline:
+        try:
+            # model_info (one request, as snapshot_download's repo_info), not list_repo_files: that one retries a dead
+            # connection for ~23 s before the cache could be used
+            info = HfApi().model_info(repo, revision=revision)
+            names = _projectors([f.rfilename for f in info.siblings or []])
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise RerankerError(f"could not list {repo}@{revision} on the Hugging Face Hub to find its vision projector "
+                                f"({e}); pass mmproj='path/to/mmproj-...gguf' (CLI: --mmproj)") from e
+        except _network_errors() as e:
+            unreachable = e
+    if names is None:  # offline or unreachable: what the cache holds of this commit
+        names = _projectors([p.name for p in source.snapshot.glob("*.gguf")])
+        if not names:
+            state = "offline mode is on" if offline else f"the Hub is unreachable ({unreachable})"
+            raise RerankerError(f"image pairs need {repo}'s vision projector ({MMPROJ_PATTERN}), which is not in the local "
+                                f"Hugging Face cache, and {state}; {fix}")
+    if not names:
+        raise RerankerError(f"image pairs need a vision projector, and {repo} (revision {revision}) has no "
+                            f"{MMPROJ_PATTERN} file; pass mmproj='path/to/mmproj-...gguf' (CLI: --mmproj), made by "
+                            "`reranker convert` from a checkpoint with its visual.* weights")
+    if len(names) > 1:
+        raise RerankerError(f"several vision projectors in {repo}: {', '.join(names)}; pass mmproj='path/to/mmproj-...gguf' "
+                            f"(--mmproj) to choose one (download it with `hf download {repo} NAME --revision {revision}`)")
+    try:
+        return Path(hf_hub_download(repo, names[0], revision=revision, cache_dir=source.cache_dir,
+                                    local_files_only=offline or unreachable is not None))
+    except LocalEntryNotFoundError as e:
+        raise RerankerError(f"{repo}'s vision projector {names[0]} is not in the local Hugging Face cache and the Hub "
+                            f"is unreachable; {fix}") from e
+    except _network_errors() as e:
+        raise RerankerError(f"could not fetch {repo}'s vision projector {names[0]} from the Hugging Face Hub ({e}); {fix}") from e
+

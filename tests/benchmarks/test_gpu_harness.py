@@ -290,3 +290,109 @@ def test_runtime_libraries_are_found_without_nvcc(tmp_path):
     (tmp_path / "nvidia" / "cu13" / "include").mkdir()
     assert cudatk.runtime_lib_dirs([tmp_path])[0] == str(lib)
     assert str(tmp_path / "nvidia" / "cu13" / "include") not in cudatk.runtime_lib_dirs([tmp_path])
+
+
+def test_both_build_routes_give_libmtmd():
+    """The images step needs libmtmd: the build route compiles it with llama.cpp (LLAVA_BUILD=ON, and the build key
+    changes with it, so an earlier build without it is not reused); the prebuilt route gets prepare.py's pack."""
+    src = (GPU / "run.py").read_text()
+    assert gpu_run.MTMD_BUILD_ARGS == ["-DLLAVA_BUILD=ON"]
+    assert "build_args = cudatk.llama_cmake_args(self.arch, not self.cpu) + MTMD_BUILD_ARGS" in src
+    assert '"args": build_args' in src and "args = list(build_args)" in src
+    assert "-DLLAVA_BUILD=OFF" not in src.replace('["-DLLAMA_BUILD=OFF", "-DLLAVA_BUILD=OFF"]', "")  # only the Python-only install
+
+
+def _mtmd_pack(tmp: Path, needed: list[str], name: str = "mtmd-libs.tar.xz") -> Path:
+    """A pack shaped as prepare.py's mtmd_prebuild writes it: one real ELF file and its soname links."""
+    import tarfile
+
+    folder = tmp / name.replace(".tar.xz", "")
+    folder.mkdir()
+    for lib in needed:
+        if not (tmp / lib).exists():
+            _elf(tmp, lib, lib)
+    real = _elf(tmp, f"{folder.name}/libmtmd.so.0.5.0", "libmtmd.so.0", needed)
+    (folder / "libmtmd.so.0").symlink_to(real.name)
+    (folder / "libmtmd.so").symlink_to("libmtmd.so.0")
+    pack = tmp / name
+    with tarfile.open(pack, "w:xz", preset=0) as t:
+        for n in ("libmtmd.so", "libmtmd.so.0", "libmtmd.so.0.5.0"):
+            t.add(folder / n, arcname=f"lib/{n}")
+    return pack
+
+
+def test_mtmd_pack_verification(tmp_path):
+    import prepare
+
+    good = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0"])
+    info = prepare.verify_mtmd(good)
+    assert info["library"] == "libmtmd.so.0.5.0" and info["runpath"] == "$ORIGIN"
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0"} <= set(info["needed"])
+    cuda = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libcudart.so.13"], "cuda.tar.xz")
+    with pytest.raises(ValueError, match="needs .*libcudart.so.13"):  # it must not depend on CUDA itself
+        prepare.verify_mtmd(cuda)
+    unlinked = _mtmd_pack(tmp_path, ["libggml-base.so.0"], "unlinked.tar.xz")
+    with pytest.raises(ValueError, match="libllama.so.0"):
+        prepare.verify_mtmd(unlinked)
+
+
+def test_carried_libmtmd_goes_beside_the_prebuilt_libraries(tmp_path):
+    """libmtmd is found beside libllama (its runpath is $ORIGIN): the carried pack is unpacked into the prebuilt
+    folder, into a copy when that folder was named by --prebuilt; a damaged pack leaves the libraries as they are."""
+    import types
+
+    import prepare
+
+    carry = make_carry(tmp_path)
+    pack = _mtmd_pack(tmp_path, ["libllama.so.0", "libggml.so.0", "libggml-base.so.0"])
+    (carry / pack.name).write_bytes(pack.read_bytes())
+    manifest = json.loads((carry / "manifest.json").read_text())
+    manifest["mtmd"] = {"name": pack.name, "sha256": prepare.sha256(pack)}
+    (carry / "manifest.json").write_text(json.dumps(manifest))
+    given = tmp_path / "given" / "lib"
+    given.mkdir(parents=True)
+    (given / "libllama.so").write_bytes(b"\x7fELF")
+    runner = types.SimpleNamespace(carry=carry, work=tmp_path / "work")
+
+    lib = gpu_run.Runner._with_mtmd(runner, given)
+    assert lib == tmp_path / "work" / "prebuilt-given" / "lib"
+    assert (lib / "libllama.so").is_file() and (lib / "libmtmd.so").resolve() == lib / "libmtmd.so.0.5.0"
+    assert not (given / "libmtmd.so").exists()  # the named folder is not written into
+
+    own = tmp_path / "work" / "prebuilt" / "lib"  # the unpacked CUDA pack: this work folder's own
+    own.mkdir(parents=True)
+    assert gpu_run.Runner._with_mtmd(runner, own) == own and (own / "libmtmd.so.0.5.0").is_file()
+    assert gpu_run.Runner._with_mtmd(runner, own) == own  # already there: as it is
+
+    (carry / pack.name).write_bytes(pack.read_bytes()[:-1] + b"\0")
+    bare = tmp_path / "work" / "bare" / "lib"
+    bare.mkdir(parents=True)
+    assert gpu_run.Runner._with_mtmd(runner, bare) == bare and not (bare / "libmtmd.so").exists()
+    assert gpu_run.carry_problem(carry) is None  # only the images step depends on it: never a refusal
+
+
+def test_images_figures_reach_results_md_and_the_summary():
+    """The images step's figures (benchmarks/images.py --json, per size) are in results.md and on the summary screen;
+    a skip shows its reason."""
+    import report
+
+    def side(ips, enc, dec, tok):
+        return {"images_per_s": ips, "encode_s_per_image": enc, "decode_tokens_per_s": dec,
+                "prompt_tokens_per_s": tok * ips, "tokens_per_image": tok}
+
+    res = {"preset": "m0", "images": 8, "device": "cuda", "transformers_dtype": "bf16", "ours_type": "F16",
+           "ratio_images_per_s": 1.7, "max_score_diff": 3e-3, "ours_vision_backend": "clip_ctx: CLIP using CUDA0 backend",
+           **{f"ours_{k}": v for k, v in side(20.0, 0.02, 9000.0, 600).items()},
+           **{f"transformers_{k}": v for k, v in side(11.8, 0.05, 5000.0, 600).items()},
+           "sizes": {"0.3 MP": {"ours": side(30.0, 0.01, 9500.0, 409), "transformers": side(17.0, 0.03, 5200.0, 409)},
+                     "0.6 MP": {"ours": side(14.0, 0.03, 8800.0, 786), "transformers": side(8.0, 0.07, 4900.0, 786)}}}
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"images": {"status": "ok", "result": {"libmtmd": "/w/prebuilt/lib/libmtmd.so", "result": res}}}}
+    md, summary = report.render(data)
+    assert "| ours | 0.6 MP | 14.00 | 30 | 8800 | 11004 | 786 |" in md
+    assert "libmtmd /w/prebuilt/lib/libmtmd.so (clip_ctx: CLIP using CUDA0 backend)" in md
+    assert "| transformers | 0.3 MP | 17.00 | 30 | 5200 | 6953 | 409 |" in md
+    assert "images (m0): ours 20.00 images/s, 12000 prompt tok/s | transformers 11.80, 7080 | 1.70x; encode 20 vs 50 ms/image" in summary
+    data["steps"]["images"] = {"status": "ok", "result": {"skipped": "no libmtmd: neither built ..."}}
+    md, _ = report.render(data)
+    assert "no libmtmd: neither built" in md

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from reranker import Reranker, RerankerError
-from reranker.gguf.hub import resolve, split_ref
+from reranker.gguf.hub import hub_patterns, mmproj_from_hub, resolve, split_ref
 
 REPO = "jinaai/jina-reranker-m0-GGUF"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -74,3 +74,72 @@ def test_hub_repo_mmproj_in_the_cache_is_found(hf_cache, tiny_ggufs):
     with Reranker.from_pretrained(REPO, quant="f32", cache_dir=hf_cache, local_files_only=True, device="cpu", n_ctx=1024) as r:
         assert 0 < r.compute_score(["q", image], doc_type="image") < 1
         assert r.vision.path.name == mmproj.name
+
+
+def _snapshot(hf_cache):
+    return next((hf_cache / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir())
+
+
+def test_text_download_leaves_projectors_out():
+    """`*Q8_0*.gguf` matches `mmproj-...-Q8_0.gguf` too: huggingface_hub's own filter must keep only the backbone and head."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo_files = ["jina-reranker-m0-Q8_0.gguf", "mmproj-jina-reranker-m0-Q8_0.gguf", "mmproj-model-q8_0.gguf",
+                  "jina-reranker-m0-F16.gguf", "mlp_weights.npz", "README.md"]
+    allow, ignore = hub_patterns("q8_0")
+    assert sorted(filter_repo_objects(repo_files, allow_patterns=allow, ignore_patterns=ignore)) == [
+        "jina-reranker-m0-Q8_0.gguf", "mlp_weights.npz"]
+
+
+def test_hub_projector_offline_from_the_gguf_commit(hf_cache, tiny_ggufs):
+    source = resolve(f"{REPO}:F32", cache_dir=hf_cache, local_files_only=True).hub
+    assert (source.repo, source.revision) == (REPO, COMMIT)
+    with pytest.raises(RerankerError, match=rf"not in the local Hugging Face cache, and offline mode is on.*"
+                                            rf"hf download {REPO} --revision {COMMIT} --include 'mmproj\*.gguf'.*mmproj="):
+        mmproj_from_hub(source)
+    mmproj = next(tiny_ggufs["f32"].parent.glob("mmproj-*.gguf"))
+    shutil.copy(mmproj, _snapshot(hf_cache) / "mmproj-jina-reranker-m0-F16.gguf")
+    assert mmproj_from_hub(source) == _snapshot(hf_cache) / "mmproj-jina-reranker-m0-F16.gguf"
+    shutil.copy(mmproj, _snapshot(hf_cache) / "mmproj-jina-reranker-m0-Q8_0.gguf")
+    with pytest.raises(RerankerError, match=r"several vision projectors in .*mmproj-jina-reranker-m0-F16.gguf, "
+                                            r"mmproj-jina-reranker-m0-Q8_0.gguf; pass mmproj="):
+        mmproj_from_hub(source)
+
+
+@pytest.fixture()
+def unreachable_hub(monkeypatch):
+    """HF_ENDPOINT at a local port nothing listens on: every Hub request fails to connect, as with no network."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: connections are refused
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_hub_projector_when_the_hub_is_unreachable(hf_cache, tiny_ggufs, unreachable_hub):
+    """As snapshot_download does, an unreachable Hub falls back to the cache: the GGUF loads, the projector comes from
+    the cached snapshot, and an uncached one is an error that says the Hub was unreachable."""
+    source = resolve(f"{REPO}:F32", cache_dir=hf_cache, local_files_only=False).hub
+    assert source.revision == COMMIT and source.local_files_only is False
+    with pytest.raises(RerankerError, match=r"not in the local Hugging Face cache, and the Hub is unreachable.*hf download"):
+        mmproj_from_hub(source)
+    mmproj = next(tiny_ggufs["f32"].parent.glob("mmproj-*.gguf"))
+    shutil.copy(mmproj, _snapshot(hf_cache) / mmproj.name)
+    assert mmproj_from_hub(source) == _snapshot(hf_cache) / mmproj.name
+
+
+@pytest.mark.slow
+def test_hub_model_without_projector_fails_on_the_first_image_only(hf_cache):
+    """Text-only use of a Hub model never looks for the projector; the first image names what to do."""
+    import numpy as np
+    from PIL import Image
+
+    with Reranker.from_pretrained(REPO, quant="f32", cache_dir=hf_cache, local_files_only=True, device="cpu", n_ctx=1024) as r:
+        assert 0 < r.compute_score(["q", "d"]) < 1
+        image = Image.fromarray(np.full((56, 84, 3), 128, np.uint8))
+        with pytest.raises(RerankerError, match=rf"{REPO}'s vision projector.*offline mode is on.*--include 'mmproj\*.gguf'"):
+            r.compute_score(["q", image], doc_type="image")
