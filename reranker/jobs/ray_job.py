@@ -100,7 +100,8 @@ def _shards(windows: Iterator[Window], size: int) -> Iterator[tuple[int, list[Wi
         yield index, group
 
 
-def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None, head: Path | None = None) -> None:
+def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None, head: Path | None = None,
+                  mmproj: Path | None = None) -> None:
     """Refuse before anything loads: bad settings, an output that is not a folder of ours, aliases of what is read."""
     check_spec_settings(spec)
     if options.shard_windows < 1:
@@ -113,7 +114,8 @@ def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None,
     if out.suffix.lower() in (".jsonl", ".ndjson", ".trec", ".run") or out.is_file():
         raise RerankerError(f"--engine ray writes a folder of Parquet parts, and {out} is a file name; give a folder for -o")
     files = spec.files()
-    reads = spec.input_reads() + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None]
+    reads = spec.input_reads() + [(what, p) for what, p in (("model", model), ("head", head), ("vision projector", mmproj))
+                                  if p is not None]
     written = [("output folder", out, True), ("rejects file", files.rejects, False), ("summary", files.summary, False),
                ("lock file", files.locks[0], False), ("rejects lock file", files.locks[1], False)]
     for what, path, folder in written:
