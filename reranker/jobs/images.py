@@ -72,7 +72,7 @@ def read_image_file(path: Path) -> bytes:
                errno.ENXIO: "not a regular file (a socket or device)", errno.ENOTDIR: "not found (a parent is not a folder)",
                errno.ENAMETOOLONG: "a path too long"}.get(e.errno, f"unreadable ({e.strerror})")
         raise RerankerError(f"image file {path}: {why}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:  # the opened file is checked, not the path: it cannot be swapped for a fifo in between
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise RerankerError(f"image file {path} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
@@ -80,10 +80,17 @@ def read_image_file(path: Path) -> bytes:
         if st.st_size > MAX_FILE_BYTES:
             raise RerankerError(f"image file {path} is {st.st_size} bytes, over the limit of {MAX_FILE_BYTES}; "
                                 "downscale or recompress it")
-        try:
-            return f.read(MAX_FILE_BYTES + 1)
-        except OSError as e:
-            raise RerankerError(f"image file {path}: unreadable ({e.strerror})") from None
+        chunks, left = [], MAX_FILE_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise RerankerError(f"image file {path}: unreadable ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if left <= 0:  # it grew past the limit while being read
+        raise RerankerError(f"image file {path} is over the limit of {MAX_FILE_BYTES} bytes; downscale or recompress it")
+    return b"".join(chunks)
 
 
 def load_image_doc(doc: ImageDoc, sizing: object):

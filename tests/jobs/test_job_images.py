@@ -1,0 +1,258 @@
+"""`reranker score` with image documents: the API's scores, bad images rejected alone, resume, safety.
+
+The reference for the scores is `Reranker.compute_score` on the same images (itself checked against
+transformers' Qwen2-VL in tests/api/test_images.py): a job's window of N pairs is `compute_score`'s batch
+of N, so the scores are equal (the one-path rule). The files are real PNGs written by PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from helpers import kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl
+from PIL import Image
+
+from reranker.jobs.records import ImageDoc, Reject, Unit
+
+QUERY = "a chart of the quarterly sales"
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def vision_gguf(tiny_checkpoint, tmp_path_factory):
+    """The tiny F32 GGUF with its F32 mmproj and head beside it."""
+    from reranker.gguf.convert import convert
+
+    gguf, _ = convert(tiny_checkpoint, tmp_path_factory.mktemp("vision-job"), outtype="f32", mmproj_type="f32")
+    return gguf
+
+
+@pytest.fixture(scope="module")
+def vision_reranker(vision_gguf):
+    """A Reranker loaded as `score_args` loads the job's model (n_ctx 1024)."""
+    from reranker import Reranker
+
+    rr = Reranker.from_pretrained(str(vision_gguf), device="cpu", n_ctx=1024)
+    yield rr
+    rr.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder `imgs/` of PNGs of several sizes (relative paths in the inputs point into it), and bad files."""
+    root = tmp_path_factory.mktemp("image-inputs")
+    (root / "imgs").mkdir()
+    for i, (w, h) in enumerate([(40, 30), (120, 80), (56, 200), (90, 90), (300, 60), (64, 64)]):
+        picture(w, h, i).save(root / "imgs" / f"p{i}.png")
+    data = (root / "imgs" / "p1.png").read_bytes()
+    (root / "imgs" / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "imgs" / "bomb.png").write_bytes(_bomb_png(30000, 30000))
+    (root / "imgs" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _bomb_png(w: int, h: int) -> bytes:
+    """A small PNG whose header claims `w` x `h` pixels (900 megapixels): a decompression bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = zlib.compress(b"\x00" * (w // 8 + 1) * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def _main(capsys, args):
+    from reranker.cli import main
+
+    capsys.readouterr()
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_readers_name_image_documents(images):
+    """JSONL (nested and flat) and BEIR: image paths resolved against the naming file's folder, kept unread."""
+    from reranker.jobs.readers import read_input
+
+    root = images
+    nested = write_jsonl(root / "nested.jsonl", [
+        {"query_id": "q", "query": QUERY, "documents": [{"id": "a", "image": "imgs/p0.png"}, {"id": "t", "text": "words"},
+                                                        {"id": "abs", "image": str(root / "imgs" / "p1.png")},
+                                                        {"id": "both", "text": "x", "image": "imgs/p0.png"},
+                                                        {"id": "n", "image": 5}, {"id": "u", "image": "https://x/y.png"}]}])
+    items = list(read_input(nested))
+    assert [type(x).__name__ for x in items] == ["Reject"] * 3 + ["Unit"]
+    assert [(r.doc_index, r.reason.split(":")[0]) for r in items[:3]] == [(3, "both \"documents[3].text\" and \"documents[3].image\""),
+                                                                         (4, "bad image"), (5, "bad image")]
+    assert "a URL" in items[2].reason
+    unit = items[3]
+    assert unit.positions == [0, 1, 2]
+    (_, a), (_, t), (_, b) = unit.docs
+    assert isinstance(a, ImageDoc) and a.given == "imgs/p0.png" and a.source == root / "imgs" / "p0.png"
+    assert t == "words" and b.source == root / "imgs" / "p1.png"
+    flat = write_jsonl(root / "flat.jsonl", [{"query_id": "q", "query": QUERY, "doc_id": "d", "image": "imgs/p2.png"},
+                                             {"query_id": "q", "query": QUERY, "doc_id": "e", "document": "text"}])
+    units = list(read_input(flat))
+    assert [u.docs[0][1].source if isinstance(u.docs[0][1], ImageDoc) else u.docs[0][1] for u in units] == \
+        [root / "imgs" / "p2.png", "text"]
+    beir = root / "beir"
+    (beir / "pics").mkdir(parents=True)
+    picture(50, 50, 9).save(beir / "pics" / "c.png")
+    write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": QUERY}])
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "text": "a text document"}, {"_id": "d2", "image": "pics/c.png"}])
+    (beir / "run.trec").write_text("q1 Q0 d1 1 2.0 r\nq1 Q0 d2 2 1.0 r\n")
+    (unit,) = list(read_input(beir))
+    assert unit.docs[0] == ("d1", "a text document") and unit.docs[1][1].source == beir / "pics" / "c.png"
+
+
+def test_parquet_image_column_paths_and_bytes(images):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reranker.jobs.readers import read_input
+
+    data = (images / "imgs" / "p3.png").read_bytes()
+    path = images / "flat.parquet"
+    pq.write_table(pa.table({"query_id": ["q", "q", "q"], "query": [QUERY] * 3, "doc_id": ["a", "b", "c"],
+                             "image": pa.array([data, b"", data], pa.binary())}), path)
+    items = list(read_input(path))
+    assert isinstance(items[1], Reject) and "0 bytes" in items[1].reason
+    assert [u.docs[0][1].source for u in items if isinstance(u, Unit)] == [data, data]
+    strings = images / "paths.parquet"
+    pq.write_table(pa.table({"query_id": ["q", "q"], "query": [QUERY] * 2, "doc_id": ["a", "b"],
+                             "document": [None, "some text"], "image": ["imgs/p3.png", None]}), strings)
+    a, b = read_input(strings)
+    assert a.docs[0][1].source == images / "imgs" / "p3.png" and b.docs[0][1] == "some text"
+
+
+def _nested_input(images, name="in.jsonl", n=6):
+    """Records of two or three documents: images (relative paths) and texts mixed."""
+    records = []
+    for q in range(n):
+        docs = [{"id": f"i{q}", "image": f"imgs/p{q % 6}.png"}, {"id": f"t{q}", "text": f"a text about sales number {q}"}]
+        if q % 2:
+            docs.append({"id": f"j{q}", "image": f"imgs/p{(q + 3) % 6}.png"})
+        records.append({"query_id": f"q{q}", "query": f"{QUERY} {q}", "documents": docs})
+    return write_jsonl(images / name, records), records
+
+
+def test_image_job_equals_compute_score(vision_gguf, vision_reranker, images, tmp_path, capsys):
+    inp, records = _nested_input(images, n=4)  # 2, 3, 2, 3 documents: windows of 5 pairs, as batches of 5
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=5) + ["--per", "pair"])
+    assert rc == 0, err
+    got = [(r["query_id"], r["doc_id"], r["score"]) for r in read_jsonl(out)]
+    pairs = [[r["query"], {"image": images / d["image"]} if "image" in d else {"text": d["text"]}]
+             for r in records for d in r["documents"]]
+    want = vision_reranker.compute_score(pairs, batch_size=5)
+    assert [(q, d) for q, d, _ in got] == [(r["query_id"], d["id"]) for r in records for d in r["documents"]]
+    assert [s for _, _, s in got] == want  # exact: the same window is the same call
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert summary["pairs"] == 10 and summary["skipped"] == 0
+    assert summary["tokens"] == vision_reranker.last_usage.tokens  # an image's rows count as its tokens
+
+
+def test_bad_images_are_rejected_alone(vision_gguf, vision_reranker, images, tmp_path, capsys):
+    os.mkfifo(images / "imgs" / "fifo.png") if not (images / "imgs" / "fifo.png").exists() else None
+    if not (images / "imgs" / "dir.png").exists():
+        (images / "imgs" / "dir.png").mkdir()
+        os.symlink("/dev/zero", images / "imgs" / "zero.png")
+    bad = ["missing.png", "truncated.png", "bomb.png", "notes.txt", "fifo.png", "dir.png", "zero.png"]
+    docs = [{"id": "good0", "image": "imgs/p0.png"}]
+    for i, name in enumerate(bad):
+        docs += [{"id": f"bad{i}", "image": f"imgs/{name}"}, {"id": f"text{i}", "text": f"text {i}"}]
+    docs.insert(3, {"id": 7})  # a text reject from the reader, among the image rejects
+    inp = write_jsonl(images / "bad.jsonl", [{"query_id": "q", "query": QUERY, "documents": docs},
+                                             {"query_id": "r", "query": QUERY, "documents": [{"id": "x", "image": "imgs/missing.png"}]},
+                                             {"query_id": "s", "query": QUERY, "documents": [{"id": "y", "image": "imgs/p1.png"}]}])
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=64) + ["--on-error", "skip"])
+    assert rc == 0, err
+    rejects = read_jsonl(out.with_name("out.jsonl.rejects.jsonl"))
+    assert [(r["source"], r.get("doc_index")) for r in rejects] == \
+        [(f"{inp}:1", i) for i in (1, 3, 4, 6, 8, 10, 12, 14)] + [(f"{inp}:2", 0)]
+    reasons = [r["reason"] for r in rejects]
+    assert "missing field" in reasons[1]
+    image_reasons = reasons[:1] + reasons[2:]
+    for reason, name in zip(image_reasons, bad + ["missing.png"]):
+        assert f"imgs/{name}" in reason, (reason, name)
+    assert "not found" in image_reasons[0] and "truncated" in image_reasons[1] and "decompression" in image_reasons[2]
+    assert "not an image" in image_reasons[3] and "fifo" in image_reasons[4] and "folder" in image_reasons[5]
+    assert "character device" in image_reasons[6]
+    assert json.loads(rejects[0]["raw"]) == {"id": "bad0", "image": "imgs/missing.png"}
+    lines = read_jsonl(out)
+    assert [x["query_id"] for x in lines] == ["q", "s"]
+    results = sorted((r["index"], r["doc_id"], r["relevance_score"], r["document"]) for r in lines[0]["results"])
+    assert [(i, d) for i, d, _, _ in results] == [(0, "good0")] + [(2 * i + 2 + (i > 0), f"text{i}") for i in range(7)]
+    assert results[0][3] == {"image": "imgs/p0.png"} and results[1][3] == {"text": "text 0"}
+    # the record's other documents are scored as a record of them alone would be
+    want = vision_reranker.compute_score([[QUERY, {"image": images / "imgs" / "p0.png"}]] +
+                                         [[QUERY, f"text {i}"] for i in range(7)] + [[QUERY, {"image": images / "imgs" / "p1.png"}]],
+                                         batch_size=64)
+    assert [s for _, _, s, _ in results] + [lines[1]["results"][0]["relevance_score"]] == want
+    assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 9
+
+
+def test_on_error_fail_names_file_record_and_document(vision_gguf, images, tmp_path, capsys):
+    inp = write_jsonl(images / "fail.jsonl", [{"query_id": "q", "query": QUERY, "documents": [
+        {"id": "a", "image": "imgs/p0.png"}, {"id": "b", "image": "imgs/truncated.png"}]}])
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out))
+    assert rc == 2, err
+    assert f"{inp}:1: unusable image imgs/truncated.png" in err and "(query 'q', document 1)" in err and "--on-error skip" in err
+
+
+def test_no_projector_is_a_clear_error(tiny_ggufs, images, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model" / tiny_ggufs["f32"].name  # a GGUF with no mmproj-*.gguf beside it
+    model.parent.mkdir()
+    shutil.copy(tiny_ggufs["f32"], model)
+    shutil.copy(tiny_ggufs["f32"].parent / "mlp_weights.npz", model.parent)
+    inp, _ = _nested_input(images, "one.jsonl", n=1)
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(model, inp, out))
+    assert rc == 2 and f"{inp}:1: document 0 is an image" in err and "--mmproj" in err and "Traceback" not in err
+    rc, err = _main(capsys, score_args(model, inp, out, "--mmproj", images / "imgs" / "nothing.gguf"))
+    assert rc == 2 and "nothing.gguf" in err
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_images_equals_clean_run(vision_gguf, images, tmp_path):
+    inp, _ = _nested_input(images, "many.jsonl", n=30)
+    clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
+    res = run(score_cmd(vision_gguf, inp, clean))
+    assert res.returncode == 0, res.stderr
+    killed = 0
+    for after, delay in [(-1, 0.0), (5, 0.05), (14, 0.2)]:
+        killed += kill_when(score_cmd(vision_gguf, inp, out), out, after, delay) == -signal.SIGKILL
+    assert killed >= 1, "no run was killed mid-way: the test proves nothing"
+    res = run(score_cmd(vision_gguf, inp, out))
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == clean.read_bytes()
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert summary["pairs"] == 75 and summary["tokens"] == json.loads(clean.with_name("clean.jsonl.summary.json").read_text())["tokens"]
+
+
+def test_fingerprint_covers_the_projector(vision_gguf, images, tmp_path, capsys):
+    inp, _ = _nested_input(images, "two.jsonl", n=2)
+    out = tmp_path / "out.jsonl"
+    assert _main(capsys, score_args(vision_gguf, inp, out))[0] == 0
+    state = json.loads(out.with_name("out.jsonl.checkpoint.json").read_text())
+    mmproj = next(vision_gguf.parent.glob("mmproj-*.gguf"))
+    assert state["fingerprint"]["vision"]["mmproj"]["path"] == str(mmproj.resolve())
+    assert state["fingerprint"]["vision"]["sizing"]["max_pixels"] == 602112
+    other = tmp_path / "mmproj-other.gguf"
+    data = bytearray(mmproj.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, "--mmproj", other))
+    assert rc == 2 and "different vision" in err and "--restart" in err
