@@ -162,6 +162,7 @@ class Window:
     prepared: Prepared | None = None  # the window's pairs as prompts (with chunking, every chunk's)
     items: list[Unit | Reject] | None = None  # units and rejects in input order (images' rejects go among them)
     doc_tokens: list[int] | None = None  # per pair, its prompts' tokens (kept when `prepared` is let go)
+    sides: list[list] | None = None  # per unit, its documents as scored (images loaded), once they are
 
 
 #: Windows in, each with its `ScoredDocuments` out, in order (`engine.scoring.score_prepared` of `window.prepared`).
@@ -199,9 +200,8 @@ def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunk
     # A window's chunks are scored with it, so a checkpoint never falls inside a document.
     for w in windows:
         if any(image_count(u) for u in w.units):  # read and sized here, on the reader thread
-            w.units, w.rejects, sides = load_window_images(w.items, builder, images, stop)
-        else:
-            sides = [[doc for _, doc in u.docs] for u in w.units]
+            w.units, w.rejects, w.sides = load_window_images(w.items, builder, images, stop)
+        sides = w.sides or [[doc for _, doc in u.docs] for u in w.units]
         pairs = [(u.query, doc) for u, docs in zip(w.units, sides) for doc in docs]
         names = [f"query {u.query_id!r}, document {doc_id!r} ({u.source})" for u in w.units for doc_id, _ in u.docs]
         w.prepared = prepare(builder, pairs, chunking, names)
@@ -354,7 +354,7 @@ class Job:
             for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder, spec.chunking, self.images, fail), stop)):
                 if failure:
                     break
-                window.prepared = window.items = None  # scored: its images' pixels go now, not after the write
+                window.prepared = window.items = window.sides = None  # scored: its images' pixels go now, not after the write
                 out_q.put((window, scores))
             finished = not failure
         finally:

@@ -158,7 +158,8 @@ def _run_ray(spec: JobSpec, pre: Preflight, given: LoadSettings, options, quiet:
     local = os.path.exists(given.model)
     model = str(pre.gguf.resolve()) if local else given.model
     head = str(Path(given.head).resolve()) if given.head else (str(pre.head.resolve()) if local else None)
-    summary = RayJob(spec, pre.settings.replace(model=model, head=head), pre.fingerprint, options, quiet=quiet).run()
+    summary = RayJob(spec, pre.settings.replace(model=model, head=head), pre.fingerprint, options, quiet=quiet,
+                     images=pre.images, gguf=pre.gguf).run()
     return Summary(summary, already_complete=summary["pairs_this_run"] == 0 and summary["shards_skipped"] > 0)
 
 

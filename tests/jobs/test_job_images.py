@@ -256,3 +256,27 @@ def test_fingerprint_covers_the_projector(vision_gguf, images, tmp_path, capsys)
     other.write_bytes(bytes(data))
     rc, err = _main(capsys, score_args(vision_gguf, inp, out, "--mmproj", other))
     assert rc == 2 and "different vision" in err and "--restart" in err
+
+
+def test_ray_callable_scores_image_columns(vision_gguf, vision_reranker, images):
+    """`RayReranker` called directly (what each actor runs): paths or bytes in an `image` column, text rows beside."""
+    import pyarrow as pa
+
+    from reranker import RerankerError
+    from reranker.jobs.ray_data import RayReranker
+
+    scorer = RayReranker(str(vision_gguf), load={"n_ctx": 1024}, drop=("image",))
+    p0, p1 = images / "imgs" / "p0.png", images / "imgs" / "p1.png"
+    want = vision_reranker.compute_score([[QUERY, {"image": p0}], [QUERY, "a text about sales"], [QUERY, {"image": p1}]])
+    docs = [None, "a text about sales", None]
+    paths = pa.table({"query": [QUERY] * 3, "document": docs, "image": [str(p0), None, str(p1)]})
+    data = pa.table({"query": [QUERY] * 3, "document": docs, "image": pa.array([p0.read_bytes(), None, p1.read_bytes()], pa.binary())})
+    for batch in (paths, data):  # one batch is one call, as compute_score's batch of 3
+        out = scorer(batch)
+        assert out.column_names == ["query", "document", "score"] and out.column("score").to_pylist() == want
+    alone = scorer(pa.table({"query": [QUERY], "image": [str(p1)]})).column("score").to_pylist()  # no document column
+    assert alone == pytest.approx(want[2:], abs=1e-6)  # a batch of one: packed alone, the last bits may differ
+    with pytest.raises(RerankerError, match=r"row 1 image .*truncated\.png could not be decoded"):
+        scorer(pa.table({"query": [QUERY] * 2, "image": [str(p0), str(images / "imgs" / "truncated.png")]}))
+    with pytest.raises(RerankerError, match="row 0 of the batch: 'document' is None"):
+        scorer(pa.table({"query": [QUERY], "document": pa.array([None], pa.string()), "image": pa.array([None], pa.string())}))
