@@ -280,3 +280,49 @@ def test_ray_callable_scores_image_columns(vision_gguf, vision_reranker, images)
         scorer(pa.table({"query": [QUERY] * 2, "image": [str(p0), str(images / "imgs" / "truncated.png")]}))
     with pytest.raises(RerankerError, match="row 0 of the batch: 'document' is None"):
         scorer(pa.table({"query": [QUERY], "document": pa.array([None], pa.string()), "image": pa.array([None], pa.string())}))
+
+
+def _with_bad_images(images, name: str) -> object:
+    """The mixed input, plus a record with a truncated image and a missing one between good documents."""
+    inp, records = _nested_input(images, name, n=12)
+    records.insert(5, {"query_id": "bad", "query": QUERY, "documents": [
+        {"id": "t", "image": "imgs/truncated.png"}, {"id": "ok", "text": "sales"}, {"id": "m", "image": "imgs/missing.png"},
+        {"id": "ok2", "image": "imgs/p4.png"}]})
+    return write_jsonl(inp, records)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_equal_one_with_images(vision_gguf, images, tmp_path):
+    """The projector reaches the device processes (found beside the GGUF by the preflight, passed on)."""
+    inp = _with_bad_images(images, "devices.jsonl")
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    res = run(score_cmd(vision_gguf, inp, one, "--threads", "1", "--on-error", "skip"))
+    assert res.returncode == 0, res.stderr
+    res = run(score_cmd(vision_gguf, inp, two, "--devices", "cpu,cpu", "--threads", "1", "--on-error", "skip"))
+    assert res.returncode == 0, res.stderr
+    assert two.read_bytes() == one.read_bytes()
+    assert two.with_name("two.jsonl.rejects.jsonl").read_bytes() == one.with_name("one.jsonl.rejects.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_job_with_images_equals_the_local_job(ray_cluster, vision_gguf, images, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    inp = _with_bad_images(images, "ray.jsonl")
+    local, out = tmp_path / "local.parquet", tmp_path / "ray"
+    args = ["--threads", "1", "--on-error", "skip"]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray actor (OMP_NUM_THREADS=1): the head's bits depend on torch's threads
+    try:
+        rc, err = _main(capsys, score_args(vision_gguf, inp, local, *args, window=8))
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, *args, "--engine", "ray", "--actors", "1", "--shard-windows", "2", window=8))
+    assert rc == 0, err
+    assert pq.read_table(out).equals(pq.read_table(local)), "scores differ from the local job's"
+    rejects = out.with_name("ray.rejects.jsonl").read_bytes()
+    assert rejects == local.with_name("local.parquet.rejects.jsonl").read_bytes()
+    assert [json.loads(x)["doc_index"] for x in rejects.decode().splitlines()] == [0, 2]
