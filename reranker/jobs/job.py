@@ -178,6 +178,9 @@ def stop_error(spec: JobSpec, reject: Reject) -> RerankerError:
 def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
     consumed, units, rejects, order, pairs, images = start, [], [], [], 0, 0
     for item in items:
+        if units and isinstance(item, Unit) and images + image_count(item) > WINDOW_IMAGES:  # a record is never split
+            yield Window(consumed, units, rejects, items=order)
+            units, rejects, order, pairs, images = [], [], [], 0, 0
         consumed += 1
         if isinstance(item, Reject):
             if spec.on_error == "fail":

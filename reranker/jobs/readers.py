@@ -306,7 +306,7 @@ def _read_parquet(path: Path) -> Iterator[Unit | Reject]:
     else:
         missing = [c for c in FLAT_FIELDS if c not in names]
         raise RerankerError(f'{path} has neither a "documents" column (with "query") nor the flat-pair columns '
-                            f'{", ".join(FLAT_FIELDS)} (missing {", ".join(missing)}; columns: {", ".join(names)})')
+                            f'{", ".join(FLAT_FIELDS)} (or "image" for "document"; missing {", ".join(missing)}; columns: {", ".join(names)})')
     return _parquet_rows(path, pf, pa, shape, columns, _PARQUET_IMAGE_BATCH if _has_images(pf.schema_arrow) else _PARQUET_BATCH[shape])
 
 

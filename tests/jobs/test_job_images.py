@@ -326,3 +326,42 @@ def test_ray_job_with_images_equals_the_local_job(ray_cluster, vision_gguf, imag
     rejects = out.with_name("ray.rejects.jsonl").read_bytes()
     assert rejects == local.with_name("local.parquet.rejects.jsonl").read_bytes()
     assert [json.loads(x)["doc_index"] for x in rejects.decode().splitlines()] == [0, 2]
+
+
+def test_an_image_too_large_for_max_length_is_rejected_alone(vision_gguf, vision_reranker, images, tmp_path, capsys):
+    from reranker.engine.vision import load
+    from reranker.images.preprocess import Sizing
+    from reranker.options import ImageRef
+
+    small = vision_reranker.prompt_builder().build_parts(QUERY, load(ImageRef(images / "imgs" / "p5.png", "p5"), Sizing()))
+    max_length = max(16, len(small.ids))  # p5 (2 x 2 merged patches) fits; p4 (11 x 2) does not
+    inp = write_jsonl(images / "long.jsonl", [{"query_id": "q", "query": QUERY, "documents": [
+        {"id": "big", "image": "imgs/p4.png"}, {"id": "fits", "image": "imgs/p5.png"}]}])
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, "--max-length", max_length, "--on-error", "skip"))
+    assert rc == 0, err
+    (reject,) = read_jsonl(out.with_name("out.jsonl.rejects.jsonl"))
+    assert reject["doc_index"] == 0 and "imgs/p4.png" in reject["reason"] and f"max_length={max_length}" in reject["reason"]
+    assert [(r["index"], r["doc_id"]) for r in read_jsonl(out)[0]["results"]] == [(1, "fits")]
+
+
+def test_a_window_holds_at_most_window_images_images():
+    """Records of image documents are cut into windows of at most WINDOW_IMAGES images, even under --window pairs."""
+    from pathlib import Path
+
+    from reranker.jobs.images import WINDOW_IMAGES
+    from reranker.jobs.job import JobSpec, cut_windows
+
+    def unit(i: int, n_images: int, n_texts: int = 0) -> Unit:
+        docs = [(f"i{k}", ImageDoc(f"{k}.png", Path(f"/x/{k}.png"))) for k in range(n_images)] + [(f"t{k}", "text") for k in range(n_texts)]
+        return Unit(i, f"q{i}", "query", docs, f"in.jsonl:{i + 1}")
+
+    spec = JobSpec(input=None, output=Path("out.jsonl"))
+    items = [unit(i, 3, 2) for i in range(200)]
+    windows = list(cut_windows(iter(items), 0, 10_000, spec))
+    counts = [sum(isinstance(d, ImageDoc) for u in w.units for _, d in u.docs) for w in windows]
+    full = 3 * (WINDOW_IMAGES // 3)  # whole records of 3 images, up to the cap
+    assert counts == [full] * (600 // full) + [600 % full] and sum(len(w.units) for w in windows) == 200
+    assert [w.end for w in windows][-1] == 200 and all(w.items == w.units for w in windows)
+    big = list(cut_windows(iter([unit(0, WINDOW_IMAGES + 5), unit(1, 1)]), 0, 10_000, spec))  # one record is never split
+    assert [len(w.units[0].docs) for w in big] == [WINDOW_IMAGES + 5, 1]
