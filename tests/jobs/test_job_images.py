@@ -217,12 +217,22 @@ def test_no_projector_is_a_clear_error(tiny_ggufs, images, tmp_path, capsys):
     model.parent.mkdir()
     shutil.copy(tiny_ggufs["f32"], model)
     shutil.copy(tiny_ggufs["f32"].parent / "mlp_weights.npz", model.parent)
-    inp, _ = _nested_input(images, "one.jsonl", n=1)
+    texts = [{"query_id": f"t{i}", "query": QUERY, "documents": [f"text {i}", f"more text {i}"]} for i in range(4)]
+    _, records = _nested_input(images, "one.jsonl", n=1)
+    inp = write_jsonl(images / "texts-then-image.jsonl", texts + records)
     out = tmp_path / "out.jsonl"
     rc, err = _main(capsys, score_args(model, inp, out))
-    assert rc == 2 and f"{inp}:1: document 0 is an image" in err and "--mmproj" in err and "Traceback" not in err
+    assert rc == 2 and f"{inp}:5: document 0 is an image" in err and "--mmproj" in err and "Traceback" not in err
+    assert json.loads(out.with_name("out.jsonl.checkpoint.json").read_text())["consumed"] == 4  # the texts are kept
     rc, err = _main(capsys, score_args(model, inp, out, "--mmproj", images / "imgs" / "nothing.gguf"))
     assert rc == 2 and "nothing.gguf" in err
+    # With the projector the job resumes (no image was scored without it) and ends as a clean run.
+    mmproj = next(tiny_ggufs["f32"].parent.glob("mmproj-*.gguf"))
+    rc, err = _main(capsys, score_args(model, inp, out, "--mmproj", mmproj))
+    assert rc == 0 and "already" not in err, err
+    clean = tmp_path / "clean.jsonl"
+    assert _main(capsys, score_args(model, inp, clean, "--mmproj", mmproj))[0] == 0
+    assert out.read_bytes() == clean.read_bytes()
 
 
 @pytest.mark.slow
