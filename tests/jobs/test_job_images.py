@@ -375,3 +375,24 @@ def test_a_window_holds_at_most_window_images_images():
     assert [w.end for w in windows][-1] == 200 and all(w.items == w.units for w in windows)
     big = list(cut_windows(iter([unit(0, WINDOW_IMAGES + 5), unit(1, 1)]), 0, 10_000, spec))  # one record is never split
     assert [len(w.units[0].docs) for w in big] == [WINDOW_IMAGES + 5, 1]
+
+
+def test_parquet_job_with_image_bytes_and_paths(vision_gguf, vision_reranker, images, tmp_path, capsys):
+    """Flat pairs in Parquet: encoded images (a binary column) and a text in one query; a corrupt blob rejected alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p0, p2 = images / "imgs" / "p0.png", images / "imgs" / "p2.png"
+    inp = images / "pairs.parquet"
+    pq.write_table(pa.table({"query_id": ["q"] * 4, "query": [QUERY] * 4, "doc_id": ["bytes", "bad", "more", "text"],
+                             "document": [None, None, None, "a text about sales"],
+                             "image": pa.array([p0.read_bytes(), b"\x89PNG not really", p2.read_bytes(), None], pa.binary())}), inp)
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, "--on-error", "skip", "--per", "pair", window=8))
+    assert rc == 0, err
+    (reject,) = read_jsonl(out.with_name("out.jsonl.rejects.jsonl"))
+    assert reject["source"] == f"{inp}:row 1" and "<15 bytes>" in reject["reason"] and "not an image" in reject["reason"]
+    got = read_jsonl(out)
+    assert [r["doc_id"] for r in got] == ["bytes", "more", "text"]
+    want = vision_reranker.compute_score([[QUERY, {"image": p0}], [QUERY, {"image": p2}], [QUERY, "a text about sales"]], batch_size=8)
+    assert [r["score"] for r in got] == want
