@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the job's own default)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval (s) for both runs (Python's default: 0.005)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench-images")
     args = ap.parse_args()
 
@@ -81,6 +83,8 @@ def main() -> None:
     from reranker.images.preprocess import Sizing
     from reranker.options import ImageRef
 
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     _, gguf, mmproj = model(args.preset, args.cache)
     work = Path(tempfile.mkdtemp(prefix="job-images-"))
     inp = write_input(work, args.n, args.per_record)
@@ -95,7 +99,7 @@ def main() -> None:
             times[name].append(run(inp, out, gguf, args.window, args.threads, serial))
     a, b = (work / "out-False.jsonl").read_bytes(), (work / "out-True.jsonl").read_bytes()
     print(f"{args.preset} model, {args.n} images ({args.per_record} per record), window {args.window}, "
-          f"{os.cpu_count()} CPUs; decode+resize alone: {load_s * 1000:.1f} ms/image; outputs identical: {a == b}")
+          f"{os.cpu_count()} CPUs, switch interval {sys.getswitchinterval()} s; decode+resize alone: {load_s * 1000:.1f} ms/image; outputs identical: {a == b}")
     for name, ts in times.items():
         best = min(ts)
         print(f"  images read and sized in the {name:24s} {best:6.2f} s  {args.n / best:6.1f} images/s   (runs: "

@@ -342,6 +342,9 @@ class RayJob:
             rejects.commit()
         finally:
             rejects.close(final=True)
+            if self._builder is not None:  # the images' fit is checked: the driver's tokenizer is done
+                self._vocab.close()
+                self._builder = None
         progress = Progress(quiet=self.quiet)
         try:
             if blocks:
