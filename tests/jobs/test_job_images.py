@@ -174,8 +174,10 @@ def test_bad_images_are_rejected_alone(vision_gguf, vision_reranker, images, tmp
                                              {"query_id": "r", "query": QUERY, "documents": [{"id": "x", "image": "imgs/missing.png"}]},
                                              {"query_id": "s", "query": QUERY, "documents": [{"id": "y", "image": "imgs/p1.png"}]}])
     out = tmp_path / "out.jsonl"
+    before = sorted((p.name, p.lstat().st_mtime_ns) for p in (images / "imgs").iterdir())
     rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=64) + ["--on-error", "skip"])
     assert rc == 0, err
+    assert sorted((p.name, p.lstat().st_mtime_ns) for p in (images / "imgs").iterdir()) == before  # nothing written beside them
     rejects = read_jsonl(out.with_name("out.jsonl.rejects.jsonl"))
     assert [(r["source"], r.get("doc_index")) for r in rejects] == \
         [(f"{inp}:1", i) for i in (1, 3, 4, 6, 8, 10, 12, 14)] + [(f"{inp}:2", 0)]
@@ -346,14 +348,20 @@ def test_an_image_too_large_for_max_length_is_rejected_alone(vision_gguf, vision
 
     small = vision_reranker.prompt_builder().build_parts(QUERY, load(ImageRef(images / "imgs" / "p5.png", "p5"), Sizing()))
     max_length = max(16, len(small.ids))  # p5 (2 x 2 merged patches) fits; p4 (11 x 2) does not
+    link = images / "imgs" / "p5-link.png"  # a symbolic link to an image is followed, as any program opening it would
+    if not link.is_symlink():
+        os.symlink("p5.png", link)
     inp = write_jsonl(images / "long.jsonl", [{"query_id": "q", "query": QUERY, "documents": [
-        {"id": "big", "image": "imgs/p4.png"}, {"id": "fits", "image": "imgs/p5.png"}]}])
+        {"id": "big", "image": "imgs/p4.png"}, {"id": "fits", "image": "imgs/p5-link.png"}]}])
     out = tmp_path / "out.jsonl"
     rc, err = _main(capsys, score_args(vision_gguf, inp, out, "--max-length", max_length, "--on-error", "skip"))
     assert rc == 0, err
     (reject,) = read_jsonl(out.with_name("out.jsonl.rejects.jsonl"))
     assert reject["doc_index"] == 0 and "imgs/p4.png" in reject["reason"] and f"max_length={max_length}" in reject["reason"]
-    assert [(r["index"], r["doc_id"]) for r in read_jsonl(out)[0]["results"]] == [(1, "fits")]
+    (result,) = read_jsonl(out)[0]["results"]
+    assert (result["index"], result["doc_id"], result["document"]) == (1, "fits", {"image": "imgs/p5-link.png"})
+    want = vision_reranker.compute_score([[QUERY, {"image": images / "imgs" / "p5.png"}]], max_length=max_length)
+    assert result["relevance_score"] == want[0]
 
 
 def test_a_window_holds_at_most_window_images_images():
