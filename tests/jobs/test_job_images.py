@@ -386,7 +386,7 @@ def test_a_window_holds_at_most_window_images_images():
     assert [len(w.units[0].docs) for w in big] == [WINDOW_IMAGES + 5, 1]
 
 
-def test_parquet_job_with_image_bytes_and_paths(vision_gguf, vision_reranker, images, tmp_path, capsys):
+def test_parquet_job_with_image_bytes(vision_gguf, vision_reranker, images, tmp_path, capsys):
     """Flat pairs in Parquet: encoded images (a binary column) and a text in one query; a corrupt blob rejected alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
