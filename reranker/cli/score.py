@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and PATH.ids.jsonl with each row's query_id, doc_id and score; resumable like the output")
     p.add_argument("--hidden-dtype", choices=["float32", "float16"], default="float32",
                    help="--save-hidden's dtype (default: %(default)s; float16 halves the file)")
+    p.add_argument("--mmproj", metavar="PATH",
+                   help="the vision projector for image documents (default: the mmproj-*.gguf beside the GGUF)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress log lines")
     add_chunk_args(p)

@@ -7,6 +7,7 @@ Read in this order:
   each (query, doc) pair once), between the readers and the job, for every format;
 - `paths.py`: the job's files: no output aliases an input or another output, only regular
   files are written, and a lock keeps a second job off an output;
+- `images.py`: image documents: read (regular files only), decoded and sized per window, bad ones rejected alone;
 - `job.py`: the loop: windows tokenised ahead, scored, written and checkpointed behind;
 - `resume.py`: the job's checkpoint: what was consumed and written, and what it was computed from;
 - `writers.py`: JSONL, Parquet, TREC and rejects files that resume exactly after a crash;

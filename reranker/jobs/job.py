@@ -1,7 +1,9 @@
 """The offline scoring job: stream an input, score it, write results; crash-safe and resumable.
 
 Items (units and rejects) are read in order and grouped into windows of about `window`
-pairs. A window is tokenised on a background thread while the previous one decodes, and
+pairs (and at most `images.WINDOW_IMAGES` image documents). A window is tokenised on a background
+thread while the previous one decodes (its image documents read, decoded and sized there too:
+`images.load_window_images`), and
 written, made durable and checkpointed on another. The checkpoint records how many input
 items are done and each writer's durable state, so a rerun after any crash (SIGKILL
 included) truncates the output to the last checkpoint and carries on from there: no
@@ -31,6 +33,7 @@ from reranker.defaults import RUN_TAG, WINDOW
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import Prepared, ScoredDocuments, prepare
 from reranker.errors import RerankerError
+from reranker.jobs.images import WINDOW_IMAGES, ImageSettings, image_count, load_window_images
 from reranker.jobs.paths import JobFiles, check_job_files, input_files, input_reads, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import read_input
@@ -109,7 +112,7 @@ def check_spec_settings(spec: JobSpec) -> None:
         raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
 
 
-def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None) -> None:
+def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None, mmproj: Path | None = None) -> None:
     """Refuse, before the model loads or any file is touched, a job that cannot run or could destroy data.
 
     Checks the settings, the formats, every path (see `paths.check_job_files`: no output or
@@ -128,7 +131,8 @@ def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None
             raise RerankerError("--save-hidden with --aggregate mean: a mean of chunk scores is no one hidden state's "
                                 "score; use --aggregate max or first (the saved state is then the scoring chunk's)")
     reads = spec.input_reads()
-    check_job_files(spec.files(), reads + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None])
+    check_job_files(spec.files(), reads + [(what, p) for what, p in (("model", model), ("head", head), ("vision projector", mmproj))
+                                           if p is not None])
     items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus, run=spec.run)
     close = getattr(items, "close", None)
     if close is not None:
@@ -156,37 +160,55 @@ class Window:
     units: list[Unit]
     rejects: list[Reject]
     prepared: Prepared | None = None  # the window's pairs as prompts (with chunking, every chunk's)
+    items: list[Unit | Reject] | None = None  # units and rejects in input order (images' rejects go among them)
+    doc_tokens: list[int] | None = None  # per pair, its prompts' tokens (kept when `prepared` is let go)
+    sides: list[list] | None = None  # per unit, its documents as scored (images loaded), once they are
 
 
 #: Windows in, each with its `ScoredDocuments` out, in order (`engine.scoring.score_prepared` of `window.prepared`).
 Scorer = Callable[[Iterator[Window]], Iterator[tuple[Window, ScoredDocuments]]]
 
 
+def stop_error(spec: JobSpec, reject: Reject) -> RerankerError:
+    """What `--on-error fail` raises for a bad record (or document)."""
+    return RerankerError(f"{reject.source}: {reject.reason}; fix the record, or pass --on-error skip "
+                         f"to write bad records to {spec.rejects_path()} and go on")
+
+
 def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
-    consumed, units, rejects, pairs = start, [], [], 0
+    consumed, units, rejects, order, pairs, images = start, [], [], [], 0, 0
     for item in items:
+        if units and isinstance(item, Unit) and images + image_count(item) > WINDOW_IMAGES:  # a record is never split
+            yield Window(consumed, units, rejects, items=order)
+            units, rejects, order, pairs, images = [], [], [], 0, 0
         consumed += 1
         if isinstance(item, Reject):
             if spec.on_error == "fail":
-                raise RerankerError(f"{item.source}: {item.reason}; fix the record, or pass --on-error skip "
-                                    f"to write bad records to {spec.rejects_path()} and go on")
+                raise stop_error(spec, item)
             rejects.append(item)
         else:
             units.append(item)
             pairs += len(item.docs)
-        if pairs >= size:
-            yield Window(consumed, units, rejects)
-            units, rejects, pairs = [], [], 0
+            images += image_count(item)
+        order.append(item)
+        if pairs >= size or images >= WINDOW_IMAGES:
+            yield Window(consumed, units, rejects, items=order)
+            units, rejects, order, pairs, images = [], [], [], 0, 0
     if units or rejects:
-        yield Window(consumed, units, rejects)
+        yield Window(consumed, units, rejects, items=order)
 
 
-def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunking | None = None) -> Iterator[Window]:
+def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunking | None = None,
+              images: ImageSettings | None = None, stop: Callable[[Reject], Exception] | None = None) -> Iterator[Window]:
     # A window's chunks are scored with it, so a checkpoint never falls inside a document.
     for w in windows:
-        pairs = [(u.query, text) for u in w.units for _, text in u.docs]
+        if any(image_count(u) for u in w.units):  # read and sized here, on the reader thread
+            w.units, w.rejects, w.sides = load_window_images(w.items, builder, images, stop)
+        sides = w.sides or [[doc for _, doc in u.docs] for u in w.units]
+        pairs = [(u.query, doc) for u, docs in zip(w.units, sides) for doc in docs]
         names = [f"query {u.query_id!r}, document {doc_id!r} ({u.source})" for u in w.units for doc_id, _ in u.docs]
         w.prepared = prepare(builder, pairs, chunking, names)
+        w.doc_tokens = [sum(len(p.ids) for p in d.prompts) for d in w.prepared.docs]
         yield w
 
 
@@ -224,8 +246,11 @@ class Job:
     """One run of `reranker score`: resume or start, then stream to the end or to an interrupt."""
 
     def __init__(self, spec: JobSpec, builder: PromptBuilder, scorer: Scorer, fingerprint: dict, model_name: str,
-                 progress: Progress | None = None, hidden_size: int | None = None) -> None:
+                 progress: Progress | None = None, hidden_size: int | None = None, images: ImageSettings | None = None) -> None:
+        """`images`: the projector and sizing of image documents (None: a job of text only; an image
+        document then stops it with the fix)."""
         self.spec = spec
+        self.images = images
         self.builder = builder
         self.scorer = scorer
         self.progress = progress or Progress(quiet=True)
@@ -328,9 +353,11 @@ class Job:
         writer_thread.start()
         finished = False
         try:
-            for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder, spec.chunking), stop)):
+            fail = (lambda r: stop_error(spec, r)) if spec.on_error == "fail" else None
+            for window, scores in self.scorer(_prefetch(_tokenise(windows, self.builder, spec.chunking, self.images, fail), stop)):
                 if failure:
                     break
+                window.prepared = window.items = window.sides = None  # scored: its images' pixels go now, not after the write
                 out_q.put((window, scores))
             finished = not failure
         finally:
@@ -368,11 +395,11 @@ class Job:
             try:
                 if self.hidden is not None and result.hidden is None:
                     raise ValueError("the scorer kept no hidden states for a job that saves them")
-                docs, k = window.prepared.docs, 0
+                k = 0
                 for unit in window.units:
                     n = len(unit.docs)
                     scores = result.scores[k : k + n].tolist()
-                    tokens = sum(len(p.ids) for d in docs[k : k + n] for p in d.prompts)
+                    tokens = sum(window.doc_tokens[k : k + n])
                     chunks = list(zip(result.chunks[k : k + n].tolist(), result.best_chunk[k : k + n].tolist())) \
                         if result.chunks is not None else None
                     writer.write(unit, scores, tokens, **({"chunks": chunks} if chunks else {}))

@@ -34,9 +34,10 @@ import numpy as np
 from reranker.defaults import HEAD_FILE, IDENTITY_DTYPE
 from reranker.errors import RerankerError
 from reranker.extras import install_hint
+from reranker.options import ImageRef
 from reranker.settings import LoadSettings
 
-COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document"}
+COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document", "image": "image"}
 NODE_LOCK = ".ray-node-setup.lock"
 
 
@@ -96,8 +97,12 @@ class RayReranker:
     keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...); or all of them as
     one `settings=LoadSettings(...)`. On an actor without a GPU (`ray.get_gpu_ids()` empty) the
     backbone and head run on the CPU.
-    `columns` renames the four input columns (keys `query_id`, `query`, `doc_id`, `document`;
-    only `query` and `document` are needed unless `rank`). `rank=True` adds `rank`, 1-based by
+    `columns` renames the input columns (keys `query_id`, `query`, `doc_id`, `document`, `image`;
+    only `query` and `document` are needed unless `rank`). A row whose `image` (if the column exists)
+    is not null has an image document: a path (a string, read on the actor's node: give absolute paths)
+    or the encoded bytes (binary), scored through the projector (`settings.mmproj`, else the
+    `mmproj-*.gguf` beside the GGUF); its `document` may be null. A bad image fails the batch with an
+    error naming its row (the `reranker score --engine ray` driver rejects such images before they are sent). `rank=True` adds `rank`, 1-based by
     descending score within each run of one query id in the batch (ties by row order): give it
     batches that hold whole queries (e.g. `ds.groupby(query_id).map_groups(...)`, or the driver's
     shards). `stats=True` adds `_tokens` (prompt length) and `_truncated`. `drop` removes
@@ -132,21 +137,25 @@ class RayReranker:
 
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         c = self.columns
-        missing = [c[k] for k in ("query", "document") if c[k] not in table.column_names]
+        needed = ("query",) if c["image"] in table.column_names else ("query", "document")  # images alone will do
+        missing = [c[k] for k in needed if c[k] not in table.column_names]
         if missing:
             raise RerankerError(f"batch lacks the column(s) {', '.join(missing)} (columns: {', '.join(table.column_names)}); "
                                 "pass columns={'query': ..., 'document': ...} to name yours")
         queries = table.column(c["query"]).to_pylist()
-        documents = table.column(c["document"]).to_pylist()
+        documents = table.column(c["document"]).to_pylist() if c["document"] in table.column_names else [None] * table.num_rows
+        images = table.column(c["image"]).to_pylist() if c["image"] in table.column_names else None
+        if images is not None:  # an image row's document is its image
+            documents = [doc if image is None else _image_side(image, i) for i, (doc, image) in enumerate(zip(documents, images))]
         for name, values in ((c["query"], queries), (c["document"], documents)):
-            bad_row = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            bad_row = next((i for i, v in enumerate(values) if not isinstance(v, (str, ImageRef))), None)
             if bad_row is not None:  # `reranker score --engine ray` rejects these before they reach an actor
                 raise RerankerError(f"row {bad_row} of the batch: {name!r} is {values[bad_row]!r}, not a string; "
                                     "filter or fill such rows first (e.g. ds.filter(expr=...))")
         scores = np.empty(len(queries), dtype=np.float32)
         prompts = []
         for start, end in _runs(table.column(self.group_column).to_numpy() if self.group_column else None, len(queries)):
-            prepared = prepare(self.builder, list(zip(queries[start:end], documents[start:end])))
+            prepared = prepare(self.builder, self._loaded(list(zip(queries[start:end], documents[start:end]))))
             scores[start:end] = score_prepared(self.reranker, prepared, pair_name=lambda i, s=start: f"row {s + i}").scores
             prompts += prepared.prompts
         out = table.append_column("score", pa.array(scores, pa.float32()))
@@ -160,9 +169,25 @@ class RayReranker:
             out = out.append_column("_truncated", pa.array([p.truncated for p in prompts], pa.bool_()))
         return out.drop_columns([n for n in self.drop if n in out.column_names])
 
+    def _loaded(self, pairs: list) -> list:
+        """`pairs` with each image document read and sized (`engine.vision.load`), named by its row on error."""
+        if not any(isinstance(d, ImageRef) for _, d in pairs):
+            return pairs
+        from reranker.engine.vision import load
+
+        sizing = self.reranker.vision.sizing  # no projector: its error, before any image is read
+        return [(q, load(d, sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.reranker.close()
+
+
+def _image_side(value: object, row: int) -> ImageRef:
+    """An `image` cell as a document: a path or encoded bytes."""
+    if not isinstance(value, (str, bytes, bytearray)):
+        raise RerankerError(f"row {row} of the batch: 'image' is {type(value).__name__}, not a path (string) or encoded bytes")
+    return ImageRef(bytes(value) if isinstance(value, bytearray) else value, f"row {row} image")
 
 
 def _has_gpu() -> bool:

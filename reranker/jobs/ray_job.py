@@ -22,13 +22,20 @@ whose part is complete, and scores the rest; a changed model, head, input or set
 unless `--restart`. The summary goes to `OUTPUT.summary.json` and rejects to
 `OUTPUT.rejects.jsonl` (or `--rejects`), beside the folder, as for the local job.
 
-Memory: the driver holds the results of the shards in flight; the text of the windows still to
-score sits in Ray's object store (spilled to disk beyond its size), so an input far larger than
-one node's disk is best split into several files, one job each.
+Image documents: the driver reads, decodes and sizes them as the local job does
+(`images.load_window_images`, so the same images are rejected, in the same order, and the same
+windows scored), and sends each as a lossless PNG of its model-size pixels in an `image` column,
+which the actor loads back to the very same pixels (already at their size, so not resized again).
+A rerun decodes the images of complete shards again: their rejects are written again.
+
+Memory: the driver holds the results of the shards in flight; the text (and sized images) of the
+windows still to score sits in Ray's object store (spilled to disk beyond its size), so an input far
+larger than one node's disk is best split into several files, one job each.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -43,7 +50,8 @@ import numpy as np
 
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
-from reranker.jobs.job import JobSpec, Stats, Window, check_resumable, check_spec_settings, cut_windows, write_summary
+from reranker.jobs.images import ImageSettings, image_count, load_window_images
+from reranker.jobs.job import JobSpec, Stats, Window, check_resumable, check_spec_settings, cut_windows, stop_error, write_summary
 from reranker.jobs.paths import check_written, file_identity, input_files, same_file, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import import_pyarrow, read_input
@@ -100,7 +108,8 @@ def _shards(windows: Iterator[Window], size: int) -> Iterator[tuple[int, list[Wi
         yield index, group
 
 
-def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None, head: Path | None = None) -> None:
+def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None, head: Path | None = None,
+                  mmproj: Path | None = None) -> None:
     """Refuse before anything loads: bad settings, an output that is not a folder of ours, aliases of what is read."""
     check_spec_settings(spec)
     if options.shard_windows < 1:
@@ -113,7 +122,8 @@ def check_ray_job(spec: JobSpec, options: RayOptions, model: Path | None = None,
     if out.suffix.lower() in (".jsonl", ".ndjson", ".trec", ".run") or out.is_file():
         raise RerankerError(f"--engine ray writes a folder of Parquet parts, and {out} is a file name; give a folder for -o")
     files = spec.files()
-    reads = spec.input_reads() + [(what, p) for what, p in (("model", model), ("head", head)) if p is not None]
+    reads = spec.input_reads() + [(what, p) for what, p in (("model", model), ("head", head), ("vision projector", mmproj))
+                                  if p is not None]
     written = [("output folder", out, True), ("rejects file", files.rejects, False), ("summary", files.summary, False),
                ("lock file", files.locks[0], False), ("rejects lock file", files.locks[1], False)]
     for what, path, folder in written:
@@ -134,8 +144,12 @@ class RayJob:
     """One run of the Ray job: check the folder, re-read the input, score the shards not done, finish."""
 
     def __init__(self, spec: JobSpec, settings: LoadSettings, fingerprint: dict, options: RayOptions,
-                 quiet: bool = False) -> None:
-        """`settings`: what each actor loads (`model` and `head` as each node finds them: absolute paths or a Hub id)."""
+                 quiet: bool = False, images: ImageSettings | None = None, gguf: Path | None = None) -> None:
+        """`settings`: what each actor loads (`model` and `head` as each node finds them: absolute paths or a Hub id).
+        `images`: the projector and sizing of image documents; `gguf`: the model on this node, whose tokenizer
+        checks on the driver that each image fits `max_length` (needed only when the input has images)."""
+        self.images, self.gguf = images, gguf
+        self._builder = None
         self.pa, self.pq = import_pyarrow("--engine ray")
         self.spec, self.settings, self.options, self.quiet = spec, settings, options, quiet
         self.out = spec.output
@@ -241,7 +255,8 @@ class RayJob:
         blocks: list = []
         shards = 0
         window_no = 0
-        for index, windows in _shards(cut_windows(items, 0, spec.window, spec), self.options.shard_windows):
+        loaded = self._load_images(cut_windows(items, 0, spec.window, spec))
+        for index, windows in _shards(loaded, self.options.shard_windows):
             shards += 1
             shard = _Shard(index)
             for w in windows:
@@ -262,14 +277,18 @@ class RayJob:
                 if not w.units:
                     continue
                 cols: dict[str, list] = {"query_id": [], "query": [], "doc_id": [], "document": []}
-                for u in w.units:
-                    for doc_id, text in u.docs:
+                pictures: list[bytes | None] = []
+                sides = w.sides or [[doc for _, doc in u.docs] for u in w.units]
+                for u, docs in zip(w.units, sides):
+                    for (doc_id, _), doc in zip(u.docs, docs):
                         cols["query_id"].append(u.query_id)
                         cols["query"].append(u.query)
                         cols["doc_id"].append(doc_id)
-                        cols["document"].append(text)
+                        cols["document"].append(doc if isinstance(doc, str) else None)
+                        pictures.append(None if isinstance(doc, str) else _png(doc))
                 n = len(cols["query"])
                 table = pa.table({**{k: pa.array(v, pa.string()) for k, v in cols.items()},
+                                  "image": pa.array(pictures, pa.binary()),
                                   "_shard": pa.array(np.full(n, index, dtype=np.int64)),
                                   "_pos": pa.array(np.arange(row, row + n, dtype=np.int64)),
                                   "_window": pa.array(np.full(n, window_no, dtype=np.int64))})
@@ -277,6 +296,27 @@ class RayJob:
                 row += n
                 window_no += 1
         return pending, blocks, shards
+
+    def _load_images(self, windows: Iterator[Window]) -> Iterator[Window]:
+        """Each window with its image documents read and sized, bad ones rejected, as the local job's reader does."""
+        fail = (lambda r: stop_error(self.spec, r)) if self.spec.on_error == "fail" else None
+        for w in windows:
+            if any(image_count(u) for u in w.units):
+                w.units, w.rejects, w.sides = load_window_images(w.items, self._prompt_builder(), self.images, fail)
+            yield w
+
+    def _prompt_builder(self):
+        if self._builder is None:
+            from reranker.engine.backbone import VocabOnly
+            from reranker.engine.prompts import PromptBuilder
+
+            s = self.settings
+            if self.gguf is None:
+                raise RerankerError("image documents with --engine ray need the model on the driver's node")
+            max_length = s.prompt_length
+            self._vocab = VocabOnly(self.gguf)  # kept open: the builder tokenises through it
+            self._builder = PromptBuilder(self._vocab.tokenizer, min(max_length, s.n_ctx or max_length), s.max_query_length)
+        return self._builder
 
     def _put(self, table: Any) -> Any:
         import ray
@@ -302,6 +342,9 @@ class RayJob:
             rejects.commit()
         finally:
             rejects.close(final=True)
+            if self._builder is not None:  # the images' fit is checked: the driver's tokenizer is done
+                self._vocab.close()
+                self._builder = None
         progress = Progress(quiet=self.quiet)
         try:
             if blocks:
@@ -339,7 +382,7 @@ class RayJob:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = not self.quiet
         # One block per window, scored whole (`group_column`); the texts do not travel back.
-        kwargs = {"settings": settings, "group_column": "_window", "stats": True, "drop": ("query", "document")}
+        kwargs = {"settings": settings, "group_column": "_window", "stats": True, "drop": ("query", "document", "image")}
         ds = map_batches_quietly(ray.data.from_arrow_refs(blocks), scorer, fn_constructor_kwargs=kwargs,
                                  batch_format="pyarrow", batch_size=None, **opts)
         try:
@@ -378,6 +421,13 @@ class RayJob:
                     self.run_tokens += tokens
                     progress.update(shard.records, shard.pairs, tokens)
                     del seen[index]
+
+
+def _png(image: Any) -> bytes:
+    """A sized image (`PendingImage`) as lossless PNG bytes: the actor decodes the very same pixels."""
+    buf = io.BytesIO()
+    image.pixels.image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def _cause(e: BaseException) -> str:

@@ -4,6 +4,11 @@ Every record becomes a `Unit`, or a `Reject` when it cannot be read; a bad docum
 record is a `Reject` of its own, and the record's other documents still make its `Unit`.
 Nothing is dropped silently. Files are read in binary and decoded line by line, so one bad
 line is one reject with its line number.
+
+A document may be an image: `{"id", "image": PATH}` in a nested record, `"image": PATH` in place of
+`"document"` in a flat one or a BEIR corpus entry, or an `image` column (a path, or the encoded
+bytes) in Parquet. A relative path is resolved against the folder of the file that names it. The
+readers only record it (`ImageDoc`); the job reads and decodes it per window (`jobs.images`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 from reranker.errors import RerankerError
 from reranker.extras import install_hint
-from reranker.jobs.records import Reject, Unit
+from reranker.jobs.records import ImageDoc, Reject, Unit
 
 INPUT_FORMATS = ("jsonl", "pairs-jsonl", "parquet", "beir")
 FLAT_FIELDS = ("query_id", "query", "doc_id", "document")
@@ -26,6 +31,7 @@ RUN_FIELDS = "`qid Q0 docid rank score tag`"
 
 _BOM = b"\xef\xbb\xbf"
 _PARQUET_BATCH = {"flat": 4096, "nested": 256}  # rows per batch: bounds memory, not results
+_PARQUET_IMAGE_BATCH = 16  # ... and with image bytes in the rows, which may be megabytes each
 
 
 def import_pyarrow(why: str) -> tuple[Any, Any]:
@@ -110,6 +116,29 @@ def _text(value: object, name: str) -> str:
     return value
 
 
+def _image(value: object, name: str, base: Path) -> ImageDoc:
+    """An image document's value: a local path (relative: to `base`, the folder of the file naming it) or bytes."""
+    if isinstance(value, (bytes, bytearray)):  # a Parquet binary column
+        if not value:
+            raise _Bad(f'bad image: "{name}" holds 0 bytes')
+        return ImageDoc(None, bytes(value))
+    if not isinstance(value, str):
+        raise _Bad(f'bad image: "{name}" must be a file path (a string), got {_json_type(value)}')
+    given = _text(value, name)
+    if not given.strip() or "\0" in given:
+        raise _Bad(f'bad image: "{name}" is {"empty" if not given.strip() else "not a path (it holds a NUL character)"}')
+    if given[:8].lower().startswith(("http://", "https://", "data:")):
+        raise _Bad(f'bad image: "{name}" is a URL; a job reads local image files only: download it and give its path')
+    # Data, not a command: no "~" or variable expansion, as a shell would do.
+    path = Path(given)
+    return ImageDoc(given, path if path.is_absolute() else base / path)
+
+
+def _json_default(value: object) -> object:
+    """How a record's raw JSON (for the rejects file) shows what JSON cannot hold: image bytes by their size."""
+    return f"<{len(value)} bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)
+
+
 def _field(obj: dict, key: str) -> object:
     if key not in obj:
         raise _Bad(f'missing field "{key}"')
@@ -130,14 +159,14 @@ class _Record:
 
     def __init__(self, qid: str, query: str, pair: bool = False) -> None:
         self.qid, self.query, self.pair = qid, query, pair
-        self.docs: list[tuple[str, str]] = []
+        self.docs: list[tuple[str, str | ImageDoc]] = []
         self.positions: list[int] = []
         self.bad: list[tuple[int, str, object]] = []  # (index in the record, reason, the item)
 
     def items(self, index: int, source: str) -> Iterator[Unit | Reject]:
         """Its rejects, then its unit (numbered `index`) when any document is good."""
         for i, reason, item in self.bad:
-            raw = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, default=repr)
+            raw = item if isinstance(item, str) else json.dumps(item, ensure_ascii=False, default=_json_default)
             # A lone surrogate (spelled by a JSON escape) cannot be written as UTF-8: keep it as its escape.
             raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
             yield Reject(source, reason, raw, query_id=self.qid, doc_index=i)
@@ -145,7 +174,7 @@ class _Record:
             yield Unit(index, self.qid, self.query, self.docs, source, self.positions if self.bad else None, pair=self.pair)
 
 
-def _nested(obj: dict, default_qid: str) -> _Record:
+def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
     query = _text(_field(obj, "query"), "query")
     qid = default_qid if obj.get("query_id") is None else _ident(obj["query_id"], "query_id")
     items = _field(obj, "documents")
@@ -159,9 +188,14 @@ def _nested(obj: dict, default_qid: str) -> _Record:
         name = f"documents[{i}]"
         try:
             if isinstance(item, dict):
-                if "text" not in item:
+                if item.get("image") is not None:
+                    if item.get("text") is not None:
+                        raise _Bad(f'both "{name}.text" and "{name}.image": a document is one or the other')
+                    text = _image(item["image"], f"{name}.image", base)
+                elif "text" not in item:
                     raise _Bad(f'missing field "{name}.text"')
-                text = _text(item["text"], f"{name}.text")
+                else:
+                    text = _text(item["text"], f"{name}.text")
                 doc_id = str(i) if item.get("id") is None else _ident(item["id"], f"{name}.id")
             else:
                 text, doc_id = _text(item, name), str(i)
@@ -176,9 +210,16 @@ def _nested(obj: dict, default_qid: str) -> _Record:
     return record
 
 
-def _flat(obj: dict) -> _Record:
+def _flat(obj: dict, base: Path) -> _Record:
     record = _Record(_ident(_field(obj, "query_id"), "query_id"), _text(_field(obj, "query"), "query"), pair=True)
-    record.docs.append((_ident(_field(obj, "doc_id"), "doc_id"), _text(_field(obj, "document"), "document")))
+    doc_id = _ident(_field(obj, "doc_id"), "doc_id")
+    if obj.get("image") is not None:
+        if obj.get("document") is not None:
+            raise _Bad('both "document" and "image": a pair\'s document is one or the other')
+        document = _image(obj["image"], "image", base)
+    else:
+        document = _text(_field(obj, "document"), "document")
+    record.docs.append((doc_id, document))
     record.positions.append(0)
     return record
 
@@ -233,13 +274,13 @@ def _read_jsonl(path: Path, shape: str | None) -> Iterator[Unit | Reject]:
             if shape is None:
                 if "documents" in obj:
                     shape = "nested"
-                elif "document" in obj or "doc_id" in obj:
+                elif "document" in obj or "doc_id" in obj:  # an image pair has its doc_id
                     shape = "flat"
                 else:
                     raise _Bad('missing field "documents" (nested records) or "document" (flat pairs)')
             # The default query id is the 0-based record number (non-blank lines, rejects included),
             # so it does not shift when a bad line is fixed.
-            parsed = _nested(obj, str(record)) if shape == "nested" else _flat(obj)
+            parsed = _nested(obj, str(record), path.parent) if shape == "nested" else _flat(obj, path.parent)
         except _Bad as e:
             yield Reject(source, str(e), text)
             continue
@@ -260,27 +301,37 @@ def _read_parquet(path: Path) -> Iterator[Unit | Reject]:
         if "query" not in names:
             raise RerankerError(f'{path} has a "documents" column but no "query" column (columns: {", ".join(names)})')
         columns = ["query", "documents"] + (["query_id"] if "query_id" in names else [])
-    elif all(c in names for c in FLAT_FIELDS):
-        shape, columns = "flat", list(FLAT_FIELDS)
+    elif all(c in names for c in FLAT_FIELDS if c != "document") and ("document" in names or "image" in names):
+        shape, columns = "flat", [c for c in (*FLAT_FIELDS, "image") if c in names]
     else:
         missing = [c for c in FLAT_FIELDS if c not in names]
         raise RerankerError(f'{path} has neither a "documents" column (with "query") nor the flat-pair columns '
-                            f'{", ".join(FLAT_FIELDS)} (missing {", ".join(missing)}; columns: {", ".join(names)})')
-    return _parquet_rows(path, pf, pa, shape, columns)
+                            f'{", ".join(FLAT_FIELDS)} (or "image" for "document"; missing {", ".join(missing)}; columns: {", ".join(names)})')
+    return _parquet_rows(path, pf, pa, shape, columns, _PARQUET_IMAGE_BATCH if _has_images(pf.schema_arrow) else _PARQUET_BATCH[shape])
 
 
-def _parquet_rows(path: Path, pf: Any, pa: Any, shape: str, columns: list[str]) -> Iterator[Unit | Reject]:
+def _has_images(schema: Any) -> bool:
+    """Whether rows may hold images: an `image` column, or an `image` field in the documents' structs."""
+    if "image" in schema.names:
+        return True
+    if "documents" not in schema.names:
+        return False
+    item = getattr(schema.field("documents").type, "value_type", None)
+    return item is not None and hasattr(item, "get_field_index") and item.get_field_index("image") >= 0
+
+
+def _parquet_rows(path: Path, pf: Any, pa: Any, shape: str, columns: list[str], batch_size: int) -> Iterator[Unit | Reject]:
     index = row = 0
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH[shape], columns=columns):
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             for obj in _batch_rows(batch):
                 source = f"{path}:row {row}"
                 try:
                     if isinstance(obj, _Bad):
                         raise obj
-                    parsed = _nested(obj, str(row)) if shape == "nested" else _flat(obj)
+                    parsed = _nested(obj, str(row), path.parent) if shape == "nested" else _flat(obj, path.parent)
                 except _Bad as e:
-                    yield Reject(source, str(e), None if isinstance(obj, _Bad) else json.dumps(obj, ensure_ascii=False, default=repr))
+                    yield Reject(source, str(e), None if isinstance(obj, _Bad) else json.dumps(obj, ensure_ascii=False, default=_json_default))
                 else:
                     for item in parsed.items(index, source):
                         yield item
@@ -340,10 +391,15 @@ def beir_files(path: str | os.PathLike[str] | None, queries: str | os.PathLike[s
     return found_queries, found_corpus, pick(run, "run file")
 
 
-def _beir_text(obj: object) -> str:
-    """A corpus record's text for reranking: "title text" when the title is not blank, as BEIR's reranker does."""
+def _beir_text(obj: object, base: Path) -> str | ImageDoc:
+    """A corpus record's text for reranking: "title text" when the title is not blank, as BEIR's reranker does;
+    or its image, when it has `"image": PATH` (relative to `base`, the corpus file's folder) and no text."""
     if not isinstance(obj, dict):
         raise _Bad(f"not a JSON object: the line holds {_json_type(obj)}")
+    if obj.get("image") is not None:
+        if obj.get("text") is not None:
+            raise _Bad('both "text" and "image": a corpus document is one or the other')
+        return _image(obj["image"], "image", base)
     text = _text(_field(obj, "text"), "text")
     title = "" if obj.get("title") is None else _text(obj["title"], "title")
     return f"{title} {text}" if title.strip() else text
@@ -407,7 +463,7 @@ def _read_beir(queries: Path, corpus: Path, run: Path, depth: int) -> Iterator[U
             continue
         doc_id, n, offset, text, obj = item
         try:
-            _beir_text(obj)
+            _beir_text(obj, corpus.parent)
         except _Bad as e:
             bad_docs.add(doc_id)
             yield Reject(f"{corpus}:{n}", str(e), text)
@@ -425,7 +481,7 @@ def _read_beir(queries: Path, corpus: Path, run: Path, depth: int) -> Iterator[U
                 yield Reject(f"{run}:{line_no}", f'unknown query id: "{qid}" is not in {queries} '
                              f"(its {len(heap)} candidates are not scored)", line_text)
                 continue
-            docs: list[tuple[str, str]] = []
+            docs: list[tuple[str, str | ImageDoc]] = []
             seen: dict[str, int] = {}
             for _, _, doc_id, n, text in sorted(heap, reverse=True):  # score descending, then run order
                 if doc_id in bad_docs:  # rejected at its corpus line
@@ -471,9 +527,9 @@ def _beir_records(path: Path, wanted: Collection[str]) -> Iterator[tuple[str, in
         yield ident, n, offset, text, obj
 
 
-def _fetch(f: Any, corpus: Path, offset: int, line_no: int) -> str:
+def _fetch(f: Any, corpus: Path, offset: int, line_no: int) -> str | ImageDoc:
     f.seek(offset)
     try:
-        return _beir_text(json.loads(f.readline().decode("utf-8")))
+        return _beir_text(json.loads(f.readline().decode("utf-8")), corpus.parent)
     except (ValueError, _Bad) as e:  # it parsed when indexed: the file changed under us
         raise RerankerError(f"{corpus}:{line_no} changed while the job was reading it ({e}); do not edit the corpus during a run") from e

@@ -7,6 +7,28 @@ the good ones (if any); a record that cannot be read at all yields one `Reject`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDoc:
+    """An image document as the input gives it: `given` is the path as written (None for Parquet bytes),
+    `source` what is read: that path resolved against the input's folder, or the encoded bytes.
+
+    Readers only name the file; the job opens and decodes it where it tokenises a window
+    (`jobs.images`), so a resume never decodes the images of the records it skips.
+    """
+
+    given: str | None
+    source: Path | bytes
+
+    def describe(self) -> str:
+        """How messages and outputs name it: the path as written, or "<N bytes>"."""
+        return self.given if self.given is not None else f"<{len(self.source)} bytes>"
+
+    def as_json(self) -> dict:
+        """The document as the output echoes it: `{"image": path}` (bytes: their size, not the bytes)."""
+        return {"image": self.given} if self.given is not None else {"image_bytes": len(self.source)}
 
 
 @dataclass
@@ -14,7 +36,8 @@ class Unit:
     """One query with its candidate documents, to be scored together.
 
     `index` counts units from 0 in input order (rejects take none), so indices are dense.
-    `docs` holds `(doc_id, text)` pairs (exactly one for flat-pair input). `positions` gives
+    `docs` holds `(doc_id, text)` pairs, the text an `ImageDoc` for an image document (exactly one
+    pair for flat-pair input). `positions` gives
     each doc's index in its input record when some of the record's documents were rejected
     (None: `docs[i]` is document i). `source` names the record for messages: "path:LINE",
     or "path:row N" (0-based) for Parquet. `pair` is True for a flat pair (one record per
@@ -25,7 +48,7 @@ class Unit:
     index: int
     query_id: str
     query: str
-    docs: list[tuple[str, str]]
+    docs: list[tuple[str, str | ImageDoc]]
     source: str
     positions: list[int] | None = None
     pair: bool = field(default=False, compare=False)

@@ -66,5 +66,9 @@ class Checkpoint:
 
 
 def changed_parts(old: dict, new: dict) -> list[str]:
-    """Names of the fingerprint parts (model, head, input, settings) that differ."""
-    return [k for k in new if old.get(k) != new[k]]
+    """Names of the fingerprint parts (model, head, input, settings, vision) that differ.
+
+    A checkpoint without a `vision` part was made by a run that scored no image (it had no projector, so
+    its first image document stopped it, or it predates image documents): any projector may take over.
+    """
+    return [k for k in new if old.get(k) != new[k] and not (k == "vision" and k not in old)]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from reranker.defaults import HEAD_FILE
 from reranker.errors import RerankerError
+from reranker.jobs.images import ImageSettings
 from reranker.jobs.job import JobSpec, model_fingerprint
 from reranker.settings import LoadSettings
 
@@ -50,13 +51,19 @@ class Preflight:
 
     gguf: Path
     head: Path
-    settings: LoadSettings  # model and head resolved to paths, bf16 decided
+    settings: LoadSettings  # model, head and mmproj resolved to paths, bf16 decided
     fingerprint: dict
+    images: ImageSettings | None = None  # the projector (if any) and sizing of image documents
 
 
 def preflight(spec: JobSpec, settings: LoadSettings) -> Preflight:
-    """Resolve the model and head, decide `bf16`, and make the job's model fingerprint (no file is written)."""
+    """Resolve the model, head and vision projector, decide `bf16`, and make the job's model fingerprint
+    (no file is written). The projector is `settings.mmproj`, else the `mmproj-*.gguf` beside the GGUF; with
+    one, the fingerprint's `vision` part records it and the image sizing (a text job's scores do not use it)."""
+    from reranker.engine.vision import find_mmproj
+    from reranker.gguf.header import check_file
     from reranker.gguf.hub import resolve
+    from reranker.images.preprocess import Sizing
 
     files = resolve(settings.model, settings.quant, cache_dir=settings.cache_dir, local_files_only=settings.local_files_only)
     if settings.head is not None and not isinstance(settings.head, (str, os.PathLike)):
@@ -64,9 +71,19 @@ def preflight(spec: JobSpec, settings: LoadSettings) -> Preflight:
     head = Path(settings.head) if settings.head is not None else files.head
     if head is None:
         raise RerankerError(f"no {HEAD_FILE} beside {files.gguf}; pass --head path/to/{HEAD_FILE}")
-    # bf16 decided once, so every worker loads the same copy
-    resolved = settings.replace(model=str(files.gguf), head=str(head), quant=None).decide_bf16(files.gguf)
-    return Preflight(Path(files.gguf), head, resolved, model_fingerprint(files.gguf, head, resolved.fingerprint()))
+    if settings.mmproj is not None:
+        mmproj = check_file(settings.mmproj, "vision projector (--mmproj)", "give the mmproj-*.gguf made with this model").resolve()
+    else:
+        mmproj = find_mmproj(files.gguf)
+        mmproj = mmproj.resolve() if mmproj is not None else None
+    # bf16 decided once, so every worker loads the same copy; every worker and actor loads the same projector
+    resolved = settings.replace(model=str(files.gguf), head=str(head), quant=None,
+                                mmproj=str(mmproj) if mmproj else None).decide_bf16(files.gguf)
+    images = ImageSettings(mmproj, Sizing(), Path(files.gguf))
+    fingerprint = model_fingerprint(files.gguf, head, resolved.fingerprint())
+    if mmproj is not None:
+        fingerprint["vision"] = images.fingerprint()
+    return Preflight(Path(files.gguf), head, resolved, fingerprint, images)
 
 
 def require_extras(spec: JobSpec, engine: str = "local") -> None:
@@ -118,12 +135,12 @@ def run_job(spec: JobSpec, settings: LoadSettings, *, devices: str | None = None
         require_extras(spec, engine)  # before the model is resolved: the one-line install hint comes first
         ray_options = ray_options or RayOptions()
         pre = preflight(spec, settings)
-        check_ray_job(spec, ray_options, model=pre.gguf, head=pre.head)
+        check_ray_job(spec, ray_options, model=pre.gguf, head=pre.head, mmproj=pre.images.mmproj)
     else:
         from reranker.jobs.job import check_job
 
         pre = preflight(spec, settings)
-        check_job(spec, model=pre.gguf, head=pre.head)
+        check_job(spec, model=pre.gguf, head=pre.head, mmproj=pre.images.mmproj)
     with JobLock(spec.files()):  # no other job on this output (and rejects file) until this one ends, however it ends
         try:
             if engine == "ray":
@@ -141,7 +158,8 @@ def _run_ray(spec: JobSpec, pre: Preflight, given: LoadSettings, options, quiet:
     local = os.path.exists(given.model)
     model = str(pre.gguf.resolve()) if local else given.model
     head = str(Path(given.head).resolve()) if given.head else (str(pre.head.resolve()) if local else None)
-    summary = RayJob(spec, pre.settings.replace(model=model, head=head), pre.fingerprint, options, quiet=quiet).run()
+    summary = RayJob(spec, pre.settings.replace(model=model, head=head), pre.fingerprint, options, quiet=quiet,
+                     images=pre.images, gguf=pre.gguf).run()
     return Summary(summary, already_complete=summary["pairs_this_run"] == 0 and summary["shards_skipped"] > 0)
 
 
@@ -188,7 +206,8 @@ def _run_local(spec: JobSpec, pre: Preflight, given: LoadSettings, devices: str 
     fmt = detect_input_format(spec.input, spec.input_format, beir_files=spec.input is None)
     progress = None
     try:
-        job = Job(spec, builder, scorer, pre.fingerprint, model_name=str(given.model), hidden_size=hidden_size)
+        job = Job(spec, builder, scorer, pre.fingerprint, model_name=str(given.model), hidden_size=hidden_size,
+                  images=pre.images)
         try:
             start = job.checkpoint.load() if not spec.restart else None
         except RerankerError:

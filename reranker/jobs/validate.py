@@ -37,11 +37,15 @@ def _short(text: str, limit: int = 60) -> str:
 
 def _raw(unit: Unit) -> str:
     """The unit's record, rebuilt as JSON, for the rejects file."""
+    def doc(text) -> dict:  # an image document: as the input gave it
+        return {"text": text} if isinstance(text, str) else text.as_json()
+
     if unit.pair:
         (doc_id, text), = unit.docs
-        obj = {"query_id": unit.query_id, "query": unit.query, "doc_id": doc_id, "document": text}
+        obj = {"query_id": unit.query_id, "query": unit.query, "doc_id": doc_id,
+               **({"document": text} if isinstance(text, str) else text.as_json())}
     else:
-        obj = {"query_id": unit.query_id, "query": unit.query, "documents": [{"id": d, "text": t} for d, t in unit.docs]}
+        obj = {"query_id": unit.query_id, "query": unit.query, "documents": [{"id": d, **doc(t)} for d, t in unit.docs]}
     return json.dumps(obj, ensure_ascii=False)
 
 

@@ -276,12 +276,17 @@ class JsonlWriter(_DraftWriter):
             lines = [_dumps({"query_id": unit.query_id, "doc_id": doc_id, "score": s, **_chunk_fields(chunks, i)})
                      for i, ((doc_id, _), s) in enumerate(zip(unit.docs, values))]
         else:
-            results = [{"index": unit.position(i), "doc_id": unit.docs[i][0], "relevance_score": values[i], "document": {"text": unit.docs[i][1]},
+            results = [{"index": unit.position(i), "doc_id": unit.docs[i][0], "relevance_score": values[i], "document": _document(unit.docs[i][1]),
                         **_chunk_fields(chunks, i)}
                        for i in _best_first(values)]
             lines = [_dumps({"query_id": unit.query_id, "query": unit.query, "model": self.model,
                              "usage": {"total_tokens": int(tokens)}, "results": results})]
         self._write_lines(lines)
+
+
+def _document(doc: object) -> dict:
+    """A result's `document`, as the Jina API echoes it: `{"text": ...}`, or an image's `{"image": path}`."""
+    return {"text": doc} if isinstance(doc, str) else doc.as_json()
 
 
 def _dumps(obj: dict) -> str:

@@ -1,0 +1,168 @@
+"""Image documents of a job: read, decoded and sized where a window is tokenised, a bad one rejected alone.
+
+The readers only name an image (`ImageDoc`); `load_window_images` reads it on the job's reader thread,
+after `cut_windows`, so a resume never opens the images of the records it skips, and the scoring
+process (or device worker) only runs the projector and the decode (`scoring.score_prompts`). An image
+that cannot be used (missing, not a regular file, truncated, not an image, a decompression bomb, too
+large for `max_length`) becomes a `Reject` naming its file, record and index, in input order, and the
+record's other documents are scored; with `--on-error fail` it stops the job with that message.
+
+Files are opened as data: read-only, non-blocking (a fifo never stalls the job), and used only when
+`fstat` says the opened file is a regular file (a path that is a device, fifo, socket or folder,
+directly or through a symbolic link, is a reject). Symbolic links are followed, as any program
+opening the path would. Nothing is ever written beside an image.
+
+Memory: a window holds at most `WINDOW_IMAGES` image documents (more only when one record has more),
+each kept only at its model size (at most 602112 pixels, 1.8 MB as RGB) once read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reranker.errors import RerankerError
+from reranker.jobs.records import ImageDoc, Reject, Unit
+
+#: Image documents per window at most (a window is cut before `--window` pairs when it holds this many):
+#: bounds the decoded images in flight, and still packs ~100k tokens per window at the model's 768 per image.
+WINDOW_IMAGES = 128
+#: Image files larger than this are refused before they are read (the pixel limit applies after).
+MAX_FILE_BYTES = 256 * 1024**2
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What a job's image documents need: the projector (`mmproj`; None: none was found, so the first image
+    document stops the job with the fix) and how images are sized (a `reranker.images.preprocess.Sizing`)."""
+
+    mmproj: Path | None
+    sizing: object
+    gguf: Path | None = None  # where the projector was looked for, for the message
+
+    def fingerprint(self) -> dict:
+        """The job fingerprint's `vision` part: the projector's file and the sizing (they change image scores)."""
+        from reranker.jobs.resume import file_fingerprint
+
+        return {"mmproj": file_fingerprint(self.mmproj) if self.mmproj else None,
+                "sizing": dataclasses.asdict(self.sizing), "window_images": WINDOW_IMAGES}
+
+
+def image_count(unit: Unit) -> int:
+    return sum(isinstance(doc, ImageDoc) for _, doc in unit.docs)
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the regular file at `path`, or a RerankerError saying why it is not one."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        why = {errno.ENOENT: "not found" + (" (a broken symbolic link)" if os.path.islink(path) else ""),
+               errno.EACCES: "not readable (permission denied)", errno.ELOOP: "a symbolic link loop",
+               errno.ENXIO: "not a regular file (a socket or device)", errno.ENOTDIR: "not found (a parent is not a folder)",
+               errno.ENAMETOOLONG: "a path too long"}.get(e.errno, f"unreadable ({e.strerror})")
+        raise RerankerError(f"image file {path}: {why}") from None
+    try:  # the opened file is checked, not the path: it cannot be swapped for a fifo in between
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RerankerError(f"image file {path} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
+                                "a job reads image files only")
+        if st.st_size > MAX_FILE_BYTES:
+            raise RerankerError(f"image file {path} is {st.st_size} bytes, over the limit of {MAX_FILE_BYTES}; "
+                                "downscale or recompress it")
+        chunks, left = [], MAX_FILE_BYTES + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise RerankerError(f"image file {path}: unreadable ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if left <= 0:  # it grew past the limit while being read
+        raise RerankerError(f"image file {path} is over the limit of {MAX_FILE_BYTES} bytes; downscale or recompress it")
+    return b"".join(chunks)
+
+
+def load_image_doc(doc: ImageDoc, sizing: object):
+    """`doc` read, decoded and sized (`engine.vision.load`): a `PendingImage`, or a RerankerError naming it."""
+    from reranker.engine.vision import load
+    from reranker.options import ImageRef
+
+    if isinstance(doc.source, bytes):
+        return load(ImageRef(doc.source, "the image"), sizing)
+    return load(ImageRef(read_image_file(doc.source), f"image file {doc.source}"), sizing)
+
+
+def _raw(unit: Unit, doc_id: str, doc: ImageDoc) -> str:
+    """The rejected document as JSON, as the input gave it (a flat pair: the whole record)."""
+    if unit.pair:
+        return json.dumps({"query_id": unit.query_id, "query": unit.query, "doc_id": doc_id, **doc.as_json()}, ensure_ascii=False)
+    return json.dumps({"id": doc_id, **doc.as_json()}, ensure_ascii=False)
+
+
+def load_window_images(items: list[Unit | Reject], builder, images: ImageSettings | None,
+                       stop: Callable[[Reject], Exception] | None = None) -> tuple[list[Unit], list[Reject], list[list]]:
+    """A window's `items` (in input order) with their images loaded: (units, rejects, each unit's document sides).
+
+    A document whose image cannot be used becomes a `Reject`, placed in the window's rejects among its
+    record's own rejects by document index, so the rejects stay in input order; its unit keeps the other
+    documents (and their `positions`), or goes when none is left. `stop`: with `--on-error fail`, the
+    exception to raise for the first such reject. No projector (`images.mmproj` None) is an error at the
+    first image document, whatever `stop` says: every image would fail the same way.
+    """
+    units: list[Unit] = []
+    rejects: list[Reject] = []
+    sides: list[list] = []
+    for item in items:
+        if isinstance(item, Reject):
+            rejects.append(item)
+            continue
+        if not image_count(item):
+            units.append(item)
+            sides.append([doc for _, doc in item.docs])
+            continue
+        if images is None or images.mmproj is None:
+            where = f" beside {images.gguf}" if images is not None and images.gguf is not None else ""
+            raise RerankerError(f"{item.source}: document {item.position(next(i for i, (_, d) in enumerate(item.docs) if isinstance(d, ImageDoc)))} "
+                                f"is an image, and there is no vision projector (no mmproj-*.gguf{where}); pass --mmproj "
+                                "path/to/mmproj-...gguf (made by `reranker convert` from a checkpoint with its visual.* weights)")
+        good: list[int] = []
+        loaded: list = []
+        bad: list[Reject] = []
+        for i, (doc_id, doc) in enumerate(item.docs):
+            if isinstance(doc, ImageDoc):
+                try:
+                    doc = load_image_doc(doc, images.sizing)
+                    builder.build_parts(item.query, doc)  # an image too large for max_length is this document's problem
+                except RerankerError as e:
+                    where = "" if item.pair else f" (query {item.query_id!r}, document {item.position(i)})"
+                    reject = Reject(item.source, f"unusable image {item.docs[i][1].describe()}: {e}{where}", _raw(item, doc_id, item.docs[i][1]),
+                                    *((None, None) if item.pair else (item.query_id, item.position(i))))
+                    if stop is not None:
+                        raise stop(reject) from None
+                    bad.append(reject)
+                    continue
+            good.append(i)
+            loaded.append(doc)
+        if bad:
+            # The record's own rejects (the reader's, for bad text documents) sit just before its unit:
+            # merge its image rejects among them by document index.
+            k = len(rejects)
+            while k and rejects[k - 1].source == item.source and rejects[k - 1].doc_index is not None:
+                k -= 1
+            rejects[k:] = sorted(rejects[k:] + bad, key=lambda r: -1 if r.doc_index is None else r.doc_index)
+        if good:
+            positions = [item.position(i) for i in good] if bad or item.positions is not None else None
+            units.append(dataclasses.replace(item, docs=[item.docs[i] for i in good], positions=positions))
+            sides.append(loaded)
+    return units, rejects, sides
