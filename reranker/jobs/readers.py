@@ -216,7 +216,7 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
     if not items:
         raise _Bad('empty documents list: "documents" is []')
     record = _Record(qid, query)
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}  # doc id -> the element of "documents" that gave it
     k = 0  # a document's index: a whole PDF counts as its pages, so indices count the documents as expanded
     for i, item in enumerate(items):
         name = f"documents[{i}]"
@@ -225,7 +225,7 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
                 _check_one_kind(item, name)
                 doc_id = None if item.get("id") is None else _ident(item["id"], f"{name}.id")
                 for page in _pdf_pages(item["pdf"], f"{name}.", base):  # ids: "<id>#<page>", or "<path as given>#<page>"
-                    _add(record, seen, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
+                    _add(record, seen, name, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
                     k += 1
                 continue
             if isinstance(item, dict):
@@ -241,7 +241,7 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
                 doc_id = str(k) if item.get("id") is None else _ident(item["id"], f"{name}.id")
             else:
                 text, doc_id = _text(item, name), str(k)
-            _add(record, seen, k, doc_id, text)
+            _add(record, seen, name, k, doc_id, text)
         except _Bad as e:
             record.bad.append((k, f"{e} (query {qid!r}, document {k})", item))
         k += 1
@@ -256,10 +256,10 @@ def _check_one_kind(item: dict, name: str) -> None:
         raise _Bad(f'"{name}.page" without "{name}.pdf": a page number is for a PDF document')
 
 
-def _add(record: _Record, seen: dict[str, int], k: int, doc_id: str, doc: str | ImageDoc) -> None:
+def _add(record: _Record, seen: dict[str, str], name: str, k: int, doc_id: str, doc: str | ImageDoc) -> None:
     if doc_id in seen:  # one query's results are keyed by doc id (TREC, evaluators)
-        raise _Bad(f'duplicate doc id: "{doc_id}" in documents[{seen[doc_id]}] and documents[{k}]')
-    seen[doc_id] = k
+        raise _Bad(f'duplicate doc id: "{doc_id}" in {seen[doc_id]} and {name}')
+    seen[doc_id] = name
     record.docs.append((doc_id, doc))
     record.positions.append(k)
 
