@@ -12,7 +12,10 @@ Files are opened as data: read-only, non-blocking (a fifo never stalls the job),
 directly or through a symbolic link, is a reject). Symbolic links are followed, as any program
 opening the path would. Nothing is ever written beside an image.
 
-Memory: a window holds at most `WINDOW_IMAGES` image documents (more only when one record has more),
+A PDF page (`ImageDoc.page`) is rendered here too, from a file opened as an image file is
+(`open_pdf_file`); a whole PDF's page count (`pdf_page_count`) is read by the readers, through the same opener.
+
+Memory: a window holds at most `WINDOW_IMAGES` image documents (PDF pages included) (more only when one record has more),
 each kept only at its model size (at most 602112 pixels, 1.8 MB as RGB) once read.
 """
 
