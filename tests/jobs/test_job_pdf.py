@@ -51,7 +51,7 @@ def _main(capsys, args):
     return rc, capsys.readouterr().err
 
 
-def test_readers_expand_whole_pdfs_and_name_pages(pdfs):
+def test_readers_expand_whole_pdfs_and_name_pages(pdfs, monkeypatch):
     """Nested JSONL: a PDF without a page is its pages, in place (ids `id#N`, else `path#N`; indices count them);
     flat pairs, Parquet and BEIR name one page each. Only page counts are read, nothing rendered."""
     from reranker.jobs.readers import read_input
@@ -116,6 +116,16 @@ def test_readers_expand_whole_pdfs_and_name_pages(pdfs):
     (beir / "run.trec").write_text("q1 Q0 d1 1 2.0 r\nq1 Q0 d2 2 1.0 r\n")
     bad, unit = read_input(beir)
     assert 'missing field "page"' in bad.reason and unit.docs[0][1].source == beir / "../docs/memo.pdf" and unit.docs[0][1].page == 1
+
+    # opened as image files are: a symbolic link is followed (to a regular file); the size cap holds
+    if not (docs / "link.pdf").is_symlink():
+        os.symlink("report.pdf", docs / "link.pdf")
+    one = write_jsonl(root / "one.jsonl", [{"query": QUERY, "documents": [{"pdf": "docs/link.pdf"}]}])
+    (unit,) = read_input(one)
+    assert [d for d, _ in unit.docs] == ["docs/link.pdf#1", "docs/link.pdf#2", "docs/link.pdf#3"]
+    monkeypatch.setattr("reranker.jobs.images.MAX_FILE_BYTES", (docs / "report.pdf").stat().st_size - 1)
+    (bad,) = read_input(one)
+    assert f"is {(docs / 'report.pdf').stat().st_size} bytes, over the limit" in bad.reason and "docs/link.pdf" in bad.reason
 
 
 def test_pdf_job_equals_compute_score(tiny_ggufs, tiny_reranker, pdfs, tmp_path, capsys):
