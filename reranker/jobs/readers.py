@@ -141,6 +141,10 @@ def _image(value: object, name: str, base: Path) -> ImageDoc:
 def _pdf(value: object, page: object, prefix: str, base: Path) -> ImageDoc:
     """Page `page` (from 1) of the PDF at path `value` (relative: to `base`), kept unread; `prefix` names
     the fields' document ("documents[2]." or "")."""
+    from reranker.extras import require
+
+    # Not a reject: every PDF document would fail the same way, so the job stops at the first with the fix.
+    require("pdf", f'a PDF document ("{prefix}pdf")')
     if not isinstance(value, str):
         raise _Bad(f'bad PDF: "{prefix}pdf" must be a file path (a string), got {_json_type(value)}')
     try:

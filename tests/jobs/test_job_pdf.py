@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import pytest
 from helpers import encrypted_pdf, hand_written_pdf, kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl, write_pdf
 
+from reranker import RerankerError
 from reranker.images.pdf import MAX_PAGES
 from reranker.jobs.records import ImageDoc, Reject, Unit
 
@@ -126,6 +128,11 @@ def test_readers_expand_whole_pdfs_and_name_pages(pdfs, monkeypatch):
     monkeypatch.setattr("reranker.jobs.images.MAX_FILE_BYTES", (docs / "report.pdf").stat().st_size - 1)
     (bad,) = read_input(one)
     assert f"is {(docs / 'report.pdf').stat().st_size} bytes, over the limit" in bad.reason and "docs/link.pdf" in bad.reason
+
+    # without the `pdf` extra the job stops at the first PDF document with the install command (not one reject each)
+    monkeypatch.setitem(sys.modules, "pypdfium2", None)
+    with pytest.raises(RerankerError, match=r'a PDF document \("documents\[0\]\.pdf"\) needs pypdfium2, which is not installed: pip install'):
+        list(read_input(one))
 
 
 def test_pdf_job_equals_compute_score(tiny_ggufs, tiny_reranker, pdfs, tmp_path, capsys):
