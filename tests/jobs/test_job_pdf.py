@@ -18,6 +18,7 @@ from helpers import encrypted_pdf, hand_written_pdf, kill_when, read_jsonl, run,
 
 from reranker import RerankerError
 from reranker.images.pdf import MAX_PAGES
+from reranker.jobs.images import image_count
 from reranker.jobs.records import ImageDoc, Reject, Unit
 
 pytest.importorskip("pypdfium2")
@@ -94,6 +95,7 @@ def test_readers_expand_whole_pdfs_and_name_pages(pdfs, monkeypatch):
                                                    (docs / "memo.pdf", 2), (docs / "memo.pdf", 1), (docs / "memo.pdf", 2),
                                                    (docs / "report.pdf", 9)]
     assert pages[0].as_json() == {"pdf": "docs/report.pdf", "page": 1} and pages[0].describe() == "docs/report.pdf#1"
+    assert image_count(unit) == 7  # pages count against a window's WINDOW_IMAGES like images
 
     flat = write_jsonl(root / "flat.jsonl", [{"query_id": "q", "query": QUERY, "doc_id": "a", "pdf": "docs/memo.pdf", "page": 2},
                                              {"query_id": "q", "query": QUERY, "doc_id": "b", "pdf": "docs/memo.pdf"},
