@@ -53,6 +53,10 @@ def _open(source: str | os.PathLike | BinaryIO, name: str):
     `source`: a path, or a binary file the caller opened and checked (jobs open files as data:
     `jobs.images.open_pdf_file`); PDFium reads what it needs from it, and the caller closes it."""
     pdfium = _pdfium(f"reading {name}")
+    # PDFium keeps its last error across calls and refuses some files (an empty page tree) without setting one, so
+    # such a file would be reported with the previous failure's code (after an encrypted file: "encrypted"). A load
+    # of no file first sets a known code, FPDF_ERR_FILE, which loading a checked path or an open file never sets.
+    pdfium.raw.FPDF_LoadDocument(b"", None)
     try:
         if isinstance(source, (str, os.PathLike)):
             return pdfium.PdfDocument(str(check_file(source, "PDF file", _FIX)))
@@ -65,7 +69,7 @@ def _open(source: str | os.PathLike | BinaryIO, name: str):
                                 "save an unencrypted copy first (e.g. `qpdf --decrypt --password=... in.pdf out.pdf`)") from None
         if code == raw.FPDF_ERR_FORMAT:
             raise RerankerError(f"{name} is not a readable PDF (not a PDF, or corrupt or truncated); {_FIX}") from None
-        if code == raw.FPDF_ERR_SUCCESS:  # PDFium fails a document without a single page this way
+        if code in (raw.FPDF_ERR_SUCCESS, raw.FPDF_ERR_FILE):  # no code of its own: PDFium fails a document without pages this way
             raise RerankerError(f"{name} has no pages PDFium can read (an empty page tree?); {_FIX} with at least one page") from None
         raise RerankerError(f"{name} could not be opened as a PDF ({e}); {_FIX}") from None
 

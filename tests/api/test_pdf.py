@@ -95,6 +95,10 @@ def test_broken_encrypted_and_missing_pages_are_named(pdf_file, tmp_path):
     for call in (lambda: pdf_pages(locked), lambda: load_image(PdfPage(locked, 1))):
         with pytest.raises(RerankerError, match=r"locked\.pdf(#1)? is encrypted \(password-protected\).*save an unencrypted copy"):
             call()
+    empty = tmp_path / "empty.pdf"  # PDFium's last error is still the encrypted file's: not this file's reason
+    empty.write_bytes(hand_written_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"]))
+    with pytest.raises(RerankerError, match=r"empty\.pdf has no pages PDFium can read"):
+        pdf_pages(empty)
     restricted = tmp_path / "restricted.pdf"  # an owner password only: viewers open it, and so do we
     restricted.write_bytes(encrypted_pdf("", "owner"))
     im = load_image(PdfPage(restricted, 1))
