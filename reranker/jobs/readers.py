@@ -224,14 +224,10 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
     k = 0  # a document's index: a whole PDF counts as its pages, so indices count the documents as expanded
     for i, item in enumerate(items):
         name = f"documents[{i}]"
+        if isinstance(item, dict) and item.get("pdf") is not None and item.get("page") is None:
+            k = _expand_pdf(record, seen, item, name, k, base)
+            continue
         try:
-            if isinstance(item, dict) and item.get("pdf") is not None and item.get("page") is None:
-                _check_one_kind(item, name)
-                doc_id = None if item.get("id") is None else _ident(item["id"], f"{name}.id")
-                for page in _pdf_pages(item["pdf"], f"{name}.", base):  # ids: "<id>#<page>", or "<path as given>#<page>"
-                    _add(record, seen, name, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
-                    k += 1
-                continue
             if isinstance(item, dict):
                 _check_one_kind(item, name)
                 if item.get("pdf") is not None:
@@ -250,6 +246,26 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
             record.bad.append((k, f"{e} (query {qid!r}, document {k})", item))
         k += 1
     return record
+
+
+def _expand_pdf(record: _Record, seen: dict[str, str], item: dict, name: str, k: int, base: Path) -> int:
+    """A whole PDF's pages as the record's documents k, k+1, ... (ids "<id>#<page>", or "<path as given>#<page>");
+    the next document's index. A file that cannot be counted is one reject at index k; a page whose id is taken,
+    a reject of its own."""
+    try:
+        _check_one_kind(item, name)
+        doc_id = None if item.get("id") is None else _ident(item["id"], f"{name}.id")
+        pages = _pdf_pages(item["pdf"], f"{name}.", base)
+    except _Bad as e:
+        record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", item))
+        return k + 1
+    for page in pages:
+        try:
+            _add(record, seen, name, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
+        except _Bad as e:
+            record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", {**item, "page": page.page}))
+        k += 1
+    return k
 
 
 def _check_one_kind(item: dict, name: str) -> None:

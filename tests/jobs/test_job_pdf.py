@@ -121,6 +121,13 @@ def test_readers_expand_whole_pdfs_and_name_pages(pdfs, monkeypatch):
     bad, unit = read_input(beir)
     assert 'missing field "page"' in bad.reason and unit.docs[0][1].source == beir / "../docs/memo.pdf" and unit.docs[0][1].page == 1
 
+    # a page whose id is taken is rejected alone; the file's other pages keep their indices
+    clash = write_jsonl(root / "clash.jsonl", [{"query": QUERY, "documents": [{"id": "r#2", "text": "x"}, {"id": "r", "pdf": "docs/report.pdf"}]}])
+    reject, unit = read_input(clash)
+    assert (reject.doc_index, json.loads(reject.raw)) == (2, {"id": "r", "pdf": "docs/report.pdf", "page": 2})
+    assert 'duplicate doc id: "r#2" in documents[0] and documents[1]' in reject.reason
+    assert [d for d, _ in unit.docs] == ["r#2", "r#1", "r#3"] and unit.positions == [0, 1, 3]
+
     # opened as image files are: a symbolic link is followed (to a regular file); the size cap holds
     if not (docs / "link.pdf").is_symlink():
         os.symlink("report.pdf", docs / "link.pdf")
