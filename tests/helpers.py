@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -250,6 +251,90 @@ def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+# --- PDF files: written by pypdfium2, or by hand (an encrypted one) -------------------------------------------
+
+# Pages in PDF units (1/72 in): US letter, A4 landscape, a small square.
+PDF_PAGES = [(612, 792), (842, 595), (200, 200)]
+
+
+def page_picture(w: int, h: int, seed: int):
+    """Smooth colour gradients (so resampling barely changes them) with a seeded tint per picture."""
+    from PIL import Image
+
+    tint = np.random.default_rng(seed).integers(0, 256, size=3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    px = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.broadcast_to(tint[2], (h, w))], -1)
+    return Image.fromarray(((px + tint) % 256).astype(np.uint8), "RGB")
+
+
+def write_pdf(path, pages=PDF_PAGES) -> list:
+    """A PDF whose page i is filled by picture i (stretched over the page); returns the pictures."""
+    import pypdfium2 as pdfium
+
+    pdf = pdfium.PdfDocument.new()
+    pictures = []
+    for i, (w, h) in enumerate(pages):
+        pic = page_picture(96, 96 * h // w, seed=i)
+        page = pdf.new_page(w, h)
+        obj = pdfium.PdfImage.new(pdf)
+        obj.set_bitmap(pdfium.PdfBitmap.from_pil(pic))
+        obj.set_matrix(pdfium.PdfMatrix().scale(w, h))
+        page.insert_obj(obj)
+        page.gen_content()
+        pictures.append(pic)
+    pdf.save(str(path))
+    pdf.close()
+    return pictures
+
+
+def hand_written_pdf(objects: list[bytes], trailer: bytes = b"") -> bytes:
+    """A PDF file of these objects (1, 2, ...; object 1 the catalog) with its cross-reference table."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R %s >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, trailer, xref)
+    return bytes(out)
+
+
+_PAD = bytes.fromhex("28BF4E5E4E758A4164004E56FFFA01082E2E00B6D0683E802F0CA9FE6453697A")
+
+
+def rc4(key: bytes, data: bytes) -> bytes:
+    s, j = list(range(256)), 0
+    for i in range(256):
+        j = (j + s[i] + key[i % len(key)]) % 256
+        s[i], s[j] = s[j], s[i]
+    out, i, j = bytearray(), 0, 0
+    for b in data:
+        i = (i + 1) % 256
+        j = (j + s[i]) % 256
+        s[i], s[j] = s[j], s[i]
+        out.append(b ^ s[(s[i] + s[j]) % 256])
+    return bytes(out)
+
+
+def encrypted_pdf(user_password: str, owner_password: str) -> bytes:
+    """One 300x200 page drawing a blue rectangle, encrypted (standard handler, revision 2, 40-bit RC4).
+
+    An empty `user_password` is a file that opens without one (only the owner's restrictions apply)."""
+    doc_id, perms = bytes(range(16)), -4
+    padded = lambda pw: (pw.encode("latin-1") + _PAD)[:32]
+    owner = rc4(hashlib.md5(padded(owner_password)).digest()[:5], padded(user_password))  # algorithm 3
+    key = hashlib.md5(padded(user_password) + owner + struct.pack("<i", perms) + doc_id).digest()[:5]  # algorithm 2
+    stream = rc4(hashlib.md5(key + (4).to_bytes(3, "little") + b"\0\0").digest()[:10], b"0 0 1 rg 50 50 200 100 re f")
+    return hand_written_pdf([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 200] /Contents 4 0 R >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Filter /Standard /V 1 /R 2 /O <%s> /U <%s> /P %d >>" % (owner.hex().encode(), rc4(key, _PAD).hex().encode(), perms),
+    ], b"/Encrypt 5 0 R /ID [<%s> <%s>]" % (doc_id.hex().encode(), doc_id.hex().encode()))
 
 
 # --- vision: a tiny Qwen2-VL vision tower and llama.cpp's own converter ---------------------------------------

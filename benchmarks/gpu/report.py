@@ -5,6 +5,9 @@ from __future__ import annotations
 FLOPS_PER_TOKEN = 2 * 1.54e9
 LEVEL_STEPS = (("q8", "Q8_0"), ("f16", "F16"), ("q4", "Q4_K_M"), ("bf16", "BF16"))
 CHECK_STEPS = ("check-offload", "check-scores", "check-head", "check-job")
+# Optional steps with a check: the checks they made count (a failed one fails the run); one that did not run or
+# did not finish (its budget, a skip) adds nothing: its error is on its own line of results.md.
+OPTIONAL_CHECK_STEPS = ("job-images",)
 
 
 def _r(data: dict, step: str) -> dict:
@@ -83,10 +86,12 @@ def targets(data: dict) -> list[tuple[str, str, bool | None]]:
 
 def checks(data: dict) -> list[dict]:
     out = []
-    for s in CHECK_STEPS:
+    for s in CHECK_STEPS + OPTIONAL_CHECK_STEPS:
         st = data["steps"].get(s) or {}
         for c in (st.get("result") or {}).get("checks", []):
             out.append({"step": s, **c})
+        if s in OPTIONAL_CHECK_STEPS:
+            continue
         if st.get("status") in ("error", "partial") or str(st.get("status", "")).startswith("running"):
             out.append({"step": s, "name": f"{s} did not complete", "ok": False,
                         "detail": (st.get("result") or {}).get("error") or st.get("status")})
@@ -193,6 +198,22 @@ def render(data: dict) -> tuple[str, str]:
                               f"{_f(f.get('decode_tokens_per_s'))} | {_f(f.get('prompt_tokens_per_s'))} | {_f(f.get('tokens_per_image'))} |")
         else:
             md.append(str(im.get("skipped") or im.get("error")))
+    jm = _r(data, "job-images")
+    if jm.get("result") or jm.get("skipped") or jm.get("error"):
+        md += ["", "## Image documents in a job (`reranker score`, F16 GGUF + F16 mmproj)", ""]
+        res = jm.get("result") or {}
+        if res:
+            md.append(f"{res['images']} image documents ({', '.join(f'{k} {v}' for k, v in res['sizes'].items())} PNGs, "
+                      f"{res['per_record']} per record, paths relative to the JSONL), {res['preset']} shapes, {res['device']}, "
+                      f"--window {res['window']}; libmtmd {jm.get('libmtmd')} ({res.get('vision_backend', '?')}); "
+                      f"all layers on the GPU: {res.get('all_layers_on_gpu')}")
+            md += ["", "| images/s | tokens/s | loop s | process s | compute_score images/s | max score diff vs compute_score |",
+                   "| ---: | ---: | ---: | ---: | ---: | ---: |",
+                   f"| {_f(res.get('job_images_per_s'), '{:.2f}')} | {_f(res.get('job_tokens_per_s'))} | {_f(res.get('job_loop_s'), '{:.1f}')} | "
+                   f"{_f(res.get('job_process_s'), '{:.1f}')} | {_f(res.get('compute_score_images_per_s'), '{:.2f}')} | "
+                   f"{_f(res.get('max_score_diff'), '{:.2e}')} |"]
+        if not res or jm.get("error"):
+            md.append(str(jm.get("skipped") or jm.get("error")))
     tg = targets(data)
     md += ["", "## Targets", "", "| target | value | met |", "| --- | ---: | --- |"]
     md += [f"| {n} | {v} | {'–' if ok is None else ('yes' if ok else '**no**')} |" for n, v, ok in tg]
@@ -235,6 +256,10 @@ def render(data: dict) -> tuple[str, str]:
                  f"transformers {ir['transformers_images_per_s']:.2f}, {ir['transformers_prompt_tokens_per_s']:.0f} | "
                  f"{ir['ratio_images_per_s']:.2f}x; encode {ir['ours_encode_s_per_image'] * 1000:.0f} vs "
                  f"{ir['transformers_encode_s_per_image'] * 1000:.0f} ms/image")
+    jr = _r(data, "job-images").get("result") or {}
+    if jr:
+        s.append(f"job on image documents ({jr['preset']}): {jr['job_images_per_s']:.2f} images/s, {jr['job_tokens_per_s']:.0f} tok/s; "
+                 f"scores vs compute_score max |diff| {_f(jr.get('max_score_diff'), '{:.1e}')}")
     for n, v, ok in tg:
         s.append(f"  [{'  ' if ok is None else ('OK' if ok else 'NO')}] {n}: {v}")
     skipped = [n for n, st in data["steps"].items() if str(st.get("status", "")).startswith("skipped") or st.get("status") in ("error", "partial")]

@@ -46,16 +46,17 @@ STEPS = {
     "env": (5, 5), "deps": (10, 10), "build": (330, 900), "install": (20, 20),
     "check-offload": (20, 15), "check-scores": (40, 40), "check-head": (25, 15), "check-job": (60, 60),
     "matmul": (15, 10), "q8": (75, 40), "transformers": (60, 40), "f16": (75, 40), "head": (60, 20),
-    "q4": (40, 25), "bf16": (40, 25), "sweep": (120, 60), "serve": (150, 120), "images": (240, 150), "build-timing": (330, 420),
+    "q4": (40, 25), "bf16": (40, 25), "sweep": (120, 60), "serve": (150, 120), "images": (240, 150),
+    "job-images": (120, 180), "build-timing": (330, 420),
     "ray": (60, 120),
 }
 # While the build runs (in the background), the steps that need only torch use the GPU.
 DEFAULT_STEPS = ["env", "deps", "build", "check-head", "matmul", "head", "transformers", "install", "check-offload",
-                 "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "images", "ray"]  # ray: last, only when installed
+                 "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "images", "job-images", "ray"]  # ray: last, only when installed
 # Without a build to wait for, the order of value: checks, Q8_0 and its peers, F16, the head, the rest.
 # (issue 23's order; matmul early because every fraction of the bf16 rate needs it, and it takes 15 s)
 VALUE_ORDER = ["install", "check-offload", "check-scores", "check-head", "check-job", "matmul", "q8", "f16", "transformers",
-               "head", "bf16", "q4", "sweep", "serve", "images", "ray", "build-timing"]
+               "head", "bf16", "q4", "sweep", "serve", "images", "job-images", "ray", "build-timing"]
 # Steps that need llama.cpp (skipped when the build failed); the others only need torch.
 # Steps that compare CUDA with the CPU within 1e-4: cuBLAS's TF32 (ggml-cuda enables it for F32
 # products, ~5e-4 off) would fail them on rounding alone, so they run with TF32 off.
@@ -64,7 +65,8 @@ TF32_OFF = {"check-scores", "check-job"}
 CORE_MODULES = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "tiktoken", "yaml", "requests", "jinja2", "tqdm")
 # Carried build tools installed even where the image has them: the build then uses the versions rehearsed here.
 BUILD_TOOLS = {"scikit_build_core", "pathspec"}
-NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "images", "ray"}
+NEEDS_LLAMA = {"check-offload", "check-scores", "check-job", "q8", "f16", "q4", "bf16", "sweep", "serve", "images", "job-images",
+               "ray"}
 
 
 # Free disk at start (the m0 run writes ~25 GB on a 64 GiB disk): below the first, refuse; below the
@@ -340,8 +342,8 @@ class Runner:
     def ctx(self) -> dict:
         return {"cpu": self.cpu, "work": str(self.work), "out": str(self.out), "seconds": self.args.seconds,
                 "preset": "small" if self.cpu else "m0", "arch": self.arch, "root": str(ROOT), "no_bf16": self.no_bf16,
-                # the convert stage makes the images step's model only when that step is planned
-                "images": "images" in getattr(self, "planned", ())}
+                # the convert stage makes the images steps' model only when one of them is planned
+                "images": bool({"images", "job-images"} & set(getattr(self, "planned", ())))}
 
     def sh(self, cmd: str) -> str:
         try:

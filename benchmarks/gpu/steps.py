@@ -1030,11 +1030,9 @@ def images_model(ctx: dict) -> tuple[Path, Path, Path]:
     return made
 
 
-def step_images(ctx: dict, R: Result) -> None:
-    """Optional: image documents (benchmarks/images.py): ours (F16 GGUF + F16 mmproj in libmtmd) against transformers
-    bf16 on the same 8 images (0.3 and 0.6 MP), the vision encode and the decode timed apart; m0's shapes on the GPU
-    (Qwen2-VL-2B's vision tower), `small` in the rehearsal. Its own synthetic checkpoint with a vision tower (the
-    convert stage's has none). Skipped without Pillow; it never adds a check."""
+def _images_setup(ctx: dict, R: Result, step: str) -> bool:
+    """What the images steps need: Pillow, libmtmd, and their model (made by the convert stage, else here);
+    False (with the reason in R's `skipped`) when they cannot run."""
     import importlib.util
 
     if importlib.util.find_spec("PIL") is None:
@@ -1047,8 +1045,8 @@ def step_images(ctx: dict, R: Result) -> None:
         else:
             R.set("libmtmd", tail.strip().splitlines()[-1])
     if "skipped" in R.data:
-        say(f"images: skipped, {R.data['skipped']}")
-        return
+        say(f"{step}: skipped, {R.data['skipped']}")
+        return False
     P = paths(ctx)
     try:  # the convert stage makes it in the background; if that stage died, make it here
         wait_ready(P["images_model"], deadline=DEADLINE - (100 if ctx["cpu"] else 150))  # leave the measurement its time
@@ -1056,6 +1054,17 @@ def step_images(ctx: dict, R: Result) -> None:
         t = time.time()
         images_model(ctx)
         R.set("model_made_in_step_s", round(time.time() - t, 1))
+    return True
+
+
+def step_images(ctx: dict, R: Result) -> None:
+    """Optional: image documents (benchmarks/images.py): ours (F16 GGUF + F16 mmproj in libmtmd) against transformers
+    bf16 on the same 8 images (0.3 and 0.6 MP), the vision encode and the decode timed apart; m0's shapes on the GPU
+    (Qwen2-VL-2B's vision tower), `small` in the rehearsal. Its own synthetic checkpoint with a vision tower (the
+    convert stage's has none). Skipped without Pillow; it never adds a check."""
+    if not _images_setup(ctx, R, "images"):
+        return
+    P = paths(ctx)
     out = Path(ctx["work"]) / "results" / "images-bench.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(BENCH / "images.py"), "--preset", ctx["preset"], "--n", "8",
@@ -1068,6 +1077,79 @@ def step_images(ctx: dict, R: Result) -> None:
     say(f"images: ours {res['ours_images_per_s']:.2f} images/s, transformers {res['transformers_images_per_s']:.2f} "
         f"({res['ratio_images_per_s']:.2f}x); prompt tokens/s {res['ours_prompt_tokens_per_s']:.0f} vs "
         f"{res['transformers_prompt_tokens_per_s']:.0f}; {sizes}")
+
+
+#: job-images: (images, images per record, --window) on the GPU and in the CPU rehearsal; windows of whole records.
+JOB_IMAGES_SHAPE = {"gpu": (128, 8, 64), "cpu": (8, 4, 8)}
+
+
+def step_job_images(ctx: dict, R: Result) -> None:
+    """Optional: `reranker score` on a JSONL of image documents (benchmarks/images.py's pictures, 0.3 and 0.6 MP PNGs,
+    paths relative to the JSONL, as benchmarks/job_images.py writes them) with the images step's model (F16 GGUF +
+    F16 mmproj) on the GPU, in its own process: images/s of the job's streaming loop (its summary; the model load
+    apart). Then its scores against `compute_score` on the same pairs in this process (same model, n_ctx, n_batch
+    and threads; the job's window as the batch), a check: equal within 1e-4 (bit-equal expected)."""
+    import numpy as np
+
+    if not _images_setup(ctx, R, "job-images"):
+        return
+    sys.path.insert(0, str(BENCH))
+    from images import SIZES
+    from job_images import write_input
+
+    P = paths(ctx)
+    gguf = P["images_model"]
+    mmproj = next(gguf.parent.glob("mmproj-*.gguf"))
+    n, per_record, window = JOB_IMAGES_SHAPE["cpu" if ctx["cpu"] else "gpu"]
+    work = Path(ctx["work"]) / "job-images"
+    t = time.perf_counter()
+    inp = write_input(work, n, per_record)  # imgs/0.png ... and in.jsonl naming them by relative paths
+    R.set("write_input_s", round(time.perf_counter() - t, 1))
+    dev = device(ctx)
+    threads = str(min(8, os.cpu_count() or 1))
+    settings = ["--n-ctx", "4096", "--n-batch", "4096", "--threads", threads, "--device", dev]
+    if ctx["cpu"]:
+        settings += ["--n-gpu-layers", "0"]
+    out = work / "out.jsonl"
+    logdir = work / "llama-log"
+    for f in logdir.glob("*.log") if logdir.is_dir() else []:
+        f.unlink()
+    rc, sec, text = run(cli_cmd("score", "-m", str(gguf), "--mmproj", str(mmproj), "-i", str(inp), "-o", str(out),
+                                "--per", "pair", "--window", str(window), "--quiet", "--restart", *settings),
+                        env=dict(os.environ, GPU_RUN_LLAMA_LOG=str(logdir)))
+    if rc != 0:
+        raise RuntimeError(f"reranker score on image documents exited {rc}: {tail_lines(text, 4)}")
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    job_scores = _read_scores(out)
+    logs = [f.read_text(errors="replace") for f in sorted(logdir.glob("*.log"))]
+    procs = [parse_offload(text) for text in logs]
+    clip = sorted({m.strip() for text in logs for m in re.findall(r"[^\n]*CLIP using[^\n]*", text)})
+    res = {"preset": ctx["preset"], "images": n, "per_record": per_record, "window": window, "device": dev,
+           "sizes": {name: f"{w}x{h}" for name, (w, h) in SIZES.items()},
+           "job_images_per_s": summary["pairs_per_second"], "job_tokens_per_s": summary["tokens_per_second"],
+           "job_loop_s": summary["wall_seconds"], "job_process_s": round(sec, 1), "tokens": summary["tokens"],
+           "all_layers_on_gpu": any(p["offloaded"] for p in procs) and all(p["all_layers_on_gpu"] for p in procs if p["offloaded"]),
+           "vision_backend": "; ".join(clip) or "not logged"}
+    R.set("result", res)
+    say(f"job-images: {n} image documents, {res['job_images_per_s']:.2f} images/s, {res['job_tokens_per_s']:.0f} tokens/s "
+        f"(loop {res['job_loop_s']:.1f} s, process {sec:.1f} s)")
+
+    from reranker import Reranker
+
+    records = [json.loads(line) for line in inp.read_text().splitlines()]
+    pairs = [[r["query"], {"image": work / d["image"]}] for r in records for d in r["documents"]]
+    with Reranker.from_pretrained(str(gguf), mmproj=str(mmproj), n_ctx=4096, n_batch=4096, n_threads=int(threads), device=dev,
+                                  n_gpu_layers=0 if ctx["cpu"] else -1) as rr:
+        t = time.perf_counter()
+        want = np.array(rr.compute_score(pairs, batch_size=window), dtype=np.float64)
+        res["compute_score_images_per_s"] = len(pairs) / (time.perf_counter() - t)
+    d = float(np.abs(job_scores - want).max()) if len(job_scores) == len(want) else float("inf")
+    res.update(max_score_diff=d, scores_bit_equal=bool(len(job_scores) == len(want) and (job_scores == want).all()))
+    R.set("result", res)
+    ok = d <= 1e-4 and (ctx["cpu"] or res["all_layers_on_gpu"])
+    R.check("job on image documents == compute_score", ok,
+            f"{len(job_scores)} pairs; max |diff| {d:.2e} (bit-equal: {res['scores_bit_equal']}); "
+            f"all layers on the GPU: {res['all_layers_on_gpu']}")
 
 
 def step_ray(ctx: dict, R: Result) -> None:
@@ -1125,7 +1207,7 @@ def main() -> None:
     R.set("started", time.strftime("%H:%M:%S"))
     fn = {"check-offload": step_check_offload, "check-scores": step_check_scores, "check-head": step_check_head,
           "check-job": step_check_job, "matmul": step_matmul, "transformers": step_transformers, "head": step_head,
-          "sweep": step_sweep, "serve": step_serve, "images": step_images, "ray": step_ray}.get(args.step)
+          "sweep": step_sweep, "serve": step_serve, "images": step_images, "job-images": step_job_images, "ray": step_ray}.get(args.step)
     t = time.perf_counter()
     try:
         if fn is not None:

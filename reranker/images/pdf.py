@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -46,12 +47,20 @@ def _pdfium(what: str):
     return pypdfium2
 
 
-def _open(path: str | os.PathLike, name: str):
-    """The open `PdfDocument` (call with the lock held); every failure a RerankerError naming `name`."""
+def _open(source: str | os.PathLike | BinaryIO, name: str):
+    """The open `PdfDocument` (call with the lock held); every failure a RerankerError naming `name`.
+
+    `source`: a path, or a binary file the caller opened and checked (jobs open files as data:
+    `jobs.images.open_pdf_file`); PDFium reads what it needs from it, and the caller closes it."""
     pdfium = _pdfium(f"reading {name}")
-    file = check_file(path, "PDF file", _FIX)
+    # PDFium keeps its last error across calls and refuses some files (an empty page tree) without setting one, so
+    # such a file would be reported with the previous failure's code (after an encrypted file: "encrypted"). A load
+    # of no file first sets a known code, FPDF_ERR_FILE, which loading a checked path or an open file never sets.
+    pdfium.raw.FPDF_LoadDocument(b"", None)
     try:
-        return pdfium.PdfDocument(str(file))
+        if isinstance(source, (str, os.PathLike)):
+            return pdfium.PdfDocument(str(check_file(source, "PDF file", _FIX)))
+        return pdfium.PdfDocument(source, autoclose=False)
     except pdfium.PdfiumError as e:
         code = getattr(e, "err_code", None)
         raw = pdfium.raw
@@ -60,15 +69,15 @@ def _open(path: str | os.PathLike, name: str):
                                 "save an unencrypted copy first (e.g. `qpdf --decrypt --password=... in.pdf out.pdf`)") from None
         if code == raw.FPDF_ERR_FORMAT:
             raise RerankerError(f"{name} is not a readable PDF (not a PDF, or corrupt or truncated); {_FIX}") from None
-        if code == raw.FPDF_ERR_SUCCESS:  # PDFium fails a document without a single page this way
+        if code in (raw.FPDF_ERR_SUCCESS, raw.FPDF_ERR_FILE):  # no code of its own: PDFium fails a document without pages this way
             raise RerankerError(f"{name} has no pages PDFium can read (an empty page tree?); {_FIX} with at least one page") from None
         raise RerankerError(f"{name} could not be opened as a PDF ({e}); {_FIX}") from None
 
 
-def page_count(path: str | os.PathLike) -> int:
-    """The number of pages of the PDF at `path`."""
+def page_count(path: str | os.PathLike, file: BinaryIO | None = None) -> int:
+    """The number of pages of the PDF at `path` (read from `file` when given: `path` then only names it)."""
     with _PDFIUM_LOCK:
-        doc = _open(path, f"PDF {os.fspath(path)}")
+        doc = _open(path if file is None else file, f"PDF {os.fspath(path)}")
         try:
             return len(doc)
         finally:
@@ -106,12 +115,14 @@ def render_scale(width: float, height: float, max_pixels: int = RENDER_PIXELS) -
     return scale
 
 
-def render_page(ref: PdfPage, name: str | None = None, *, max_pixels: int = RENDER_PIXELS) -> Image.Image:
-    """Page `ref.page` (from 1) of `ref.path` as an RGB image of at most `max_pixels` pixels (see the module)."""
+def render_page(ref: PdfPage, name: str | None = None, *, max_pixels: int = RENDER_PIXELS,
+                file: BinaryIO | None = None) -> Image.Image:
+    """Page `ref.page` (from 1) of `ref.path` as an RGB image of at most `max_pixels` pixels (see the module).
+    `file`: the PDF, already opened by the caller (`ref.path` then only names it)."""
     name = name or f"PDF page {ref}"
     pdfium = _pdfium(f"reading {name}")
     with _PDFIUM_LOCK:
-        doc = _open(ref.path, name)
+        doc = _open(ref.path if file is None else file, name)
         try:
             n = len(doc)
             if not 1 <= ref.page <= n:

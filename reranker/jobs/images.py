@@ -12,7 +12,10 @@ Files are opened as data: read-only, non-blocking (a fifo never stalls the job),
 directly or through a symbolic link, is a reject). Symbolic links are followed, as any program
 opening the path would. Nothing is ever written beside an image.
 
-Memory: a window holds at most `WINDOW_IMAGES` image documents (more only when one record has more),
+A PDF page (`ImageDoc.page`) is rendered here too, from a file opened as an image file is
+(`open_pdf_file`); a whole PDF's page count (`pdf_page_count`) is read by the readers, through the same opener.
+
+Memory: a window holds at most `WINDOW_IMAGES` image documents (PDF pages included) (more only when one record has more),
 each kept only at its model size (at most 602112 pixels, 1.8 MB as RGB) once read.
 """
 
@@ -26,6 +29,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from reranker.errors import RerankerError
 from reranker.jobs.records import ImageDoc, Reject, Unit
@@ -61,8 +65,9 @@ def image_count(unit: Unit) -> int:
     return sum(isinstance(doc, ImageDoc) for _, doc in unit.docs)
 
 
-def read_image_file(path: Path) -> bytes:
-    """The bytes of the regular file at `path`, or a RerankerError saying why it is not one."""
+def _open_regular_file(path: Path, what: str) -> int:
+    """A read-only descriptor of the regular file at `path` of at most MAX_FILE_BYTES, or a RerankerError
+    (naming `what` and the path) saying why it is not one."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         fd = os.open(path, flags)
@@ -71,15 +76,25 @@ def read_image_file(path: Path) -> bytes:
                errno.EACCES: "not readable (permission denied)", errno.ELOOP: "a symbolic link loop",
                errno.ENXIO: "not a regular file (a socket or device)", errno.ENOTDIR: "not found (a parent is not a folder)",
                errno.ENAMETOOLONG: "a path too long"}.get(e.errno, f"unreadable ({e.strerror})")
-        raise RerankerError(f"image file {path}: {why}") from None
+        raise RerankerError(f"{what} {path}: {why}") from None
     try:  # the opened file is checked, not the path: it cannot be swapped for a fifo in between
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise RerankerError(f"image file {path} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
-                                "a job reads image files only")
+            raise RerankerError(f"{what} {path} is not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
+                                f"a job reads {what}s only")
         if st.st_size > MAX_FILE_BYTES:
-            raise RerankerError(f"image file {path} is {st.st_size} bytes, over the limit of {MAX_FILE_BYTES}; "
-                                "downscale or recompress it")
+            raise RerankerError(f"{what} {path} is {st.st_size} bytes, over the limit of {MAX_FILE_BYTES}; "
+                                + ("downscale or recompress it" if what == "image file" else "split it, or give its pages as images"))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the regular file at `path`, or a RerankerError saying why it is not one."""
+    fd = _open_regular_file(path, "image file")
+    try:
         chunks, left = [], MAX_FILE_BYTES + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)
@@ -93,11 +108,46 @@ def read_image_file(path: Path) -> bytes:
     return b"".join(chunks)
 
 
+def open_pdf_file(path: Path) -> BinaryIO:
+    """The regular file at `path`, opened as `read_image_file` opens images, for PDFium to read what it needs
+    (a page count reads the cross-reference table and page tree, not the whole file)."""
+    return os.fdopen(_open_regular_file(path, "PDF file"), "rb")
+
+
+def pdf_page_count(path: Path) -> int:
+    """The number of pages of the PDF at `path` (opened as data), at most the pdf module's MAX_PAGES, else a
+    RerankerError naming the file: what a document `{"pdf": PATH}` without a page expands to."""
+    from reranker.images.pdf import MAX_PAGES, page_count
+
+    with open_pdf_file(path) as f:
+        try:
+            n = page_count(path, f)
+        except OSError as e:  # read by PDFium through the file: an I/O error on the way
+            raise RerankerError(f"PDF file {path}: unreadable ({e})") from None
+    if n > MAX_PAGES:
+        raise RerankerError(f"PDF file {path} has {n} pages, more than the {MAX_PAGES} a whole file expands to; "
+                            'give the pages you want as {"pdf": PATH, "page": N} documents')
+    return n
+
+
 def load_image_doc(doc: ImageDoc, sizing: object):
-    """`doc` read, decoded and sized (`engine.vision.load`): a `PendingImage`, or a RerankerError naming it."""
+    """`doc` read (a PDF page: rendered), decoded and sized (`engine.vision.load`): a `PendingImage`, or a
+    RerankerError naming it."""
     from reranker.engine.vision import load
     from reranker.options import ImageRef
 
+    if doc.page is not None:
+        from reranker.images.pdf import render_page
+        from reranker.options import PdfPage
+
+        ref = PdfPage(doc.source, doc.page)
+        name = f"PDF page {ref}"
+        with open_pdf_file(doc.source) as f:
+            try:
+                image = render_page(ref, name, file=f)
+            except OSError as e:
+                raise RerankerError(f"{name}: unreadable ({e})") from None
+        return load(ImageRef(image, name), sizing)
     if isinstance(doc.source, bytes):
         return load(ImageRef(doc.source, "the image"), sizing)
     return load(ImageRef(read_image_file(doc.source), f"image file {doc.source}"), sizing)
@@ -146,7 +196,7 @@ def load_window_images(items: list[Unit | Reject], builder, images: ImageSetting
                     builder.build_parts(item.query, doc)  # an image too large for max_length is this document's problem
                 except RerankerError as e:
                     where = "" if item.pair else f" (query {item.query_id!r}, document {item.position(i)})"
-                    reject = Reject(item.source, f"unusable image {item.docs[i][1].describe()}: {e}{where}", _raw(item, doc_id, item.docs[i][1]),
+                    reject = Reject(item.source, f"unusable {item.docs[i][1].kind} {item.docs[i][1].describe()}: {e}{where}", _raw(item, doc_id, item.docs[i][1]),
                                     *((None, None) if item.pair else (item.query_id, item.position(i))))
                     if stop is not None:
                         raise stop(reject) from None

@@ -7,8 +7,12 @@ line is one reject with its line number.
 
 A document may be an image: `{"id", "image": PATH}` in a nested record, `"image": PATH` in place of
 `"document"` in a flat one or a BEIR corpus entry, or an `image` column (a path, or the encoded
-bytes) in Parquet. A relative path is resolved against the folder of the file that names it. The
-readers only record it (`ImageDoc`); the job reads and decodes it per window (`jobs.images`).
+bytes) in Parquet. Or a PDF page, `"pdf": PATH, "page": N` in the same places (Parquet: `pdf` and
+`page` columns or struct fields); in a nested record, `{"id", "pdf": PATH}` without a page is every
+page of the file, one document each (ids `id#N`, or `PATH#N` without an id; its page count is read
+here, so the record's documents are known when it is read). A relative path is resolved against the
+folder of the file that names it. The readers only record it (`ImageDoc`); the job reads and decodes
+(renders) it per window (`jobs.images`).
 """
 
 from __future__ import annotations
@@ -134,6 +138,39 @@ def _image(value: object, name: str, base: Path) -> ImageDoc:
     return ImageDoc(given, path if path.is_absolute() else base / path)
 
 
+def _pdf(value: object, page: object, prefix: str, base: Path) -> ImageDoc:
+    """Page `page` (from 1) of the PDF at path `value` (relative: to `base`), kept unread; `prefix` names
+    the fields' document ("documents[2]." or "")."""
+    from reranker.extras import require
+
+    # Not a reject: every PDF document would fail the same way, so the job stops at the first with the fix.
+    require("pdf", f'a PDF document ("{prefix}pdf")')
+    if not isinstance(value, str):
+        raise _Bad(f'bad PDF: "{prefix}pdf" must be a file path (a string), got {_json_type(value)}')
+    try:
+        doc = _image(value, f"{prefix}pdf", base)
+    except _Bad as e:
+        raise _Bad(str(e).replace("bad image:", "bad PDF:", 1).replace("local image files", "local files")) from None
+    # JSON numbers arrive as int or float, Parquet's as int: 2.0 is not a page number, nor is true.
+    if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+        raise _Bad(f'bad PDF page: "{prefix}page" must be an integer >= 1 (pages count from 1, as a PDF viewer '
+                   f"shows them), got {json.dumps(page, default=_json_default)[:40]}")
+    return ImageDoc(doc.given, doc.source, page)
+
+
+def _pdf_pages(value: object, prefix: str, base: Path) -> list[ImageDoc]:
+    """Every page of the PDF at path `value`: its page count is read now (the file opened as image files
+    are, `jobs.images`); the pages are rendered per window, like images."""
+    from reranker.jobs.images import pdf_page_count
+
+    doc = _pdf(value, 1, prefix, base)
+    try:
+        n = pdf_page_count(doc.source)
+    except RerankerError as e:
+        raise _Bad(f"unusable PDF {doc.given}: {e}") from None
+    return [ImageDoc(doc.given, doc.source, p) for p in range(1, n + 1)]
+
+
 def _json_default(value: object) -> object:
     """How a record's raw JSON (for the rejects file) shows what JSON cannot hold: image bytes by their size."""
     return f"<{len(value)} bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)
@@ -183,39 +220,82 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
     if not items:
         raise _Bad('empty documents list: "documents" is []')
     record = _Record(qid, query)
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}  # doc id -> the element of "documents" that gave it
+    k = 0  # a document's index: a whole PDF counts as its pages, so indices count the documents as expanded
     for i, item in enumerate(items):
         name = f"documents[{i}]"
+        if isinstance(item, dict) and item.get("pdf") is not None and item.get("page") is None:
+            k = _expand_pdf(record, seen, item, name, k, base)
+            continue
         try:
             if isinstance(item, dict):
-                if item.get("image") is not None:
-                    if item.get("text") is not None:
-                        raise _Bad(f'both "{name}.text" and "{name}.image": a document is one or the other')
+                _check_one_kind(item, name)
+                if item.get("pdf") is not None:
+                    text = _pdf(item["pdf"], item["page"], f"{name}.", base)
+                elif item.get("image") is not None:
                     text = _image(item["image"], f"{name}.image", base)
                 elif "text" not in item:
                     raise _Bad(f'missing field "{name}.text"')
                 else:
                     text = _text(item["text"], f"{name}.text")
-                doc_id = str(i) if item.get("id") is None else _ident(item["id"], f"{name}.id")
+                doc_id = str(k) if item.get("id") is None else _ident(item["id"], f"{name}.id")
             else:
-                text, doc_id = _text(item, name), str(i)
-            if doc_id in seen:  # one query's results are keyed by doc id (TREC, evaluators)
-                raise _Bad(f'duplicate doc id: "{doc_id}" in documents[{seen[doc_id]}] and {name}')
+                text, doc_id = _text(item, name), str(k)
+            _add(record, seen, name, k, doc_id, text)
         except _Bad as e:
-            record.bad.append((i, f"{e} (query {qid!r}, document {i})", item))
-            continue
-        seen[doc_id] = i
-        record.docs.append((doc_id, text))
-        record.positions.append(i)
+            record.bad.append((k, f"{e} (query {qid!r}, document {k})", item))
+        k += 1
     return record
+
+
+def _expand_pdf(record: _Record, seen: dict[str, str], item: dict, name: str, k: int, base: Path) -> int:
+    """A whole PDF's pages as the record's documents k, k+1, ... (ids "<id>#<page>", or "<path as given>#<page>");
+    the next document's index. A file that cannot be counted is one reject at index k; a page whose id is taken,
+    a reject of its own."""
+    try:
+        _check_one_kind(item, name)
+        doc_id = None if item.get("id") is None else _ident(item["id"], f"{name}.id")
+        pages = _pdf_pages(item["pdf"], f"{name}.", base)
+    except _Bad as e:
+        record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", item))
+        return k + 1
+    for page in pages:
+        try:
+            _add(record, seen, name, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
+        except _Bad as e:
+            record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", {**item, "page": page.page}))
+        k += 1
+    return k
+
+
+def _check_one_kind(item: dict, name: str) -> None:
+    kinds = [key for key in ("text", "image", "pdf") if item.get(key) is not None]
+    if len(kinds) > 1:
+        raise _Bad(f'both "{name}.{kinds[0]}" and "{name}.{kinds[1]}": a document is one or the other')
+    if item.get("page") is not None and not kinds == ["pdf"]:
+        raise _Bad(f'"{name}.page" without "{name}.pdf": a page number is for a PDF document')
+
+
+def _add(record: _Record, seen: dict[str, str], name: str, k: int, doc_id: str, doc: str | ImageDoc) -> None:
+    if doc_id in seen:  # one query's results are keyed by doc id (TREC, evaluators)
+        raise _Bad(f'duplicate doc id: "{doc_id}" in {seen[doc_id]} and {name}')
+    seen[doc_id] = name
+    record.docs.append((doc_id, doc))
+    record.positions.append(k)
 
 
 def _flat(obj: dict, base: Path) -> _Record:
     record = _Record(_ident(_field(obj, "query_id"), "query_id"), _text(_field(obj, "query"), "query"), pair=True)
     doc_id = _ident(_field(obj, "doc_id"), "doc_id")
-    if obj.get("image") is not None:
-        if obj.get("document") is not None:
-            raise _Bad('both "document" and "image": a pair\'s document is one or the other')
+    kinds = [key for key in ("document", "image", "pdf") if obj.get(key) is not None]
+    if len(kinds) > 1:
+        raise _Bad(f'both "{kinds[0]}" and "{kinds[1]}": a pair\'s document is one or the other')
+    if obj.get("pdf") is not None:
+        if obj.get("page") is None:
+            raise _Bad('missing field "page": a flat pair is one page of a PDF (pages count from 1); for every page '
+                       'of a file use a nested record, {"query", "documents": [{"pdf": PATH}]}')
+        document = _pdf(obj["pdf"], obj["page"], "", base)
+    elif obj.get("image") is not None:
         document = _image(obj["image"], "image", base)
     else:
         document = _text(_field(obj, "document"), "document")
@@ -301,23 +381,23 @@ def _read_parquet(path: Path) -> Iterator[Unit | Reject]:
         if "query" not in names:
             raise RerankerError(f'{path} has a "documents" column but no "query" column (columns: {", ".join(names)})')
         columns = ["query", "documents"] + (["query_id"] if "query_id" in names else [])
-    elif all(c in names for c in FLAT_FIELDS if c != "document") and ("document" in names or "image" in names):
-        shape, columns = "flat", [c for c in (*FLAT_FIELDS, "image") if c in names]
+    elif all(c in names for c in FLAT_FIELDS if c != "document") and any(c in names for c in ("document", "image", "pdf")):
+        shape, columns = "flat", [c for c in (*FLAT_FIELDS, "image", "pdf", "page") if c in names]
     else:
         missing = [c for c in FLAT_FIELDS if c not in names]
         raise RerankerError(f'{path} has neither a "documents" column (with "query") nor the flat-pair columns '
-                            f'{", ".join(FLAT_FIELDS)} (or "image" for "document"; missing {", ".join(missing)}; columns: {", ".join(names)})')
+                            f'{", ".join(FLAT_FIELDS)} (or "image", or "pdf" and "page", for "document"; missing {", ".join(missing)}; columns: {", ".join(names)})')
     return _parquet_rows(path, pf, pa, shape, columns, _PARQUET_IMAGE_BATCH if _has_images(pf.schema_arrow) else _PARQUET_BATCH[shape])
 
 
 def _has_images(schema: Any) -> bool:
-    """Whether rows may hold images: an `image` column, or an `image` field in the documents' structs."""
-    if "image" in schema.names:
+    """Whether rows may hold images: an `image` or `pdf` column, or such a field in the documents' structs."""
+    if "image" in schema.names or "pdf" in schema.names:
         return True
     if "documents" not in schema.names:
         return False
     item = getattr(schema.field("documents").type, "value_type", None)
-    return item is not None and hasattr(item, "get_field_index") and item.get_field_index("image") >= 0
+    return item is not None and hasattr(item, "get_field_index") and max(item.get_field_index(k) for k in ("image", "pdf")) >= 0
 
 
 def _parquet_rows(path: Path, pf: Any, pa: Any, shape: str, columns: list[str], batch_size: int) -> Iterator[Unit | Reject]:
@@ -393,12 +473,18 @@ def beir_files(path: str | os.PathLike[str] | None, queries: str | os.PathLike[s
 
 def _beir_text(obj: object, base: Path) -> str | ImageDoc:
     """A corpus record's text for reranking: "title text" when the title is not blank, as BEIR's reranker does;
-    or its image, when it has `"image": PATH` (relative to `base`, the corpus file's folder) and no text."""
+    or its image, when it has `"image": PATH` (relative to `base`, the corpus file's folder) and no text, or a PDF
+    page, `"pdf": PATH, "page": N`."""
     if not isinstance(obj, dict):
         raise _Bad(f"not a JSON object: the line holds {_json_type(obj)}")
+    kinds = [key for key in ("text", "image", "pdf") if obj.get(key) is not None]
+    if len(kinds) > 1:
+        raise _Bad(f'both "{kinds[0]}" and "{kinds[1]}": a corpus document is one or the other')
+    if obj.get("pdf") is not None:
+        if obj.get("page") is None:
+            raise _Bad('missing field "page": a corpus document is one page of a PDF (pages count from 1)')
+        return _pdf(obj["pdf"], obj["page"], "", base)
     if obj.get("image") is not None:
-        if obj.get("text") is not None:
-            raise _Bad('both "text" and "image": a corpus document is one or the other')
         return _image(obj["image"], "image", base)
     text = _text(_field(obj, "text"), "text")
     title = "" if obj.get("title") is None else _text(obj["title"], "title")

@@ -396,3 +396,50 @@ def test_images_figures_reach_results_md_and_the_summary():
     data["steps"]["images"] = {"status": "ok", "result": {"skipped": "no libmtmd: neither built ..."}}
     md, _ = report.render(data)
     assert "no libmtmd: neither built" in md
+
+
+def test_job_images_step_is_planned_after_images_and_gets_their_model():
+    """The job on image documents runs after `images` (both optional, second call), needs llama.cpp, and makes the
+    convert stage build the images model even when it is planned without `images`."""
+    import types
+
+    for order in (gpu_run.DEFAULT_STEPS, gpu_run.VALUE_ORDER):
+        assert order.index("images") + 1 == order.index("job-images") < order.index("ray")
+    assert "job-images" in gpu_run.NEEDS_LLAMA and gpu_run.STEPS["job-images"][0] <= 150
+    for planned, want in ((["check-job", "job-images"], True), (["images"], True), (["q8"], False)):
+        runner = types.SimpleNamespace(cpu=True, work=Path("/w"), out=Path("/o"), args=types.SimpleNamespace(seconds=1),
+                                       arch=None, no_bf16=False, planned=planned)
+        assert gpu_run.Runner.ctx(runner)["images"] is want, planned
+    shape = gpu_steps.JOB_IMAGES_SHAPE
+    assert all(window % per_record == 0 and n % window == 0 for n, per_record, window in shape.values())  # whole records, full windows
+
+
+def test_job_images_figures_and_check_reach_results_md_and_the_summary():
+    """The job-images step's figures go to results.md and the summary; its check counts (a failed one fails the
+    run, exit 1); skipped or cut short, it adds no check."""
+    import report
+
+    res = {"preset": "m0", "images": 128, "per_record": 8, "window": 64, "device": "cuda",
+           "sizes": {"0.3 MP": "640x480", "0.6 MP": "896x672"}, "job_images_per_s": 41.5, "job_tokens_per_s": 25000.0,
+           "job_loop_s": 3.08, "job_process_s": 21.4, "tokens": 77000, "all_layers_on_gpu": True,
+           "vision_backend": "clip_ctx: CLIP using CUDA0 backend", "compute_score_images_per_s": 39.0,
+           "max_score_diff": 0.0, "scores_bit_equal": True}
+    check = {"name": "job on image documents == compute_score", "ok": True, "detail": "128 pairs; max |diff| 0.00e+00"}
+    data = {"meta": {"mode": "gpu"}, "background": {},
+            "steps": {"job-images": {"status": "ok", "result": {"libmtmd": "/w/site/llama_cpp/lib/libmtmd.so", "result": res,
+                                                                  "checks": [check]}}}}
+    md, summary = report.render(data)
+    assert "128 image documents (0.3 MP 640x480, 0.6 MP 896x672 PNGs, 8 per record, paths relative to the JSONL)" in md
+    assert "libmtmd /w/site/llama_cpp/lib/libmtmd.so (clip_ctx: CLIP using CUDA0 backend); all layers on the GPU: True" in md
+    assert "| 41.50 | 25000 | 3.1 | 21.4 | 39.00 | 0.00e+00 |" in md
+    assert "job on image documents (m0): 41.50 images/s, 25000 tok/s; scores vs compute_score max |diff| 0.0e+00" in summary
+    assert ("job-images", "job on image documents == compute_score", True) in [(c["step"], c["name"], c["ok"]) for c in report.checks(data)]
+    assert gpu_run.exit_code(data) == 0
+    data["steps"]["job-images"]["result"]["checks"] = [{**check, "ok": False}]
+    assert gpu_run.exit_code(data) == 1 and "FAIL job-images: job on image documents == compute_score" in report.render(data)[1]
+    for status, result in [("ok", {"skipped": "no libmtmd: neither built ..."}), ("skipped (budget: 20 s left, needs ~120 s)", {}),
+                           ("partial", {"error": "exit code -9 (killed: step timeout 420 s)"})]:
+        data["steps"]["job-images"] = {"status": status, "result": result}
+        md, _ = report.render(data)
+        assert not [c for c in report.checks(data) if c["step"] == "job-images"] and gpu_run.exit_code(data) == 0, status
+        assert (result.get("skipped") or result.get("error") or "") in md

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl
+from helpers import kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl, write_pdf
 from PIL import Image
 
 from reranker.jobs.records import ImageDoc, Reject, Unit
@@ -295,11 +295,16 @@ def test_ray_callable_scores_image_columns(vision_gguf, vision_reranker, images)
 
 
 def _with_bad_images(images, name: str) -> object:
-    """The mixed input, plus a record with a truncated image and a missing one between good documents."""
+    """The mixed input, plus a record with a truncated image and a missing one between good documents, and one
+    with a whole PDF (2 pages, rendered on the reader thread as images are decoded) and a page out of range."""
     inp, records = _nested_input(images, name, n=12)
     records.insert(5, {"query_id": "bad", "query": QUERY, "documents": [
         {"id": "t", "image": "imgs/truncated.png"}, {"id": "ok", "text": "sales"}, {"id": "m", "image": "imgs/missing.png"},
         {"id": "ok2", "image": "imgs/p4.png"}]})
+    if not (images / "imgs" / "doc.pdf").exists():
+        write_pdf(images / "imgs" / "doc.pdf", pages=[(200, 300), (300, 200)])
+    records.insert(9, {"query_id": "pdf", "query": QUERY, "documents": [
+        {"id": "doc", "pdf": "imgs/doc.pdf"}, {"id": "far", "pdf": "imgs/doc.pdf", "page": 3}, "a text"]})
     return write_jsonl(inp, records)
 
 
@@ -338,7 +343,7 @@ def test_ray_job_with_images_equals_the_local_job(ray_cluster, vision_gguf, imag
     assert pq.read_table(out).equals(pq.read_table(local)), "scores differ from the local job's"
     rejects = out.with_name("ray.rejects.jsonl").read_bytes()
     assert rejects == local.with_name("local.parquet.rejects.jsonl").read_bytes()
-    assert [json.loads(x)["doc_index"] for x in rejects.decode().splitlines()] == [0, 2]
+    assert [json.loads(x)["doc_index"] for x in rejects.decode().splitlines()] == [0, 2, 2]  # the PDF's pages are 0 and 1
 
 
 def test_an_image_too_large_for_max_length_is_rejected_alone(vision_gguf, vision_reranker, images, tmp_path, capsys):
