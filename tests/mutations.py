@@ -416,7 +416,7 @@ MUTATIONS = [
              ("tests/jobs/test_job_images.py::test_bad_images_are_rejected_alone",),
              "after a bad image the record's other documents are written under the wrong input indices"),
     Mutation("job-vision-not-fingerprinted", "reranker/jobs/run.py",
-             '        fingerprint["vision"] = images.fingerprint()\n',
+             '        fingerprint["vision"] = images.fingerprint(file_fingerprint(mmproj))\n',
              "        pass\n",
              ("tests/jobs/test_job_images.py::test_fingerprint_covers_the_projector",),
              "a resume with another projector mixes two models' image scores in one output"),

@@ -53,12 +53,10 @@ class ImageSettings:
     sizing: object
     gguf: Path | None = None  # where the projector was looked for, for the message
 
-    def fingerprint(self) -> dict:
-        """The job fingerprint's `vision` part: the projector's file and the sizing (they change image scores)."""
-        from reranker.jobs.resume import file_fingerprint
-
-        return {"mmproj": file_fingerprint(self.mmproj) if self.mmproj else None,
-                "sizing": dataclasses.asdict(self.sizing), "window_images": WINDOW_IMAGES}
+    def fingerprint(self, mmproj: dict | None) -> dict:
+        """The job fingerprint's `vision` part: the projector's file (`mmproj`: its `resume.file_fingerprint`)
+        and the sizing (they change image scores)."""
+        return {"mmproj": mmproj, "sizing": dataclasses.asdict(self.sizing), "window_images": WINDOW_IMAGES}
 
 
 def image_count(unit: Unit) -> int:

@@ -20,6 +20,7 @@ from reranker.defaults import HEAD_FILE
 from reranker.errors import RerankerError
 from reranker.jobs.images import ImageSettings
 from reranker.jobs.job import JobSpec, model_fingerprint
+from reranker.jobs.resume import file_fingerprint
 from reranker.settings import LoadSettings
 
 log = logging.getLogger("reranker.jobs")
@@ -82,7 +83,7 @@ def preflight(spec: JobSpec, settings: LoadSettings) -> Preflight:
     images = ImageSettings(mmproj, Sizing(), Path(files.gguf))
     fingerprint = model_fingerprint(files.gguf, head, resolved.fingerprint())
     if mmproj is not None:
-        fingerprint["vision"] = images.fingerprint()
+        fingerprint["vision"] = images.fingerprint(file_fingerprint(mmproj))
     return Preflight(Path(files.gguf), head, resolved, fingerprint, images)
 
 
