@@ -239,7 +239,12 @@ def test_no_projector_is_a_clear_error(tiny_ggufs, images, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_with_images_equals_clean_run(vision_gguf, images, tmp_path):
-    inp, _ = _nested_input(images, "many.jsonl", n=24)  # 60 pairs: windows of 16 pairs end at records 7, 14, 21, 24
+    """Image documents and a whole PDF's pages (expanded by the reader, rendered per window) resume exactly."""
+    inp, records = _nested_input(images, "many.jsonl", n=24)  # 60 pairs, and 3 in the PDF record: windows of 16 pairs
+    if not (images / "imgs" / "doc.pdf").exists():
+        write_pdf(images / "imgs" / "doc.pdf", pages=[(200, 300), (300, 200)])
+    records.insert(9, {"query_id": "pdf", "query": QUERY, "documents": [{"id": "doc", "pdf": "imgs/doc.pdf"}, "a text"]})
+    write_jsonl(inp, records)
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
     res = run(score_cmd(vision_gguf, inp, clean))
     assert res.returncode == 0, res.stderr
@@ -251,7 +256,8 @@ def test_sigkill_and_resume_with_images_equals_clean_run(vision_gguf, images, tm
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == clean.read_bytes()
     summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
-    assert summary["pairs"] == 60 and summary["tokens"] == json.loads(clean.with_name("clean.jsonl.summary.json").read_text())["tokens"]
+    assert summary["pairs"] == 63 and summary["tokens"] == json.loads(clean.with_name("clean.jsonl.summary.json").read_text())["tokens"]
+    assert b'"doc#2"' in clean.read_bytes()
 
 
 def test_fingerprint_covers_the_projector(vision_gguf, images, tmp_path, capsys):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 import pytest
-from helpers import encrypted_pdf, hand_written_pdf, kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl, write_pdf
+from helpers import encrypted_pdf, hand_written_pdf, read_jsonl, score_args, write_jsonl, write_pdf
 
 from reranker import RerankerError
 from reranker.images.pdf import MAX_PAGES
@@ -203,23 +202,3 @@ def test_bad_pdfs_are_rejected_alone(tiny_ggufs, tiny_reranker, pdfs, tmp_path, 
         rc, err = _main(capsys, score_args(tiny_ggufs["f32"], one, tmp_path / "fail.jsonl", *N_CTX, "--restart"))
         assert rc == 2 and f"{one}:1: {message}" in err and "(query 'r', document 1)" in err, err
         assert "--on-error skip" in err and "Traceback" not in err
-
-
-@pytest.mark.slow
-def test_sigkill_and_resume_with_pdf_pages_equals_clean_run(tiny_ggufs, pdfs, tmp_path):
-    records = [{"query_id": f"q{q}", "query": f"{QUERY} {q}", "documents": [f"text {q}", {"id": "memo", "pdf": "docs/memo.pdf"}]}
-               for q in range(8)]  # 24 pairs: windows of 6 end at records 2, 4, 6, 8
-    inp = write_jsonl(pdfs / "many.jsonl", records)
-    clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    args = ["--window", "6"]
-    res = run(score_cmd(tiny_ggufs["f32"], inp, clean, *args))
-    assert res.returncode == 0, res.stderr
-    killed = 0
-    for after, delay in [(0, 0.01), (2, 0.05)]:  # each kill leaves windows to do, so the last run writes the summary
-        killed += kill_when(score_cmd(tiny_ggufs["f32"], inp, out, *args), out, after, delay) == -signal.SIGKILL
-    assert killed >= 1, "no run was killed mid-way: the test proves nothing"
-    res = run(score_cmd(tiny_ggufs["f32"], inp, out, *args))
-    assert res.returncode == 0, res.stderr
-    assert out.read_bytes() == clean.read_bytes()
-    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
-    assert summary["pairs"] == 24 and summary["tokens"] == json.loads(clean.with_name("clean.jsonl.summary.json").read_text())["tokens"]
