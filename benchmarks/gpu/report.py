@@ -14,6 +14,18 @@ def _r(data: dict, step: str) -> dict:
     return (data["steps"].get(step) or {}).get("result") or {}
 
 
+def _section(md: list[str], step: dict, title: str) -> dict | None:
+    """An optional step's results.md section: nothing when it did not run (None); else its heading, then its skip or
+    error line when it has no figures. Returns its figures ({} when none)."""
+    if not (step.get("result") or step.get("skipped") or step.get("error")):
+        return None
+    md += ["", f"## {title}", ""]
+    res = step.get("result") or {}
+    if not res:
+        md.append(str(step.get("skipped") or step.get("error")))
+    return res
+
+
 def _f(x, fmt: str = "{:.0f}", none: str = "–") -> str:
     if x is None:
         return none
@@ -167,52 +179,42 @@ def render(data: dict) -> tuple[str, str]:
             md.append(f"| {r['config']} | {_f(r.get('n_ctx'))} | {_f(r.get('tokens_per_s'))} | {_f(r.get('decode_tokens_per_s'))} | "
                       f"{_f(r.get('decode_calls'))} | {_f(r.get('vram_mib'))} |" + (f" {r.get('error') or r.get('skipped')}" if not r.get("tokens_per_s") else ""))
     sv = _r(data, "serve")
-    if sv.get("result") or sv.get("skipped") or sv.get("error"):
-        md += ["", "## reranker serve against the job (Q8_0, benchmarks/serve.py)", ""]
-        res = sv.get("result") or {}
-        if res:
-            md += [f"{res['requests']} requests x {res['docs']} documents; light-load {res['docs']}-document request: "
-                   f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms", "",
-                   "| path | pairs/s | vs job | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
-            job_pps = res["rows"]["job (reranker score)"]["pairs_per_s"]
-            for name, r in res["rows"].items():
-                md.append(f"| {name} | {r['pairs_per_s']:.1f} | {r['pairs_per_s'] / job_pps:.2f} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} |")
-        else:
-            md.append(str(sv.get("skipped") or sv.get("error")))
+    res = _section(md, sv, "reranker serve against the job (Q8_0, benchmarks/serve.py)")
+    if res:
+        md += [f"{res['requests']} requests x {res['docs']} documents; light-load {res['docs']}-document request: "
+               f"p50 {res['latency']['p50_ms']:.0f} ms, p99 {res['latency']['p99_ms']:.0f} ms", "",
+               "| path | pairs/s | vs job | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
+        job_pps = res["rows"]["job (reranker score)"]["pairs_per_s"]
+        for name, r in res["rows"].items():
+            md.append(f"| {name} | {r['pairs_per_s']:.1f} | {r['pairs_per_s'] / job_pps:.2f} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} |")
     im = _r(data, "images")
-    if im.get("result") or im.get("skipped") or im.get("error"):
-        md += ["", "## Image documents (benchmarks/images.py; ours: F16 GGUF + F16 mmproj in libmtmd)", ""]
-        res = im.get("result") or {}
-        if res:
-            md += [f"{res['images']} images, {res['preset']} shapes, {res['device']}; transformers {res['transformers_dtype']} SDPA; "
-                   f"libmtmd {im.get('libmtmd')} ({res.get('ours_vision_backend', '?')}); ours/transformers {res['ratio_images_per_s']:.2f}x images/s; "
-                   f"max |score diff| {res['max_score_diff']:.2e}", "",
-                   "| side | size | images/s | encode ms/image | decode tokens/s | prompt tokens/s | tokens/image |",
-                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-            for side in ("ours", "transformers"):
-                rows = [("all", {m: res.get(f"{side}_{m}") for m in ("images_per_s", "encode_s_per_image", "decode_tokens_per_s",
-                                                                      "prompt_tokens_per_s", "tokens_per_image")})]
-                rows += [(size, g[side]) for size, g in (res.get("sizes") or {}).items()]
-                for size, f in rows:
-                    md.append(f"| {side} | {size} | {_f(f.get('images_per_s'), '{:.2f}')} | {_f(f.get('encode_s_per_image') and f['encode_s_per_image'] * 1000)} | "
-                              f"{_f(f.get('decode_tokens_per_s'))} | {_f(f.get('prompt_tokens_per_s'))} | {_f(f.get('tokens_per_image'))} |")
-        else:
-            md.append(str(im.get("skipped") or im.get("error")))
+    res = _section(md, im, "Image documents (benchmarks/images.py; ours: F16 GGUF + F16 mmproj in libmtmd)")
+    if res:
+        md += [f"{res['images']} images, {res['preset']} shapes, {res['device']}; transformers {res['transformers_dtype']} SDPA; "
+               f"libmtmd {im.get('libmtmd')} ({res.get('ours_vision_backend', '?')}); ours/transformers {res['ratio_images_per_s']:.2f}x images/s; "
+               f"max |score diff| {res['max_score_diff']:.2e}", "",
+               "| side | size | images/s | encode ms/image | decode tokens/s | prompt tokens/s | tokens/image |",
+               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for side in ("ours", "transformers"):
+            rows = [("all", {m: res.get(f"{side}_{m}") for m in ("images_per_s", "encode_s_per_image", "decode_tokens_per_s",
+                                                                  "prompt_tokens_per_s", "tokens_per_image")})]
+            rows += [(size, g[side]) for size, g in (res.get("sizes") or {}).items()]
+            for size, f in rows:
+                md.append(f"| {side} | {size} | {_f(f.get('images_per_s'), '{:.2f}')} | {_f(f.get('encode_s_per_image') and f['encode_s_per_image'] * 1000)} | "
+                          f"{_f(f.get('decode_tokens_per_s'))} | {_f(f.get('prompt_tokens_per_s'))} | {_f(f.get('tokens_per_image'))} |")
     jm = _r(data, "job-images")
-    if jm.get("result") or jm.get("skipped") or jm.get("error"):
-        md += ["", "## Image documents in a job (`reranker score`, F16 GGUF + F16 mmproj)", ""]
-        res = jm.get("result") or {}
-        if res:
-            md.append(f"{res['images']} image documents ({', '.join(f'{k} {v}' for k, v in res['sizes'].items())} PNGs, "
-                      f"{res['per_record']} per record, paths relative to the JSONL), {res['preset']} shapes, {res['device']}, "
-                      f"--window {res['window']}; libmtmd {jm.get('libmtmd')} ({res.get('vision_backend', '?')}); "
-                      f"all layers on the GPU: {res.get('all_layers_on_gpu')}")
-            md += ["", "| images/s | tokens/s | loop s | process s | compute_score images/s | max score diff vs compute_score |",
-                   "| ---: | ---: | ---: | ---: | ---: | ---: |",
-                   f"| {_f(res.get('job_images_per_s'), '{:.2f}')} | {_f(res.get('job_tokens_per_s'))} | {_f(res.get('job_loop_s'), '{:.1f}')} | "
-                   f"{_f(res.get('job_process_s'), '{:.1f}')} | {_f(res.get('compute_score_images_per_s'), '{:.2f}')} | "
-                   f"{_f(res.get('max_score_diff'), '{:.2e}')} |"]
-        if not res or jm.get("error"):
+    res = _section(md, jm, "Image documents in a job (`reranker score`, F16 GGUF + F16 mmproj)")
+    if res:
+        md.append(f"{res['images']} image documents ({', '.join(f'{k} {v}' for k, v in res['sizes'].items())} PNGs, "
+                  f"{res['per_record']} per record, paths relative to the JSONL), {res['preset']} shapes, {res['device']}, "
+                  f"--window {res['window']}; libmtmd {jm.get('libmtmd')} ({res.get('vision_backend', '?')}); "
+                  f"all layers on the GPU: {res.get('all_layers_on_gpu')}")
+        md += ["", "| images/s | tokens/s | loop s | process s | compute_score images/s | max score diff vs compute_score |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: |",
+               f"| {_f(res.get('job_images_per_s'), '{:.2f}')} | {_f(res.get('job_tokens_per_s'))} | {_f(res.get('job_loop_s'), '{:.1f}')} | "
+               f"{_f(res.get('job_process_s'), '{:.1f}')} | {_f(res.get('compute_score_images_per_s'), '{:.2f}')} | "
+               f"{_f(res.get('max_score_diff'), '{:.2e}')} |"]
+        if jm.get("error"):  # a failed check beside the figures
             md.append(str(jm.get("skipped") or jm.get("error")))
     tg = targets(data)
     md += ["", "## Targets", "", "| target | value | met |", "| --- | ---: | --- |"]
