@@ -47,3 +47,11 @@ def matmul_rate(shape: tuple[int, int, int], dtype: str, threads: int, seconds: 
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2.0 * m * k * n / best / 1e9
+
+
+def fraction(gflops: float, rates: dict[str, float], dtype: str) -> str:
+    """`gflops` as a share of torch's `dtype` mat-mul rate; "n/a" for bf16 on a CPU without native bf16
+    (torch then runs bf16 far below fp32, and a share of that limit says nothing)."""
+    if dtype == "bf16" and rates["bf16"] < rates["fp32"]:
+        return "n/a"
+    return f"{gflops / rates[dtype]:.0%}"

@@ -33,7 +33,7 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import numpy as np  # noqa: E402
-from flops import matmul_rate, matmul_shape, useful_flops  # noqa: E402
+from flops import fraction, matmul_rate, matmul_shape, useful_flops  # noqa: E402
 from job import load_average, synthetic_pairs  # noqa: E402
 from tf_peer import run_transformers  # noqa: E402
 
@@ -157,7 +157,7 @@ def main() -> None:
 
     def rate(tps: float) -> str:
         g = tps * per_token
-        return f"{g:>9.1f}{g / rates['bf16']:>9.0%}{g / rates['fp32']:>9.0%}"
+        return f"{g:>9.1f}{fraction(g, rates, 'bf16'):>9}{fraction(g, rates, 'fp32'):>9}"
 
     print(f"{'path':<44}{'tok/s':>9}{'vs tf best':>12}{'GFLOP/s':>9}{'of bf16':>9}{'of fp32':>9}")
     for name, r in ours.items():

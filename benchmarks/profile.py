@@ -36,7 +36,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
-from flops import matmul_rate, matmul_shape, useful_flops  # noqa: E402
+from flops import fraction, matmul_rate, matmul_shape, useful_flops  # noqa: E402
 from job import load_average, synthetic_pairs  # noqa: E402
 from peer import build  # noqa: E402
 
@@ -259,8 +259,8 @@ def main() -> None:
 
     def rate_line(name: str, wall: float) -> str:
         g = flops / wall / 1e9
-        return (f"{name:<40}{tokens / wall:>9.1f} tok/s {g:>8.1f} GFLOP/s  {g / rates['bf16']:>5.0%} of bf16 mat-mul, "
-                f"{g / rates['fp32']:>5.0%} of fp32, {g / limit:>5.0%} of the faster")
+        return (f"{name:<40}{tokens / wall:>9.1f} tok/s {g:>8.1f} GFLOP/s  {fraction(g, rates, 'bf16'):>5} of bf16 mat-mul, "
+                f"{fraction(g, rates, 'fp32'):>5} of fp32, {g / limit:>5.0%} of the faster")
 
     for r in ours:
         print(rate_line(f"ours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]}", r["wall"]))
