@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     print(f"reranker serve: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
           f"(model {args.model}, weights {reranker.weights_dtype}, "
-          f"auth {'on' if settings.api_key else 'off'}, images {f'on ({vision})' if vision else 'off (no --mmproj)'})",
+          f"auth {'on' if settings.api_key else 'off'}, images {f'on ({vision})' if vision else 'off (no --mmproj)'}"
+          f"{', image URLs from ' + ','.join(map(str, settings.url_rules)) if vision and settings.url_rules else ''})",
           file=sys.stderr, flush=True)
     # uvicorn turns SIGTERM / SIGINT into a graceful stop, then raises the signal again once done:
     # these handlers take that second one, so the process exits 0 after a clean stop.

@@ -162,14 +162,14 @@ class ImageFetcher:
                                 raise RerankerError(f"{where}: {url} redirects to {target}, which is not fetched: {why}")
                             url = target
                             continue
-                        return self._body(response, d, url, deadline, stop)
+                        return self._body(response, d, url, stop)
                 except httpx.TimeoutException:
                     raise self._timed_out(d, deadline) from None
                 except httpx.HTTPError as e:
                     raise RerankerError(f"{where}: fetching {url} failed ({type(e).__name__}: {e})") from None
         raise RerankerError(f"{where}: {d.url} redirects more than {MAX_REDIRECTS} times; send the final URL")
 
-    def _body(self, response: httpx.Response, d: _Download, url: httpx.URL, deadline: float, stop: threading.Event) -> bytes:
+    def _body(self, response: httpx.Response, d: _Download, url: httpx.URL, stop: threading.Event) -> bytes:
         where = d.image.where
         if response.status_code != 200:
             raise RerankerError(f"{where}: fetching {url} answered HTTP {response.status_code}, not 200 with an image")
@@ -190,10 +190,8 @@ class ImageFetcher:
             body += chunk
             if len(body) > self.max_bytes:
                 raise too_big
-            if stop.is_set():
+            if stop.is_set():  # the worker gave up (at the latest at this download's deadline): stop reading
                 raise _Stopped()
-            if time.monotonic() > d.deadline:
-                raise self._timed_out(d, deadline)
         if not body:
             raise RerankerError(f"{where}: {url} answered an empty body, not an image")
         return bytes(body)

@@ -70,8 +70,8 @@ def check_images(images: list[ImageField], settings: ServeSettings, fetcher: Ima
             fetcher.check(image)
             continue
         if scheme and scheme.group().lower() in ("http:", "https:"):
-            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts); "
-                                f"download the image yourself and {_SEND}")
+            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts: "
+                                f"its operator allowed none with --image-url-hosts); download the image yourself and {_SEND}")
         if scheme and scheme.group().lower() != "data:":
             raise RerankerError(f"{image.where}: a {scheme.group()} URI is not an image this server reads "
                                 f"(it opens no paths or URIs from requests); {_SEND}")
