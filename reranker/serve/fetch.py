@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 MAX_REDIRECTS = 3
 #: A request's downloads running at once (the rest wait for a thread; each one's timeout starts when it does).
 CONCURRENCY = 8
-_CHUNK = 64 * 1024
 #: How often the request's worker thread looks at its deadline and its cancellation while downloads run.
 _POLL = 0.02
 #: Content-Types taken as possibly an image (decoding decides); any other (text/html, ...) is refused unread.
@@ -186,7 +185,7 @@ class ImageFetcher:
         if length.isdigit() and int(length) > self.max_bytes:
             raise too_big
         body = bytearray()
-        for chunk in response.iter_raw(_CHUNK):
+        for chunk in response.iter_raw():  # each network read as it comes (at most 64 KiB): no buffering to a size
             body += chunk
             if len(body) > self.max_bytes:
                 raise too_big

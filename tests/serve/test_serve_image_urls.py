@@ -81,9 +81,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def answer(self, status: int, body: bytes = b"", **headers: str) -> None:
         self.send_response(status)
-        for k, v in {"Content-Type": "image/png", "Content-Length": str(len(body)), **headers}.items():
+        given = {k.replace("_", "-"): v for k, v in headers.items()}  # Content_Type="" drops the header
+        for k, v in {"Content-Type": "image/png", "Content-Length": str(len(body)), **given}.items():
             if v:
-                self.send_header(k.replace("_", "-"), v)
+                self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
