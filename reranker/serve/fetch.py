@@ -164,7 +164,7 @@ class ImageFetcher:
                         return self._body(response, d, url, stop)
                 except httpx.TimeoutException:
                     raise self._timed_out(d, deadline) from None
-                except httpx.HTTPError as e:
+                except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
                     raise RerankerError(f"{where}: fetching {url} failed ({type(e).__name__}: {e})") from None
         raise RerankerError(f"{where}: {d.url} redirects more than {MAX_REDIRECTS} times; send the final URL")
 

@@ -378,3 +378,18 @@ def test_bad_host_entries_and_flags_without_hosts_fail_at_start(capsys):
     assert "CA file not found: no-ca.pem" in capsys.readouterr().err
     assert main(["serve", "-m", "no-such-model.gguf", "--image-url-hosts", "a.example,https://b.example"]) == 2
     assert "'https://b.example' is not a host" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a real process
+def test_serve_command_fetches_from_its_image_url_hosts(tiny_ggufs, hosts, tmp_path):
+    from helpers import serve_process
+
+    allowed, other = hosts
+    rules = f"*.example.invalid,127.0.0.1:{allowed.server_address[1]}"
+    log = tmp_path / "serve.log"
+    with serve_process(tiny_ggufs["f32"], log, "--image-url-hosts", rules, "--image-url-http", "--image-url-timeout", "5") as (_, url), \
+            httpx.Client(base_url=url, timeout=60) as c:
+        assert f"image URLs from {rules})" in log.read_text()
+        assert scores_of(rerank(c, [{"image": f"{allowed.base}/png/0"}])) == scores_of(rerank(c, [{"image": b64(PNGS[0])}]))
+        refused(rerank(c, [{"image": f"{other.base}/png/0"}]), "documents[0]: host 127.0.0.1:")
+    assert allowed.hits == ["/png/0"] and other.hits == []
