@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-chunks", type=int, default=d.max_chunks,
                    help="chunks per document a request may ask for; a larger chunking.max_chunks is cut to it "
                         "(default: %(default)s)")
-    g = p.add_argument_group("images (Jina's {\"image\": base64 | data: URI} queries and documents on /v1/rerank; "
-                             "URLs are never fetched, paths never read)")
+    g = p.add_argument_group("images (Jina's {\"image\": base64 | data: URI | URL} queries and documents on /v1/rerank; "
+                             "paths are never read, URLs fetched only from --image-url-hosts)")
     g.add_argument("--mmproj", metavar="PATH",
                    help="the vision projector (default: the one mmproj-*.gguf beside the GGUF; without one, image requests get 400)")
     g.add_argument("--max-images", type=int, default=d.max_images,
@@ -50,6 +50,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="an image's width x height, read from its header before its pixels are decoded (decompression "
                         f"bombs); beyond, 422 (default: %(default)s; at most {MAX_IMAGE_PIXELS})")
+    g.add_argument("--image-url-hosts", metavar="HOST[,HOST...]", action="append", default=[],
+                   help="fetch https:// image URLs from these hosts only: names or IP addresses as written, '*.example.com' "
+                        "for any name under example.com, each optionally ':PORT' (without one, the scheme's default port "
+                        "only); redirects are followed only to them. Default: none, every URL is a 422 and never contacted")
+    g.add_argument("--image-url-http", action="store_true",
+                   help="also fetch plain http:// URLs (and redirects) from --image-url-hosts (default: https only)")
+    g.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout,
+                   help="seconds one image's download may take, redirects included, within --request-timeout; beyond, 422 "
+                        "(default: %(default)s)")
+    g.add_argument("--image-url-ca", metavar="PEM",
+                   help="verify https image hosts against the CA certificates in this PEM file instead of certifi's")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds from arrival to answer, else 504 (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=None,
@@ -76,8 +87,20 @@ def run(args: argparse.Namespace) -> None:
                              chunking=chunking_option(args), max_document_chars=args.max_document_chars,
                              max_query_chars=args.max_query_chars, max_prompts=args.max_prompts,
                              max_chunks=args.max_request_chunks, max_images=args.max_images,
-                             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
+                             max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                             image_url_hosts=tuple(h for arg in args.image_url_hosts for h in arg.split(",") if h.strip()),
+                             image_url_http=args.image_url_http, image_url_timeout=args.image_url_timeout,
+                             image_url_ca=args.image_url_ca)
     settings.check()
+    if settings.image_url_hosts:
+        try:
+            import httpx  # noqa: F401 (the image URL fetcher's client, imported when the app is made)
+        except ImportError as e:
+            from reranker.extras import install_hint
+
+            raise RerankerError(f"--image-url-hosts needs {e.name}, which is not installed: {install_hint('serve')}") from e
+    if args.image_url_ca:
+        check_file(args.image_url_ca, "CA file", "pass --image-url-ca a PEM file of CA certificates")
     if not 0 <= args.port <= 65535:
         raise RerankerError(f"--port {args.port} is not a port; use 0-65535 (0: any free one)")
     if args.mmproj:  # a wrong path fails at once; a file that is no projector fails when it loads, still before listening
@@ -97,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
     host, port = sock.getsockname()[:2]
     print(f"reranker serve: listening on http://{host if ':' not in host else f'[{host}]'}:{port} "
           f"(model {args.model}, weights {reranker.weights_dtype}, "
-          f"auth {'on' if settings.api_key else 'off'}, images {f'on ({vision})' if vision else 'off (no --mmproj)'})",
+          f"auth {'on' if settings.api_key else 'off'}, images {f'on ({vision})' if vision else 'off (no --mmproj)'}"
+          f"{', image URLs from ' + ','.join(map(str, settings.url_rules)) if vision and settings.url_rules else ''})",
           file=sys.stderr, flush=True)
     # uvicorn turns SIGTERM / SIGINT into a graceful stop, then raises the signal again once done:
     # these handlers take that second one, so the process exits 0 after a clean stop.

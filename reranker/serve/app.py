@@ -2,7 +2,7 @@
 
 A rerank request is read (at most `max_request_bytes`), validated (400 for a body that is not
 JSON, 422 naming the field otherwise), refused early when the queue is full (503 + Retry-After),
-tokenised in a worker thread (images decoded and sized there too), queued, and awaited until its scores arrive, its client leaves
+tokenised in a worker thread (images fetched, decoded and sized there too), queued, and awaited until its scores arrive, its client leaves
 (its work is cancelled) or its time is up (504, work cancelled). Tokenising too stops when the
 client leaves or the time is up (between two llama.cpp calls), and never holds a lock other
 requests need. A handler cancelled by the server's shutdown (uvicorn's graceful timeout) answers
@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from reranker.engine.tokenizer import cancelled_by
 from reranker.engine.vision import find_mmproj
 from reranker.errors import RerankerError
+from reranker.serve.fetch import ImageFetcher
 from reranker.serve.metrics import Metrics
 from reranker.serve.prepare import build_prompts, check_images, check_prompts, check_sizes, images_of
 from reranker.serve.scheduler import Closed, Overloaded, Scheduler
@@ -64,6 +65,8 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
     stats = ServerStats()
     # Images need the vision projector; a server without one refuses image requests before decoding them.
     projector = (reranker.settings.mmproj if reranker.settings else None) or find_mmproj(reranker.gguf_source)
+    # Image URLs are fetched only from the hosts the operator named (serve.fetch); without them, none is.
+    fetcher = ImageFetcher(settings) if settings.image_url_hosts else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -154,7 +157,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
                                          "with --mmproj path/to/mmproj-...gguf (or put the one mmproj-*.gguf beside the GGUF)")
             try:
                 check_sizes(query, sides, settings)
-                check_images(images, settings)
+                check_images(images, settings, fetcher)
             except RerankerError as e:
                 raise HTTPException(422, str(e)) from e
             if not scheduler.running:
@@ -166,7 +169,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             try:
                 try:
                     prepared = await tokenised(gone, deadline, build_prompts, reranker, query, sides, req.options(),
-                                               settings.chunking, settings.max_chunks, settings)
+                                               settings.chunking, settings.max_chunks, settings, fetcher, deadline)
                     if prepared is None:  # the client left while its texts were tokenised
                         return Response(status_code=CLIENT_CLOSED)
                     check_prompts(prepared, settings)
@@ -272,7 +275,7 @@ async def tokenised(gone: asyncio.Future, deadline: float, fn, *args):
         return work.result()
     if gone in done:
         return None
-    raise HTTPException(504, "the request timed out while its texts were tokenised (--request-timeout); "
+    raise HTTPException(504, "the request timed out while its texts were tokenised or its images loaded (--request-timeout); "
                              "send shorter documents or fewer of them")
 
 

@@ -8,10 +8,11 @@ becomes one prompt per chunk), and `Prepared.pair_scores` folds the chunks' scor
 document, as `Reranker.score_documents` does.
 
 Images (Jina's `{"image": ...}`): `check_images` refuses, before anything is decoded, too many images,
-URLs and other URIs, and images over the byte cap; `load_images` (in the worker thread, cancellable
-between images) decodes base64 to bytes and loads and sizes them (`engine.vision.load`, the pixel cap
-checked from the header before decoding). The library gets bytes or a data: URI string only: no request
-string reaches it as something it would open as a path, and nothing is fetched.
+URLs (unless the operator allowed their host: `serve.fetch`) and other URIs, and images over the byte cap;
+`load_images` (in the worker thread, cancellable between images) downloads the allowed URLs, decodes base64
+to bytes and loads and sizes them (`engine.vision.load`, the pixel cap checked from the header before
+decoding). The library gets bytes or a data: URI string only: no request string reaches it as something it
+would open as a path or fetch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from dataclasses import fields, replace
 
 from reranker.engine.prompts import PromptBuilder
@@ -28,6 +30,7 @@ from reranker.engine.tokenizer import check_cancelled
 from reranker.engine.vision import load
 from reranker.errors import RerankerError
 from reranker.options import MIN_LENGTH, Chunking, ImageRef
+from reranker.serve.fetch import ImageFetcher, is_url
 from reranker.serve.schemas import ImageField, ScoreOptions, Side
 from reranker.serve.settings import ServeSettings
 
@@ -54,18 +57,21 @@ def images_of(query: Side, documents: list[Side]) -> list[ImageField]:
     return [s for s in (query, *documents) if isinstance(s, ImageField)]
 
 
-def check_images(images: list[ImageField], settings: ServeSettings) -> None:
-    """What can be refused without decoding anything: too many images, URLs (never fetched: the server is no
-    client for other hosts), other URIs (`file:`, ...; never opened), and images over `max_image_bytes`."""
+def check_images(images: list[ImageField], settings: ServeSettings, fetcher: ImageFetcher | None = None) -> None:
+    """What can be refused without decoding or fetching anything: too many images, URLs (fetched only by a `fetcher`,
+    from the hosts its operator allowed), other URIs (`file:`, ...; never opened), and images over `max_image_bytes`."""
     if len(images) > settings.max_images:
         raise RerankerError(f"documents: {len(images)} images in one request; this server takes at most {settings.max_images} "
                             "(--max-images): split the request")
     for image in images:
         value = image.value
         scheme = _SCHEME.match(value)
+        if fetcher is not None and is_url(value):
+            fetcher.check(image)
+            continue
         if scheme and scheme.group().lower() in ("http:", "https:"):
-            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts); "
-                                f"download the image yourself and {_SEND}")
+            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts: "
+                                f"its operator allowed none with --image-url-hosts); download the image yourself and {_SEND}")
         if scheme and scheme.group().lower() != "data:":
             raise RerankerError(f"{image.where}: a {scheme.group()} URI is not an image this server reads "
                                 f"(it opens no paths or URIs from requests); {_SEND}")
@@ -97,20 +103,25 @@ def image_source(image: ImageField, settings: ServeSettings) -> bytes | str:
     return data
 
 
-def load_images(reranker, query: Side, documents: list[Side], settings: ServeSettings) -> tuple:
-    """(query, documents) with every `ImageField` decoded, loaded and sized (`PendingImage`, encoded when scored).
+def load_images(reranker, query: Side, documents: list[Side], settings: ServeSettings,
+                fetcher: ImageFetcher | None = None, deadline: float | None = None) -> tuple:
+    """(query, documents) with every `ImageField` downloaded (a URL, by `fetcher`, before `deadline`) or decoded,
+    then loaded and sized (`PendingImage`, encoded when scored).
 
     Runs in the request's worker thread; stops between two images once the request is given up."""
     images = images_of(query, documents)
     if not images:
         return query, documents
+    urls = [image for image in images if is_url(image.value)] if fetcher is not None else []
+    fetched = fetcher.fetch_all(urls, deadline if deadline is not None else time.monotonic() + settings.request_timeout) \
+        if urls else {}
     sizing = reranker.vision.sizing
     loaded: dict[ImageField, PendingImage] = {}
     for image in images:
         check_cancelled()
+        source = fetched[image] if image in fetched else image_source(image, settings)
         try:
-            loaded[image] = load(ImageRef(image_source(image, settings), f"{image.where} image"), sizing,
-                                 max_pixels=settings.max_image_pixels)
+            loaded[image] = load(ImageRef(source, f"{image.where} image"), sizing, max_pixels=settings.max_image_pixels)
         except ImportError as e:
             from reranker.extras import install_hint
 
@@ -158,14 +169,16 @@ def _request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunki
 
 def build_prompts(reranker, query: Side, documents: list[Side], options: ScoreOptions,
                   default_chunking: Chunking | None = None, max_chunks: int | None = None,
-                  settings: ServeSettings | None = None) -> Prepared:
+                  settings: ServeSettings | None = None, fetcher: ImageFetcher | None = None,
+                  deadline: float | None = None) -> Prepared:
     """Prompts of `(query, document)` for each document, in order, truncated (or chunked) as `compute_score` does;
-    images (`ImageField`) loaded first, under `settings`' caps (default: the server's defaults).
+    images (`ImageField`) loaded first, under `settings`' caps (default: the server's defaults), URLs fetched by
+    `fetcher` (None: none are) by `deadline` (`time.monotonic()`; default: `settings.request_timeout` from now).
 
     (A lone surrogate cannot reach here: the JSON parser refuses `"\\ud800"` with a 400.)
     """
     chunking = request_chunking(options, default_chunking, max_chunks)
-    query, documents = load_images(reranker, query, documents, settings or ServeSettings())
+    query, documents = load_images(reranker, query, documents, settings or ServeSettings(), fetcher, deadline)
     builder = reranker.prompt_builder()
     if options.max_tokens_per_doc is not None:
         # The prompt without its document (template, cut query, scoring token), plus the document's allowance.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 from reranker.defaults import MAX_CHUNKS
@@ -11,6 +12,49 @@ from reranker.options import Chunking, require_int
 API_KEY_ENV = "RERANKER_API_KEY"
 #: `reranker.images.load.MAX_PIXELS`, restated so that settings are checked without importing PIL (tested equal).
 MAX_IMAGE_PIXELS = 2**27
+#: The port an image URL's host rule means when it names none: the scheme's own.
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One `--image-url-hosts` entry: a host name or IP address, or `*.suffix` (any name under the suffix, not the
+    suffix itself), and a port (None: the URL scheme's default port only, so an allowed host's other services stay
+    out of reach). Names are compared as ASCII strings (IDNs in punycode), case-insensitively, without a trailing
+    dot; anything spelled otherwise (another name for the same address, `2130706433` for 127.0.0.1) is refused."""
+
+    host: str
+    port: int | None
+    wildcard: bool
+
+    def matches(self, host: str, port: int, default_port: int) -> bool:
+        if port != (self.port if self.port is not None else default_port):
+            return False
+        return host.endswith("." + self.host) if self.wildcard else host == self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return ("*." if self.wildcard else "") + host + (f":{self.port}" if self.port is not None else "")
+
+
+def parse_host_rule(entry: str) -> HostRule:
+    """`entry` ('example.com', '*.example.com', 'example.com:8443', '10.0.0.5:8080', '[::1]:8080') as a `HostRule`."""
+    bad = (f"--image-url-hosts: {entry!r} is not a host; give host names or IP addresses, each optionally ':PORT', "
+           "or '*.example.com' for the names under example.com (comma-separated)")
+    text = entry.strip().lower()
+    wildcard = text.startswith("*.")
+    rest = text[2:] if wildcard else text
+    if not rest or not rest.isascii() or any(c in rest for c in "*/?#@\\ \t"):
+        raise RerankerError(bad + ("; write an international name in punycode (xn--...)" if not rest.isascii() else ""))
+    split = urllib.parse.urlsplit("//" + rest)
+    try:
+        port = split.port
+    except ValueError:
+        raise RerankerError(bad + ": its port is not 0-65535") from None
+    host = (split.hostname or "").rstrip(".")
+    if not host or (wildcard and (":" in host or "." not in host)):
+        raise RerankerError(bad + ("; a wildcard needs a domain of at least two labels ('*.example.com')" if wildcard else ""))
+    return HostRule(host, port, wildcard)
 
 
 @dataclass(frozen=True)
@@ -32,7 +76,11 @@ class ServeSettings:
     - `max_images`: images per request (documents and the query), counted before any is decoded;
     - `max_image_bytes`: an image's encoded size (after base64), refused before decoding it;
     - `max_image_pixels`: an image's width x height, read from its header before its pixels are decoded
-      (decompression bombs); at most the library's own limit, `reranker.images.load.MAX_PIXELS`.
+      (decompression bombs); at most the library's own limit, `reranker.images.load.MAX_PIXELS`;
+    - `image_url_hosts`: the hosts whose `https://` image URLs requests may make the server fetch (`HostRule`s;
+      empty: no URL is ever fetched); `image_url_http`: `http://` URLs to those hosts too; `image_url_timeout`: seconds
+      one image's download may take (redirects included), within `request_timeout`; `image_url_ca`: a PEM bundle of
+      the CAs that https image hosts are verified against (None: certifi's). See `serve.fetch`.
     """
 
     model_name: str = "jina-reranker-m0"
@@ -51,6 +99,10 @@ class ServeSettings:
     max_images: int = 64
     max_image_bytes: int = 8 * 2**20
     max_image_pixels: int = 2**25
+    image_url_hosts: tuple[str, ...] = ()
+    image_url_http: bool = False
+    image_url_timeout: float = 10.0
+    image_url_ca: str | None = None
 
     def check(self) -> None:
         require_int("max_documents", self.max_documents, 1)
@@ -70,6 +122,13 @@ class ServeSettings:
         if self.chunking is not None and self.chunking.max_chunks > self.max_chunks:
             raise RerankerError(f"--max-chunks {self.chunking.max_chunks} (the default for requests) exceeds "
                                 f"--max-request-chunks {self.max_chunks}; lower it or raise --max-request-chunks")
+        rules = self.url_rules  # a bad entry fails here, before the model loads
+        if not (isinstance(self.image_url_timeout, (int, float)) and self.image_url_timeout > 0):
+            raise RerankerError(f"--image-url-timeout {self.image_url_timeout!r} is invalid; it must be > 0 seconds")
+        if not rules and (self.image_url_http or self.image_url_ca):
+            flag = "--image-url-http" if self.image_url_http else "--image-url-ca"
+            raise RerankerError(f"{flag} applies to image URLs, which this server fetches only from --image-url-hosts: "
+                                "name the hosts too, or drop the flag")
         if self.batch_tokens is not None:
             require_int("batch_tokens", self.batch_tokens, 1)
         if not self.request_timeout > 0:
@@ -84,6 +143,11 @@ class ServeSettings:
             if not (self.api_key.isascii() and self.api_key.isprintable()):
                 raise RerankerError("the API key has non-ASCII or control characters, which an HTTP header cannot carry "
                                     f"unchanged; use printable ASCII in --api-key / {API_KEY_ENV}")
+
+    @property
+    def url_rules(self) -> tuple[HostRule, ...]:
+        """`image_url_hosts` parsed (a bad entry is a RerankerError naming it)."""
+        return tuple(parse_host_rule(e) for e in self.image_url_hosts)
 
     @property
     def prompt_cap(self) -> tuple[int, str]:

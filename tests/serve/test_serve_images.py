@@ -272,7 +272,8 @@ def test_serve_documents_its_image_flags_and_checks_them(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--mmproj PATH", "--max-images", "--max-image-bytes", "--max-image-pixels", "URLs are never fetched"):
+    for flag in ("--mmproj PATH", "--max-images", "--max-image-bytes", "--max-image-pixels",
+                 "URLs fetched only from --image-url-hosts"):
         assert flag in out
     # A missing --mmproj is named before the model is even looked for.
     assert main(["serve", "-m", "no-such-model.gguf", "--mmproj", "no-such-mmproj.gguf"]) == 2
