@@ -36,6 +36,7 @@ def pdfs(tmp_path_factory):
     write_pdf(docs / "report.pdf")
     write_pdf(docs / "memo.pdf", pages=[(300, 400), (400, 300)])
     write_pdf(docs / "five.pdf", pages=[(300 + 20 * i, 400 - 20 * i) for i in range(5)])
+    write_pdf(docs / "single.pdf", pages=[(300, 200)])
     data = (docs / "report.pdf").read_bytes()
     (docs / "truncated.pdf").write_bytes(data[: len(data) // 2])
     (docs / "locked.pdf").write_bytes(encrypted_pdf("secret", "owner"))
@@ -427,3 +428,79 @@ def test_pdf_bytes_job_resumes_and_its_fingerprint_covers_them(tiny_ggufs, pdfs,
     pq.write_table(_nested_table(rows), inp)
     rc, err = _main(capsys, score_args(tiny_ggufs["f32"], inp, clean, *args, window=3))
     assert rc == 2 and "different input" in err and "--restart" in err, err
+
+
+# --- a `pdf` column for Ray Data's callable (issue 20's gap 3) ---------------------------------------------------
+
+
+def _pdf_rows(pdfs, as_bytes: bool):
+    """Rows of PDF pages (a path or the bytes of each file, and a page; null: the file's one page) and a text."""
+    import pyarrow as pa
+
+    docs = pdfs / "docs"
+    files = ["report", None, "memo", "single", "report"]
+    value = (lambda f: (docs / f"{f}.pdf").read_bytes()) if as_bytes else (lambda f: str(docs / f"{f}.pdf"))
+    return pa.table({"id": list(range(5)), "query": [QUERY] * 5, "document": [None, "a text about sales", None, None, None],
+                     "pdf": pa.array([None if f is None else value(f) for f in files], pa.binary() if as_bytes else pa.string()),
+                     "page": pa.array([2, None, 1, None, 1], pa.int64())})
+
+
+def _pdf_rows_want(tiny_reranker, pdfs) -> list[float]:
+    docs = pdfs / "docs"
+    return tiny_reranker.compute_score([[QUERY, {"pdf": docs / "report.pdf", "page": 2}], [QUERY, "a text about sales"],
+                                        [QUERY, {"pdf": docs / "memo.pdf", "page": 1}], [QUERY, {"pdf": docs / "single.pdf", "page": 1}],
+                                        [QUERY, {"pdf": docs / "report.pdf", "page": 1}]])
+
+
+def test_ray_callable_scores_pdf_columns(tiny_ggufs, tiny_reranker, pdfs, opens):
+    """`RayReranker` called directly (what each actor runs): a `pdf` column of paths or bytes with its `page` scores as
+    `compute_score` on the same pages (one batch, one call); a batch opens each file once; bad rows are named."""
+    import pyarrow as pa
+
+    from reranker.jobs.ray_data import RayReranker
+
+    docs, b = pdfs / "docs", _pdf_bytes(pdfs)
+    scorer = RayReranker(str(tiny_ggufs["f32"]), load={"n_ctx": 4096, "n_batch": 1024}, drop=("pdf",))
+    want = _pdf_rows_want(tiny_reranker, pdfs)
+    assert len(set(want)) == 5
+    for as_bytes in (False, True):
+        opens["docs"].clear()
+        out = scorer(_pdf_rows(pdfs, as_bytes))
+        assert out.column_names == ["id", "query", "document", "page", "score"] and out.column("score").to_pylist() == want
+        assert len(opens["docs"]) == 3 and all(doc.raw is None for _, doc in opens["docs"])  # report's 2 rows share one open
+
+    def fails(match: str, **columns):
+        with pytest.raises(RerankerError, match=match):
+            scorer(pa.table({"query": [QUERY] * len(next(iter(columns.values()))), **columns}))
+
+    fails(r"row 0 PDF .*report\.pdf has 3 pages and the row gives no page; add a 'page' column", pdf=[str(docs / "report.pdf")])
+    fails(r"row 1 PDF .*report\.pdf#4: page 4 is out of range, the file has 3 pages", pdf=[str(docs / "memo.pdf"), str(docs / "report.pdf")],
+          page=[1, 4])
+    fails(rf"row 0 PDF <{len(b['truncated'])} bytes>#1 is not a readable PDF", pdf=pa.array([b["truncated"]], pa.binary()), page=[1])
+    fails(r"row 0 PDF .*locked\.pdf#1 is encrypted", pdf=[str(docs / "locked.pdf")], page=[1])
+    fails(r"row 0 of the batch: 'page' is 0; a page is an integer >= 1", pdf=[str(docs / "memo.pdf")], page=[0])
+    fails(r"row 0 of the batch has both 'image' and 'pdf'", pdf=[str(docs / "memo.pdf")], image=[str(docs / "memo.pdf")])
+
+
+@pytest.mark.slow
+def test_ray_data_scores_pdf_pages(ray_cluster, tiny_ggufs, tiny_reranker, pdfs):
+    """The callable in a Ray Data pipeline on the local cluster: PDF bytes in a `pdf` column, scored on an actor, equal
+    `compute_score` on the same pages (torch at one thread in both, as Ray actors run it)."""
+    import ray
+    import torch
+
+    from reranker.jobs.ray_data import RayReranker, actor_options, map_batches_quietly
+
+    ds = ray.data.from_arrow(_pdf_rows(pdfs, as_bytes=True))
+    ds = map_batches_quietly(ds, RayReranker, fn_constructor_kwargs={"model": str(tiny_ggufs["f32"]), "load": {"n_ctx": 4096, "n_batch": 1024},
+                                                                   "drop": ("pdf",)},
+                             batch_format="pyarrow", batch_size=5, **actor_options(1))
+    got = sorted((r["id"], r["score"]) for r in ds.take_all())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = _pdf_rows_want(tiny_reranker, pdfs)
+    finally:
+        torch.set_num_threads(threads)
+    assert [i for i, _ in got] == list(range(5))
+    assert [s for _, s in got] == want  # exact: one batch is one window, as compute_score's one call
