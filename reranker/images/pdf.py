@@ -162,15 +162,16 @@ class PdfDocuments:
         self.close()
 
     def _document(self, source: str | os.PathLike | bytes, name: str):
+        data = isinstance(source, (bytes, bytearray, memoryview))
         # bytes are keyed by their content (hashed once per object): rows holding the same file share its document
-        key = bytes(source) if isinstance(source, (bytearray, memoryview)) else source if isinstance(source, bytes) else os.fspath(source)
+        key = bytes(source) if data else os.fspath(source)
         entry = self._docs.pop(key, None)
         if entry is None:
             while len(self._docs) >= self._keep:
                 self._close(self._docs.popitem(last=False)[1])
-            file = self._open_file(source) if self._open_file is not None and not isinstance(key, bytes) else None
+            file = self._open_file(source) if self._open_file is not None and not data else None
             try:
-                target = file if file is not None else key if isinstance(key, bytes) else source
+                target = file if file is not None else key if data else source
                 with _PDFIUM_LOCK:
                     entry = (_open(target, name), file)
             except BaseException:
