@@ -226,7 +226,8 @@ def _pdf_side(value: object, page: object, row: int) -> ImageRef:
         raise RerankerError(f"row {row} of the batch: 'pdf' is {'empty' if isinstance(value, (str, bytes, bytearray)) else type(value).__name__}, "
                             "not a path (string) or the PDF file's bytes")
     if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
-        raise RerankerError(f"row {row} of the batch: 'page' is {page!r}; a page is an integer >= 1 (pages count from 1)")
+        raise RerankerError(f"row {row} of the batch: 'page' is {page!r}; a page is an integer >= 1 (pages count from 1; "
+                            "a float column, as pandas makes of integers with nulls, needs a cast to int64)")
     source = bytes(value) if isinstance(value, bytearray) else value
     shown = f"<{len(source)} bytes>" if isinstance(source, bytes) else source
     return ImageRef(_PdfRow(source, page), f"row {row} PDF {shown}" + (f"#{page}" if page is not None else ""))
@@ -241,8 +242,8 @@ def _rendered(ref: ImageRef, pdfs: Any) -> ImageRef:
     if page is None:  # one row, one score: a file of several pages needs its page named
         n = pdfs.page_count(row.source, ref.name)
         if n != 1:
-            raise RerankerError(f"{ref.name} has {n} pages and the row gives no page; add a 'page' column (pages count "
-                                "from 1), one row per page")
+            raise RerankerError(f"{ref.name} has {n} pages and the row gives no page; give it in a 'page' column (pages "
+                                "count from 1), one row per page")
         page = 1
     return ImageRef(pdfs.render(row.source, page, ref.name), ref.name)
 

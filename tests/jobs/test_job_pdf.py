@@ -473,7 +473,7 @@ def test_ray_callable_scores_pdf_columns(tiny_ggufs, tiny_reranker, pdfs, opens)
         with pytest.raises(RerankerError, match=match):
             scorer(pa.table({"query": [QUERY] * len(next(iter(columns.values()))), **columns}))
 
-    fails(r"row 0 PDF .*report\.pdf has 3 pages and the row gives no page; add a 'page' column", pdf=[str(docs / "report.pdf")])
+    fails(r"row 0 PDF .*report\.pdf has 3 pages and the row gives no page; give it in a 'page' column", pdf=[str(docs / "report.pdf")])
     fails(r"row 1 PDF .*report\.pdf#4: page 4 is out of range, the file has 3 pages", pdf=[str(docs / "memo.pdf"), str(docs / "report.pdf")],
           page=[1, 4])
     fails(rf"row 0 PDF <{len(b['truncated'])} bytes>#1 is not a readable PDF", pdf=pa.array([b["truncated"]], pa.binary()), page=[1])
