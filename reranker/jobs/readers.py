@@ -8,9 +8,10 @@ line is one reject with its line number.
 A document may be an image: `{"id", "image": PATH}` in a nested record, `"image": PATH` in place of
 `"document"` in a flat one or a BEIR corpus entry, or an `image` column (a path, or the encoded
 bytes) in Parquet. Or a PDF page, `"pdf": PATH, "page": N` in the same places (Parquet: `pdf` and
-`page` columns or struct fields); in a nested record, `{"id", "pdf": PATH}` without a page is every
-page of the file, one document each (ids `id#N`, or `PATH#N` without an id; its page count is read
-here, so the record's documents are known when it is read). A relative path is resolved against the
+`page` columns or struct fields, `pdf` a path or the file's bytes); in a nested record, `{"id", "pdf": PATH}`
+without a page is every page of the file, one document each (ids `id#N`, or `PATH#N` without an id, `K#N`
+for bytes without one, K the index of its first page; its page count is read here, so the record's
+documents are known when it is read). A relative path is resolved against the
 folder of the file that names it. The readers only record it (`ImageDoc`); the job reads and decodes
 (renders) it per window (`jobs.images`).
 """
