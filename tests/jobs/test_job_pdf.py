@@ -399,15 +399,15 @@ def test_pdf_bytes_job_equals_compute_score_and_rejects_alone(tiny_ggufs, tiny_r
     assert [s for g in got for _, _, s, _ in g] == tiny_reranker.compute_score(pairs, batch_size=8)  # exact
 
 
-def test_pdf_bytes_job_resumes_and_its_fingerprint_covers_them(tiny_ggufs, pdfs, tmp_path, capsys):
+def test_pdf_bytes_job_resumes_and_its_fingerprint_covers_them(tiny_ggufs, pdfs, tmp_path, capsys, opens):
     """The bytes are part of the input, so the input's fingerprint covers them (a changed byte refuses a resume), and
     a stopped job resumes to the bytes of a clean run (its whole PDFs counted again for the records it skips)."""
     import pyarrow.parquet as pq
     from helpers import page_picture
 
     b = _pdf_bytes(pdfs)
-    later = tmp_path / "later.png"  # missing at first: the job stops there (--on-error fail), after 6 windows
-    rows = [(f"q{i}", f"{QUERY} {i}", [{"id": "m", "pdf": b["memo"] if i % 2 else b["report"]}, {"text": f"text {i}"}]) for i in range(6)]
+    later = tmp_path / "later.png"  # missing at first: the job stops there (--on-error fail), after 3 windows
+    rows = [(f"q{i}", f"{QUERY} {i}", [{"id": "m", "pdf": b["memo"] if i % 2 else b["report"]}, {"text": f"text {i}"}]) for i in range(3)]
     rows += [("img", QUERY, [{"id": "later", "image": str(later)}]), ("last", QUERY, [{"pdf": b["five"], "page": 3}])]
     inp = tmp_path / "resume.parquet"
     pq.write_table(_nested_table(rows), inp)
@@ -415,10 +415,15 @@ def test_pdf_bytes_job_resumes_and_its_fingerprint_covers_them(tiny_ggufs, pdfs,
     args = [*N_CTX, "--on-error", "fail"]
     rc, err = _main(capsys, score_args(tiny_ggufs["f32"], inp, out, *args, window=3))
     assert rc == 2 and "later.png" in err, err
-    assert json.loads(out.with_name("out.jsonl.checkpoint.json").read_text())["consumed"] == 6
+    assert json.loads(out.with_name("out.jsonl.checkpoint.json").read_text())["consumed"] == 3
     page_picture(64, 48, 0).save(later)
+    opens["docs"].clear()
     rc, err = _main(capsys, score_args(tiny_ggufs["f32"], inp, out, *args, window=3))
     assert rc == 0, err
+    # resumed, not restarted: the records it skips have their whole PDFs counted, not rendered; only the last is rendered
+    n = {k: len(v) for k, v in b.items()}
+    assert sorted(name for name, _ in opens["docs"]) == sorted([f"PDF <{n['report']} bytes>", f"PDF <{n['memo']} bytes>",
+                                                               f"PDF <{n['report']} bytes>", f"PDF page <{n['five']} bytes>#3"])
     assert _main(capsys, score_args(tiny_ggufs["f32"], inp, clean, *args, window=3))[0] == 0
     assert out.read_bytes() == clean.read_bytes() and b'"pdf_bytes"' in clean.read_bytes()
 
