@@ -13,7 +13,13 @@ original's ``max_pixels``, 602112), so Qwen2-VL's smart_resize that follows only
 multiple of 28 instead of discarding most of a high-DPI render. The background is white (a PDF page is
 paper; PDFium's default), annotations are drawn, as a viewer shows the page.
 
-PDFium is not thread-safe (pypdfium2's documentation): every call into it holds `_PDFIUM_LOCK`.
+A PDF may also be given as its bytes (`_open` takes them; jobs read a Parquet binary `pdf` column so).
+`PdfDocuments` keeps files open while several of their pages are rendered (a job's window, a Ray Data
+batch): opening a file parses its cross-reference table and walks its page tree, work that grows with
+the file, so rendering each of n pages from a fresh open would do it n times.
+
+PDFium is not thread-safe (pypdfium2's documentation): every call into it holds `_PDFIUM_LOCK`. A
+document kept open between calls is safe: only the calls into PDFium must not overlap.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import BinaryIO
 
 from PIL import Image
@@ -32,6 +40,9 @@ from reranker.options import PdfPage
 
 #: Pages one file expands to at most (`pdf_pages`); a longer file is an error naming it, not hours of rendering.
 MAX_PAGES = 1000
+#: Files a `PdfDocuments` keeps open at once (least recently used closed first): a record may name thousands
+#: of files, each open one holding a descriptor and its parsed cross-reference table.
+KEEP_OPEN = 16
 #: Pixels of a rendered page at most: the original's max_pixels (reranker.images.preprocess.MAX_PIXELS, the same
 #: number: a test checks it), so the render is about the size the model sees.
 RENDER_PIXELS = 602112
@@ -47,11 +58,11 @@ def _pdfium(what: str):
     return pypdfium2
 
 
-def _open(source: str | os.PathLike | BinaryIO, name: str):
+def _open(source: str | os.PathLike | bytes | BinaryIO, name: str):
     """The open `PdfDocument` (call with the lock held); every failure a RerankerError naming `name`.
 
-    `source`: a path, or a binary file the caller opened and checked (jobs open files as data:
-    `jobs.images.open_pdf_file`); PDFium reads what it needs from it, and the caller closes it."""
+    `source`: a path, the file's bytes, or a binary file the caller opened and checked (jobs open files
+    as data: `jobs.images.open_pdf_file`); PDFium reads what it needs from it, and the caller closes it."""
     pdfium = _pdfium(f"reading {name}")
     # PDFium keeps its last error across calls and refuses some files (an empty page tree) without setting one, so
     # such a file would be reported with the previous failure's code (after an encrypted file: "encrypted"). A load
@@ -60,6 +71,8 @@ def _open(source: str | os.PathLike | BinaryIO, name: str):
     try:
         if isinstance(source, (str, os.PathLike)):
             return pdfium.PdfDocument(str(check_file(source, "PDF file", _FIX)))
+        if isinstance(source, (bytes, bytearray, memoryview)):  # held by the document while it is open
+            return pdfium.PdfDocument(bytes(source))
         return pdfium.PdfDocument(source, autoclose=False)
     except pdfium.PdfiumError as e:
         code = getattr(e, "err_code", None)
@@ -74,10 +87,16 @@ def _open(source: str | os.PathLike | BinaryIO, name: str):
         raise RerankerError(f"{name} could not be opened as a PDF ({e}); {_FIX}") from None
 
 
-def page_count(path: str | os.PathLike, file: BinaryIO | None = None) -> int:
-    """The number of pages of the PDF at `path` (read from `file` when given: `path` then only names it)."""
+def source_name(source: str | os.PathLike | bytes) -> str:
+    """How messages name a PDF: its path, or its size for one given as bytes ("<N bytes>")."""
+    return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
+
+
+def page_count(path: str | os.PathLike | bytes, file: BinaryIO | None = None) -> int:
+    """The number of pages of the PDF at `path`, or in `path` when it holds the file's bytes (read from
+    `file` when given: `path` then only names it)."""
     with _PDFIUM_LOCK:
-        doc = _open(path if file is None else file, f"PDF {os.fspath(path)}")
+        doc = _open(path if file is None else file, f"PDF {source_name(path)}")
         try:
             return len(doc)
         finally:
@@ -115,32 +134,93 @@ def render_scale(width: float, height: float, max_pixels: int = RENDER_PIXELS) -
     return scale
 
 
-def render_page(ref: PdfPage, name: str | None = None, *, max_pixels: int = RENDER_PIXELS,
-                file: BinaryIO | None = None) -> Image.Image:
-    """Page `ref.page` (from 1) of `ref.path` as an RGB image of at most `max_pixels` pixels (see the module).
-    `file`: the PDF, already opened by the caller (`ref.path` then only names it)."""
-    name = name or f"PDF page {ref}"
-    pdfium = _pdfium(f"reading {name}")
-    with _PDFIUM_LOCK:
-        doc = _open(ref.path if file is None else file, name)
-        try:
+def render_page(ref: PdfPage, name: str | None = None, *, max_pixels: int = RENDER_PIXELS) -> Image.Image:
+    """Page `ref.page` (from 1) of `ref.path` as an RGB image of at most `max_pixels` pixels (see the module)."""
+    with PdfDocuments() as docs:
+        return docs.render(ref.path, ref.page, name or f"PDF page {ref}", max_pixels=max_pixels)
+
+
+class PdfDocuments:
+    """PDFs kept open while pages of theirs are rendered: each file opened (and parsed) once, not per page.
+
+    `render(source, page, name)` opens `source` (a path or the file's bytes) on first use and keeps it, at
+    most `keep` files at once (the least recently used closed first); `close()` (or leaving the `with`
+    block) closes them all. `open_file(path)`: how a path is opened (jobs: `jobs.images.open_pdf_file`,
+    which refuses fifos, devices and oversized files); None: PDFium opens the checked path itself. A file
+    that fails to open is not kept: each of its pages fails with its own name, as a fresh open would.
+    One object serves one thread; PDFium calls hold the module's lock.
+    """
+
+    def __init__(self, open_file: Callable[[str | os.PathLike], BinaryIO] | None = None, keep: int = KEEP_OPEN) -> None:
+        self._open_file, self._keep = open_file, keep
+        self._docs: OrderedDict[str | bytes, tuple] = OrderedDict()  # key -> (PdfDocument, the file it reads or None)
+
+    def __enter__(self) -> PdfDocuments:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _document(self, source: str | os.PathLike | bytes, name: str):
+        data = isinstance(source, (bytes, bytearray, memoryview))
+        # bytes are keyed by their content (hashed once per object): rows holding the same file share its document
+        key = bytes(source) if data else os.fspath(source)
+        entry = self._docs.pop(key, None)
+        if entry is None:
+            while len(self._docs) >= self._keep:
+                self._close(self._docs.popitem(last=False)[1])
+            file = self._open_file(source) if self._open_file is not None and not data else None
+            try:
+                target = file if file is not None else key if data else source
+                with _PDFIUM_LOCK:
+                    entry = (_open(target, name), file)
+            except BaseException:
+                if file is not None:
+                    file.close()
+                raise
+        self._docs[key] = entry  # the most recently used last
+        return entry[0]
+
+    def page_count(self, source: str | os.PathLike | bytes, name: str) -> int:
+        """The number of pages of `source` (kept open for the renders that follow)."""
+        doc = self._document(source, name)
+        with _PDFIUM_LOCK:
+            return len(doc)
+
+    def render(self, source: str | os.PathLike | bytes, page: int, name: str, *, max_pixels: int = RENDER_PIXELS) -> Image.Image:
+        """Page `page` (from 1) of `source` as an RGB image of at most `max_pixels` pixels; `name` names it in errors."""
+        pdfium = _pdfium(f"reading {name}")
+        doc = self._document(source, name)
+        with _PDFIUM_LOCK:
             n = len(doc)
-            if not 1 <= ref.page <= n:
-                raise RerankerError(f"{name}: page {ref.page} is out of range, the file has {n} page{'s' * (n != 1)} "
+            if not 1 <= page <= n:
+                raise RerankerError(f"{name}: page {page} is out of range, the file has {n} page{'s' * (n != 1)} "
                                     f"(pages count from 1: 1..{n})")
             try:
-                page = doc[ref.page - 1]
+                pdf_page = doc[page - 1]
                 try:
-                    width, height = page.get_size()
+                    width, height = pdf_page.get_size()
                     if not (width > 0 and height > 0):
                         raise RerankerError(f"{name} has no area ({width} x {height} PDF units); {_FIX}")
-                    bitmap = page.render(scale=render_scale(width, height, max_pixels), rev_byteorder=True, draw_annots=True)
+                    bitmap = pdf_page.render(scale=render_scale(width, height, max_pixels), rev_byteorder=True, draw_annots=True)
                     image = bitmap.to_pil().convert("RGB")  # a copy: the bitmap's buffer is freed with it
                     bitmap.close()
                 finally:
-                    page.close()
+                    pdf_page.close()
             except pdfium.PdfiumError as e:
                 raise RerankerError(f"{name} could not be rendered ({e}): the page is corrupt; {_FIX}") from None
+        return image
+
+    def close(self) -> None:
+        while self._docs:
+            self._close(self._docs.popitem()[1])
+
+    @staticmethod
+    def _close(entry: tuple) -> None:
+        doc, file = entry
+        try:
+            with _PDFIUM_LOCK:
+                doc.close()
         finally:
-            doc.close()
-    return image
+            if file is not None:
+                file.close()

@@ -13,7 +13,9 @@ directly or through a symbolic link, is a reject). Symbolic links are followed, 
 opening the path would. Nothing is ever written beside an image.
 
 A PDF page (`ImageDoc.page`) is rendered here too, from a file opened as an image file is
-(`open_pdf_file`); a whole PDF's page count (`pdf_page_count`) is read by the readers, through the same opener.
+(`open_pdf_file`), or from the PDF's bytes (a Parquet binary `pdf` column); a whole PDF's page count
+(`pdf_page_count`) is read by the readers, through the same opener. A window opens each PDF once for all
+its pages (`pdf_documents`), and closes it when the window's images are loaded.
 
 Memory: a window holds at most `WINDOW_IMAGES` image documents (PDF pages included) (more only when one record has more),
 each kept only at its model size (at most 602112 pixels, 1.8 MB as RGB) once read.
@@ -112,39 +114,50 @@ def open_pdf_file(path: Path) -> BinaryIO:
     return os.fdopen(_open_regular_file(path, "PDF file"), "rb")
 
 
-def pdf_page_count(path: Path) -> int:
-    """The number of pages of the PDF at `path` (opened as data), at most the pdf module's MAX_PAGES, else a
-    RerankerError naming the file: what a document `{"pdf": PATH}` without a page expands to."""
-    from reranker.images.pdf import MAX_PAGES, page_count
+def pdf_page_count(source: Path | bytes) -> int:
+    """The number of pages of the PDF at path `source` (opened as data), or in `source` (the file's bytes), at
+    most the pdf module's MAX_PAGES, else a RerankerError naming it: what a document `{"pdf": ...}` without a
+    page expands to."""
+    from reranker.images.pdf import MAX_PAGES, page_count, source_name
 
-    with open_pdf_file(path) as f:
-        try:
-            n = page_count(path, f)
-        except OSError as e:  # read by PDFium through the file: an I/O error on the way
-            raise RerankerError(f"PDF file {path}: unreadable ({e})") from None
+    if isinstance(source, bytes):
+        n = page_count(source)
+    else:
+        path = source
+        with open_pdf_file(path) as f:
+            try:
+                n = page_count(path, f)
+            except OSError as e:  # read by PDFium through the file: an I/O error on the way
+                raise RerankerError(f"PDF file {path}: unreadable ({e})") from None
     if n > MAX_PAGES:
-        raise RerankerError(f"PDF file {path} has {n} pages, more than the {MAX_PAGES} a whole file expands to; "
-                            'give the pages you want as {"pdf": PATH, "page": N} documents')
+        raise RerankerError(f"PDF {'file ' * (not isinstance(source, bytes))}{source_name(source)} has {n} pages, more than the "
+                            f"{MAX_PAGES} a whole file expands to; "
+                            'give the pages you want as {"pdf": ..., "page": N} documents')
     return n
 
 
-def load_image_doc(doc: ImageDoc, sizing: object):
-    """`doc` read (a PDF page: rendered), decoded and sized (`engine.vision.load`): a `PendingImage`, or a
-    RerankerError naming it."""
+def pdf_documents():
+    """The PDFs of one window, each kept open across its pages (`images.pdf.PdfDocuments`), files opened as
+    data (`open_pdf_file`); close it when the window's pages are rendered."""
+    from reranker.images.pdf import PdfDocuments
+
+    return PdfDocuments(open_pdf_file)
+
+
+def load_image_doc(doc: ImageDoc, sizing: object, pdfs):
+    """`doc` read (a PDF page: rendered, from `pdfs`, the window's `pdf_documents()`), decoded and sized
+    (`engine.vision.load`): a `PendingImage`, or a RerankerError naming it."""
     from reranker.engine.vision import load
     from reranker.options import ImageRef
 
     if doc.page is not None:
-        from reranker.images.pdf import render_page
-        from reranker.options import PdfPage
+        from reranker.images.pdf import source_name
 
-        ref = PdfPage(doc.source, doc.page)
-        name = f"PDF page {ref}"
-        with open_pdf_file(doc.source) as f:
-            try:
-                image = render_page(ref, name, file=f)
-            except OSError as e:
-                raise RerankerError(f"{name}: unreadable ({e})") from None
+        name = f"PDF page {source_name(doc.source)}#{doc.page}"
+        try:
+            image = pdfs.render(doc.source, doc.page, name)
+        except OSError as e:
+            raise RerankerError(f"{name}: unreadable ({e})") from None
         return load(ImageRef(image, name), sizing)
     if isinstance(doc.source, bytes):
         return load(ImageRef(doc.source, "the image"), sizing)
@@ -168,6 +181,12 @@ def load_window_images(items: list[Unit | Reject], builder, images: ImageSetting
     exception to raise for the first such reject. No projector (`images.mmproj` None) is an error at the
     first image document, whatever `stop` says: every image would fail the same way.
     """
+    # One window, one open per PDF file: its pages (a whole file's, or pages named apart) share it.
+    with pdf_documents() as pdfs:
+        return _load_window_images(items, builder, images, stop, pdfs)
+
+
+def _load_window_images(items, builder, images, stop, pdfs) -> tuple[list[Unit], list[Reject], list[list]]:
     units: list[Unit] = []
     rejects: list[Reject] = []
     sides: list[list] = []
@@ -190,7 +209,7 @@ def load_window_images(items: list[Unit | Reject], builder, images: ImageSetting
         for i, (doc_id, doc) in enumerate(item.docs):
             if isinstance(doc, ImageDoc):
                 try:
-                    doc = load_image_doc(doc, images.sizing)
+                    doc = load_image_doc(doc, images.sizing, pdfs)
                     builder.build_parts(item.query, doc)  # an image too large for max_length is this document's problem
                 except RerankerError as e:
                     where = "" if item.pair else f" (query {item.query_id!r}, document {item.position(i)})"

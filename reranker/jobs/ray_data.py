@@ -26,6 +26,7 @@ import fcntl
 import os
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from reranker.extras import install_hint
 from reranker.options import ImageRef
 from reranker.settings import LoadSettings
 
-COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document", "image": "image"}
+COLUMNS = {"query_id": "query_id", "query": "query", "doc_id": "doc_id", "document": "document", "image": "image",
+           "pdf": "pdf", "page": "page"}
 NODE_LOCK = ".ray-node-setup.lock"
 
 
@@ -97,12 +99,15 @@ class RayReranker:
     keyword arguments (`n_ctx`, `n_batch`, `n_threads`, `max_length`, `bf16`, ...); or all of them as
     one `settings=LoadSettings(...)`. On an actor without a GPU (`ray.get_gpu_ids()` empty) the
     backbone and head run on the CPU.
-    `columns` renames the input columns (keys `query_id`, `query`, `doc_id`, `document`, `image`;
-    only `query` and `document` are needed unless `rank`). A row whose `image` (if the column exists)
+    `columns` renames the input columns (keys `query_id`, `query`, `doc_id`, `document`, `image`, `pdf`,
+    `page`; only `query` and `document` are needed unless `rank`). A row whose `image` (if the column exists)
     is not null has an image document: a path (a string, read on the actor's node: give absolute paths)
     or the encoded bytes (binary), scored through the projector (`settings.mmproj`, else the
-    `mmproj-*.gguf` beside the GGUF); its `document` may be null. A bad image fails the batch with an
-    error naming its row (the `reranker score --engine ray` driver rejects such images before they are sent). `rank=True` adds `rank`, 1-based by
+    `mmproj-*.gguf` beside the GGUF); its `document` may be null. A row whose `pdf` is not null has a PDF
+    page as its document (the `pdf` extra): the file's path or bytes, as `image`, and its `page` (from 1;
+    null or no `page` column: the file must have one page); a batch opens each PDF once for all its rows'
+    pages. A bad image or PDF fails the batch with an error naming its row (the `reranker score --engine ray`
+    driver rejects such documents before they are sent). `rank=True` adds `rank`, 1-based by
     descending score within each run of one query id in the batch (ties by row order): give it
     batches that hold whole queries (e.g. `ds.groupby(query_id).map_groups(...)`, or the driver's
     shards). `stats=True` adds `_tokens` (prompt length) and `_truncated`. `drop` removes
@@ -137,7 +142,8 @@ class RayReranker:
 
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         c = self.columns
-        needed = ("query",) if c["image"] in table.column_names else ("query", "document")  # images alone will do
+        has = set(table.column_names)
+        needed = ("query",) if c["image"] in has or c["pdf"] in has else ("query", "document")  # images alone will do
         missing = [c[k] for k in needed if c[k] not in table.column_names]
         if missing:
             raise RerankerError(f"batch lacks the column(s) {', '.join(missing)} (columns: {', '.join(table.column_names)}); "
@@ -147,6 +153,13 @@ class RayReranker:
         images = table.column(c["image"]).to_pylist() if c["image"] in table.column_names else None
         if images is not None:  # an image row's document is its image
             documents = [doc if image is None else _image_side(image, i) for i, (doc, image) in enumerate(zip(documents, images))]
+        if c["pdf"] in has:  # a PDF row's document is its page
+            pages = table.column(c["page"]).to_pylist() if c["page"] in has else [None] * table.num_rows
+            for i, (pdf, page) in enumerate(zip(table.column(c["pdf"]).to_pylist(), pages)):
+                if pdf is not None:
+                    if images is not None and images[i] is not None:
+                        raise RerankerError(f"row {i} of the batch has both {c['image']!r} and {c['pdf']!r}; a row's document is one of them")
+                    documents[i] = _pdf_side(pdf, page, i)
         for name, values in ((c["query"], queries), (c["document"], documents)):
             bad_row = next((i for i, v in enumerate(values) if not isinstance(v, (str, ImageRef))), None)
             if bad_row is not None:  # `reranker score --engine ray` rejects these before they reach an actor
@@ -170,13 +183,19 @@ class RayReranker:
         return out.drop_columns([n for n in self.drop if n in out.column_names])
 
     def _loaded(self, pairs: list) -> list:
-        """`pairs` with each image document read and sized (`engine.vision.load`), named by its row on error."""
+        """`pairs` with each image document read and sized (`engine.vision.load`), named by its row on error;
+        a PDF page rendered first, each PDF opened once for the batch."""
         if not any(isinstance(d, ImageRef) for _, d in pairs):
             return pairs
         from reranker.engine.vision import load
 
         sizing = self.reranker.vision.sizing  # no projector: its error, before any image is read
-        return [(q, load(d, sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
+        if not any(isinstance(d, ImageRef) and isinstance(d.source, _PdfRow) for _, d in pairs):
+            return [(q, load(d, sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
+        from reranker.images.pdf import PdfDocuments
+
+        with PdfDocuments() as pdfs:
+            return [(q, load(_rendered(d, pdfs), sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -188,6 +207,45 @@ def _image_side(value: object, row: int) -> ImageRef:
     if not isinstance(value, (str, bytes, bytearray)):
         raise RerankerError(f"row {row} of the batch: 'image' is {type(value).__name__}, not a path (string) or encoded bytes")
     return ImageRef(bytes(value) if isinstance(value, bytearray) else value, f"row {row} image")
+
+
+@dataclass(frozen=True)
+class _PdfRow:
+    """A row's PDF page: `source` a path or the file's bytes, `page` from 1 (None: the file's only page)."""
+
+    source: str | bytes
+    page: int | None
+
+
+def _pdf_side(value: object, page: object, row: int) -> ImageRef:
+    """A `pdf` cell (and its `page`) as a document, rendered when the batch's images are loaded."""
+    from reranker.extras import require
+
+    require("pdf", f"row {row} of the batch (a PDF)")
+    if not isinstance(value, (str, bytes, bytearray)) or not value:
+        raise RerankerError(f"row {row} of the batch: 'pdf' is {'empty' if isinstance(value, (str, bytes, bytearray)) else type(value).__name__}, "
+                            "not a path (string) or the PDF file's bytes")
+    if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
+        raise RerankerError(f"row {row} of the batch: 'page' is {page!r}; a page is an integer >= 1 (pages count from 1; "
+                            "a float column, as pandas makes of integers with nulls, needs a cast to int64)")
+    source = bytes(value) if isinstance(value, bytearray) else value
+    shown = f"<{len(source)} bytes>" if isinstance(source, bytes) else source
+    return ImageRef(_PdfRow(source, page), f"row {row} PDF {shown}" + (f"#{page}" if page is not None else ""))
+
+
+def _rendered(ref: ImageRef, pdfs: Any) -> ImageRef:
+    """`ref` as the image `engine.vision.load` takes: a PDF row's page rendered from `pdfs`, else `ref` itself."""
+    if not isinstance(ref.source, _PdfRow):
+        return ref
+    row = ref.source
+    page = row.page
+    if page is None:  # one row, one score: a file of several pages needs its page named
+        n = pdfs.page_count(row.source, ref.name)
+        if n != 1:
+            raise RerankerError(f"{ref.name} has {n} pages and the row gives no page; give it in a 'page' column (pages "
+                                "count from 1), one row per page")
+        page = 1
+    return ImageRef(pdfs.render(row.source, page, ref.name), ref.name)
 
 
 def _has_gpu() -> bool:

@@ -8,9 +8,10 @@ line is one reject with its line number.
 A document may be an image: `{"id", "image": PATH}` in a nested record, `"image": PATH` in place of
 `"document"` in a flat one or a BEIR corpus entry, or an `image` column (a path, or the encoded
 bytes) in Parquet. Or a PDF page, `"pdf": PATH, "page": N` in the same places (Parquet: `pdf` and
-`page` columns or struct fields); in a nested record, `{"id", "pdf": PATH}` without a page is every
-page of the file, one document each (ids `id#N`, or `PATH#N` without an id; its page count is read
-here, so the record's documents are known when it is read). A relative path is resolved against the
+`page` columns or struct fields, `pdf` a path or the file's bytes); in a nested record, `{"id", "pdf": PATH}`
+without a page is every page of the file, one document each (ids `id#N`, or `PATH#N` without an id, `K#N`
+for bytes without one, K the index of its first page; its page count is read here, so the record's
+documents are known when it is read). A relative path is resolved against the
 folder of the file that names it. The readers only record it (`ImageDoc`); the job reads and decodes
 (renders) it per window (`jobs.images`).
 """
@@ -139,18 +140,28 @@ def _image(value: object, name: str, base: Path) -> ImageDoc:
 
 
 def _pdf(value: object, page: object, prefix: str, base: Path) -> ImageDoc:
-    """Page `page` (from 1) of the PDF at path `value` (relative: to `base`), kept unread; `prefix` names
-    the fields' document ("documents[2]." or "")."""
+    """Page `page` (from 1) of the PDF at path `value` (relative: to `base`), or in `value` (the file's bytes:
+    a Parquet binary column), kept unread; `prefix` names the fields' document ("documents[2]." or "")."""
     from reranker.extras import require
+    from reranker.jobs.images import MAX_FILE_BYTES
 
     # Not a reject: every PDF document would fail the same way, so the job stops at the first with the fix.
     require("pdf", f'a PDF document ("{prefix}pdf")')
-    if not isinstance(value, str):
-        raise _Bad(f'bad PDF: "{prefix}pdf" must be a file path (a string), got {_json_type(value)}')
-    try:
-        doc = _image(value, f"{prefix}pdf", base)
-    except _Bad as e:
-        raise _Bad(str(e).replace("bad image:", "bad PDF:", 1).replace("local image files", "local files")) from None
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise _Bad(f'bad PDF: "{prefix}pdf" holds 0 bytes')
+        if len(value) > MAX_FILE_BYTES:  # the cap of a PDF file, for the same bytes given in the input
+            raise _Bad(f'bad PDF: "{prefix}pdf" holds {len(value)} bytes, over the limit of {MAX_FILE_BYTES}; '
+                       "split it, or give its pages as images")
+        doc = ImageDoc(None, bytes(value))
+    elif not isinstance(value, str):
+        raise _Bad(f'bad PDF: "{prefix}pdf" must be a file path (a string) or, in Parquet, the file\'s bytes (binary), '
+                   f"got {_json_type(value)}")
+    else:
+        try:
+            doc = _image(value, f"{prefix}pdf", base)
+        except _Bad as e:
+            raise _Bad(str(e).replace("bad image:", "bad PDF:", 1).replace("local image files", "local files")) from None
     # JSON numbers arrive as int or float, Parquet's as int: 2.0 is not a page number, nor is true.
     if isinstance(page, bool) or not isinstance(page, int) or page < 1:
         raise _Bad(f'bad PDF page: "{prefix}page" must be an integer >= 1 (pages count from 1, as a PDF viewer '
@@ -159,15 +170,15 @@ def _pdf(value: object, page: object, prefix: str, base: Path) -> ImageDoc:
 
 
 def _pdf_pages(value: object, prefix: str, base: Path) -> list[ImageDoc]:
-    """Every page of the PDF at path `value`: its page count is read now (the file opened as image files
-    are, `jobs.images`); the pages are rendered per window, like images."""
+    """Every page of the PDF at path `value` (or in `value`, its bytes): its page count is read now (a file
+    opened as image files are, `jobs.images`); the pages are rendered per window, like images."""
     from reranker.jobs.images import pdf_page_count
 
     doc = _pdf(value, 1, prefix, base)
     try:
         n = pdf_page_count(doc.source)
     except RerankerError as e:
-        raise _Bad(f"unusable PDF {doc.given}: {e}") from None
+        raise _Bad(f"unusable PDF {doc.given if doc.given is not None else f'<{len(doc.source)} bytes>'}: {e}") from None
     return [ImageDoc(doc.given, doc.source, p) for p in range(1, n + 1)]
 
 
@@ -251,7 +262,7 @@ def _nested(obj: dict, default_qid: str, base: Path) -> _Record:
 def _expand_pdf(record: _Record, seen: dict[str, str], item: dict, name: str, k: int, base: Path) -> int:
     """A whole PDF's pages as the record's documents k, k+1, ... (ids "<id>#<page>", or "<path as given>#<page>");
     the next document's index. A file that cannot be counted is one reject at index k; a page whose id is taken,
-    a reject of its own."""
+    a reject of its own. A PDF given as bytes, without an id, takes its first page's index as one ("k#1", ...)."""
     try:
         _check_one_kind(item, name)
         doc_id = None if item.get("id") is None else _ident(item["id"], f"{name}.id")
@@ -259,9 +270,11 @@ def _expand_pdf(record: _Record, seen: dict[str, str], item: dict, name: str, k:
     except _Bad as e:
         record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", item))
         return k + 1
+    if doc_id is None:
+        doc_id = pages[0].given if pages[0].given is not None else str(k)
     for page in pages:
         try:
-            _add(record, seen, name, k, f"{doc_id if doc_id is not None else page.given}#{page.page}", page)
+            _add(record, seen, name, k, f"{doc_id}#{page.page}", page)
         except _Bad as e:
             record.bad.append((k, f"{e} (query {record.qid!r}, document {k})", {**item, "page": page.page}))
         k += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 class ImageDoc:
     """An image document as the input gives it: `given` is the path as written (None for Parquet bytes),
     `source` what is read: that path resolved against the input's folder, or the encoded bytes.
-    `page` (from 1) makes it page `page` of the PDF at `source`, rendered when read.
+    `page` (from 1) makes it page `page` of the PDF at (or in) `source`, rendered when read.
 
     Readers only name the file; the job opens and decodes it where it tokenises a window
     (`jobs.images`), so a resume never decodes the images of the records it skips.
@@ -29,17 +29,16 @@ class ImageDoc:
         return "image" if self.page is None else "PDF page"
 
     def describe(self) -> str:
-        """How messages and outputs name it: the path as written (a page: ``path#page``), or "<N bytes>"."""
-        if self.page is not None:
-            return f"{self.given}#{self.page}"
-        return self.given if self.given is not None else f"<{len(self.source)} bytes>"
+        """How messages and outputs name it: the path as written, or "<N bytes>" (a page: ``...#page``)."""
+        name = self.given if self.given is not None else f"<{len(self.source)} bytes>"
+        return name if self.page is None else f"{name}#{self.page}"
 
     def as_json(self) -> dict:
-        """The document as the output echoes it: `{"image": path}` (bytes: their size, not the bytes), or a
-        page's `{"pdf": path, "page": n}`."""
-        if self.page is not None:
-            return {"pdf": self.given, "page": self.page}
-        return {"image": self.given} if self.given is not None else {"image_bytes": len(self.source)}
+        """The document as the output echoes it: `{"image": path}`, or a page's `{"pdf": path, "page": n}` (bytes:
+        their size, not the bytes: `{"image_bytes": N}`, `{"pdf_bytes": N, "page": n}`)."""
+        kind = "image" if self.page is None else "pdf"
+        echo = {kind: self.given} if self.given is not None else {f"{kind}_bytes": len(self.source)}
+        return echo if self.page is None else {**echo, "page": self.page}
 
 
 @dataclass
