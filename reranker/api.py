@@ -209,17 +209,20 @@ class Reranker:
         """`pairs` with each image side (`ImageRef`) loaded and sized (`PendingImage`; encoded when scored)."""
         if not any(isinstance(x, ImageRef) for pair in pairs for x in pair):
             return pairs
+        from reranker.images.pdf import PdfDocuments  # Pillow and PDFium load only when images are scored
+
         sizing = self.vision.sizing  # a missing projector is an error before any image is read
         loaded: dict[int, object] = {}  # by the source object: `rank`'s image query is loaded (and projected) once
 
-        def side(x):
+        def side(x, pdfs):
             if not isinstance(x, ImageRef):
                 return x
             if id(x.source) not in loaded:
-                loaded[id(x.source)] = load(x, sizing)
+                loaded[id(x.source)] = load(x, sizing, pdfs=pdfs)
             return loaded[id(x.source)]
 
-        return [tuple(side(x) for x in pair) for pair in pairs]
+        with PdfDocuments() as pdfs:  # the pages of one file, as `pdf_pages` gives them, share one open of it
+            return [tuple(side(x, pdfs) for x in pair) for pair in pairs]
 
     def score_documents(self, query_or_pairs: str | Iterable[Sequence[str]], documents: Iterable[str] | None = None, *,
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,

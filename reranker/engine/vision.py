@@ -32,14 +32,16 @@ def find_mmproj(gguf: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
-def load(image: ImageRef, sizing=None, max_pixels: int | None = None) -> PendingImage:
+def load(image: ImageRef, sizing=None, max_pixels: int | None = None, pdfs=None) -> PendingImage:
     """`image` loaded (EXIF orientation, RGB, bombs refused) and resized as Qwen2-VL's processor: its pixels
     and grid (`sizing`: a `reranker.images.preprocess.Sizing`, default the original's 4 to 768 tokens).
-    `max_pixels`: images larger than this are refused before decoding (None: the library's limit, 2**27)."""
+    `max_pixels`: images larger than this are refused before decoding (None: the library's limit, 2**27).
+    `pdfs`: a `reranker.images.pdf.PdfDocuments` that keeps PDF files open across the pages of one call."""
     from reranker.images.load import MAX_PIXELS, load_image
     from reranker.images.preprocess import Sizing, prepare
 
-    prepared = prepare(load_image(image.source, image.name, max_pixels=max_pixels or MAX_PIXELS), sizing or Sizing(), image.name)
+    pixels = load_image(image.source, image.name, max_pixels=max_pixels or MAX_PIXELS, pdfs=pdfs)
+    prepared = prepare(pixels, sizing or Sizing(), image.name)
     return PendingImage(prepared, nx=prepared.grid_w, ny=prepared.grid_h, name=image.name)
 
 

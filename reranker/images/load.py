@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file
-from reranker.images.pdf import render_page
+from reranker.images.pdf import PdfDocuments, render_page
 from reranker.options import PdfPage
 
 #: Images larger than this (width x height) are refused before decoding: 2**27, about 11585 x 11585,
@@ -64,19 +64,22 @@ def describe(image: ImageInput, what: str = "image") -> str:
     return f"{what} ({type(image).__name__})"
 
 
-def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_PIXELS,
+               pdfs: PdfDocuments | None = None) -> Image.Image:
     """`image` as an upright RGB ``PIL.Image`` (EXIF orientation applied, alpha dropped).
 
     `what` names the input in errors ("image 3" for the fourth image of a batch); a path is named
     by itself. Every failure is a `RerankerError`: a missing or unreadable file, an http(s) URL,
     a malformed data: URI, bytes or a file that is not an image, a truncated file, an image with
-    no pixels, or one over `max_pixels`.
+    no pixels, or one over `max_pixels`. `pdfs`: where a PDF page is rendered from (files kept open across
+    the pages of one call); None: its file is opened for it alone.
     """
     name = describe(image, what)
     if isinstance(image, Image.Image):
         return _finish(image, name, max_pixels)
     if isinstance(image, PdfPage):
-        return _finish(render_page(image, name), name, max_pixels)
+        page = render_page(image, name) if pdfs is None else pdfs.render(image.path, image.page, name)
+        return _finish(page, name, max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:

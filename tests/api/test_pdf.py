@@ -138,6 +138,26 @@ def test_a_page_scores_as_its_render_and_rank_ranks_pages(tiny_reranker, pdf_fil
         tiny_reranker.compute_score([[QUERY, {"pdf": path, "page": 1}], [QUERY, {"pdf": path, "page": 9}]])
 
 
+def test_one_call_opens_each_pdf_once(tiny_reranker, pdf_file, monkeypatch):
+    """The pages of one file in one batch of a call render from one open of it (an open parses the file: per
+    page, a file of n pages was parsed n times), closed when the batch's images are loaded; same scores."""
+    import reranker.images.pdf as pdf_module
+
+    path, _ = pdf_file
+    renders = [render_page(PdfPage(path, n)) for n in (3, 1, 2)]  # one open each
+    want = tiny_reranker.compute_score([[QUERY, {"image": im}] for im in renders])
+    opened, real_open = [], pdf_module._open
+
+    def counting_open(source, name):  # wraps the one place PDFium loads a file
+        opened.append(real_open(source, name))
+        return opened[-1]
+
+    monkeypatch.setattr(pdf_module, "_open", counting_open)
+    got = tiny_reranker.compute_score([[QUERY, {"pdf": path, "page": n}] for n in (3, 1, 2)])
+    assert len(opened) == 1 and opened[0].raw is None, "a call opened a PDF per page, or left it open"
+    assert got == want  # bit-equal: the same pages, the same prompts in the same batch
+
+
 def test_rerank_command_ranks_a_pdfs_pages(tiny_reranker, tiny_ggufs, pdf_file, tmp_path, capsys):
     from reranker.cli import main
 
