@@ -164,3 +164,29 @@ def tiny_vision(tmp_path_factory, llama_cpp_src):
     root = tmp_path_factory.mktemp("vision")
     ckpt = write_tiny_vision_checkpoint(root / "tiny-vision")
     return ckpt, convert_mmproj(llama_cpp_src, ckpt, root / "mmproj-tiny-vision-F32.gguf")
+
+
+@pytest.fixture()
+def cli_here(capfd):
+    """`reranker ARGS` run by `reranker.cli.main` in this process, as a CompletedProcess (stdout, stderr as text).
+
+    For command-line checks that need no process of their own: a process costs seconds of start-up (Python,
+    torch) per call. Output is read at file descriptors 1 and 2 (llama.cpp's C-level logging included) and the
+    root logger starts without handlers, so `main`'s log lines reach stderr as in a process of its own.
+    `env`: variables to set for the call; `cwd`: the folder to run in."""
+    from helpers import process_logging
+
+    from reranker.cli import main
+
+    def run(*args, env: dict | None = None, cwd: os.PathLike | None = None) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        with pytest.MonkeyPatch.context() as mp, process_logging():
+            for key, value in (env or {}).items():
+                mp.setenv(key, str(value))
+            if cwd is not None:
+                mp.chdir(cwd)
+            rc = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(list(args), rc, out, err)
+
+    return run

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import modes_hold, process_logging, write_gguf
+from helpers import modes_hold, write_gguf
 
 from head import ScoringHead
 from reranker import Reranker, RerankerError
@@ -32,22 +32,9 @@ def cli_process(*args: str | bytes) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture()
-def cli(capfd):
-    """`reranker ARGS` run by `reranker.cli.main` in this process, as a CompletedProcess: its output is read at file
-    descriptors 1 and 2, so llama.cpp's C-level logging counts as it would in a process of its own. A process
-    costs seconds of start-up (Python, torch) per call; only undecodable arguments need one (`cli_process`)."""
-    from reranker.cli import main
-
-    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        capfd.readouterr()
-        with pytest.MonkeyPatch.context() as mp, process_logging():
-            for key, value in (env or {}).items():
-                mp.setenv(key, value)
-            rc = main(list(args))
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(list(args), rc, out, err)
-
-    return run
+def cli(cli_here):
+    """`reranker ARGS` in this process (conftest's `cli_here`); only undecodable arguments need a process (`cli_process`)."""
+    return cli_here
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
