@@ -152,6 +152,13 @@ def tiny_reranker(tiny_ggufs):
     r.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_vision_gguf(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as an F32 GGUF with its F32 vision projector (mmproj) and head beside it."""
+    return shared(tmp_path_factory, "tiny-vision-f32",
+                  lambda folder: convert(tiny_checkpoint, folder, outtype="f32", mmproj_type="f32")[0])
+
+
 def _small_f16(folder: Path) -> Path:
     ckpt = synth_checkpoint(folder / "small" / "jina-reranker-m0-small", preset="small", seed=1)
     return convert(ckpt, folder / "small-gguf", outtype="f16")[0]

@@ -29,12 +29,9 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def vision_gguf(tiny_checkpoint, tmp_path_factory):
+def vision_gguf(tiny_vision_gguf):
     """The tiny F32 GGUF with its F32 mmproj and head beside it."""
-    from reranker.gguf.convert import convert
-
-    gguf, _ = convert(tiny_checkpoint, tmp_path_factory.mktemp("vision-job"), outtype="f32", mmproj_type="f32")
-    return gguf
+    return tiny_vision_gguf
 
 
 @pytest.fixture(scope="module")
