@@ -58,19 +58,52 @@ def _identity_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    return synth_checkpoint(tmp_path_factory.mktemp("ckpt") / "jina-reranker-m0-tiny", preset="tiny", seed=0)
+def shared(tmp_path_factory, name: str, build):
+    """`build(folder)`'s result, built once per test session: under pytest-xdist the first worker to ask builds it
+    in a folder of the session's temporary root and the others wait for it and reuse it (the pattern of
+    pytest-xdist's documentation). For deterministic artifacts that tests only read: synthetic checkpoints and
+    their GGUFs, which each worker would otherwise build again."""
+    import pickle
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: its own temporary folder
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent / "shared"  # the session's root, common to its workers
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        if folder.exists():  # a worker that failed half-way
+            import shutil
+
+            shutil.rmtree(folder)
+        folder.mkdir()
+        result = build(folder)
+        done.write_bytes(pickle.dumps(result))
+        return result
+
+
+def _tiny_model(folder: Path) -> tuple[Path, dict[str, Path]]:
+    ckpt = synth_checkpoint(folder / "ckpt" / "jina-reranker-m0-tiny", preset="tiny", seed=0)
+    return ckpt, {outtype: convert(ckpt, folder / outtype, outtype=outtype)[0] for outtype in ("f32", "f16")}
 
 
 @pytest.fixture(scope="session")
-def tiny_ggufs(tiny_checkpoint, tmp_path_factory):
+def _tiny_model_files(tmp_path_factory):
+    return shared(tmp_path_factory, "tiny-model", _tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(_tiny_model_files):
+    return _tiny_model_files[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(_tiny_model_files):
     """{"f32": path, "f16": path}, with mlp_weights.npz beside each."""
-    out = {}
-    for outtype in ("f32", "f16"):
-        gguf_path, _ = convert(tiny_checkpoint, tmp_path_factory.mktemp(outtype), outtype=outtype)
-        out[outtype] = gguf_path
-    return out
+    return dict(_tiny_model_files[1])
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +153,21 @@ def tiny_reranker(tiny_ggufs):
 
 
 @pytest.fixture(scope="session")
+def tiny_vision_gguf(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as an F32 GGUF with its F32 vision projector (mmproj) and head beside it."""
+    return shared(tmp_path_factory, "tiny-vision-f32",
+                  lambda folder: convert(tiny_checkpoint, folder, outtype="f32", mmproj_type="f32")[0])
+
+
+def _small_f16(folder: Path) -> Path:
+    ckpt = synth_checkpoint(folder / "small" / "jina-reranker-m0-small", preset="small", seed=1)
+    return convert(ckpt, folder / "small-gguf", outtype="f16")[0]
+
+
+@pytest.fixture(scope="session")
 def small_f16(tmp_path_factory):
     """The `small` preset (hidden 512, K-quant friendly) as an F16 GGUF, mlp_weights.npz beside it."""
-    ckpt = synth_checkpoint(tmp_path_factory.mktemp("small") / "jina-reranker-m0-small", preset="small", seed=1)
-    gguf_path, _ = convert(ckpt, tmp_path_factory.mktemp("small-gguf"), outtype="f16")
-    return gguf_path
+    return shared(tmp_path_factory, "small-f16", _small_f16)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +207,29 @@ def tiny_vision(tmp_path_factory, llama_cpp_src):
     root = tmp_path_factory.mktemp("vision")
     ckpt = write_tiny_vision_checkpoint(root / "tiny-vision")
     return ckpt, convert_mmproj(llama_cpp_src, ckpt, root / "mmproj-tiny-vision-F32.gguf")
+
+
+@pytest.fixture()
+def cli_here(capfd):
+    """`reranker ARGS` run by `reranker.cli.main` in this process, as a CompletedProcess (stdout, stderr as text).
+
+    For command-line checks that need no process of their own: a process costs seconds of start-up (Python,
+    torch) per call. Output is read at file descriptors 1 and 2 (llama.cpp's C-level logging included) and the
+    root logger starts without handlers, so `main`'s log lines reach stderr as in a process of its own.
+    `env`: variables to set for the call; `cwd`: the folder to run in."""
+    from helpers import process_logging
+
+    from reranker.cli import main
+
+    def run(*args, env: dict | None = None, cwd: os.PathLike | None = None) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        with pytest.MonkeyPatch.context() as mp, process_logging():
+            for key, value in (env or {}).items():
+                mp.setenv(key, str(value))
+            if cwd is not None:
+                mp.chdir(cwd)
+            rc = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(list(args), rc, out, err)
+
+    return run

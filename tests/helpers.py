@@ -58,6 +58,34 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
 
 
+@contextlib.contextmanager
+def process_logging():
+    """The root logger as a fresh process has it (no handlers), so that `reranker.cli.main`'s `logging.basicConfig`
+    writes its log lines to the current stderr as in a process of its own, not to pytest's log capture; restored after."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def run_here(cmd) -> int:
+    """`cmd`, a `python -m reranker` command line (`score_cmd`), run by `reranker.cli.main` in this process: its exit status.
+
+    For the runs of a kill test that nothing kills (the clean run, the resume): the job's bytes do not depend on the
+    process it runs in, and a process of its own costs seconds of start-up (Python, torch) that the suite pays many times."""
+    from reranker.cli import main
+
+    if list(map(str, cmd[:3])) != [sys.executable, "-m", "reranker"]:
+        raise ValueError(f"not a `python -m reranker` command line: {cmd[:3]}")
+    return main([str(a) for a in cmd[3:]])
+
+
 def consumed(out: Path) -> int:
     """How many input records the job writing `out` has checkpointed (-1: no checkpoint yet)."""
     try:

@@ -24,12 +24,17 @@ PAIRS = [["what is a reranker?", "A reranker scores documents."], ["机器学习
          ["emoji 🎉", "Party 🎉 time"]]
 
 
-def cli(*args: str | bytes, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m reranker ARGS` (bytes arguments pass through undecoded); stderr as text."""
-    res = subprocess.run([sys.executable, "-m", "reranker", *args], capture_output=True, timeout=300,
-                         env={**os.environ, **(env or {})})
+def cli_process(*args: str | bytes) -> subprocess.CompletedProcess:
+    """`python -m reranker ARGS` in a process of its own (bytes arguments pass through undecoded); stderr as text."""
+    res = subprocess.run([sys.executable, "-m", "reranker", *args], capture_output=True, timeout=300)
     res.stdout, res.stderr = res.stdout.decode(), res.stderr.decode(errors="backslashreplace")
     return res
+
+
+@pytest.fixture()
+def cli(cli_here):
+    """`reranker ARGS` in this process (conftest's `cli_here`); only undecodable arguments need a process (`cli_process`)."""
+    return cli_here
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -206,14 +211,14 @@ def test_nan_head_raises_not_nan_scores(tiny_reranker):
         broken.rank("q", ["a", "b"])
 
 
-def test_head_command_rejects_nan_npy(tmp_path, head_npz, tiny_reranker):
+def test_head_command_rejects_nan_npy(tmp_path, head_npz, tiny_reranker, cli):
     emb = np.random.default_rng(0).standard_normal((10, tiny_reranker.backbone.n_embd)).astype(np.float32)
     emb[7, 3] = np.nan
     np.save(tmp_path / "emb.npy", emb)
     assert_one_line_error(cli("head", str(tmp_path / "emb.npy"), "--head", head_npz, "--device", "cpu"), "embedding 7", "NaN or inf")
 
 
-def test_head_command_checks_every_streamed_chunk(tmp_path, head_npz, tiny_reranker):
+def test_head_command_checks_every_streamed_chunk(tmp_path, head_npz, tiny_reranker, cli):
     rows = np.random.default_rng(0).standard_normal((12, tiny_reranker.backbone.n_embd)).round(3).tolist()
     rows[9][0] = 1e39  # a float32 overflow: inf once read
     (tmp_path / "emb.json").write_text(str(rows))
@@ -221,7 +226,7 @@ def test_head_command_checks_every_streamed_chunk(tmp_path, head_npz, tiny_reran
     assert_one_line_error(res, "embedding 9")
 
 
-def test_head_command_rejects_non_finite_scores(tmp_path, head_npz, tiny_reranker):
+def test_head_command_rejects_non_finite_scores(tmp_path, head_npz, tiny_reranker, cli):
     # Finite embeddings near float32's limit overflow inside the head: inf - inf = nan.
     signs = np.sign(np.random.default_rng(0).standard_normal((3, tiny_reranker.backbone.n_embd)))
     np.save(tmp_path / "emb.npy", (signs * 3e38).astype(np.float32))
@@ -248,7 +253,6 @@ def test_call_arguments_are_checked(tiny_reranker):
             tiny_reranker.compute_score(PAIRS, **kwargs)
 
 
-@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("args,needle", [
     (["rerank", "--max-length", "-1"], "max_length=-1"),
     (["rerank", "--max-query-length", "0"], "max_query_length=0"),
@@ -262,13 +266,13 @@ def test_call_arguments_are_checked(tiny_reranker):
     (["embed", "-p", "x<|box_end|>", "--n-batch", "0"], "n_batch=0"),
     (["embed", "-p", "x<|box_end|>", "--threads", "0"], "n_threads=0"),
 ])
-def test_cli_checks_arguments_first(tmp_path, args, needle):
+def test_cli_checks_arguments_first(tmp_path, args, needle, cli):
     command, *rest = args
     extra = ["-q", "q", "-d", "d"] if command == "rerank" else []
     assert_one_line_error(cli(command, "-m", str(tmp_path / "missing.gguf"), *extra, *rest), needle)
 
 
-def test_head_command_checks_device(tmp_path, head_npz):
+def test_head_command_checks_device(tmp_path, head_npz, cli):
     np.save(tmp_path / "emb.npy", np.zeros((2, 4), np.float32))
     assert_one_line_error(cli("head", str(tmp_path / "emb.npy"), "--head", head_npz, "--device", "bogus"), "device 'bogus'")
 
@@ -281,7 +285,7 @@ def test_head_command_checks_device(tmp_path, head_npz):
     ([b"-q", b"q", b"--document=a\xffb"], "--document is not valid UTF-8"),
 ])
 def test_non_utf8_arguments(gguf_path, args, needle):
-    assert_one_line_error(cli("rerank", "-m", gguf_path, *args), needle)
+    assert_one_line_error(cli_process("rerank", "-m", gguf_path, *args), needle)
 
 
 # --- 8. files ------------------------------------------------------------------------------------
@@ -348,9 +352,8 @@ def test_fifo_gguf_is_not_a_regular_file(tmp_path, head_npz):
         Reranker.from_pretrained(str(fifo), head=head_npz)
 
 
-@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("case", ["no tokenizer", "model loop", "head loop", "head command loop", "directory"])
-def test_bad_files_on_the_command_line(tmp_path, gguf_path, head_npz, no_tokenizer_gguf, loop, case):
+def test_bad_files_on_the_command_line(tmp_path, gguf_path, head_npz, no_tokenizer_gguf, loop, case, cli):
     rerank = ["rerank", "-q", "q", "-d", "d"]
     np.save(tmp_path / "emb.npy", np.zeros((2, 4), np.float32))
     (tmp_path / "folder.gguf").mkdir()
@@ -408,7 +411,7 @@ def test_cache_lists_and_clears_copies(two_copies):
     assert len(clear_cache(cache)) == 2 and cached_copies(cache) == []
 
 
-def test_cache_command(two_copies):
+def test_cache_command(two_copies, cli):
     cache, (a, b) = two_copies
     a.unlink()
     env = {"RERANKER_CACHE": str(cache)}

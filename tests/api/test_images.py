@@ -31,14 +31,11 @@ SCORE_TOL = 2e-3
 
 
 @pytest.fixture(scope="module")
-def vision_model(tiny_checkpoint, tmp_path_factory):
+def vision_model(tiny_checkpoint, tiny_vision_gguf):
     """(Reranker on the F32 GGUF with an F32 mmproj beside it, the transformers reference: image -> score)."""
     from oracle import image_processor, load_vl_model
 
-    from reranker.gguf.convert import convert
-
-    out = tmp_path_factory.mktemp("vision-f32")
-    gguf, _ = convert(tiny_checkpoint, out, outtype="f32", mmproj_type="f32")
+    gguf = tiny_vision_gguf
     rr = Reranker.from_pretrained(str(gguf), device="cpu", n_ctx=2048, n_batch=1024)
     vl = load_vl_model(tiny_checkpoint)
     proc = image_processor(tiny_checkpoint)

@@ -1,4 +1,5 @@
-"""The `reranker` command line, run as a real subprocess."""
+"""The `reranker` command line: end to end as a real subprocess (`python -m reranker`), the rest in this process
+(conftest's `cli_here`, output read at the file descriptors as a process's would be)."""
 
 from __future__ import annotations
 
@@ -46,17 +47,17 @@ def gguf(tiny_ggufs):
     return str(tiny_ggufs["f32"])
 
 
-def test_rerank_table_and_files(gguf, tmp_path):
+def test_rerank_table_and_files(gguf, tmp_path, cli_here):
     lines = tmp_path / "docs.txt"
     lines.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
-    res = run("rerank", "-m", gguf, "-q", "query", "-f", str(lines), "--top-n", "1")
+    res = cli_here("rerank", "-m", gguf, "-q", "query", "-f", str(lines), "--top-n", "1")
     assert res.returncode == 0, res.stderr
     rows = res.stdout.strip().splitlines()
     assert rows[0].split() == ["rank", "index", "score", "document"] and len(rows) == 2
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text('{"text": "multi\\nline doc"}\n{"text": "another"}\n', encoding="utf-8")
-    res = run("rerank", "-m", gguf, "-q", "query", "-f", str(jsonl), "--json")
+    res = cli_here("rerank", "-m", gguf, "-q", "query", "-f", str(jsonl), "--json")
     assert res.returncode == 0, res.stderr
     assert {r["document"]["text"] for r in json.loads(res.stdout)["results"]} == {"multi\nline doc", "another"}
 
@@ -88,19 +89,18 @@ def test_rerank_json_scores_are_compute_scores(gguf, tiny_reranker, tmp_path, ca
     assert tiny_reranker.compute_score([["", d] for d in docs]) != want
 
 
-@pytest.mark.slow
-def test_errors_are_one_clear_line(gguf, tmp_path):
-    res = run("rerank", "-m", str(tmp_path / "missing.gguf"), "-q", "q", "-d", "d")
+def test_errors_are_one_clear_line(gguf, tmp_path, cli_here):
+    res = cli_here("rerank", "-m", str(tmp_path / "missing.gguf"), "-q", "q", "-d", "d")
     assert res.returncode == 2 and "GGUF file not found" in res.stderr and "Traceback" not in res.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": 1}\n', encoding="utf-8")
-    res = run("rerank", "-m", gguf, "-q", "q", "-f", str(bad))
+    res = cli_here("rerank", "-m", gguf, "-q", "q", "-f", str(bad))
     assert res.returncode == 2 and f"{bad}:2" in res.stderr and "Traceback" not in res.stderr
-    res = run("rerank", "-m", gguf, "-q", "q")
+    res = cli_here("rerank", "-m", gguf, "-q", "q")
     assert res.returncode == 2 and "no documents" in res.stderr
     npz = tmp_path / "mlp_weights.npz"
     np.savez(npz, W1=np.zeros((4, 4), np.float32))
-    res = run("rerank", "-m", gguf, "--head", str(npz), "-q", "q", "-d", "d")
+    res = cli_here("rerank", "-m", gguf, "--head", str(npz), "-q", "q", "-d", "d")
     assert res.returncode == 2 and str(npz) in res.stderr and "b1" in res.stderr and "Traceback" not in res.stderr
 
 

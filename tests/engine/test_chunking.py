@@ -11,7 +11,7 @@ import unicodedata
 
 import numpy as np
 import pytest
-from helpers import kill_when, run, score_args, write_nested
+from helpers import kill_when, run, run_here, score_args, write_nested
 from oracle import assert_scores_close
 
 from reranker import Chunking, Reranker, RerankerError
@@ -260,13 +260,11 @@ def test_sigkill_and_resume_across_chunked_documents_equals_clean_run(tiny_ggufs
     inp = tmp_path / "in.jsonl"
     write_long_nested(inp, n_queries=30)
     clean, out = tmp_path / f"clean{suffix}", tmp_path / f"out{suffix}"
-    res = run(cmd(clean))
-    assert res.returncode == 0, res.stderr
+    assert run_here(cmd(clean)) == 0  # only the killed runs need processes of their own
     kills = ((2, 0.01), (12, 0.05)) if suffix == ".jsonl" else ((12, 0.05),)  # Parquet's resume: test_job; here its chunk columns
     killed = sum(kill_when(cmd(out), out, after, delay) == -signal.SIGKILL for after, delay in kills)
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
-    res = run(cmd(out))
-    assert res.returncode == 0, res.stderr
+    assert run_here(cmd(out)) == 0
     assert out.read_bytes() == clean.read_bytes()
     summary, clean_summary = (json.loads(p.with_name(p.name + ".summary.json").read_text()) for p in (out, clean))
     for key in ("pairs", "tokens", "chunked", "capped", "truncated"):
@@ -293,9 +291,10 @@ def test_chunked_job_on_two_device_processes_gives_the_same_bytes(tiny_ggufs, tm
     inp = tmp_path / "in.jsonl"
     write_long_nested(inp, n_queries=8)
     outs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl"]
-    for out, extra in zip(outs, ([], ["--devices", "cpu,cpu"])):
-        res = run([sys.executable, "-m", "reranker", *job_args(tiny_ggufs["f32"], inp, out, "--chunk", *extra)])
-        assert res.returncode == 0, res.stderr
+    assert run_here([sys.executable, "-m", "reranker", *job_args(tiny_ggufs["f32"], inp, outs[0], "--chunk")]) == 0
+    # the pool spawns its device processes: from a process of its own, not from this test's worker
+    res = run([sys.executable, "-m", "reranker", *job_args(tiny_ggufs["f32"], inp, outs[1], "--chunk", "--devices", "cpu,cpu")])
+    assert res.returncode == 0, res.stderr
     assert outs[0].read_bytes() == outs[1].read_bytes()
     lines = [json.loads(line) for line in outs[0].read_text().splitlines()]
     assert max(r["chunks"] for line in lines for r in line["results"]) > 1

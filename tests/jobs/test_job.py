@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import WORDS, consumed, kill_when, run, score_args, score_cmd, write_nested
+from helpers import WORDS, consumed, kill_when, run, run_here, score_args, score_cmd, write_nested
 
 
 @pytest.mark.slow
@@ -22,16 +22,14 @@ def test_sigkill_and_resume_equals_clean_run(model, tmp_path, suffix, extra):
     inp = tmp_path / "in.jsonl"
     write_nested(inp)
     clean = tmp_path / f"clean{suffix}"
-    res = run(score_cmd(model, inp, clean, *extra))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(model, inp, clean, *extra)) == 0  # only the killed runs need processes of their own
     out = tmp_path / f"out{suffix}"
     kills = [(-1, 0.0), (5, 0.03), (15, 0.2)] if extra == [] and suffix == ".jsonl" else [(3, 0.01)]
     killed = 0
     for after, delay in kills:
         killed += kill_when(score_cmd(model, inp, out, *extra), out, after, delay) == -signal.SIGKILL
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
-    res = run(score_cmd(model, inp, out, *extra))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(model, inp, out, *extra)) == 0
     assert out.read_bytes() == clean.read_bytes()
     assert not out.with_name(out.name + ".partial").exists()
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
@@ -64,17 +62,18 @@ def test_completed_job_is_not_redone_and_changes_are_refused(model, tmp_path, ti
     assert len(out.read_text().splitlines()) == 6
 
 
-def test_bad_records_fail_or_skip(model, tmp_path):
+def test_bad_records_fail_or_skip(model, tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     good = json.dumps({"query": "q", "documents": ["a", "b"]})
     inp.write_bytes(b"\n".join([good.encode(), b"{not json", json.dumps({"query": "q"}).encode(),
                                 json.dumps({"query": "q", "documents": [3]}).encode(), b'{"query": "\xff", "documents": ["x"]}',
                                 json.dumps({"query": "q", "documents": ["  "]}).encode(), good.encode()]) + b"\n")
     out = tmp_path / "out.jsonl"
-    res = run(score_cmd(model, inp, out))
-    assert res.returncode == 2 and f"{inp}:2" in res.stderr and "malformed JSON" in res.stderr and "--on-error skip" in res.stderr
-    res = run(score_cmd(model, inp, out, "--on-error", "skip"))  # resumes the failed job
-    assert res.returncode == 0, res.stderr
+    capsys.readouterr()
+    assert run_here(score_cmd(model, inp, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2" in err and "malformed JSON" in err and "--on-error skip" in err, err
+    assert run_here(score_cmd(model, inp, out, "--on-error", "skip")) == 0  # resumes the failed job
     rejects = [json.loads(line) for line in out.with_name("out.jsonl.rejects.jsonl").read_text().splitlines()]
     assert [r["source"].rsplit(":", 1)[1] for r in rejects] == ["2", "3", "4", "5"]
     assert [(r.get("query_id"), r.get("doc_index")) for r in rejects] == [(None, None), (None, None), ("3", 0), (None, None)]
@@ -159,8 +158,7 @@ def test_sigkill_and_resume_with_empty_and_bad_documents(model, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_mixed(inp)
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    res = run(score_cmd(model, inp, clean, "--on-error", "skip"))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(model, inp, clean, "--on-error", "skip")) == 0
     clean_rejects = clean.with_name("clean.jsonl.rejects.jsonl").read_bytes()
     rejected = [json.loads(line) for line in clean_rejects.decode().splitlines()]
     assert sum("doc_index" in r for r in rejected) >= 10 and sum("doc_index" not in r for r in rejected) >= 3
@@ -170,8 +168,7 @@ def test_sigkill_and_resume_with_empty_and_bad_documents(model, tmp_path):
     for after, delay in [(3, 0.01), (12, 0.1)]:
         killed += kill_when(score_cmd(model, inp, out, "--on-error", "skip"), out, after, delay) == -signal.SIGKILL
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
-    res = run(score_cmd(model, inp, out, "--on-error", "skip"))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(model, inp, out, "--on-error", "skip")) == 0
     assert out.read_bytes() == clean.read_bytes()
     assert out.with_name("out.jsonl.rejects.jsonl").read_bytes() == clean_rejects
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
@@ -185,7 +182,7 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
     inp = tmp_path / "in.jsonl"
     write_nested(inp, n_queries=20, seed=3)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    assert run(score_cmd(model, inp, one, "--threads", "1")).returncode == 0
+    assert run_here(score_cmd(model, inp, one, "--threads", "1")) == 0
     res = run(score_cmd(model, inp, two, "--devices", "cpu,cpu", "--threads", "1"))
     assert res.returncode == 0, res.stderr
     assert two.read_bytes() == one.read_bytes()
@@ -221,7 +218,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     write_nested(inp)
     n_records = len(inp.read_text().splitlines())
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    assert run(score_cmd(model, inp, clean, "--window", "4")).returncode == 0
+    assert run_here(score_cmd(model, inp, clean, "--window", "4")) == 0
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_PROGRESS, *score_args(model, inp, out, window=4)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -243,8 +240,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(model, tmp_path):
     assert "Traceback" not in err
     assert at_interrupt <= consumed(out) < n_records and not out.exists()
     assert out.with_name(out.name + ".partial").exists()
-    res = run(score_cmd(model, inp, out, "--window", "4"))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(model, inp, out, "--window", "4")) == 0
     assert out.read_bytes() == clean.read_bytes()
 
 

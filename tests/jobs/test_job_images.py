@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import kill_when, read_jsonl, run, score_args, score_cmd, write_jsonl, write_pdf
+from helpers import kill_when, read_jsonl, run, run_here, score_args, score_cmd, write_jsonl, write_pdf
 from PIL import Image
 
 from reranker.jobs.records import ImageDoc, Reject, Unit
@@ -29,12 +29,9 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def vision_gguf(tiny_checkpoint, tmp_path_factory):
+def vision_gguf(tiny_vision_gguf):
     """The tiny F32 GGUF with its F32 mmproj and head beside it."""
-    from reranker.gguf.convert import convert
-
-    gguf, _ = convert(tiny_checkpoint, tmp_path_factory.mktemp("vision-job"), outtype="f32", mmproj_type="f32")
-    return gguf
+    return tiny_vision_gguf
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +243,12 @@ def test_sigkill_and_resume_with_images_equals_clean_run(vision_gguf, images, tm
     records.insert(9, {"query_id": "pdf", "query": QUERY, "documents": [{"id": "doc", "pdf": "imgs/doc.pdf"}, "a text"]})
     write_jsonl(inp, records)
     clean, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
-    res = run(score_cmd(vision_gguf, inp, clean))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(vision_gguf, inp, clean)) == 0  # only the killed runs need processes of their own
     killed = 0
     for after, delay in [(2, 0.01), (8, 0.02)]:  # each kill leaves windows to do, so the last run writes the summary
         killed += kill_when(score_cmd(vision_gguf, inp, out), out, after, delay) == -signal.SIGKILL
     assert killed >= 1, "no run was killed mid-way: the test proves nothing"
-    res = run(score_cmd(vision_gguf, inp, out))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(vision_gguf, inp, out)) == 0
     assert out.read_bytes() == clean.read_bytes()
     summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
     assert summary["pairs"] == 63 and summary["tokens"] == json.loads(clean.with_name("clean.jsonl.summary.json").read_text())["tokens"]
@@ -320,8 +315,7 @@ def test_two_cpu_processes_equal_one_with_images(vision_gguf, images, tmp_path):
     inp = _with_bad_images(images, "devices.jsonl")
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     args = ["--threads", "1", "--on-error", "skip", "--window", "6"]  # several windows for the two processes
-    res = run(score_cmd(vision_gguf, inp, one, *args))
-    assert res.returncode == 0, res.stderr
+    assert run_here(score_cmd(vision_gguf, inp, one, *args)) == 0
     res = run(score_cmd(vision_gguf, inp, two, "--devices", "cpu,cpu", *args))
     assert res.returncode == 0, res.stderr
     assert two.read_bytes() == one.read_bytes()

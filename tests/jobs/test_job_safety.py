@@ -68,12 +68,11 @@ def snapshot(folder):
     return out
 
 
-# --- data loss: aliasing (real processes: each fails before the model loads) -------------------
+# --- data loss: aliasing (each fails before the model loads) ----------------------------------------
 
 
-@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("how", ["same path", "hard link", "symlinked folder"])
-def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, how):
+def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, how, cli_here):
     inp = write_jsonl(tmp_path / "d.jsonl", NESTED)
     out = {"same path": inp, "hard link": tmp_path / "link.jsonl", "symlinked folder": tmp_path / "alias" / "d.jsonl"}[how]
     if how == "hard link":
@@ -82,39 +81,37 @@ def test_output_that_is_the_input_is_refused_even_with_restart(model, tmp_path, 
         (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
     before = snapshot(tmp_path)
     for extra in ([], ["--restart"]):
-        res = run(score_args(model, inp, out, *extra))
+        res = cli_here(*score_args(model, inp, out, *extra))
         one_line_error(res, "is the input", "choose another -o")
         assert "--restart" not in res.stderr  # the old message suggested the flag that deleted the input
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("target", ["head", "input", "output", "summary"])
-def test_rejects_file_that_names_another_file_is_refused(model, head_path, tmp_path, target):
+def test_rejects_file_that_names_another_file_is_refused(model, head_path, tmp_path, target, cli_here):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
     out = tmp_path / "out.jsonl"
     rejects = {"head": head_path, "input": inp, "output": out, "summary": tmp_path / "out.jsonl.summary.json"}[target]
     head_bytes = head_path.read_bytes()
     before = snapshot(tmp_path)
-    res = run(score_args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart"))
+    res = cli_here(*score_args(model, inp, out, "--on-error", "skip", "--rejects", rejects, "--restart"))
     one_line_error(res, rejects, "choose another --rejects")
     assert head_path.read_bytes() == head_bytes and snapshot(tmp_path) == before
 
 
-@pytest.mark.slow  # real processes
-def test_special_files_are_never_written(model, tmp_path):
+def test_special_files_are_never_written(model, tmp_path, cli_here):
     inp = write_jsonl(tmp_path / "in.jsonl", NESTED)
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
     (tmp_path / "folder.jsonl").mkdir()
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
     before = snapshot(tmp_path)
-    res = run(score_args(model, inp, "/dev/null", "--output-format", "jsonl", "--restart"))
+    res = cli_here(*score_args(model, inp, "/dev/null", "--output-format", "jsonl", "--restart"))
     one_line_error(res, "/dev/null", "character device", "only regular files")
     assert Path("/dev/null").is_char_device() and not Path("/dev/null.lock").exists()
     for out, kind in ((fifo, "pipe"), (tmp_path / "folder.jsonl", "folder"), (tmp_path / "link.jsonl", "symbolic link")):
-        one_line_error(run(score_args(model, inp, out, "--restart")), out, kind)
-    one_line_error(run(score_args(model, inp, tmp_path / "o.jsonl", "--rejects", fifo, "--restart")), fifo, "pipe", "--rejects")
+        one_line_error(cli_here(*score_args(model, inp, out, "--restart")), out, kind)
+    one_line_error(cli_here(*score_args(model, inp, tmp_path / "o.jsonl", "--rejects", fifo, "--restart")), fifo, "pipe", "--rejects")
     assert snapshot(tmp_path) == before and fifo.is_fifo()
 
 
@@ -426,15 +423,20 @@ NEEDLES = {"no input": "give -i INPUT", "symlink loop as -i": "symbolic link loo
            "output in a file": "Not a directory"}
 
 
-@pytest.mark.slow  # real processes
+STDIN_CASES = {"-i /dev/stdin (a pipe)": {"stdin": subprocess.PIPE, "input": None}, "-i -": {}}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_user_errors_are_one_line(model, tmp_path, case):
+def test_user_errors_are_one_line(model, tmp_path, case, cli_here):
     write_jsonl(tmp_path / "in.jsonl", NESTED)
     (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
     (tmp_path / "fake.parquet").write_text("this is not parquet\n" * 10)
     os.mkfifo(tmp_path / "fifo.jsonl")
     cli = ["score", "-m", model, "--quiet", *CASES[case](tmp_path)]
-    one_line_error(run(cli, stdin=subprocess.PIPE, input=None) if "stdin" in case else run(cli), NEEDLES[case])
+    if case in STDIN_CASES:  # standard input is the test process's own here: these get a process with their own
+        one_line_error(run(cli, **STDIN_CASES[case]), NEEDLES[case])
+    else:
+        one_line_error(cli_here(*cli), NEEDLES[case])
 
 
 def test_count_records_never_raises(tmp_path):
@@ -549,10 +551,10 @@ def test_full_disk_for_real_is_one_line_and_the_rerun_resumes(model, tmp_path, c
 
 @pytest.mark.parametrize("output", [".", "/"])
 @pytest.mark.parametrize("engine", ["local", "ray"])
-def test_output_naming_a_folder_is_one_line(model, tmp_path, output, engine):
+def test_output_naming_a_folder_is_one_line(model, tmp_path, output, engine, cli_here):
     """`-o .` / `-o /` names no file to extend with `.partial`: a one-line error and exit 2, before any work."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"query": "q", "documents": ["a"]}])
     extra = ["--engine", "ray"] if engine == "ray" else ["--output-format", "jsonl"]  # ray writes a folder of parts
-    res = helpers.run([sys.executable, "-m", "reranker", *score_args(model, inp, output, *extra)], cwd=tmp_path)
+    res = cli_here(*score_args(model, inp, output, *extra), cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"-o/--output {output} names a folder" in res.stderr

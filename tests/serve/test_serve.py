@@ -177,7 +177,7 @@ def test_chunking_field_scores_long_documents_as_compute_score_does(client, tiny
     aggregated, as `compute_score(chunking=...)` does; `false` (or no field) truncates as before."""
     from reranker import Chunking
 
-    long_doc = " ".join(f"passage {i} about rerankers, retrieval and 检索." for i in range(900))  # > 4096 tokens
+    long_doc = " ".join(f"passage {i} about rerankers, retrieval and 检索." for i in range(400))  # 6.7k tokens: > n_ctx 4096
     docs = [DOCS[0], long_doc]
     pairs = [[QUERY, d] for d in docs]
     for field, chunking in [({"size": 512, "overlap": 64, "aggregate": "mean"}, Chunking(512, 64, aggregate="mean")),
