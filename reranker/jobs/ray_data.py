@@ -188,12 +188,9 @@ class RayReranker:
         if not any(isinstance(d, ImageRef) for _, d in pairs):
             return pairs
         from reranker.engine.vision import load
+        from reranker.images.pdf import PdfDocuments  # opens nothing until a PDF row asks
 
         sizing = self.reranker.vision.sizing  # no projector: its error, before any image is read
-        if not any(isinstance(d, ImageRef) and isinstance(d.source, _PdfRow) for _, d in pairs):
-            return [(q, load(d, sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
-        from reranker.images.pdf import PdfDocuments
-
         with PdfDocuments() as pdfs:
             return [(q, load(_rendered(d, pdfs), sizing) if isinstance(d, ImageRef) else d) for q, d in pairs]
 
@@ -228,9 +225,10 @@ def _pdf_side(value: object, page: object, row: int) -> ImageRef:
     if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
         raise RerankerError(f"row {row} of the batch: 'page' is {page!r}; a page is an integer >= 1 (pages count from 1; "
                             "a float column, as pandas makes of integers with nulls, needs a cast to int64)")
+    from reranker.images.pdf import source_name
+
     source = bytes(value) if isinstance(value, bytearray) else value
-    shown = f"<{len(source)} bytes>" if isinstance(source, bytes) else source
-    return ImageRef(_PdfRow(source, page), f"row {row} PDF {shown}" + (f"#{page}" if page is not None else ""))
+    return ImageRef(_PdfRow(source, page), f"row {row} PDF {source_name(source)}" + (f"#{page}" if page is not None else ""))
 
 
 def _rendered(ref: ImageRef, pdfs: Any) -> ImageRef:
