@@ -207,7 +207,7 @@ def main() -> None:
                     help="document length range in words (default: 40 200)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads, all paths (default: %(default)s)")
     ap.add_argument("--n-ctx", type=int, default=10240, help="context size, all llama.cpp paths (default: the job's, %(default)s)")
-    ap.add_argument("--n-batch", type=int, default=2048, help="tokens per decode call (default: the job's, %(default)s)")
+    ap.add_argument("--n-batch", type=int, default=512, help="tokens per decode call (default: the job's on the CPU, %(default)s)")
     ap.add_argument("--window", type=int, default=2048, help="the job's --window (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="alternate the job and its ceiling this many times, keep the best of each (default: %(default)s)")

@@ -18,6 +18,7 @@ One window of `--pairs` pairs, scored as `compute_score(pairs, batch_size=len(pa
     python benchmarks/profile.py                      # `small` shape
     python benchmarks/profile.py --preset m0          # the real shapes (~3 GB per GGUF, minutes to build)
     python benchmarks/profile.py --flash on,off       # our attention both ways
+    python benchmarks/profile.py --n-batch 2048,512 --no-peer   # tokens per decode call, ours only
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class NodeTimer:
         self.flops.clear()
 
 
-def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None, rounds: int) -> dict:
+def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None, n_batch: int, rounds: int) -> dict:
     from head import ScoringHead
     from reranker import Reranker
     from reranker.engine.backbone import Backbone
@@ -125,7 +126,7 @@ def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None,
 
     timer = NodeTimer()
     gguf = fast_path_gguf(f16, "f32", bf16, 0)
-    backbone = Backbone(gguf, fast=True, n_ctx=4096, n_gpu_layers=0, n_threads=threads, flash_attn=flash,
+    backbone = Backbone(gguf, fast=True, n_ctx=4096, n_batch=n_batch, n_gpu_layers=0, n_threads=threads, flash_attn=flash,
                         eval_callback=timer.callback)
     rr = Reranker(backbone, ScoringHead.load(f16.parent / "mlp_weights.npz"), max_length=4096, device="cpu")
     rr.compute_score(pairs[:4])  # warm
@@ -152,7 +153,7 @@ def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None,
     backbone.embed(ids)
     best["decode_profiled"] = time.perf_counter() - t
     timer.enabled = False
-    best.update(weights=rr.weights_dtype, flash=flash, categories=dict(timer.seconds), ops=dict(timer.ops),
+    best.update(weights=rr.weights_dtype, flash=flash, n_batch=n_batch, categories=dict(timer.seconds), ops=dict(timer.ops),
                 mat_mul_flops=dict(timer.flops))
     rr.close()
     return best
@@ -213,6 +214,7 @@ def profile_transformers(ckpt: Path, ids: list[list[int]], threads: int, dtype: 
 
 
 def main() -> None:
+    from reranker.defaults import N_BATCH_CPU
     from reranker.engine.cpu import cpu_bf16_flags, default_threads
     from reranker.engine.identity import use_bf16
 
@@ -223,6 +225,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flash", default="auto", help="our flash attention: auto, on, off, or a list (on,off)")
+    ap.add_argument("--n-batch", default=str(N_BATCH_CPU), help="our tokens per decode call: one value or a list (2048,512)")
+    ap.add_argument("--no-peer", action="store_true", help="profile ours only (no transformers)")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="our BF16 re-encode (default: as the library)")
     ap.add_argument("--tf-dtype", default=None, help="the peer's dtype (default: bf16 on a bf16 CPU, else fp32)")
     ap.add_argument("--tf-batch", type=int, default=8)
@@ -236,16 +240,19 @@ def main() -> None:
     bf16 = use_bf16(None, 0, f16)[0] if bf16 is None else bf16
     flashes = [{"auto": None, "on": True, "off": False}[f] for f in args.flash.split(",")]
     load0 = load_average()
-    ours = [profile_ours(f16, pairs, threads, bf16, fl, args.rounds) for fl in flashes]
+    n_batches = [int(v) for v in args.n_batch.split(",")]
+    ours = [profile_ours(f16, pairs, threads, bf16, fl, nb, args.rounds) for fl in flashes for nb in n_batches]
 
     from reranker import Reranker
     from reranker.engine.scoring import prepare
 
-    rr = Reranker.from_pretrained(str(f16), device="cpu", n_ctx=4096, n_threads=threads, bf16=False)
-    ids = [p.ids for p in prepare(rr.prompt_builder(4096), pairs).prompts]
-    rr.close()
-    tf_dtype = args.tf_dtype or ("bf16" if cpu_bf16_flags() else "fp32")
-    tf = profile_transformers(ckpt, ids, threads, tf_dtype, args.tf_batch, args.rounds)
+    tf = None
+    if not args.no_peer:
+        rr = Reranker.from_pretrained(str(f16), device="cpu", n_ctx=4096, n_threads=threads, bf16=False)
+        ids = [p.ids for p in prepare(rr.prompt_builder(4096), pairs).prompts]
+        rr.close()
+        tf_dtype = args.tf_dtype or ("bf16" if cpu_bf16_flags() else "fp32")
+        tf = profile_transformers(ckpt, ids, threads, tf_dtype, args.tf_batch, args.rounds)
     shape = matmul_shape(ckpt)
     rates = {dt: matmul_rate(shape, dt, threads) for dt in ("bf16", "fp32")}
     tokens = ours[0]["tokens"]
@@ -262,12 +269,16 @@ def main() -> None:
         return (f"{name:<40}{tokens / wall:>9.1f} tok/s {g:>8.1f} GFLOP/s  {fraction(g, rates, 'bf16'):>5} of bf16 mat-mul, "
                 f"{fraction(g, rates, 'fp32'):>5} of fp32, {g / limit:>5.0%} of the faster")
 
+    def label(r: dict) -> str:
+        return f"ours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]} n_batch {r['n_batch']}"
+
     for r in ours:
-        print(rate_line(f"ours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]}", r["wall"]))
-    print(rate_line(f"transformers {tf_dtype} sdpa sorted batch {tf['batch']}", tf["wall"]))
+        print(rate_line(label(r), r["wall"]))
+    if tf is not None:
+        print(rate_line(f"transformers {tf['dtype']} sdpa sorted batch {tf['batch']}", tf["wall"]))
     for r in ours:
         rest = r["wall"] - r["tokenise"] - r["decode"] - r["head"]
-        print(f"\nours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]}: window {r['wall'] * 1e3:.0f} ms = "
+        print(f"\n{label(r)}: window {r['wall'] * 1e3:.0f} ms = "
               f"tokenise {r['tokenise'] / r['wall']:.1%}, decode {r['decode'] / r['wall']:.1%}, head {r['head'] / r['wall']:.1%}, "
               f"Python/other {rest / r['wall']:.1%}")
         total = sum(r["categories"].values())
@@ -276,12 +287,14 @@ def main() -> None:
         for c in CATEGORIES:
             s = r["categories"].get(c, 0.0)
             fl = r["mat_mul_flops"].get(c)
-            print(f"    {c:<18}{s / total:>7.1%}{'' if not fl else f'   {fl / s / 1e9:>7.1f} GFLOP/s':>20}")
-    total = sum(tf["categories"].values())
-    print(f"\ntransformers {tf_dtype}: window {tf['wall'] * 1e3:.0f} ms (with hooks {tf['profiled'] * 1e3:.0f} ms); "
-          f"{tf['padded_tokens']} tokens with padding")
-    for c in (*CATEGORIES, "head"):
-        print(f"    {c:<18}{tf['categories'].get(c, 0.0) / total:>7.1%}")
+            print(f"    {c:<18}{s / total:>7.1%} {s * 1e3:>8.0f} ms{'' if not fl else f'   {fl / s / 1e9:>7.1f} GFLOP/s':>20}")
+    if tf is not None:
+        total = sum(tf["categories"].values())
+        print(f"\ntransformers {tf['dtype']}: window {tf['wall'] * 1e3:.0f} ms (with hooks {tf['profiled'] * 1e3:.0f} ms); "
+              f"{tf['padded_tokens']} tokens with padding")
+        for c in (*CATEGORIES, "head"):
+            s = tf["categories"].get(c, 0.0)
+            print(f"    {c:<18}{s / total:>7.1%} {s * 1e3:>8.0f} ms")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "threads": threads, "tokens": tokens, "rates": rates,
                                          "ours": ours, "transformers": tf}, indent=1, default=str) + "\n")

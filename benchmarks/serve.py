@@ -56,8 +56,8 @@ def make_requests(n: int, docs: int, doc_words: tuple[int, int], seed: int = 0) 
 
 
 def model_args(args) -> list[str]:
-    return ["--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch), "--threads", str(args.threads),
-            "--device", args.device, "--n-gpu-layers", str(args.n_gpu_layers)]
+    return ["--n-ctx", str(args.n_ctx), *(["--n-batch", str(args.n_batch)] if args.n_batch else []), "--threads",
+            str(args.threads), "--device", args.device, "--n-gpu-layers", str(args.n_gpu_layers)]
 
 
 def run_job(gguf: Path, requests: list[dict], tmp: Path, args) -> tuple[dict, np.ndarray]:
@@ -212,7 +212,7 @@ def main() -> None:
                     help="sequential requests for the light-load latency (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for llama.cpp (default: %(default)s)")
     ap.add_argument("--n-ctx", type=int, default=10240)
-    ap.add_argument("--n-batch", type=int, default=2048)
+    ap.add_argument("--n-batch", type=int, default=None, help="tokens per decode call (default: the server's)")
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--device", default="cpu", help="the head's torch device, both paths (default: %(default)s)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="the server's --batch-tokens (default: its own)")
@@ -281,7 +281,7 @@ def main() -> None:
     stopped = re.search(r"stopped; (.*)", log)
 
     print(f"model {gguf.name}; {args.requests} requests x {args.docs} documents = {n_pairs} pairs, {tokens} prompt tokens "
-          f"({tokens / n_pairs:.0f}/pair); {args.threads} threads, head on {args.device}; n_ctx {args.n_ctx}, n_batch {args.n_batch}; "
+          f"({tokens / n_pairs:.0f}/pair); {args.threads} threads, head on {args.device}; n_ctx {args.n_ctx}, n_batch {args.n_batch or 'default'}; "
           f"server start {server.start_seconds:.1f} s (model load included); load average {loads[0]} at start, {loads[-1]} at end")
     print(f"{'path (best of each)':<24}{'seconds':>9}{'pairs/s':>10}{'tokens/s':>10}{'vs job':>8}{'p50 ms':>9}{'p99 ms':>9}  note")
     for name, r in rows.items():

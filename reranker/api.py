@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from head import ScoringHead
-from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
+from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, HEAD_FILE, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_SEQ_MAX
 from reranker.engine.backbone import Backbone
 from reranker.engine.identity import bf16_note, fast_path_gguf, use_bf16, weights_description
 from reranker.engine.prompts import PromptBuilder
@@ -101,7 +101,7 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_REPO, quant: str | None = None, head: str | os.PathLike | ScoringHead | None = None,
-                        *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int = N_BATCH,
+                        *, device: str | torch.device | None = None, n_ctx: int | None = None, n_batch: int | None = None,
                         n_seq_max: int = N_SEQ_MAX, n_gpu_layers: int = -1, n_threads: int | None = None,
                         flash_attn: bool | None = None, kv_type: str | None = None, fast: bool = True,
                         identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = None, max_length: int | None = None,

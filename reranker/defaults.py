@@ -38,8 +38,12 @@ CHUNK_AGGREGATE = "max"
 CHUNK_AGGREGATES = ("max", "mean", "first")
 
 # --- the backbone ------------------------------------------------------------------------------
-#: Tokens per `llama_decode` call, sequences per call, and physical batch sizes by device.
-N_BATCH = 2048
+#: Tokens per `llama_decode` call by device (`n_batch=None`), sequences per call, physical batch sizes.
+#: On the CPU a call is one physical batch: the prompts packed in a call share its KV cache, and
+#: llama.cpp's CPU attention visits (masked) every cell filled earlier in the call, so a 2048-token
+#: call spent 35% more on attention than 512-token ones at the m0 shape (benchmarks/RESULTS.md).
+N_BATCH_CPU = 512
+N_BATCH_GPU = 2048
 N_SEQ_MAX = 64
 N_UBATCH_GPU = 1024
 N_UBATCH_CPU = 512

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS, N_BATCH, N_SEQ_MAX
+from reranker.defaults import CHUNK_AGGREGATE, CHUNK_AGGREGATES, CHUNK_OVERLAP, MAX_CHUNKS, N_SEQ_MAX
 from reranker.errors import RerankerError
 
 #: The prompt template and the scoring token need this many tokens; `max_length` may not be less.
@@ -38,14 +38,15 @@ def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
 
 
-def check_settings(*, n_ctx: int | None = None, n_batch: int = N_BATCH, n_seq_max: int = N_SEQ_MAX,
+def check_settings(*, n_ctx: int | None = None, n_batch: int | None = None, n_seq_max: int = N_SEQ_MAX,
                    n_threads: int | None = None, n_gpu_layers: int = -1, kv_type: str | None = None) -> None:
     """The backbone's settings, checked before any file is read (None: the default)."""
     if kv_type is not None and kv_type not in KV_TYPES:
         raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(KV_TYPES)}")
     if n_ctx is not None:
         require_int("n_ctx", n_ctx, MIN_LENGTH)
-    require_int("n_batch", n_batch, 1)
+    if n_batch is not None:
+        require_int("n_batch", n_batch, 1)
     require_int("n_seq_max", n_seq_max, 1)
     if n_threads is not None:
         require_int("n_threads", n_threads, 1)

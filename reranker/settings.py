@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_BATCH, N_SEQ_MAX
+from reranker.defaults import BATCH_SIZE, DEFAULT_REPO, IDENTITY_DTYPE, MAX_LENGTH, MAX_QUERY_LENGTH, N_SEQ_MAX
 from reranker.errors import RerankerError
 from reranker.options import check_lengths, check_settings, require_int
 
@@ -38,7 +38,7 @@ class LoadSettings:
     head: Any = None
     device: Any = None
     n_ctx: int | None = None
-    n_batch: int = N_BATCH
+    n_batch: int | None = None
     n_seq_max: int = N_SEQ_MAX
     n_gpu_layers: int = -1
     n_threads: int | None = None

@@ -374,7 +374,7 @@ class Settings:
 
     n_threads: int | None = None
     n_ctx: int | None = None
-    n_batch: int = 2048
+    n_batch: int | None = None  # by device, as the library
     n_gpu_layers: int = -1
     batch_size: int = 256
     max_length: int | None = None

@@ -113,7 +113,7 @@ def markdown(report: BenchReport) -> str:
     lines += [
         f"Reference: {st['reference']} `{Path(st['reference_path']).name}`. Device: {env['device']}; CPU: {env['cpu']} "
         f"({env['threads']} threads); llama-cpp-python {env['llama_cpp_python']}, torch {env['torch']}.",
-        f"Scoring: `Reranker.compute_score`, batch_size={st['batch_size']}, n_batch={st['n_batch']}, "
+        f"Scoring: `Reranker.compute_score`, batch_size={st['batch_size']}, n_batch={st['n_batch'] or 'the device default'}, "
         f"after a {st['warmup']}-pair warm-up; each level in a fresh process.",
     ]
     if report.rows:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
 
     for name in ("depth", "batch_size", "n_batch"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise RerankerError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     projectors_asked = bool(args.mmproj_files or args.mmproj_checkpoint)
     if args.beir is None and args.pairs is None and args.synthetic is None and not projectors_asked:

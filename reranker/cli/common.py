@@ -13,7 +13,8 @@ from reranker.defaults import (
     MAX_CHUNKS,
     MAX_LENGTH,
     MAX_QUERY_LENGTH,
-    N_BATCH,
+    N_BATCH_CPU,
+    N_BATCH_GPU,
 )
 from reranker.errors import RerankerError
 from reranker.options import Chunking
@@ -28,7 +29,8 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     """llama.cpp and truncation options, and the head's torch device."""
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers to offload to the GPU; -1 all (default), 0 none")
     p.add_argument("--n-ctx", type=int, default=None, help="context size in tokens (default: --max-length)")
-    p.add_argument("--n-batch", type=int, default=N_BATCH, help="tokens per decode call (default: %(default)s)")
+    p.add_argument("--n-batch", type=int, default=None,
+                   help=f"tokens per decode call (default: {N_BATCH_CPU} on the CPU, {N_BATCH_GPU} on a GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores, one fewer when the load average says one is busy; "
                         "RERANKER_THREADS overrides)")

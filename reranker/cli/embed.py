@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reranker.atomic import open_output
 from reranker.compat.embed import FORMATS, embed_chunks, format_embeddings, prompt_ids, prompt_text, split_prompts, write_npy
-from reranker.defaults import DEFAULT_REPO, MAX_LENGTH, N_BATCH, SCORE_TOKEN_TEXT
+from reranker.defaults import DEFAULT_REPO, MAX_LENGTH, N_BATCH_CPU, N_BATCH_GPU, SCORE_TOKEN_TEXT
 from reranker.errors import RerankerError
 
 
@@ -99,8 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="layers to offload to the GPU; -1 all (default), 0 none")
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=MAX_LENGTH,
                    help="context size in tokens: the longest prompt allowed (default: %(default)s)")
-    p.add_argument("-b", "--n-batch", "--batch-size", dest="n_batch", type=int, default=N_BATCH,
-                   help="tokens per decode call (default: %(default)s)")
+    p.add_argument("-b", "--n-batch", "--batch-size", dest="n_batch", type=int, default=None,
+                   help=f"tokens per decode call (default: {N_BATCH_CPU} on the CPU, {N_BATCH_GPU} on a GPU)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores, one fewer when busy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=run)

@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 
 from reranker import llama_log
-from reranker.defaults import MAX_LENGTH, N_BATCH, N_SEQ_MAX, N_UBATCH_CPU, N_UBATCH_GPU
+from reranker.defaults import MAX_LENGTH, N_BATCH_CPU, N_BATCH_GPU, N_SEQ_MAX, N_UBATCH_CPU, N_UBATCH_GPU
 from reranker.engine.batching import pack
 from reranker.engine.cpu import default_threads
 from reranker.engine.identity import MARKER_KEY
@@ -181,8 +181,9 @@ class Backbone:
       first `n_embd` logits are the hidden state.
 
     Many sequences share each `llama_decode` call (one sequence id each, up to `n_batch`
-    tokens); the KV cache is cleared between calls. A sequence longer than `n_batch` is
-    fed in chunks: causal attention makes that the same function, though llama.cpp's kernels
+    tokens: by default 512 on the CPU, one physical batch, and 2048 on a GPU); the KV cache is
+    cleared between calls. A sequence longer than `n_batch` is fed alone in equal chunks of at
+    most `n_batch`: causal attention makes that the same function, though llama.cpp's kernels
     sum in an order that depends on the chunk size (tests/engine/test_fast_path.py bounds it).
 
     Packing makes a sequence's state depend slightly on its neighbours (its KV cells, ubatch
@@ -203,7 +204,7 @@ class Backbone:
         path: str | os.PathLike,
         *,
         n_ctx: int = MAX_LENGTH,
-        n_batch: int = N_BATCH,
+        n_batch: int | None = None,
         n_ubatch: int | None = None,
         n_seq_max: int = N_SEQ_MAX,
         n_gpu_layers: int = -1,
@@ -234,12 +235,12 @@ class Backbone:
         # Not under this lock: the job tokenises the next window, and the server its requests, while one decodes.
         self.tokenizer = GGUFTokenizer(llama_cpp.llama_model_get_vocab(self._model))
 
-        n_batch = min(n_batch, n_ctx)
+        on_gpu = self.on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
+        n_batch = min(n_batch or (N_BATCH_GPU if on_gpu else N_BATCH_CPU), n_ctx)
         n_seq_max = max(1, min(n_seq_max, 256, n_batch))
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
-        on_gpu = self.on_gpu = n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload()
         cparams.n_ubatch = min(n_ubatch or (N_UBATCH_GPU if on_gpu else N_UBATCH_CPU), n_batch)
         cparams.n_seq_max = n_seq_max
         if fast:
@@ -378,11 +379,14 @@ class Backbone:
             c.advance(k)
 
     def _decode_alone(self, ids: Sequence[int]) -> int:
-        # One sequence in an empty cache from cell 0, fed in chunks of n_batch: its KV cells,
-        # ubatch split points and kernels are then a function of the sequence alone.
+        # One sequence in an empty cache from cell 0, fed in equal chunks of at most n_batch: its KV
+        # cells, ubatch split points and kernels are then a function of the sequence alone. Equal, since a
+        # short last chunk would take llama.cpp's CPU attention for under 64 query rows, which rounds the
+        # queries to F16 (twice the score error, tests/engine/test_n_batch.py).
         self._clear()
-        for start in range(0, len(ids), self.n_batch):
-            end = start + self.n_batch
+        size = -(-len(ids) // -(-len(ids) // self.n_batch))  # ceil(n / ceil(n / n_batch))
+        for start in range(0, len(ids), size):
+            end = start + size
             last = self._decode([(ids[start:end], 0, start, end >= len(ids))])
         return last[-1]
 
