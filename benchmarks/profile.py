@@ -117,7 +117,8 @@ class NodeTimer:
         self.flops.clear()
 
 
-def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None, n_batch: int, rounds: int) -> dict:
+def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None, n_batch: int, kv_type: str | None,
+                 rounds: int) -> dict:
     from head import ScoringHead
     from reranker import Reranker
     from reranker.engine.backbone import Backbone
@@ -127,7 +128,7 @@ def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None,
     timer = NodeTimer()
     gguf = fast_path_gguf(f16, "f32", bf16, 0)
     backbone = Backbone(gguf, fast=True, n_ctx=4096, n_batch=n_batch, n_gpu_layers=0, n_threads=threads, flash_attn=flash,
-                        eval_callback=timer.callback)
+                        kv_type=kv_type, eval_callback=timer.callback)
     rr = Reranker(backbone, ScoringHead.load(f16.parent / "mlp_weights.npz"), max_length=4096, device="cpu")
     rr.compute_score(pairs[:4])  # warm
     best: dict | None = None
@@ -153,8 +154,8 @@ def profile_ours(f16: Path, pairs, threads: int, bf16: bool, flash: bool | None,
     backbone.embed(ids)
     best["decode_profiled"] = time.perf_counter() - t
     timer.enabled = False
-    best.update(weights=rr.weights_dtype, flash=flash, n_batch=n_batch, categories=dict(timer.seconds), ops=dict(timer.ops),
-                mat_mul_flops=dict(timer.flops))
+    best.update(weights=rr.weights_dtype, flash=flash, n_batch=n_batch, kv_type=kv_type or "f16", categories=dict(timer.seconds),
+                ops=dict(timer.ops), mat_mul_flops=dict(timer.flops))
     rr.close()
     return best
 
@@ -226,6 +227,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flash", default="auto", help="our flash attention: auto, on, off, or a list (on,off)")
     ap.add_argument("--n-batch", default=str(N_BATCH_CPU), help="our tokens per decode call: one value or a list (2048,512)")
+    ap.add_argument("--kv-type", default="f16", help="our KV cache type: one value or a list (f16,f32)")
     ap.add_argument("--no-peer", action="store_true", help="profile ours only (no transformers)")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="our BF16 re-encode (default: as the library)")
     ap.add_argument("--tf-dtype", default=None, help="the peer's dtype (default: bf16 on a bf16 CPU, else fp32)")
@@ -241,7 +243,8 @@ def main() -> None:
     flashes = [{"auto": None, "on": True, "off": False}[f] for f in args.flash.split(",")]
     load0 = load_average()
     n_batches = [int(v) for v in args.n_batch.split(",")]
-    ours = [profile_ours(f16, pairs, threads, bf16, fl, nb, args.rounds) for fl in flashes for nb in n_batches]
+    ours = [profile_ours(f16, pairs, threads, bf16, fl, nb, kv, args.rounds)
+            for fl in flashes for nb in n_batches for kv in args.kv_type.split(",")]
 
     from reranker import Reranker
     from reranker.engine.scoring import prepare
@@ -270,7 +273,8 @@ def main() -> None:
                 f"{fraction(g, rates, 'fp32'):>5} of fp32, {g / limit:>5.0%} of the faster")
 
     def label(r: dict) -> str:
-        return f"ours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]} n_batch {r['n_batch']}"
+        return (f"ours {r['weights']} flash {({None: 'auto', True: 'on', False: 'off'})[r['flash']]} n_batch {r['n_batch']} "
+                f"KV {r['kv_type']}")
 
     for r in ours:
         print(rate_line(label(r), r["wall"]))
