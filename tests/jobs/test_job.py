@@ -193,6 +193,9 @@ def test_two_cpu_processes_equal_one(model, tmp_path):
 # windows of about one record it has tens of windows left: it can only end by the interrupt.
 PAUSE_AFTER_FIRST_PROGRESS = """
 import os, signal, sys
+# For a failure's message: how this process was started to treat Ctrl-C (a blocked or ignored SIGINT is inherited).
+print(f"SIGINT handler {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}",
+      file=sys.stderr)
 from reranker.jobs.resume import Checkpoint
 save = Checkpoint.save
 def save_then_pause(self, state):
