@@ -51,11 +51,13 @@ def numpy_head(npz: Path):
 
 
 def main() -> None:
+    from reranker.defaults import N_BATCH_CPU
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a GGUF with mlp_weights.npz beside it (default: synthetic small)")
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reranker-bench")
-    ap.add_argument("--n-batch", type=int, default=512, help="tokens per decode call, both paths (default: the CPU's, %(default)s)")
+    ap.add_argument("--n-batch", type=int, default=N_BATCH_CPU, help="tokens per decode call, both paths (default: the CPU's, %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64, help="compute_score's batch_size for the sorting comparison")
     args = ap.parse_args()
 

@@ -198,6 +198,8 @@ def load_average() -> str:
 
 
 def main() -> None:
+    from reranker.defaults import N_BATCH_CPU
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a GGUF with mlp_weights.npz beside it (default: synthetic `small`, F16)")
     ap.add_argument("--checkpoint", type=Path,
@@ -207,7 +209,7 @@ def main() -> None:
                     help="document length range in words (default: 40 200)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads, all paths (default: %(default)s)")
     ap.add_argument("--n-ctx", type=int, default=10240, help="context size, all llama.cpp paths (default: the job's, %(default)s)")
-    ap.add_argument("--n-batch", type=int, default=512, help="tokens per decode call (default: the job's on the CPU, %(default)s)")
+    ap.add_argument("--n-batch", type=int, default=N_BATCH_CPU, help="tokens per decode call (default: the job's on the CPU, %(default)s)")
     ap.add_argument("--window", type=int, default=2048, help="the job's --window (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="alternate the job and its ceiling this many times, keep the best of each (default: %(default)s)")
