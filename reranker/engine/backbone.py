@@ -131,6 +131,16 @@ class _EmbeddingBatch(_BatchBuffers):
         self.struct.n_tokens = n
 
 
+def _equal_piece(n: int, cap: int) -> int:
+    """How much of `n` remaining rows to feed now, at most `cap`: all of them, or the first of equal pieces.
+
+    Equal, since a short last piece would take llama.cpp's CPU attention for under 64 query rows, which
+    rounds the queries to F16 (twice the score error, tests/engine/test_n_batch.py): 572 rows at 512 go
+    in as 286 + 286, not 512 + 60.
+    """
+    return -(-n // -(-n // cap))  # ceil(n / ceil(n / cap)), which is n when n <= cap
+
+
 class _Cursor:
     """Where one prompt of `Segments` is in its feeding: its part, the offset into it, the part's first position."""
 
@@ -339,8 +349,9 @@ class Backbone:
         """Feed prompts with images part by part: in each round, one decode of the text parts due next,
         then one of the image parts due next (llama.cpp takes tokens or embeddings in a batch, not both).
 
-        The same packing as text (`deterministic`: each prompt alone from cell 0); a prompt longer than
-        n_batch is fed in n_batch pieces. Its state is read right after the decode holding its last token.
+        The same packing as text (`deterministic`: each prompt alone from cell 0); a part longer than
+        n_batch (only a prompt alone in its group has one) is fed in equal pieces of at most n_batch.
+        Its state is read right after the decode holding its last token.
         """
         groups = [[i] for i in range(len(sequences))] if self.deterministic else \
             pack([len(s) for s in sequences], self.n_batch, self.n_seq_max)
@@ -352,7 +363,7 @@ class Backbone:
                     budget, chunks = self.n_batch, []
                     for seq, c in enumerate(cursors):
                         if not c.done and c.is_image == images and budget:
-                            chunks.append((seq, c, min(c.remaining, budget)))
+                            chunks.append((seq, c, _equal_piece(c.remaining, budget)))
                             budget -= chunks[-1][2]
                     if chunks:
                         self._decode_parts(chunks, images, group, out)
@@ -380,11 +391,9 @@ class Backbone:
 
     def _decode_alone(self, ids: Sequence[int]) -> int:
         # One sequence in an empty cache from cell 0, fed in equal chunks of at most n_batch: its KV
-        # cells, ubatch split points and kernels are then a function of the sequence alone. Equal, since a
-        # short last chunk would take llama.cpp's CPU attention for under 64 query rows, which rounds the
-        # queries to F16 (twice the score error, tests/engine/test_n_batch.py).
+        # cells, ubatch split points and kernels are then a function of the sequence alone.
         self._clear()
-        size = -(-len(ids) // -(-len(ids) // self.n_batch))  # ceil(n / ceil(n / n_batch))
+        size = _equal_piece(len(ids), self.n_batch)
         for start in range(0, len(ids), size):
             end = start + size
             last = self._decode([(ids[start:end], 0, start, end >= len(ids))])

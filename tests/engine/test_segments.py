@@ -104,6 +104,18 @@ def test_long_prompt_fed_in_pieces_across_an_image(tiny_ggufs, pieces):
     assert_hidden_close(got[:1], want[None], "f32", "an image fed in 16-row pieces")
 
 
+def test_an_image_longer_than_n_batch_is_fed_in_equal_pieces(tiny_ggufs, pieces):
+    """540 image rows at n_batch 512 go in as 270 + 270, not 512 + 28: a piece under 64 rows takes llama.cpp's
+    CPU attention for few query rows, which rounds the queries to F16 (as a long text prompt's chunks do)."""
+    seq, want = pieces(DOC, (20, 27), QUERY)
+    states = {}
+    for n_batch in (512, 270):
+        with Backbone(tiny_ggufs["f16"], n_ctx=1024, n_batch=n_batch, n_gpu_layers=0) as b:
+            states[n_batch] = b.embed([seq])
+    np.testing.assert_array_equal(states[512], states[270])  # the same two pieces of 270, so the same bits
+    assert_hidden_close(states[512], want[None], "f16", "an image of 540 rows at n_batch 512")
+
+
 def test_bad_image_rows_are_refused(tiny_ggufs):
     with Backbone(tiny_ggufs["f32"], n_ctx=256, n_batch=64) as b:
         wide = Embeddings(np.zeros((4, b.n_embd + 1), np.float32), nx=2, ny=2)
