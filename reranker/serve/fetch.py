@@ -20,6 +20,7 @@ httpx is imported only when a fetcher is made, so a server without URL hosts run
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
@@ -46,8 +47,19 @@ _HEADERS = {"User-Agent": "jina-reranker-gguf (reranker serve image fetch)", "Ac
             "Accept-Encoding": "identity"}
 
 
+#: A URI scheme (RFC 3986). Base64's alphabet has no ':', so a string that starts like this is never base64.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def uri_scheme(value: str) -> str | None:
+    """The URI scheme `value` starts with, lowercased without its ':' ('https', 'data', 'file', ...), or None."""
+    m = _SCHEME.match(value)
+    return m.group()[:-1].lower() if m else None
+
+
 def is_url(value: str) -> bool:
-    return value[:8].lower().startswith(("http://", "https://"))
+    """Whether `value` is an http(s) URL: what only a fetcher may take (`ImageFetcher.check` says if it will)."""
+    return uri_scheme(value) in DEFAULT_PORTS
 
 
 class _Stopped(Exception):
@@ -87,6 +99,8 @@ class ImageFetcher:
             return "plain http:// URLs are not fetched by this server (https:// only; its operator can allow http with --image-url-http)"
         if url.userinfo:
             return "a URL with credentials (user@host) is not fetched"
+        if not url.raw_host:
+            return f"a URL without a host is not fetched (give it as {url.scheme}://host/path)"
         host = url.raw_host.decode("ascii").lower().rstrip(".")
         default = DEFAULT_PORTS[url.scheme]
         port = url.port or default

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import time
 from dataclasses import fields, replace
 
@@ -30,12 +29,10 @@ from reranker.engine.tokenizer import check_cancelled
 from reranker.engine.vision import load
 from reranker.errors import RerankerError
 from reranker.options import MIN_LENGTH, Chunking, ImageRef
-from reranker.serve.fetch import ImageFetcher, is_url
+from reranker.serve.fetch import ImageFetcher, is_url, uri_scheme
 from reranker.serve.schemas import ImageField, ScoreOptions, Side
 from reranker.serve.settings import ServeSettings
 
-#: A URI scheme (RFC 3986). Base64's alphabet has no ':', so a string that starts like this is never base64.
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _SEND = "send the image file's bytes base64-encoded, or as a data: URI ('data:image/png;base64,...')"
 
 
@@ -65,15 +62,15 @@ def check_images(images: list[ImageField], settings: ServeSettings, fetcher: Ima
                             "(--max-images): split the request")
     for image in images:
         value = image.value
-        scheme = _SCHEME.match(value)
-        if fetcher is not None and is_url(value):
+        scheme = uri_scheme(value)
+        if is_url(value):
+            if fetcher is None:
+                raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts: "
+                                    f"its operator allowed none with --image-url-hosts); download the image yourself and {_SEND}")
             fetcher.check(image)
             continue
-        if scheme and scheme.group().lower() in ("http:", "https:"):
-            raise RerankerError(f"{image.where}: image URLs are not fetched (this server makes no requests to other hosts: "
-                                f"its operator allowed none with --image-url-hosts); download the image yourself and {_SEND}")
-        if scheme and scheme.group().lower() != "data:":
-            raise RerankerError(f"{image.where}: a {scheme.group()} URI is not an image this server reads "
+        if scheme is not None and scheme != "data":
+            raise RerankerError(f"{image.where}: a {scheme}: URI is not an image this server reads "
                                 f"(it opens no paths or URIs from requests); {_SEND}")
         payload = value.partition(",")[2] if scheme else value
         if scheme and ";base64" not in value[: len(value) - len(payload)].lower():

@@ -211,6 +211,8 @@ def test_urls_outside_the_allowed_hosts_are_422_and_never_contacted(client, host
         ("http://127.0.0.1/png/0", "host 127.0.0.1:80 is not one"),  # an entry with a port allows that port only
         ("https://example.invalid/png/0", "host example.invalid:443 is not one"),  # '*.example.invalid' is only below it
         (f"http://user:pw@127.0.0.1:{port}/png/0", "a URL with credentials (user@host) is not fetched"),
+        # A scheme without '//': still a URL, so the fetcher's policy answers, not the 'no hosts allowed' refusal.
+        (f"http:127.0.0.1:{port}/png/0", "a URL without a host is not fetched (give it as http://host/path)"),
     ]:
         # One allowed URL beside it: nothing is fetched before every URL of the request passed the policy.
         r = rerank(client, [{"image": f"{allowed.base}/png/1"}, "text", {"image": url}])

@@ -190,6 +190,7 @@ def test_urls_are_refused_and_never_fetched(client, image_host):
         ({"query": {"image": f"{base}/query.png"}, "documents": ["text"]}, "query"),
         ({"query": QUERY, "documents": [{"image": f"HTTP://{base[7:]}/upper.png"}]}, "documents[0]"),
         ({"query": QUERY, "documents": [{"image": f"https://{base[7:]}/tls.png"}]}, "documents[0]"),
+        ({"query": QUERY, "documents": [{"image": f"http:{base[7:]}/no-slashes.png"}]}, "documents[0]"),
     ]:
         r = client.post("/v1/rerank", json=body)
         assert r.status_code == 422, r.text
