@@ -25,8 +25,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "parquet": ("pyarrow", "pyarrow.parquet"),
     "ray": ("ray", "ray.data", "pyarrow"),
     "bench": ("scipy.stats", "matplotlib", "ir_measures"),
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
-    "pdf": ("pypdfium2",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "httpx"),
+    "images": ("PIL",),
+    "pdf": ("pypdfium2", "PIL"),
 }
 
 

@@ -10,6 +10,7 @@ import sys
 
 from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, load_reranker
 from reranker.errors import RerankerError
+from reranker.extras import require
 from reranker.gguf.header import check_file
 from reranker.serve.settings import API_KEY_ENV, MAX_IMAGE_PIXELS, ServeSettings
 
@@ -73,14 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        import uvicorn
+    require("serve", "reranker serve")  # the whole extra, httpx included: one install line, before the model loads
+    import uvicorn
 
-        from reranker.serve.app import create_app
-    except ImportError as e:
-        from reranker.extras import install_hint
-
-        raise RerankerError(f"reranker serve needs {e.name}, which is not installed: {install_hint('serve')}") from e
+    from reranker.serve.app import create_app
     settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                              max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
                              max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,
@@ -92,13 +89,6 @@ def run(args: argparse.Namespace) -> None:
                              image_url_http=args.image_url_http, image_url_timeout=args.image_url_timeout,
                              image_url_ca=args.image_url_ca)
     settings.check()
-    if settings.image_url_hosts:
-        try:
-            import httpx  # noqa: F401 (the image URL fetcher's client, imported when the app is made)
-        except ImportError as e:
-            from reranker.extras import install_hint
-
-            raise RerankerError(f"--image-url-hosts needs {e.name}, which is not installed: {install_hint('serve')}") from e
     if args.image_url_ca:
         check_file(args.image_url_ca, "CA file", "pass --image-url-ca a PEM file of CA certificates")
     if not 0 <= args.port <= 65535:

@@ -74,9 +74,12 @@ def test_bench_quant_without_scipy_fails_before_scoring(tiny_ggufs, tmp_path, mo
     assert not out.exists() and not (tmp_path / "cache").exists()  # no level made, no reference scored
 
 
-def test_serve_without_fastapi_names_this_install(model, tmp_path, monkeypatch):
-    err = one_line_error(without(["fastapi"], tmp_path, "serve", "-m", str(model), "--port", "0", cache=tmp_path / "cache"))
-    assert f"needs fastapi, which is not installed: {expected_hint('serve', tmp_path, monkeypatch)}" in err
+@pytest.mark.parametrize("module", ["fastapi", "httpx"])
+def test_serve_without_its_extra_names_this_install(model, tmp_path, monkeypatch, module):
+    """httpx (image URLs) is checked with the rest of the extra, with or without --image-url-hosts."""
+    err = one_line_error(without([module], tmp_path, "serve", "-m", str(model), "--port", "0", cache=tmp_path / "cache"))
+    assert f"reranker serve needs {module}, which is not installed: {expected_hint('serve', tmp_path, monkeypatch)}" in err
+    assert not (tmp_path / "cache").exists()  # before the model loads
 
 
 def fake_dist(tmp_path: Path, monkeypatch, direct_url: dict | None) -> None:
