@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -63,6 +64,31 @@ class ImageSettings:
 
 def image_count(unit: Unit) -> int:
     return sum(isinstance(doc, ImageDoc) for _, doc in unit.docs)
+
+
+def _stamp(path: Path) -> list:
+    """[path, size, modification time in ns] of the file at `path` (symbolic links followed), [path] when there is none."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable folder, a NUL in the name: read as a reject, stamped as such
+        return [str(path)]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def chain_image_files(digest: str, item: Unit | Reject) -> str:
+    """`digest` carried over `item`'s image and PDF files: their paths, sizes and modification times, in order.
+
+    A job's checkpoint keeps the digest of the records it consumed, and a resume recomputes it over the
+    records it skips (a `stat` per file, nothing read), so a file scored before and changed since (or one
+    missing then and present now) is found: input files are hashed whole, and this is their images' part.
+    Images given as bytes (Parquet) are in the input and hashed with it. Unchanged for an item with no file.
+    """
+    if not isinstance(item, Unit):
+        return digest
+    stamps = [_stamp(doc.source) for _, doc in item.docs if isinstance(doc, ImageDoc) and isinstance(doc.source, Path)]
+    if not stamps:
+        return digest
+    return hashlib.sha256(json.dumps([digest, stamps]).encode()).hexdigest()
 
 
 def _open_regular_file(path: Path, what: str) -> int:

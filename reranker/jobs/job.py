@@ -7,7 +7,9 @@ thread while the previous one decodes (its image documents read, decoded and siz
 written, made durable and checkpointed on another. The checkpoint records how many input
 items are done and each writer's durable state, so a rerun after any crash (SIGKILL
 included) truncates the output to the last checkpoint and carries on from there: no
-result lost, none duplicated, no torn line.
+result lost, none duplicated, no torn line. A resume reads past the items done (scoring none) and
+refuses to go on when the image files they read changed since (`images.chain_image_files`), as it
+refuses a changed input file.
 
 Before anything loads, `check_job` refuses arguments and paths that could destroy data (see
 `paths.py`: an output that is an input, a special file, a rejects file that is the head, ...);
@@ -33,7 +35,7 @@ from reranker.defaults import RUN_TAG, WINDOW
 from reranker.engine.prompts import PromptBuilder
 from reranker.engine.scoring import Prepared, ScoredDocuments, prepare
 from reranker.errors import RerankerError
-from reranker.jobs.images import WINDOW_IMAGES, ImageSettings, image_count, load_window_images
+from reranker.jobs.images import WINDOW_IMAGES, ImageSettings, chain_image_files, image_count, load_window_images
 from reranker.jobs.paths import JobFiles, check_job_files, input_files, input_reads, writing
 from reranker.jobs.progress import Progress
 from reranker.jobs.readers import read_input
@@ -163,6 +165,7 @@ class Window:
     items: list[Unit | Reject] | None = None  # units and rejects in input order (images' rejects go among them)
     doc_tokens: list[int] | None = None  # per pair, its prompts' tokens (kept when `prepared` is let go)
     sides: list[list] | None = None  # per unit, its documents as scored (images loaded), once they are
+    image_files: str = ""  # `images.chain_image_files` over the items consumed up to `end`
 
 
 #: Windows in, each with its `ScoredDocuments` out, in order (`engine.scoring.score_prepared` of `window.prepared`).
@@ -175,13 +178,16 @@ def stop_error(spec: JobSpec, reject: Reject) -> RerankerError:
                          f"to write bad records to {spec.rejects_path()} and go on")
 
 
-def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec) -> Iterator[Window]:
+def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: JobSpec, image_files: str = "") -> Iterator[Window]:
+    """`items` (the input from item `start` on) in windows of about `size` pairs; `image_files`: the digest
+    of the image files of the items before `start` (`images.chain_image_files`), carried on in each window."""
     consumed, units, rejects, order, pairs, images = start, [], [], [], 0, 0
     for item in items:
         if units and isinstance(item, Unit) and images + image_count(item) > WINDOW_IMAGES:  # a record is never split
-            yield Window(consumed, units, rejects, items=order)
+            yield Window(consumed, units, rejects, items=order, image_files=image_files)
             units, rejects, order, pairs, images = [], [], [], 0, 0
         consumed += 1
+        image_files = chain_image_files(image_files, item)
         if isinstance(item, Reject):
             if spec.on_error == "fail":
                 raise stop_error(spec, item)
@@ -192,10 +198,10 @@ def cut_windows(items: Iterator[Unit | Reject], start: int, size: int, spec: Job
             images += image_count(item)
         order.append(item)
         if pairs >= size or images >= WINDOW_IMAGES:
-            yield Window(consumed, units, rejects, items=order)
+            yield Window(consumed, units, rejects, items=order, image_files=image_files)
             units, rejects, order, pairs, images = [], [], [], 0, 0
     if units or rejects:
-        yield Window(consumed, units, rejects, items=order)
+        yield Window(consumed, units, rejects, items=order, image_files=image_files)
 
 
 def _tokenise(windows: Iterator[Window], builder: PromptBuilder, chunking: Chunking | None = None,
@@ -261,6 +267,8 @@ class Job:
         self.model_name = model_name
         self.stats = Stats()
         self.consumed = 0
+        self.image_files = ""  # the digest of the consumed items' image files (`chain_image_files`)
+        self._image_files_then: str | None = None  # what the checkpoint resumed from says it was (None: not recorded)
         self.hidden_size = hidden_size  # the width of `--save-hidden` rows (the model's n_embd)
         if spec.hidden is not None and hidden_size is None:
             raise ValueError("a job that saves hidden states needs the model's hidden_size")
@@ -291,6 +299,9 @@ class Job:
             check_resumable(state, self.fingerprint, files.output, self._rejects_id())
             if state.get("done"):
                 if files.output.is_file() and all(p.is_file() for what, p in files.hidden_written() if "draft" not in what):
+                    if state.get("image_files"):  # done, from image files: as they are now?
+                        self.consumed, self._image_files_then = state["consumed"], state["image_files"]
+                        self._skip(self._items())
                     raise JobAlreadyDone(Stats(**state["stats"]))
                 log.warning("%s (or its hidden-state files) is missing although its checkpoint says the job finished; "
                             "scoring it again", files.output)
@@ -308,11 +319,12 @@ class Job:
             return None
         self.stats = Stats(**state["stats"])
         self.consumed = state["consumed"]
+        self._image_files_then = state.get("image_files")  # absent from checkpoints of before the check: not checked
         self._hidden_state = state.get("hidden", {})
         return state["writer"], state["rejects"]
 
     def _save(self, writer_state: dict, rejects_state: dict, done: bool = False, hidden_state: dict | None = None) -> None:
-        self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "done": done,
+        self.checkpoint.save({"fingerprint": self.fingerprint, "consumed": self.consumed, "image_files": self.image_files, "done": done,
                               "writer": writer_state, "rejects": rejects_state, "rejects_path": self._rejects_id(),
                               "stats": asdict(self.stats), **({"hidden": hidden_state} if hidden_state is not None else {})})
 
@@ -334,6 +346,9 @@ class Job:
         self._hidden_state: dict = {}
         resume = self._start()
         spec = self.spec
+        items = self._items()
+        if resume:
+            self._skip(items)  # before any file is opened for writing: a refusal leaves them as they are
         writer = open_writer(spec.output, spec.output_format, per=spec.per, run_tag=spec.run_tag, model=self.model_name,
                              chunks=spec.chunking is not None)
         rejects = RejectsWriter(self.files.rejects, create=spec.on_error == "skip")
@@ -343,9 +358,7 @@ class Job:
         if resume:
             log.info("resuming %s after %d input records", spec.output, self.consumed)
         stop = threading.Event()
-        items = one_run_per_query(read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
-                                             corpus=spec.corpus, run=spec.run))
-        windows = cut_windows(itertools.islice(items, self.consumed, None), self.consumed, spec.window, spec)
+        windows = cut_windows(items, self.consumed, spec.window, spec, self.image_files)
         out_q: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         writer_thread = threading.Thread(target=self._write_loop, args=(out_q, writer, rejects, failure),
@@ -386,6 +399,21 @@ class Job:
                     hidden.close(final=False)
         return self.stats
 
+    def _items(self) -> Iterator[Unit | Reject]:
+        spec = self.spec
+        return one_run_per_query(read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
+                                            corpus=spec.corpus, run=spec.run))
+
+    def _skip(self, items: Iterator[Unit | Reject]) -> None:
+        """Read past the items a resume finds done, checking that the image files they read are as they were."""
+        for item in itertools.islice(items, self.consumed):
+            self.image_files = chain_image_files(self.image_files, item)
+        if self._image_files_then is not None and self.image_files != self._image_files_then:
+            raise RerankerError(f"image files of the first {self.consumed} records of {self.spec.input}, scored before, "
+                                "have changed since (size or modification time), or one missing then is there now: "
+                                "their scores would not match the files; rerun with --restart to score everything again "
+                                "(or restore the files as they were)")
+
     def _write_loop(self, out_q: queue.Queue, writer, rejects: RejectsWriter, failure: list[BaseException]) -> None:
         # Off the hot path: results are written in input order, made durable, then checkpointed.
         while (item := out_q.get()) is not None:
@@ -416,7 +444,7 @@ class Job:
                     rejects.write(r)
                 self.stats.queries += len(window.units)
                 self.stats.skipped += len(window.rejects)
-                self.consumed = window.end
+                self.consumed, self.image_files = window.end, window.image_files
                 self._save(writer.commit(), rejects.commit(),
                            hidden_state=self.hidden.commit() if self.hidden is not None else None)
                 records = len({u.source for u in window.units} | {r.source for r in window.rejects})  # a record's rejects share its source

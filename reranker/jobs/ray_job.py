@@ -26,7 +26,9 @@ Image documents: the driver reads, decodes and sizes them as the local job does
 (`images.load_window_images`, so the same images are rejected, in the same order, and the same
 windows scored), and sends each as a lossless PNG of its model-size pixels in an `image` column,
 which the actor loads back to the very same pixels (already at their size, so not resized again).
-A rerun decodes the images of complete shards again: their rejects are written again.
+A rerun decodes the images of complete shards again: their rejects are written again. A part records the
+sizes and modification times of its shard's image files (`images.chain_image_files`); a rerun scores a shard
+again when they changed.
 
 Memory: the driver holds the results of the shards in flight; the text (and sized images) of the
 windows still to score sits in Ray's object store (spilled to disk beyond its size), so an input far
@@ -50,7 +52,7 @@ import numpy as np
 
 from reranker.atomic import atomic_path, atomic_write, fsync_dir
 from reranker.errors import RerankerError
-from reranker.jobs.images import ImageSettings, image_count, load_window_images
+from reranker.jobs.images import ImageSettings, chain_image_files, image_count, load_window_images
 from reranker.jobs.job import JobSpec, Stats, Window, check_resumable, check_spec_settings, cut_windows, stop_error, write_summary
 from reranker.jobs.paths import check_written, file_identity, input_files, same_file, writing
 from reranker.jobs.progress import Progress
@@ -89,6 +91,7 @@ class _Shard:
     pairs: int = 0
     queries: int = 0
     records: int = 0
+    image_files: str = ""  # `images.chain_image_files` over the shard's items: a part records the one it was scored from
     rows: list = field(default_factory=list)  # arrow tables back from the actors
 
 
@@ -217,9 +220,9 @@ class RayJob:
             meta = self.pq.read_metadata(path)
         except Exception:  # an unreadable part is scored again  # noqa: BLE001
             return False
-        if meta.num_rows != shard.pairs:
-            return False
         kv = meta.metadata or {}
+        if meta.num_rows != shard.pairs or kv.get(b"reranker.image_files", b"").decode() != shard.image_files:
+            return False  # changed image files: the part is scored again from them
         self.stats.tokens += int(kv.get(b"reranker.tokens", b"0"))
         self.stats.truncated += int(kv.get(b"reranker.truncated", b"0"))
         return True
@@ -237,7 +240,8 @@ class RayJob:
         schema = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float32())])
         base = table.select(["query_id", "doc_id", "score"]).cast(schema) if table is not None and table.num_rows else \
             pa.table({n: pa.array([], schema.field(n).type) for n in schema.names})
-        part = rank_table(pa, base).replace_schema_metadata({"reranker.tokens": str(tokens), "reranker.truncated": str(truncated)})
+        part = rank_table(pa, base).replace_schema_metadata({"reranker.tokens": str(tokens), "reranker.truncated": str(truncated),
+                                                             "reranker.image_files": shard.image_files})
         path = self.out / part_name(shard.index)
         with writing(path, "part"), atomic_path(path) as tmp:
             pq.write_table(part, tmp, compression=PARQUET_COMPRESSION)
@@ -266,6 +270,8 @@ class RayJob:
                 shard.pairs += sum(len(u.docs) for u in w.units)
                 shard.queries += len(w.units)
                 shard.records += len({u.source for u in w.units} | {r.source for r in w.rejects})
+                for item in w.items:
+                    shard.image_files = chain_image_files(shard.image_files, item)
             self.stats.queries += shard.queries
             self.stats.pairs += shard.pairs
             if self._complete(shard):

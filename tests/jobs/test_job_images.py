@@ -271,6 +271,55 @@ def test_fingerprint_covers_the_projector(vision_gguf, images, tmp_path, capsys)
     assert rc == 2 and "different vision" in err and "--restart" in err
 
 
+def _pictures(images, root):
+    """A folder of its own holding copies of the fixture's pictures (and its truncated PNG), to change at will.
+    Only those: other tests add special files to the fixture's folder (a link to /dev/zero, a folder)."""
+    import shutil
+
+    (root / "imgs").mkdir(parents=True)
+    for f in [*(images / "imgs").glob("p[0-9].png"), images / "imgs" / "truncated.png"]:
+        shutil.copy(f, root / "imgs")
+    return root
+
+
+def test_a_resume_refuses_image_files_changed_since_they_were_scored(vision_gguf, images, tmp_path, capsys):
+    """The input is hashed whole; the image files it names are stamped (size, modification time) per record."""
+    root = _pictures(images, tmp_path / "in")
+    inp, records = _nested_input(root, n=4)
+    records.append({"query_id": "late", "query": QUERY, "documents": [{"id": "l", "image": "imgs/late.png"}]})
+    write_jsonl(inp, records)
+    out = tmp_path / "out.jsonl"
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=2))  # stops at the missing image
+    assert rc == 2 and "imgs/late.png" in err, err
+    checkpoint = out.with_name("out.jsonl.checkpoint.json")
+    assert json.loads(checkpoint.read_text())["consumed"] == 4
+    picture(64, 64, 99).save(root / "imgs" / "late.png")  # the record that stopped it: not scored yet, so no change
+    draft = out.with_name("out.jsonl.partial")
+    done = draft.read_bytes()
+    p0 = root / "imgs" / "p0.png"
+    st, data = p0.stat(), p0.read_bytes()
+    for change in ["content", "time"]:
+        if change == "content":
+            picture(40, 30, 7).save(p0)  # another picture of the same size, written now
+        else:
+            p0.write_bytes(data)  # the same bytes, written now: the stamp cannot tell, so it refuses too
+        rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=2))
+        assert rc == 2 and "image files of the first 4 records" in err and "--restart" in err, err
+        assert draft.read_bytes() == done and json.loads(checkpoint.read_text())["consumed"] == 4  # left as it was
+    os.utime(p0, ns=(st.st_atime_ns, st.st_mtime_ns))  # restored as it was: the job goes on
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=2))
+    assert rc == 0, err
+    clean = tmp_path / "clean.jsonl"
+    assert _main(capsys, score_args(vision_gguf, inp, clean, window=2))[0] == 0
+    assert out.read_bytes() == clean.read_bytes()
+    # A finished job is checked too: not "already done" from files that are no longer those it scored.
+    picture(40, 30, 7).save(p0)
+    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=2))
+    assert rc == 2 and "image files of the first 5 records" in err, err
+    assert _main(capsys, score_args(vision_gguf, inp, out, "--restart", window=2))[0] == 0
+    assert out.read_bytes() != clean.read_bytes()  # p0's pairs scored from its new picture
+
+
 def test_ray_callable_scores_image_columns(vision_gguf, vision_reranker, images):
     """`RayReranker` called directly (what each actor runs): paths or bytes in an `image` column, text rows beside."""
     import pyarrow as pa
@@ -325,25 +374,47 @@ def test_two_cpu_processes_equal_one_with_images(vision_gguf, images, tmp_path):
 @pytest.mark.slow
 def test_ray_job_with_images_equals_the_local_job(ray_cluster, vision_gguf, images, tmp_path, capsys):
     import pyarrow.parquet as pq
-
-    inp = _with_bad_images(images, "ray.jsonl")
-    local, out = tmp_path / "local.parquet", tmp_path / "ray"
-    args = ["--threads", "1", "--on-error", "skip"]
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a Ray actor (OMP_NUM_THREADS=1): the head's bits depend on torch's threads
-    try:
-        rc, err = _main(capsys, score_args(vision_gguf, inp, local, *args, window=8))
-    finally:
-        torch.set_num_threads(threads)
-    assert rc == 0, err
-    rc, err = _main(capsys, score_args(vision_gguf, inp, out, *args, "--engine", "ray", "--actors", "1", "--shard-windows", "2", window=8))
-    assert rc == 0, err
+    root = _pictures(images, tmp_path / "in")
+    inp = _with_bad_images(root, "ray.jsonl")
+    records = read_jsonl(inp)
+    records[0]["documents"][0]["image"] = "imgs/only.png"  # a picture of the first shard alone
+    (root / "imgs" / "only.png").write_bytes((root / "imgs" / "p0.png").read_bytes())
+    write_jsonl(inp, records)
+    local, out = tmp_path / "local.parquet", tmp_path / "ray"
+    args = ["--threads", "1", "--on-error", "skip"]
+
+    def run_local(*extra):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a Ray actor (OMP_NUM_THREADS=1): the head's bits depend on torch's threads
+        try:
+            rc, err = _main(capsys, score_args(vision_gguf, inp, local, *args, *extra, window=8))
+        finally:
+            torch.set_num_threads(threads)
+        assert rc == 0, err
+
+    def run_ray():
+        rc, err = _main(capsys, score_args(vision_gguf, inp, out, *args, "--engine", "ray", "--actors", "1", "--shard-windows", "2",
+                                           window=8))
+        assert rc == 0, err
+
+    run_local()
+    run_ray()
     assert pq.read_table(out).equals(pq.read_table(local)), "scores differ from the local job's"
     rejects = out.with_name("ray.rejects.jsonl").read_bytes()
     assert rejects == local.with_name("local.parquet.rejects.jsonl").read_bytes()
     assert [json.loads(x)["doc_index"] for x in rejects.decode().splitlines()] == [0, 2, 2]  # the PDF's pages are 0 and 1
+    # An image file changed since (another picture of the same size): the rerun scores its shard again, the
+    # other part stays.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    picture(40, 30, 7).save(root / "imgs" / "only.png")
+    run_local("--restart")
+    run_ray()
+    assert pq.read_table(out).equals(pq.read_table(local)), "a part kept the scores of before"
+    assert out.with_name("ray.rejects.jsonl").read_bytes() == local.with_name("local.parquet.rejects.jsonl").read_bytes()
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert sum(after[n] != before[n] for n in before) == 1, (before, after)  # the shard of that record only
 
 
 def test_an_image_too_large_for_max_length_is_rejected_alone(vision_gguf, vision_reranker, images, tmp_path, capsys):
