@@ -67,16 +67,19 @@ def image_count(unit: Unit) -> int:
 
 
 def _stamp(path: Path) -> list:
-    """[path, size, modification time in ns] of the file at `path` (symbolic links followed), [path] when there is none."""
+    """[size, modification time in ns] of the file at `path` (symbolic links followed), [] when there is none.
+
+    Not the path: the record names it (the input is hashed), and its folder is the input's, which may be
+    spelt otherwise on a resume (another working folder)."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # missing, unreadable folder, a NUL in the name: read as a reject, stamped as such
-        return [str(path)]
-    return [str(path), st.st_size, st.st_mtime_ns]
+        return []
+    return [st.st_size, st.st_mtime_ns]
 
 
 def chain_image_files(digest: str, item: Unit | Reject) -> str:
-    """`digest` carried over `item`'s image and PDF files: their paths, sizes and modification times, in order.
+    """`digest` carried over `item`'s image and PDF files: their sizes and modification times, in order.
 
     A job's checkpoint keeps the digest of the records it consumed, and a resume recomputes it over the
     records it skips (a `stat` per file, nothing read), so a file scored before and changed since (or one

@@ -282,7 +282,7 @@ def _pictures(images, root):
     return root
 
 
-def test_a_resume_refuses_image_files_changed_since_they_were_scored(vision_gguf, images, tmp_path, capsys):
+def test_a_resume_refuses_image_files_changed_since_they_were_scored(vision_gguf, images, tmp_path, capsys, monkeypatch):
     """The input is hashed whole; the image files it names are stamped (size, modification time) per record."""
     root = _pictures(images, tmp_path / "in")
     inp, records = _nested_input(root, n=4)
@@ -307,8 +307,10 @@ def test_a_resume_refuses_image_files_changed_since_they_were_scored(vision_gguf
         assert rc == 2 and "image files of the first 4 records" in err and "--restart" in err, err
         assert draft.read_bytes() == done and json.loads(checkpoint.read_text())["consumed"] == 4  # left as it was
     os.utime(p0, ns=(st.st_atime_ns, st.st_mtime_ns))  # restored as it was: the job goes on
-    rc, err = _main(capsys, score_args(vision_gguf, inp, out, window=2))
+    monkeypatch.chdir(root)  # from another folder, the input spelt otherwise: the same files
+    rc, err = _main(capsys, score_args(vision_gguf, inp.name, out, window=2))
     assert rc == 0, err
+    monkeypatch.undo()
     clean = tmp_path / "clean.jsonl"
     assert _main(capsys, score_args(vision_gguf, inp, clean, window=2))[0] == 0
     assert out.read_bytes() == clean.read_bytes()
