@@ -15,7 +15,8 @@ for; the worker answers as soon as one fails, times out, or the request is given
 tells the others to stop, which they do at their next read (a read waits at most the time its fetch had left
 when its hop began). The bytes then go through the same decoding and `--max-image-pixels` check as base64 ones.
 
-httpx is imported only when a fetcher is made, so a server without URL hosts runs without it.
+httpx is imported only when a fetcher is made, so an app made without URL hosts runs without it (the
+`reranker serve` command checks its whole extra, httpx included, before the model loads).
 """
 
 from __future__ import annotations
