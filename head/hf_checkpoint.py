@@ -8,6 +8,7 @@ directory holding one, a sharded `model.safetensors.index.json`, or a torch
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,9 @@ _FIX = (
 )
 _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError)
 
+#: What a checkpoint directory is read from, first found first.
+_DIR_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+
 Getter = Callable[[str], object]
 StateDictLike = Mapping[str, object]
 
@@ -59,12 +63,16 @@ def _pick_prefix(src: str, keys: Sequence[str], prefix: str | None) -> str:
     return found[0]
 
 
-def _safetensors_getter(src: str, path: str) -> tuple[list[str], Getter]:
+def _safetensors_keys(src: str, path: str) -> tuple[list[str], Mapping[str, str]]:
     try:
         with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys()), f.metadata() or {}
     except _READ_ERRORS as exc:
         raise HeadLoadError(f"{src}: is not a readable safetensors file ({exc}); {_FIX}") from exc
+
+
+def _safetensors_getter(src: str, path: str) -> tuple[list[str], Getter]:
+    keys, _ = _safetensors_keys(src, path)
 
     def get(key: str) -> object:
         with safe_open(path, framework="pt") as f:
@@ -107,7 +115,7 @@ def _torch_getter(src: str, path: str) -> tuple[list[str], Getter]:
 def _resolve(source: str) -> tuple[str, list[str], Getter]:
     src = describe_source(source)
     if os.path.isdir(source):
-        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        for name in _DIR_FILES:
             candidate = os.path.join(source, name)
             if os.path.isfile(candidate):
                 return _resolve(candidate)
@@ -123,12 +131,37 @@ def _resolve(source: str) -> tuple[str, list[str], Getter]:
     return (src, *_safetensors_getter(src, source))
 
 
+def _stored_bias(source: str) -> float | None:
+    """The logit bias `ScoringHead.save_checkpoint` keeps in a safetensors file's metadata, or None."""
+    if os.path.isdir(source):
+        source = next((c for c in (os.path.join(source, n) for n in _DIR_FILES) if os.path.isfile(c)), "")
+    if not source.endswith(".safetensors") or not os.path.isfile(source):
+        return None
+    src = describe_source(source)
+    value = _safetensors_keys(src, source)[1].get("logit_bias")
+    if value is None:
+        return None
+    try:
+        bias = float(value)
+    except ValueError:
+        bias = float("nan")
+    if not math.isfinite(bias):
+        raise HeadLoadError(f"{src}: its metadata holds logit_bias={value!r}, not a finite number; "
+                            f"pass logit_bias=... to override it ({LOGIT_BIAS} is the model's)")
+    return bias
+
+
 def read_checkpoint(
-    source: StateDictLike | str | os.PathLike[str], logit_bias: float = LOGIT_BIAS, prefix: str | None = None
+    source: StateDictLike | str | os.PathLike[str], logit_bias: float | None = None, prefix: str | None = None
 ) -> HeadWeights:
-    """Load and validate the `score.*` tensors; `prefix` picks e.g. 'model.' when several are present."""
+    """Load and validate the `score.*` tensors; `prefix` picks e.g. 'model.' when several are present.
+
+    `logit_bias` None: the one `ScoringHead.save_checkpoint` stored in the file's metadata, else the model's 2.65.
+    """
     if isinstance(source, (str, os.PathLike)):
         src, keys, get = _resolve(os.fspath(source))
+        if logit_bias is None:
+            logit_bias = _stored_bias(os.fspath(source))
     elif isinstance(source, Mapping):
         src, keys, get = describe_source(source), list(source), source.__getitem__
     else:
@@ -156,5 +189,5 @@ def read_checkpoint(
         fc1_bias=t["score.0.bias"],
         fc2_weight=t["score.2.weight"],
         fc2_bias=t["score.2.bias"],
-        logit_bias=float(logit_bias),
+        logit_bias=float(LOGIT_BIAS if logit_bias is None else logit_bias),
     )

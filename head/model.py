@@ -40,7 +40,15 @@ class ScoringHead(nn.Module):
         self.fc1 = nn.Linear(hidden_size, hidden_size)
         self.fc2 = nn.Linear(hidden_size, 1)
         # A buffer, not a parameter: it is a fixed calibration constant that fine-tuning must not move.
-        self.register_buffer("logit_bias", torch.tensor(float(logit_bias)))
+        self.register_buffer("logit_bias", torch.tensor(_finite_bias(logit_bias), dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        bias = self.logit_bias
+        super()._apply(fn, recurse)
+        # Devices apply, dtypes do not: `.bfloat16()` would round 2.65 to 2.65625 for good (and into saved files).
+        if self.logit_bias.dtype != bias.dtype:
+            self._buffers["logit_bias"] = bias.to(self.logit_bias.device)
+        return self
 
     @property
     def hidden_size(self) -> int:
@@ -48,7 +56,8 @@ class ScoringHead(nn.Module):
         return self.fc1.in_features
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, logit_bias={float(self.logit_bias):.4g}"
+        bias = "(meta)" if self.logit_bias.is_meta else f"{float(self.logit_bias):.4g}"
+        return f"hidden_size={self.hidden_size}, logit_bias={bias}"
 
     # -- compute ---------------------------------------------------------------------------
 
@@ -64,16 +73,21 @@ class ScoringHead(nn.Module):
                                 f"states of the backbone this head belongs to (hidden size {self.hidden_size})")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw scores of shape (...): fc2(relu(fc1(x))) - logit_bias, before the sigmoid."""
-        self._check_input(x)
-        w = self.fc1.weight
-        # Compute in the head's dtype, so e.g. fp16 embeddings work on an fp32 head.
-        x = x.to(device=w.device, dtype=w.dtype)
-        return self.fc2(F.relu(self.fc1(x))).squeeze(-1) - self.logit_bias
+        """Raw scores of shape (...): fc2(relu(fc1(x))) - logit_bias, before the sigmoid, in the head's dtype."""
+        z = self._logits32(x)
+        return z.to(self.fc1.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Relevance probabilities of shape (...) for embeddings of shape (..., H)."""
-        return torch.sigmoid(self.logits(x))
+        """Relevance probabilities of shape (...) for embeddings of shape (..., H), in the head's dtype."""
+        return torch.sigmoid(self._logits32(x)).to(self.fc1.weight.dtype)
+
+    def _logits32(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        w = self.fc1.weight
+        # The mat-muls in the head's dtype, so e.g. fp16 embeddings work on an fp32 head; the bias and the
+        # sigmoid in float32 at least, so a bf16 head rounds once, at the end, not the bias and the logit too.
+        z = self.fc2(F.relu(self.fc1(x.to(device=w.device, dtype=w.dtype)))).squeeze(-1)
+        return z.to(torch.promote_types(z.dtype, torch.float32)) - self.logit_bias
 
     # -- conversion ------------------------------------------------------------------------
 
@@ -89,7 +103,8 @@ class ScoringHead(nn.Module):
 
     @classmethod
     def from_weights(cls, weights: HeadWeights) -> "ScoringHead":
-        """Build a float32 CPU head holding exactly `weights`."""
+        """Build a float32 CPU head holding exactly `weights` (checked: shapes of one head, finite values)."""
+        weights.check()
         # fork_rng: the throwaway random init must not advance the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             head = cls(weights.hidden_size, weights.logit_bias)
@@ -122,12 +137,13 @@ class ScoringHead(nn.Module):
     def from_checkpoint(
         cls,
         path_or_state_dict: PathLike | Mapping[str, torch.Tensor],
-        logit_bias: float = LOGIT_BIAS,
+        logit_bias: float | None = None,
         prefix: str | None = None,
     ) -> "ScoringHead":
         """Load `score.0.*`/`score.2.*` from a state dict, model.safetensors, its directory or a sharded index.
 
         Other keys are ignored; a module prefix such as `model.` is found automatically or given by `prefix`.
+        `logit_bias`: None takes the one `save_checkpoint` stored in the file's metadata, else 2.65 (the model's).
         """
         return cls.from_weights(read_checkpoint(path_or_state_dict, logit_bias, prefix))
 
@@ -155,6 +171,17 @@ class ScoringHead(nn.Module):
     def save_npz(self, path: PathLike, dtype: DTypeLike = np.float32, compressed: bool = False) -> None:
         """Write the release npz layout (W1 = fc1.weight.T, W2 (H,1), b2 (1,), logit_bias (1,))."""
         write_npz(path, self.weights(), dtype, compressed)
+
+
+def _finite_bias(value: object) -> float:
+    try:
+        bias = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        bias = float("nan")
+    if not np.isfinite(bias):
+        raise RerankerError(f"ScoringHead: logit_bias={value!r} is not a finite number; pass a float "
+                            f"(jina-reranker-m0's is {LOGIT_BIAS})")
+    return bias
 
 
 def _is_own_safetensors(path: str) -> bool:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .model import ScoringHead
 
 Embeddings = Union[np.ndarray, torch.Tensor, str, "os.PathLike[str]"]  # noqa: UP007 (a runtime alias on Python 3.10)
-Rows = Union[np.ndarray, torch.Tensor]  # noqa: UP007
+Rows = Union[np.ndarray, torch.Tensor, "_GatheredRows"]  # noqa: UP007
 
 
 def _load_npy(path: str | os.PathLike[str]) -> np.ndarray:
@@ -48,8 +48,8 @@ def _as_rows(data: Embeddings, hidden: int) -> tuple[Rows, tuple[int, ...]]:
     if isinstance(data, (str, os.PathLike)):
         data = _load_npy(data)
     if isinstance(data, np.ndarray):
-        if data.dtype.kind != "f":
-            raise RerankerError(f"score_embeddings needs float embeddings, got dtype {data.dtype}; "
+        if data.dtype.kind != "f" or data.dtype.itemsize > 8:  # torch has no long double
+            raise RerankerError(f"score_embeddings needs float16/32/64 embeddings, got dtype {data.dtype}; "
                                 "convert them first (e.g. a.astype(np.float32))")
     elif isinstance(data, torch.Tensor):
         if not data.is_floating_point():
@@ -65,7 +65,32 @@ def _as_rows(data: Embeddings, hidden: int) -> tuple[Rows, tuple[int, ...]]:
             f"score_embeddings expected embeddings of shape (..., {hidden}), got shape {tuple(data.shape)}; "
             f"pass the hidden states of the backbone this head belongs to (hidden size {hidden})"
         )
-    return data.reshape(-1, hidden), tuple(data.shape[:-1])
+    lead = tuple(data.shape[:-1])
+    on_host = isinstance(data, np.ndarray) or data.device.type == "cpu"
+    if on_host and not _rows_view(lead, tuple(data.stride() if isinstance(data, torch.Tensor) else data.strides)):
+        return _GatheredRows(data, lead), lead
+    return data.reshape(-1, hidden), lead
+
+
+def _rows_view(lead: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether (..., H) data with these leading dimensions and strides can be seen as (N, H) rows without a copy."""
+    dims = [(d, st) for d, st in zip(lead, strides) if d != 1]
+    return all(outer == inner * d for (_, outer), (d, inner) in zip(dims, dims[1:]))
+
+
+class _GatheredRows:
+    """(N, H) rows of an array whose layout no view can flatten (a Fortran-order (B, T, H) memmap, a strided
+    slice): each chunk is gathered alone, where a reshape would copy the whole array into memory first."""
+
+    def __init__(self, data: np.ndarray | torch.Tensor, lead: tuple[int, ...]) -> None:
+        self.data, self.lead = data, lead
+        self.shape = (int(np.prod(lead, dtype=np.int64)), data.shape[-1])
+
+    def __getitem__(self, rows: slice) -> np.ndarray | torch.Tensor:
+        index = np.unravel_index(np.arange(*rows.indices(self.shape[0])), self.lead)
+        if isinstance(self.data, torch.Tensor):
+            return self.data[tuple(torch.from_numpy(i) for i in index)]
+        return self.data[index]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -85,9 +110,9 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _host_chunk(rows: Rows, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) as a tensor, without copying when possible."""
-    if isinstance(rows, torch.Tensor):
-        return rows[start:stop]
     chunk = rows[start:stop]
+    if isinstance(chunk, torch.Tensor):
+        return chunk
     if not chunk.dtype.isnative:
         chunk = chunk.astype(chunk.dtype.newbyteorder("="))
     with warnings.catch_warnings():

@@ -31,6 +31,22 @@ class HeadWeights:
     def hidden_size(self) -> int:
         return int(self.fc1_weight.shape[0])
 
+    def check(self, source: str = "HeadWeights") -> None:
+        """Refuse tensors that are not one head's (shapes, float dtype) or hold NaN/inf, and a non-finite bias."""
+        names = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+        tensors = {n: getattr(self, n) for n in names}
+        for n, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise HeadLoadError(f"{source}: '{n}' must be a float tensor, got "
+                                    f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        hidden = hidden_size_from(source, "fc1_weight", self.fc1_weight)
+        check_shape(source, "fc1_bias", self.fc1_bias, [(hidden,)], "fc1_weight", hidden)
+        check_shape(source, "fc2_weight", self.fc2_weight, [(1, hidden)], "fc1_weight", hidden)
+        check_shape(source, "fc2_bias", self.fc2_bias, [(1,)], "fc1_weight", hidden)
+        for n, t in tensors.items():
+            check_finite(source, n, t)
+        check_finite(source, "logit_bias", torch.tensor(float(self.logit_bias)))
+
 
 def _fmt(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"

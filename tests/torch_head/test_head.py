@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
 import struct
+import tracemalloc
 import warnings
 import zipfile
 from pathlib import Path
@@ -376,7 +378,7 @@ CALLER_MISTAKES = {
     "head on a scalar": (lambda h, p: h(torch.tensor(1.0)), r"\(\.\.\., 32\).*a scalar"),
     "hidden_size 0": (lambda h, p: ScoringHead(0), r"hidden_size=0.*integer >= 1"),
     "hidden_size float": (lambda h, p: ScoringHead(1536.0), r"hidden_size=1536\.0.*integer >= 1"),
-    "int array": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.int32)), r"float embeddings.*int32.*astype"),
+    "int array": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.int32)), r"float16/32/64 embeddings.*int32.*astype"),
     "int tensor": (lambda h, p: score_embeddings(h, torch.zeros((2, H), dtype=torch.int32)), r"float embeddings.*int32.*float\(\)"),
     "a list": (lambda h, p: score_embeddings(h, [[0.0] * H]), r"numpy array, a torch tensor or a \.npy path, got list.*np\.asarray"),
     "scalar array": (lambda h, p: score_embeddings(h, np.zeros((), np.float32)), r"shape \(\.\.\., 32\), got shape \(\)"),
@@ -387,6 +389,10 @@ CALLER_MISTAKES = {
     "bad device": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.float32), device="gpu0"), r"device='gpu0'.*'cpu', 'cuda'"),
     "save_npz int dtype": (lambda h, p: h.save_npz(p / "x.npz", dtype=np.int8), r"int8.*not a float dtype.*np\.float32"),
     "save_npz bad dtype": (lambda h, p: h.save_npz(p / "x.npz", dtype="float17"), r"'float17'.*not a numpy dtype"),
+    "logit_bias NaN": (lambda h, p: ScoringHead(H, logit_bias=float("nan")), r"logit_bias=nan is not a finite number"),
+    "logit_bias text": (lambda h, p: ScoringHead(H, logit_bias="high"), r"logit_bias='high' is not a finite number"),
+    "long double array": (lambda h, p: score_embeddings(h, np.zeros((2, H), np.longdouble)),
+                          r"float16/32/64 embeddings.*float(128|96|64).*astype"),
 }
 
 
@@ -432,13 +438,56 @@ def test_bfloat16_head(npz, x):
     np.testing.assert_allclose(out.float().detach().numpy(), upstream(npz, x), atol=3e-2)
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_dtype_casts_keep_the_logit_bias_exact(tmp_path, npz, x, cast):
+    # A calibration constant, not a weight: a bf16 round trip must not leave 2.65625 behind (nor in saved files).
+    head = ScoringHead.from_npz(npz)
+    stored = head.logit_bias.clone()
+    cast_head = getattr(head, cast)()
+    assert torch.equal(cast_head.logit_bias, stored) and cast_head.fc1.weight.dtype == getattr(torch, cast if cast != "half" else "float16")
+    assert cast_head(torch.from_numpy(x)).dtype == cast_head.fc1.weight.dtype
+    cast_head.float().save_npz(tmp_path / "back.npz")
+    with np.load(tmp_path / "back.npz") as saved:
+        assert saved["logit_bias"][0] == np.float32(LOGIT_BIAS)
+    with torch.device("meta"):
+        assert "logit_bias=(meta)" in repr(ScoringHead(H))
+
+
+def test_save_checkpoint_keeps_a_custom_logit_bias(tmp_path, arrays, npz):
+    head = ScoringHead.from_npz(npz, logit_bias=3.0)
+    (tmp_path / "ck").mkdir()
+    head.save_checkpoint(tmp_path / "ck" / "model.safetensors")
+    for source in (tmp_path / "ck" / "model.safetensors", tmp_path / "ck"):
+        assert float(ScoringHead.load(source).logit_bias) == 3.0
+        assert float(ScoringHead.from_checkpoint(source, logit_bias=2.0).logit_bias) == 2.0  # the caller's wins
+    # An original checkpoint stores none: the model's constant.
+    save_file(original_state_dict(arrays), str(tmp_path / "original.safetensors"))
+    assert float(ScoringHead.load(tmp_path / "original.safetensors").logit_bias) == pytest.approx(LOGIT_BIAS)
+    save_file(original_state_dict(arrays), str(tmp_path / "bad.safetensors"), metadata={"logit_bias": "nan"})
+    with pytest.raises(HeadLoadError, match=r"bad\.safetensors.*logit_bias='nan', not a finite number.*logit_bias=\.\.\."):
+        ScoringHead.load(tmp_path / "bad.safetensors")
+
+
+def test_head_weights_built_by_hand_are_checked(npz):
+    w = ScoringHead.from_npz(npz).weights()
+    for field, value, message in [
+        ("fc1_bias", torch.tensor([0.5]), r"'fc1_bias' has shape \(1,\), expected \(32,\)"),
+        ("fc2_weight", torch.zeros(H, 1), r"'fc2_weight' has shape \(32, 1\), expected \(1, 32\)"),
+        ("fc2_bias", torch.tensor([float("nan")]), r"'fc2_bias' contains 1 non-finite"),
+        ("fc1_weight", torch.zeros(H, H, dtype=torch.int32), r"'fc1_weight' must be a float tensor, got torch.int32"),
+    ]:
+        with pytest.raises(HeadLoadError, match=message):
+            ScoringHead.from_weights(dataclasses.replace(w, **{field: value}))
+
+
 def test_autocast_bfloat16_on_cpu(npz, x):
     head = ScoringHead.from_npz(npz)
     t = torch.from_numpy(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(t)
         streamed = score_embeddings(head, x, batch_size=100)
-    assert out.dtype == torch.bfloat16 and streamed.dtype == np.float32
+    # The mat-muls in bf16; the bias and sigmoid in the head's float32, which a loss downstream wants.
+    assert out.dtype == torch.float32 and streamed.dtype == np.float32
     ref = upstream(npz, x)
     np.testing.assert_allclose(out.float().detach().numpy(), ref, atol=3e-2)
     np.testing.assert_allclose(streamed, ref, atol=3e-2)
@@ -536,6 +585,31 @@ def test_score_embeddings_shapes_dtypes_and_contexts(npz):
         atol=1e-6,
     )
     assert score_embeddings(head, np.zeros((0, H), np.float32)).shape == (0,)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided"])
+def test_score_embeddings_streams_layouts_no_view_can_flatten(tmp_path, npz, layout):
+    # A Fortran-order (B, T, H) .npy: reshaping it to rows would copy the whole file into memory first.
+    head = ScoringHead.from_npz(npz)
+    emb = np.random.default_rng(4).normal(0, 1, (16, 512, H)).astype(np.float32)
+    expected = score_embeddings(head, emb)
+    if layout == "fortran":
+        np.save(tmp_path / "f.npy", np.asfortranarray(emb))
+        data, want = np.load(tmp_path / "f.npy", mmap_mode="r"), expected
+    else:
+        data, want = np.random.default_rng(5).normal(0, 1, (16, 1024, H)).astype(np.float32)[:, ::2], None
+        want = score_embeddings(head, np.ascontiguousarray(data))
+    tracemalloc.start()
+    try:
+        got = score_embeddings(head, data, batch_size=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (16, 512)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert peak < emb.nbytes / 8, f"{peak} bytes held for a {emb.nbytes}-byte array"
+    np.testing.assert_allclose(score_embeddings(head, torch.from_numpy(np.asfortranarray(emb)), batch_size=100),
+                               expected, rtol=0, atol=1e-6)
 
 
 def test_score_embeddings_rejects_npz_path(tmp_path, npz):
