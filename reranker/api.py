@@ -325,8 +325,9 @@ class Reranker:
              chunking: bool | Chunking | None = None, doc_type: str = "text", query_type: str = "text") -> list[dict]:
         """Documents sorted by relevance to `query`, like sentence-transformers' `CrossEncoder.rank`.
 
-        Each result is `{"corpus_id": index, "score": float}` (plus `"text"` with `return_documents`,
-        and `"chunks"`, `"best_chunk"` with `chunking`, see `compute_score`).
+        Each result is `{"corpus_id": index, "score": float}` (plus, with `return_documents`, the document as given:
+        `"text"`, `"image"`, or a PDF page's `"pdf"` and `"page"`; and `"chunks"`, `"best_chunk"` with `chunking`,
+        see `compute_score`).
         `documents` is any iterable of strings (images with `doc_type="image"`, or `{"image": ...}` items;
         see `compute_score`); `top_k` is None (all) or at least 1.
         """

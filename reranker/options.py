@@ -161,9 +161,10 @@ class Chunking:
     """How documents that do not fit are split, and how their chunks' scores combine.
 
     `size`: tokens per chunk (None: all the room a prompt leaves, so the first chunk is about
-    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256, at most
-    half a chunk; a given overlap must be less than a given size, and is cut to one less than the
-    room when a prompt leaves less); `max_chunks`: chunks per document at most, the rest of a
+    what truncation keeps); `overlap`: tokens shared by consecutive chunks (None: 256; at most
+    half a chunk, unless `size` is given too and a prompt leaves room for it, when it must only be
+    less than `size`: an overlap as large as the room would move each chunk on by one token);
+    `max_chunks`: chunks per document at most, the rest of a
     longer document is not scored and the document counts as capped; `aggregate`: "max",
     "mean" or "first".
     """
@@ -186,7 +187,9 @@ class Chunking:
 
     def overlap_for(self, size: int) -> int:
         """The overlap used for chunks of `size` tokens."""
-        return min(CHUNK_OVERLAP, size // 2) if self.overlap is None else min(self.overlap, size - 1)
+        if self.overlap is not None and size == self.size:
+            return self.overlap  # less than size (__post_init__)
+        return min(CHUNK_OVERLAP if self.overlap is None else self.overlap, size // 2)
 
     def settings(self) -> dict:
         """The settings as a JSON-able dict (a job's fingerprint)."""

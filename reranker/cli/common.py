@@ -32,7 +32,8 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-batch", type=int, default=None,
                    help=f"tokens per decode call (default: {N_BATCH_CPU} on the CPU, {N_BATCH_GPU} on a GPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the physical cores, one fewer when the load average says one is busy; "
+                   help="CPU threads (default: the physical cores less those other processes keep busy now, "
+                        "a 0.25 s sample of /proc/stat; "
                         "RERANKER_THREADS overrides)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="store an F16 GGUF's bf16-exact tensors as BF16 in the fast path's copy: auto (default: when the "
@@ -40,7 +41,7 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help=f"prompt tokens at most (default: {MAX_LENGTH}, or --n-ctx if smaller)")
     p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="query tokens at most (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else mps, else cpu)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

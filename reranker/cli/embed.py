@@ -101,6 +101,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="context size in tokens: the longest prompt allowed (default: %(default)s)")
     p.add_argument("-b", "--n-batch", "--batch-size", dest="n_batch", type=int, default=None,
                    help=f"tokens per decode call (default: {N_BATCH_CPU} on the CPU, {N_BATCH_GPU} on a GPU)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores, one fewer when busy)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores less those other processes keep busy now)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=run)

@@ -118,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "jsonl: {query_id, doc_id, score} lines, for a `reranker score --save-hidden` .npy (ids from "
                         "its index). Default from -o's suffix")
     p.add_argument("--batch-size", type=int, default=65536, help="rows per head call (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else mps, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the head (pays off only for huge .npy inputs on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal anyway)")
     p.set_defaults(func=run)

@@ -74,7 +74,8 @@ def pdf_documents(paths: list[str], max_pages: int | None) -> list[dict]:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """Documents from a text file (one per non-empty line) or a `.jsonl` file of `{"text": ...}` objects."""
+    """Documents from a text file (one per line, blank ones too, so index i is line i + 1) or a `.jsonl` file of
+    `{"text": ...}` objects (blank lines skipped)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -88,7 +89,8 @@ def read_documents(path: str | Path) -> list[str]:
     # split at a form feed (PDF-extracted text), U+2028 or U+0085, shifting every later index.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     if p.suffix.lower() not in (".jsonl", ".ndjson"):
-        return [line for line in lines if line.strip()]
+        # A blank line is an empty document (scored, as the model scores one): dropping it would shift every index.
+        return lines[:-1] if lines[-1] == "" else lines
     docs = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

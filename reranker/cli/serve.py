@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="verify https image hosts against the CA certificates in this PEM file instead of certifi's")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds from arrival to answer, else 504 (default: %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection may take to send a request's line and headers, else it is closed "
+                        "(slow or silent clients hold no connection; default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="prompt tokens per batch across requests (default: 4 x --n-batch)")
     p.add_argument("--max-connections", type=int, default=1024,
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
     from reranker.serve.app import create_app
     settings = ServeSettings(model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                              max_documents=args.max_documents, max_request_bytes=args.max_request_bytes,
-                             max_queue=args.max_queue, request_timeout=args.request_timeout, batch_tokens=args.batch_tokens,
+                             max_queue=args.max_queue, request_timeout=args.request_timeout,
+                             header_timeout=args.header_timeout, batch_tokens=args.batch_tokens,
                              chunking=chunking_option(args), max_document_chars=args.max_document_chars,
                              max_query_chars=args.max_query_chars, max_prompts=args.max_prompts,
                              max_chunks=args.max_request_chunks, max_images=args.max_images,
@@ -103,7 +107,10 @@ def run(args: argparse.Namespace) -> None:
     except BaseException:
         reranker.close()
         raise
+    from reranker.serve.protocol import header_deadline_protocol
+
     config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=args.access_log,
+                            http=header_deadline_protocol(settings.header_timeout),
                             limit_concurrency=args.max_connections, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 5)
     server = uvicorn.Server(config)

@@ -260,8 +260,12 @@ class _DraftWriter(Resumable):
 
 
 class JsonlWriter(_DraftWriter):
-    """One line per unit in the Jina rerank API's response shape (`per="query"`), or one
-    `{"query_id", "doc_id", "score"}` line per pair in input order (`per="pair"`)."""
+    """One line per query in the Jina rerank API's response shape (`per="query"`), or one
+    `{"query_id", "doc_id", "score"}` line per pair in input order (`per="pair"`).
+
+    Each unit is a line when written; the final close merges runs of consecutive lines of one query
+    that came from several units (flat-pair input) into one ranking, as `TrecWriter` re-ranks them.
+    """
 
     kind = "jsonl"
 
@@ -282,6 +286,46 @@ class JsonlWriter(_DraftWriter):
             lines = [_dumps({"query_id": unit.query_id, "query": unit.query, "model": self.model,
                              "usage": {"total_tokens": int(tokens)}, "results": results})]
         self._write_lines(lines)
+
+    def _finish(self) -> None:
+        if self.per == "pair":
+            return super()._finish()
+        # Stream the draft into OUTPUT (atomically); a query's records are contiguous (the query-id rule), so
+        # only flat pairs make runs, and a run of one line (a nested record) is copied byte for byte.
+        with open(self.draft.path, "rb") as src, atomic_write(self.path) as dst:
+            run: list[bytes] = []
+            for line in src:
+                if run and _query_id(line) != _query_id(run[0]):
+                    dst.write(_merged(run))
+                    run = []
+                run.append(line)
+            if run:
+                dst.write(_merged(run))
+        self.draft.path.unlink()
+
+
+_ID_START = len('{"query_id": ')
+
+
+def _query_id(line: bytes) -> str:
+    # The line's first key (as `write` dumps it): decode the id alone, not the whole ranking.
+    return json.JSONDecoder().raw_decode(line.decode("utf-8"), _ID_START)[0]
+
+
+def _merged(run: list[bytes]) -> bytes:
+    """One query's lines as one: results best first (ties in input order), indices counted within the query."""
+    if len(run) == 1:
+        return run[0]
+    records = [json.loads(line) for line in run]
+    results = []
+    for record in records:
+        # Each line's results are best first; `index` becomes the document's position among the query's.
+        for r in sorted(record["results"], key=lambda r: r["index"]):
+            results.append({**r, "index": len(results)})
+    results.sort(key=lambda r: -r["relevance_score"])  # stable: equal scores keep input order
+    first = records[0]
+    usage = {"total_tokens": sum(r["usage"]["total_tokens"] for r in records)}
+    return _dumps({**first, "usage": usage, "results": results}).encode("utf-8")
 
 
 def _document(doc: object) -> dict:

@@ -66,6 +66,8 @@ class ServeSettings:
     - `max_documents`: documents per request; `max_request_bytes`: request body size;
     - `max_queue`: pairs waiting for the scheduler before new requests get 503 + Retry-After;
     - `request_timeout`: seconds from a request's arrival to its answer, else 504 (its work is dropped);
+    - `header_timeout`: seconds a connection may take to send a request's line and headers (from connecting, or
+      from its previous answer), else it is closed: a client that sends nothing, or a header a second, holds none;
     - `batch_tokens`: prompt tokens per scheduler batch (None: 4 x the backbone's n_batch);
     - `retry_after`: the Retry-After seconds of an overload answer;
     - `chunking`: long documents chunked by default (`--chunk ...`); a request's `chunking` field overrides it;
@@ -89,6 +91,7 @@ class ServeSettings:
     max_request_bytes: int = 16 * 2**20
     max_queue: int = 8192
     request_timeout: float = 60.0
+    header_timeout: float = 10.0
     batch_tokens: int | None = None
     retry_after: int = 1
     chunking: Chunking | None = None
@@ -133,6 +136,8 @@ class ServeSettings:
             require_int("batch_tokens", self.batch_tokens, 1)
         if not self.request_timeout > 0:
             raise RerankerError(f"request_timeout={self.request_timeout!r} is invalid; it must be > 0 seconds")
+        if not (isinstance(self.header_timeout, (int, float)) and self.header_timeout > 0):
+            raise RerankerError(f"--header-timeout {self.header_timeout!r} is invalid; it must be > 0 seconds")
         if self.api_key is not None and not self.api_key.strip():
             raise RerankerError(f"the API key is empty; give a non-empty --api-key (or {API_KEY_ENV}), or none to turn auth off")
         if self.api_key is not None:

@@ -112,6 +112,11 @@ def test_documents_file_lines_end_at_newline_only(tmp_path):
     lines = tmp_path / "docs.txt"
     lines.write_bytes(("\r\n".join(docs) + "\n").encode("utf-8"))
     assert read_documents(lines) == docs
+    # A blank line is an empty document, not a gap: the index of "banana" is its line number - 1.
+    (tmp_path / "gaps.txt").write_text("apple\n\n   \nbanana\n")
+    assert read_documents(tmp_path / "gaps.txt") == ["apple", "", "   ", "banana"]
+    (tmp_path / "no-newline.txt").write_text("apple\nbanana")
+    assert read_documents(tmp_path / "no-newline.txt") == ["apple", "banana"]
     jsonl = tmp_path / "docs.jsonl"
     # json.dumps escapes U+2028; a raw one inside a JSON string is valid JSON and must reach the parser whole
     jsonl.write_bytes("".join('{"text": "%s"}\n' % d.replace("\f", "\\f") for d in docs).encode("utf-8"))

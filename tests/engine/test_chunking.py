@@ -186,6 +186,15 @@ def test_chunking_settings_are_checked():
         chunking_option(p.parse_args(["--chunk", "--chunk-size", "100", "--chunk-overlap", "100"]))
 
 
+def test_an_overlap_moves_each_chunk_on_by_half_a_chunk_unless_its_size_is_given():
+    # An overlap as large as the room a prompt leaves would move each chunk on by one token: max_chunks
+    # full-length prompts for a document two chunks long (64x the work, from a 2 KB request).
+    assert Chunking(overlap=10**9).overlap_for(500) == 250 and Chunking().overlap_for(300) == 150
+    assert Chunking(overlap=100).overlap_for(500) == 100
+    assert Chunking(size=512, overlap=500).overlap_for(512) == 500  # both given and used: as asked
+    assert Chunking(size=512, overlap=500).overlap_for(300) == 150  # the prompt leaves less room than size
+
+
 # --- jobs ----------------------------------------------------------------------------------
 
 

@@ -400,6 +400,36 @@ def test_parquet_round_trip_and_flat_pair_ranks(tmp_path):
     assert [r["rank"] for r in rows] == [2, 1, 3, 3, 2, 1, 3, 2, 1] + [4, 1, 3, 2]
 
 
+def test_jsonl_flat_pairs_of_a_query_make_one_ranking(tmp_path):
+    # README: "one line per query"; flat pairs are a unit each, merged at the final close as TREC re-ranks them.
+    units, scores = make_units(2)
+    flat = [Unit(2 + i, "qf", "flat", [(f"f{i}", f"t{i}")], f"p:{i}", pair=True) for i in range(4)]
+    w = open_writer(tmp_path / "out.jsonl", model="m0")
+    for u, s in zip(units, scores):
+        w.write(u, s, 10)
+    w.commit()  # a commit between a query's pairs changes nothing
+    for u, s in zip(flat, [0.1, 0.9, 0.5, 0.9]):
+        w.write(u, [s], 7)
+    w.write(Unit(6, "qg", "other", [("g0", "t")], "p:4", pair=True), [0.3], 5)
+    w.close(final=True)
+    text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert [x["query_id"] for x in lines] == ["q0", "q1", "qf", "qg"]
+    assert lines[2] == {"query_id": "qf", "query": "flat", "model": "m0", "usage": {"total_tokens": 28}, "results": [
+        {"index": 1, "doc_id": "f1", "relevance_score": 0.9, "document": {"text": "t1"}},
+        {"index": 3, "doc_id": "f3", "relevance_score": 0.9, "document": {"text": "t3"}},
+        {"index": 2, "doc_id": "f2", "relevance_score": 0.5, "document": {"text": "t2"}},
+        {"index": 0, "doc_id": "f0", "relevance_score": 0.1, "document": {"text": "t0"}},
+    ]}
+    assert lines[3]["results"] == [{"index": 0, "doc_id": "g0", "relevance_score": 0.3, "document": {"text": "t"}}]
+    # Nested records' lines are copied byte for byte.
+    w2 = open_writer(tmp_path / "nested.jsonl", model="m0")
+    for u, s in zip(units, scores):
+        w2.write(u, s, 10)
+    w2.close(final=True)
+    assert text.startswith((tmp_path / "nested.jsonl").read_text(encoding="utf-8"))
+
+
 def test_trec_round_trip_and_flat_pair_ranks(tmp_path):
     units, scores = make_units(2)
     flat = [Unit(2 + i, "qf", "flat", [(f"f{i}", "t")], f"p:{i}") for i in range(3)]

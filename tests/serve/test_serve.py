@@ -10,6 +10,7 @@ blocks in its next decode, as it would behind a long batch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -480,9 +481,11 @@ def test_serve_command_refuses_bad_settings_before_loading(tiny_ggufs, capsys, m
 
 @pytest.fixture(scope="module")
 def keyed_process(tiny_ggufs, tmp_path_factory):
-    """`reranker serve --max-connections 4` whose API key comes only from RERANKER_API_KEY: (base URL, log path)."""
+    """`reranker serve --max-connections 4 --header-timeout 3` whose API key comes only from RERANKER_API_KEY:
+    (base URL, log path)."""
     log_path = tmp_path_factory.mktemp("keyed") / "serve.log"
-    with serve_process(tiny_ggufs["f32"], log_path, "--max-connections", "4", env={API_KEY_ENV: "env-s3cret"}) as (_, url):
+    with serve_process(tiny_ggufs["f32"], log_path, "--max-connections", "4", "--header-timeout", "3",
+                       env={API_KEY_ENV: "env-s3cret"}) as (_, url):
         yield url, log_path
 
 
@@ -513,6 +516,43 @@ def test_max_connections_answers_503_beyond_it(keyed_process):
         assert r.status_code == 503 and "Service Unavailable" in r.text
         held[0].close()
         wait_until(lambda: held[3].get("/health").status_code == 200, "a freed connection lets the next one in")
+
+
+@pytest.mark.slow  # a real process
+def test_silent_and_slow_header_clients_are_closed_at_the_header_timeout(keyed_process):
+    """uvicorn arms no timer until a request's head is in, so 4 clients that send nothing, or a header line every
+    half second (slowloris), would hold all of --max-connections 4 for ever; --header-timeout 3 closes them."""
+    url, _ = keyed_process
+    port = int(url.rsplit(":", 1)[1])
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(4)]
+    slow = socks[2:]
+    for s in slow:
+        s.sendall(b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\n")
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for i in itertools.count():
+            if stop.wait(0.5):
+                return
+            for s in slow:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X-Slow-%d: 1\r\n" % i)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    try:
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 503  # all four connections are held
+        for s in socks:
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(4096) == b"", "the server answered instead of closing"
+        assert 2.5 < time.monotonic() - start < 12, time.monotonic() - start
+        wait_until(lambda: httpx.get(f"{url}/health", timeout=30).status_code == 200, "the freed connections let others in")
+    finally:
+        stop.set()
+        thread.join()
+        for s in socks:
+            s.close()
 
 
 def http_response(sock: socket.socket) -> tuple[int, bytes]:
