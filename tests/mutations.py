@@ -126,6 +126,11 @@ MUTATIONS = [
              "return [line for line in lines if line.strip()]",
              ("tests/cli/test_cli.py::test_documents_file_lines_end_at_newline_only",),
              "blank lines of a documents file are dropped, shifting every later index"),
+    Mutation("serve-no-pixel-budget", "reranker/serve/app.py",
+             "    budget = PixelBudget(settings.decoding_pixels)",
+             "    budget = None",
+             ("tests/serve/test_serve_images.py::test_images_decoded_at_once_stay_within_the_pixel_budget",),
+             "concurrent image requests decode without bound: 12 large images at once took 5.3 GB"),
     # The command line and jobs.
     Mutation("rerank-empty-query", "reranker/cli/rerank.py",
              "ranked = reranker.rank(query, docs,",

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="an image's width x height, read from its header before its pixels are decoded (decompression "
                         f"bombs); beyond, 422 (default: %(default)s; at most {MAX_IMAGE_PIXELS})")
+    g.add_argument("--max-decoding-pixels", type=int, default=None,
+                   help="the pixels of the images decoded at once, across requests (~11 bytes each at the peak); an "
+                        "image waits for room (default: twice --max-image-pixels)")
     g.add_argument("--image-url-hosts", metavar="HOST[,HOST...]", action="append", default=[],
                    help="fetch https:// image URLs from these hosts only: names or IP addresses as written, '*.example.com' "
                         "for any name under example.com, each optionally ':PORT' (without one, the scheme's default port "
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
                              max_query_chars=args.max_query_chars, max_prompts=args.max_prompts,
                              max_chunks=args.max_request_chunks, max_images=args.max_images,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                             max_decoding_pixels=args.max_decoding_pixels,
                              image_url_hosts=tuple(h for arg in args.image_url_hosts for h in arg.split(",") if h.strip()),
                              image_url_http=args.image_url_http, image_url_timeout=args.image_url_timeout,
                              image_url_ca=args.image_url_ca)

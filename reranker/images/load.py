@@ -99,6 +99,20 @@ def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_
     raise RerankerError(f"{name} is not an image input; {_FIX}")
 
 
+def header_pixels(image: bytes | str) -> int | None:
+    """Width x height from the header of an encoded image (bytes or a data: URI), no pixel decoded;
+    None when the header cannot be read (`load_image` then says why)."""
+    try:
+        data = _data_uri_bytes(image, "image") if isinstance(image, str) else image
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except (RerankerError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return w * h
+
+
 def _data_uri_bytes(uri: str, name: str) -> bytes:
     """The payload of a ``data:[<mediatype>][;base64],<data>`` URI (RFC 2397)."""
     header, sep, payload = uri[5:].partition(",")

@@ -31,7 +31,7 @@ from reranker.engine.vision import find_mmproj
 from reranker.errors import RerankerError
 from reranker.serve.fetch import ImageFetcher
 from reranker.serve.metrics import Metrics
-from reranker.serve.prepare import build_prompts, check_images, check_prompts, check_sizes, images_of
+from reranker.serve.prepare import PixelBudget, build_prompts, check_images, check_prompts, check_sizes, images_of
 from reranker.serve.scheduler import Closed, Overloaded, Scheduler
 from reranker.serve.schemas import CohereRerankRequest, JinaRerankRequest, cohere_response, jina_response
 from reranker.serve.settings import ServeSettings
@@ -67,6 +67,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
     projector = (reranker.settings.mmproj if reranker.settings else None) or find_mmproj(reranker.gguf_source)
     # Image URLs are fetched only from the hosts the operator named (serve.fetch); without them, none is.
     fetcher = ImageFetcher(settings) if settings.image_url_hosts else None
+    budget = PixelBudget(settings.decoding_pixels)  # images decoded at once, across requests
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,7 +170,7 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
             try:
                 try:
                     prepared = await tokenised(gone, deadline, build_prompts, reranker, query, sides, req.options(),
-                                               settings.chunking, settings.max_chunks, settings, fetcher, deadline)
+                                               settings.chunking, settings.max_chunks, settings, fetcher, deadline, budget)
                     if prepared is None:  # the client left while its texts were tokenised
                         return Response(status_code=CLIENT_CLOSED)
                     check_prompts(prepared, settings)

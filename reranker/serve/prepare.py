@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import fields, replace
 
 from reranker.engine.prompts import PromptBuilder
@@ -100,12 +103,43 @@ def image_source(image: ImageField, settings: ServeSettings) -> bytes | str:
     return data
 
 
+class PixelBudget:
+    """The pixels of the images being decoded and sized at once, across requests, at most `total`.
+
+    Decoding takes ~11 bytes a pixel at its peak (the decoded file, then its RGB copy), ~370 MB for an image at
+    the default --max-image-pixels: without a bound, 40 such requests at once (7 MB of bodies) took 15 GB. An
+    image waits for room in its request's thread; the request's deadline or disconnect ends the wait.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.total)  # an image the server takes is never refused for want of room
+        with self._room:
+            while self.used + pixels > self.total:
+                check_cancelled()
+                self._room.wait(0.05)  # and look again: a cancelled request must stop waiting
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= pixels
+                self._room.notify_all()
+
+
 def load_images(reranker, query: Side, documents: list[Side], settings: ServeSettings,
-                fetcher: ImageFetcher | None = None, deadline: float | None = None) -> tuple:
+                fetcher: ImageFetcher | None = None, deadline: float | None = None,
+                budget: PixelBudget | None = None) -> tuple:
     """(query, documents) with every `ImageField` downloaded (a URL, by `fetcher`, before `deadline`) or decoded,
     then loaded and sized (`PendingImage`, encoded when scored).
 
-    Runs in the request's worker thread; stops between two images once the request is given up."""
+    Runs in the request's worker thread; stops between two images once the request is given up. `budget`: the
+    server's `PixelBudget`, held by each image from its decoding until it is sized (None: no bound)."""
     images = images_of(query, documents)
     if not images:
         return query, documents
@@ -118,7 +152,11 @@ def load_images(reranker, query: Side, documents: list[Side], settings: ServeSet
         check_cancelled()
         source = fetched[image] if image in fetched else image_source(image, settings)
         try:
-            loaded[image] = load(ImageRef(source, f"{image.where} image"), sizing, max_pixels=settings.max_image_pixels)
+            from reranker.images.load import header_pixels
+
+            held = budget.hold(header_pixels(source) or 0) if budget is not None else contextlib.nullcontext()
+            with held:
+                loaded[image] = load(ImageRef(source, f"{image.where} image"), sizing, max_pixels=settings.max_image_pixels)
         except ImportError as e:
             from reranker.extras import install_hint
 
@@ -167,15 +205,16 @@ def _request_chunking(options: ScoreOptions, default: Chunking | None) -> Chunki
 def build_prompts(reranker, query: Side, documents: list[Side], options: ScoreOptions,
                   default_chunking: Chunking | None = None, max_chunks: int | None = None,
                   settings: ServeSettings | None = None, fetcher: ImageFetcher | None = None,
-                  deadline: float | None = None) -> Prepared:
+                  deadline: float | None = None, budget: PixelBudget | None = None) -> Prepared:
     """Prompts of `(query, document)` for each document, in order, truncated (or chunked) as `compute_score` does;
     images (`ImageField`) loaded first, under `settings`' caps (default: the server's defaults), URLs fetched by
-    `fetcher` (None: none are) by `deadline` (`time.monotonic()`; default: `settings.request_timeout` from now).
+    `fetcher` (None: none are) by `deadline` (`time.monotonic()`; default: `settings.request_timeout` from now),
+    each decoded within the server's `budget` of pixels (None: no bound).
 
     (A lone surrogate cannot reach here: the JSON parser refuses `"\\ud800"` with a 400.)
     """
     chunking = request_chunking(options, default_chunking, max_chunks)
-    query, documents = load_images(reranker, query, documents, settings or ServeSettings(), fetcher, deadline)
+    query, documents = load_images(reranker, query, documents, settings or ServeSettings(), fetcher, deadline, budget)
     builder = reranker.prompt_builder()
     if options.max_tokens_per_doc is not None:
         # The prompt without its document (template, cut query, scoring token), plus the document's allowance.

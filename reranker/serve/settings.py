@@ -79,6 +79,8 @@ class ServeSettings:
     - `max_image_bytes`: an image's encoded size (after base64), refused before decoding it;
     - `max_image_pixels`: an image's width x height, read from its header before its pixels are decoded
       (decompression bombs); at most the library's own limit, `reranker.images.load.MAX_PIXELS`;
+    - `max_decoding_pixels`: the pixels of the images being decoded at once, across requests (None: twice
+      `max_image_pixels`, ~740 MB at the defaults); at least `max_image_pixels`;
     - `image_url_hosts`: the hosts whose `https://` image URLs requests may make the server fetch (`HostRule`s;
       empty: no URL is ever fetched); `image_url_http`: `http://` URLs to those hosts too; `image_url_timeout`: seconds
       one image's download may take (redirects included), within `request_timeout`; `image_url_ca`: a PEM bundle of
@@ -102,6 +104,7 @@ class ServeSettings:
     max_images: int = 64
     max_image_bytes: int = 8 * 2**20
     max_image_pixels: int = 2**25
+    max_decoding_pixels: int | None = None
     image_url_hosts: tuple[str, ...] = ()
     image_url_http: bool = False
     image_url_timeout: float = 10.0
@@ -122,6 +125,11 @@ class ServeSettings:
         if self.max_image_pixels > MAX_IMAGE_PIXELS:
             raise RerankerError(f"--max-image-pixels {self.max_image_pixels} exceeds the library's decompression-bomb limit "
                                 f"of {MAX_IMAGE_PIXELS} pixels; lower it")
+        if self.max_decoding_pixels is not None:
+            require_int("max_decoding_pixels", self.max_decoding_pixels, 1)
+            if self.max_decoding_pixels < self.max_image_pixels:
+                raise RerankerError(f"--max-decoding-pixels {self.max_decoding_pixels} is less than --max-image-pixels "
+                                    f"{self.max_image_pixels}, the largest image a request may send; raise it")
         if self.chunking is not None and self.chunking.max_chunks > self.max_chunks:
             raise RerankerError(f"--max-chunks {self.chunking.max_chunks} (the default for requests) exceeds "
                                 f"--max-request-chunks {self.max_chunks}; lower it or raise --max-request-chunks")
@@ -153,6 +161,11 @@ class ServeSettings:
     def url_rules(self) -> tuple[HostRule, ...]:
         """`image_url_hosts` parsed (a bad entry is a RerankerError naming it)."""
         return tuple(parse_host_rule(e) for e in self.image_url_hosts)
+
+    @property
+    def decoding_pixels(self) -> int:
+        """The pixels of the images being decoded at once, across requests (`max_decoding_pixels` or its default)."""
+        return self.max_decoding_pixels or 2 * self.max_image_pixels
 
     @property
     def prompt_cap(self) -> tuple[int, str]:

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -248,6 +249,67 @@ def test_image_loading_stops_at_the_request_timeout(tiny_reranker, monkeypatch):
         stopped = len(loaded)
         time.sleep(0.5)
     assert 1 <= stopped == len(loaded) < 10, (stopped, len(loaded))
+
+
+def test_images_decoded_at_once_stay_within_the_pixel_budget(tiny_reranker, monkeypatch):
+    """Decoding takes ~11 bytes a pixel: 12 requests at once, one large image each, took 5.3 GB. The server's
+    PixelBudget lets an image in while the pixels being decoded fit (here one large image, beside small ones),
+    and a request waiting for room stops at its deadline (504) without decoding afterwards."""
+    import reranker.serve.prepare as prepare
+    from reranker.images.load import header_pixels
+
+    lock, now, peak = threading.Lock(), [0, 0], [0, 0]
+
+    def watched_load(image, *args, **kwargs):  # the real load, slowed so that requests overlap
+        pixels = header_pixels(image.source)
+        with lock:
+            now[0], now[1] = now[0] + pixels, now[1] + 1
+            peak[0], peak[1] = max(peak[0], now[0]), max(peak[1], now[1])
+        try:
+            time.sleep(0.3)
+            return real_load(image, *args, **kwargs)
+        finally:
+            with lock:
+                now[0], now[1] = now[0] - pixels, now[1] - 1
+
+    real_load = prepare.load
+    monkeypatch.setattr(prepare, "load", watched_load)
+    big, small = png_bytes(picture(1000, 900, 3)), PNGS[2]  # 900,000 and 1,200 pixels
+    settings = ServeSettings(max_images=4, max_image_bytes=2**22, max_image_pixels=1_000_000,
+                             max_decoding_pixels=1_000_000)
+    with running_server(tiny_reranker, settings) as (url, _):
+        def post(image: bytes) -> int:
+            body = {"query": QUERY, "documents": [{"image": b64(image)}]}
+            return httpx.post(f"{url}/v1/rerank", json=body, timeout=60).status_code
+
+        threads = [threading.Thread(target=lambda img=img: codes.append(post(img))) for img in [big] * 4 + [small] * 4]
+        codes: list[int] = []
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert codes == [200] * 8
+        assert 900_000 <= peak[0] <= 1_000_000, peak  # never two large images at once ...
+        assert peak[1] >= 2, peak  # ... while small ones went in beside one
+
+    calls = []
+
+    def slower_load(image, *args, **kwargs):  # holds the budget past both requests' deadlines
+        calls.append(time.monotonic())
+        time.sleep(2.5)
+        return real_load(image, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "load", slower_load)
+    with running_server(tiny_reranker, replace(settings, request_timeout=1.0)) as (url, _):
+        codes = []
+        first = threading.Thread(target=lambda: codes.append(post(big)))
+        first.start()
+        while not calls:
+            time.sleep(0.01)
+        assert post(big) == 504  # it waited for room until its deadline
+        first.join()
+        time.sleep(0.5)  # the budget is free now: a request still waiting would load
+        assert codes == [504] and len(calls) == 1, (codes, calls)
 
 
 def test_without_a_projector_image_requests_get_400_and_text_still_works(tiny_ggufs, tmp_path):
