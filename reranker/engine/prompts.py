@@ -132,9 +132,11 @@ class PromptBuilder:
         if len(prompt) > self.max_length:
             if len(with_text("")) > self.max_length:
                 images = [e for e in (document, query) if isinstance(e, Image)]
-                raise RerankerError(f"an image of {' and '.join(f'{e.ny} x {e.nx}' for e in images)} merged patches "
-                                    f"({sum(e.n_tokens for e in images)} tokens) does not fit max_length={self.max_length} "
-                                    "with the template: raise max_length, or give the image fewer pixels")
+                # A loaded image is named as its caller named it ("documents[1] image"); embeddings are not.
+                sizes = " and ".join(f"{getattr(e, 'name', 'an image')} of {e.ny} x {e.nx}" for e in images)
+                raise RerankerError(f"{sizes} merged patches ({sum(e.n_tokens for e in images)} tokens) does not fit "
+                                    f"max_length={self.max_length} with the template: give the image fewer pixels, "
+                                    "or raise max_length")
             ids = self.tokenizer.encode(text)
             keep = len(ids)
             while len(prompt) > self.max_length and keep > 0:  # tokens can merge at the cut: repeat until it fits

@@ -43,7 +43,8 @@ MAX_PIXELS = 2**27
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | PdfPage
 
-_FIX = "pass an image file (PNG, JPEG, WebP, ...) as a local path, bytes, a PIL.Image or a data: URI"
+#: The fix an error about an unusable image suggests (the server swaps in its own).
+FIX = "pass an image file (PNG, JPEG, WebP, ...) as a local path, bytes, a PIL.Image or a data: URI"
 # warnings.catch_warnings swaps a process-wide filter list; the lock keeps our own threads from
 # restoring each other's lists out of order.
 _WARNINGS_LOCK = threading.Lock()
@@ -83,7 +84,7 @@ def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
-            raise RerankerError(f"{name} is empty (0 bytes); {_FIX}")
+            raise RerankerError(f"{name} is empty (0 bytes); {FIX}")
         return _decode(io.BytesIO(data), name, max_pixels)
     if isinstance(image, str):
         scheme = image[:8].lower()
@@ -93,10 +94,10 @@ def load_image(image: ImageInput, what: str = "image", *, max_pixels: int = MAX_
         if scheme.startswith("data:"):
             return _decode(io.BytesIO(_data_uri_bytes(image, name)), name, max_pixels)
     if isinstance(image, (str, os.PathLike)):
-        path = check_file(image, "image file", _FIX)
+        path = check_file(image, "image file", FIX)
         with open(path, "rb") as f:
             return _decode(f, name, max_pixels)
-    raise RerankerError(f"{name} is not an image input; {_FIX}")
+    raise RerankerError(f"{name} is not an image input; {FIX}")
 
 
 def header_pixels(image: bytes | str) -> int | None:
@@ -130,7 +131,7 @@ def _data_uri_bytes(uri: str, name: str) -> bytes:
     else:
         data = urllib.parse.unquote_to_bytes(payload)
     if not data:
-        raise RerankerError(f"{name} has no data after the ','; {_FIX}")
+        raise RerankerError(f"{name} has no data after the ','; {FIX}")
     return data
 
 
@@ -144,16 +145,16 @@ def _decode(fp, name: str, max_pixels: int) -> Image.Image:
         raise RerankerError(f"{name} is too large to decode safely ({e}); the limit is {max_pixels} pixels: "
                             "downscale the image first") from None
     except UnidentifiedImageError:
-        raise RerankerError(f"{name} is not an image PIL can read (unknown or corrupt format); {_FIX}") from None
+        raise RerankerError(f"{name} is not an image PIL can read (unknown or corrupt format); {FIX}") from None
     except OSError as e:
-        raise RerankerError(f"{name} could not be read ({e}); {_FIX}") from None
+        raise RerankerError(f"{name} could not be read ({e}); {FIX}") from None
     return _finish(im, name, max_pixels)
 
 
 def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise RerankerError(f"{name} has no pixels ({w}x{h}); {_FIX}")
+        raise RerankerError(f"{name} has no pixels ({w}x{h}); {FIX}")
     if w * h > max_pixels:
         raise RerankerError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (a decompression-bomb guard); "
                             "downscale the image first (the model sees at most 602112 pixels anyway)")
@@ -162,5 +163,5 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise RerankerError(f"{name} could not be decoded ({e}): the file is truncated or corrupt; {_FIX}") from None
+        raise RerankerError(f"{name} could not be decoded ({e}): the file is truncated or corrupt; {FIX}") from None
 

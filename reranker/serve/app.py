@@ -142,6 +142,9 @@ def create_app(reranker, settings: ServeSettings | None = None) -> FastAPI:
     async def rerank(request: Request, schema: type[BaseModel], endpoint: str, respond) -> Response:
         async def handler():
             deadline = time.monotonic() + settings.request_timeout
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":  # never decompressed: a few KB of gzip can expand to gigabytes
+                raise HTTPException(415, f"Content-Encoding {encoding!r} is not accepted; send the JSON body uncompressed")
             try:
                 body = await asyncio.wait_for(read_body(request, settings.max_request_bytes), settings.request_timeout)
             except asyncio.TimeoutError:
@@ -228,7 +231,8 @@ _UNION_TAGS = {"str", "SideObject", "bool", "ChunkingField"}
 def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
     """The request as `schema`: 400 when the body is not JSON, 422 naming each bad field otherwise."""
     try:
-        return schema.model_validate_json(body)
+        # RFC 8259 lets a parser ignore a UTF-8 byte-order mark, which some Windows tools write.
+        return schema.model_validate_json(body.removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as e:
         errors = e.errors(include_url=False)
         if any(x["type"] == "json_invalid" for x in errors):

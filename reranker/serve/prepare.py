@@ -157,6 +157,11 @@ def load_images(reranker, query: Side, documents: list[Side], settings: ServeSet
             held = budget.hold(header_pixels(source) or 0) if budget is not None else contextlib.nullcontext()
             with held:
                 loaded[image] = load(ImageRef(source, f"{image.where} image"), sizing, max_pixels=settings.max_image_pixels)
+        except RerankerError as e:
+            # The library's fix names local paths and PIL images, which a request cannot send.
+            from reranker.images.load import FIX
+
+            raise RerankerError(str(e).replace(FIX, _SEND)) from None
         except ImportError as e:
             from reranker.extras import install_hint
 

@@ -3,7 +3,7 @@
 - Jina `POST /v1/rerank`: `{model, query: str | {"text"} | {"image"}, documents: [str | {"text"} | {"image"}], top_n?,
   return_documents?}` -> `{model, usage: {total_tokens}, results: [{index, relevance_score, document?: {text} | {image}}]}`
   (an image: base64 or a data: URI string, as jina-reranker-m0's hosted API takes it; decoded in `prepare`);
-- Cohere `POST /v2/rerank`: `{model, query, documents: [str], top_n?, max_tokens_per_doc?}`
+- Cohere `POST /v2/rerank`: `{model, query, documents: [str | {"text"}], top_n?, max_tokens_per_doc?}`
   -> `{id, results: [{index, relevance_score}], meta: {api_version, billed_units, tokens}}`.
 
 Types are strict (`"3"` is not a `top_n`) and unknown fields are ignored, as SDKs send extras.
@@ -91,6 +91,11 @@ class JinaRerankRequest(BaseModel):
     return_documents: bool = True
     chunking: bool | ChunkingField | None = None
 
+    @field_validator("return_documents", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        return True if value is None else value  # as null top_n means the default
+
     def query_side(self) -> Side:
         return self.query if isinstance(self.query, str) else self.query.side("query")
 
@@ -119,11 +124,13 @@ class CohereRerankRequest(BaseModel):
     @field_validator("documents", mode="before")
     @classmethod
     def _no_images(cls, value: object) -> object:
-        if isinstance(value, list):
-            for i, d in enumerate(value):
-                if isinstance(d, dict) and "image" in d:
-                    raise ValueError(f"documents[{i}] is an image: {_TEXT_ONLY}")
-        return value
+        if not isinstance(value, list):
+            return value
+        for i, d in enumerate(value):
+            if isinstance(d, dict) and "image" in d:
+                raise ValueError(f"documents[{i}] is an image: {_TEXT_ONLY}")
+        # Cohere's v1 shape, which LiteLLM and older SDKs still send: {"text": ...} objects.
+        return [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in value]
 
     @field_validator("query", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 from reranker import RerankerError
 from reranker.engine.backbone import Backbone
 from reranker.engine.identity import with_identity_output
-from reranker.engine.segments import Embeddings, Segments
+from reranker.engine.segments import Embeddings, PendingImage, Segments
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -171,6 +171,9 @@ def test_the_text_side_is_cut_never_the_image(builder):
     assert text_doc.truncated and len(text_doc.ids) <= 60
     with pytest.raises(RerankerError, match=r"an image of 4 x 5 merged patches \(20 tokens\) does not fit max_length=20"):
         builder(max_length=20, max_query_length=10).build_parts("q", doc)
+    named = PendingImage(None, nx=5, ny=4, name="documents[1] image")  # a loaded image says whose it is
+    with pytest.raises(RerankerError, match=r"^documents\[1\] image of 4 x 5 merged patches \(20 tokens\) does not fit"):
+        builder(max_length=20, max_query_length=10).build_parts("q", named)
 
 
 def test_image_pairs_score_through_the_one_path(tiny_checkpoint, tiny_reranker, pieces):

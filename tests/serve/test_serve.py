@@ -10,6 +10,7 @@ blocks in its next decode, as it would behind a long batch.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import itertools
 import json
 import os
@@ -159,6 +160,24 @@ def test_top_n_return_documents_and_text_objects(client, tiny_reranker):
     assert len(client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "top_n": 99}).json()["results"]) == 6
 
 
+def test_what_clients_send_beside_the_spec_is_read_or_refused_by_name(client, tiny_reranker):
+    docs = DOCS[:3]
+    want = {i: pytest.approx(x, abs=TOL) for i, x in enumerate(tiny_reranker.compute_score([[QUERY, d] for d in docs]))}
+    # Cohere's v1 {"text"} objects on v2 (LiteLLM, older SDKs); a null return_documents as a null top_n: the default.
+    r = client.post("/v2/rerank", json={"query": QUERY, "documents": [{"text": d} for d in docs]})
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == want
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "return_documents": None, "top_n": None})
+    assert r.status_code == 200 and all(x["document"]["text"] == docs[x["index"]] for x in r.json()["results"]), r.text
+    # A UTF-8 byte-order mark before the JSON (RFC 8259: a parser may ignore it).
+    body = json.dumps({"query": QUERY, "documents": docs}).encode()
+    r = client.post("/v1/rerank", content=b"\xef\xbb\xbf" + body, headers={"content-type": "application/json"})
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == want
+    # A compressed body is refused, never decompressed (a few KB of gzip can expand to gigabytes).
+    r = client.post("/v1/rerank", content=gzip.compress(body), headers={"content-type": "application/json",
+                                                                        "content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["detail"] == "Content-Encoding 'gzip' is not accepted; send the JSON body uncompressed"
+
+
 def test_max_tokens_per_doc_cuts_documents(client, tiny_reranker):
     long_doc = " ".join(["relevance ranking of long documents"] * 200)
     docs = [long_doc, DOCS[0]]
@@ -219,7 +238,7 @@ ERRORS = [
     ("/v1/rerank", {"query": "q", "documents": ["a"] * 17}, 422, "documents: 17 documents"),
     ("/v1/rerank", {"query": "q", "documents": ["a", "lone \ud800 surrogate"]}, 400, "not valid JSON"),  # no UTF-8 form
     ("/v1/rerank", {"query": "q", "documents": ["x" * 70000]}, 413, "exceeds 65536 bytes"),
-    ("/v2/rerank", {"query": "q", "documents": [{"text": "a"}]}, 422, "documents.0"),
+    ("/v2/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422, "documents.0"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422, "max_tokens_per_doc"),
     ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 422, "top_n"),
     ("/v1/rerank", {"query": "q", "documents": ["a"], "chunking": "yes"}, 422, "chunking: must be true, false or an object"),

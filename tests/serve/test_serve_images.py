@@ -212,7 +212,7 @@ LIMITS = [
     ({"query": QUERY, "documents": [{"image": b64(PNGS[0])[:-2] + "\n" + b64(PNGS[0])[-2:]}]}, "documents[0]: the image is neither",
      "base64"),
     ({"query": QUERY, "documents": ["t", {"image": b64(b"hello, world")}]}, "documents[1] image (bytes) is not an image PIL can read",
-     "PNG"),
+     "send the image file's bytes base64-encoded"),
     ({"query": QUERY, "documents": [{"image": b64(PNGS[0][:200])}]}, "documents[0] image (bytes)", "truncated or corrupt"),
     ({"query": QUERY, "documents": [{"image": "data:text/plain;base64," + b64(b"hi")}]}, "documents[0] image (data: URI) has media type",
      "not an image"),
@@ -227,6 +227,7 @@ def test_bad_and_oversized_images_are_422_naming_the_document(client, body, star
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert detail.startswith(start) and also in detail, detail
+    assert "local path" not in detail and "PIL.Image" not in detail  # no fix a client cannot use
 
 
 def test_image_loading_stops_at_the_request_timeout(tiny_reranker, monkeypatch):
