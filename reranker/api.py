@@ -346,11 +346,13 @@ class Reranker:
 
     def close(self) -> None:
         """Free the llama.cpp model and context; later calls raise a `RerankerError`. Closing twice is fine."""
+        # The lock is held until the model is gone: a thread asking for the projector meanwhile would
+        # otherwise load a new one on the model being freed (a use after free, seen as a segfault).
         with self._vision_lock:
             if self._vision is not None:  # the projector is bound to the model: it goes first
                 self._vision.close()
                 self._vision = None
-        self.backbone.close()
+            self.backbone.close()
 
     def __enter__(self) -> "Reranker":
         return self

@@ -19,10 +19,17 @@ from reranker.errors import RerankerError
 MIN_LENGTH = 16
 
 
-def require_int(name: str, value: object, low: int) -> None:
-    """The rule for every count-like setting: an int (not a bool) of at least `low`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RerankerError(f"{name}={value!r} is invalid; it must be an integer >= {low}")
+def require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """The rule for every count-like setting: an int (not a bool) of at least `low` (and at most `high`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"from {low} to {high}"
+        raise RerankerError(f"{name}={value!r} is invalid; it must be an integer {rule}")
+
+
+#: What llama.cpp's C structs hold: int32 counts (larger values wrap, then abort the process), and
+#: ggml's thread limit (GGML_MAX_N_THREADS; more threads crash it).
+INT32_MAX = 2**31 - 1
+MAX_THREADS = 512
 
 
 def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
@@ -44,13 +51,13 @@ def check_settings(*, n_ctx: int | None = None, n_batch: int | None = None, n_se
     if kv_type is not None and kv_type not in KV_TYPES:
         raise RerankerError(f"kv_type={kv_type!r} is not one of {', '.join(KV_TYPES)}")
     if n_ctx is not None:
-        require_int("n_ctx", n_ctx, MIN_LENGTH)
+        require_int("n_ctx", n_ctx, MIN_LENGTH, INT32_MAX)
     if n_batch is not None:
-        require_int("n_batch", n_batch, 1)
-    require_int("n_seq_max", n_seq_max, 1)
+        require_int("n_batch", n_batch, 1, INT32_MAX)
+    require_int("n_seq_max", n_seq_max, 1, INT32_MAX)
     if n_threads is not None:
-        require_int("n_threads", n_threads, 1)
-    require_int("n_gpu_layers", n_gpu_layers, -1)
+        require_int("n_threads", n_threads, 1, MAX_THREADS)
+    require_int("n_gpu_layers", n_gpu_layers, -1, INT32_MAX)
 
 
 MIN_CHUNK = 8

@@ -57,14 +57,25 @@ class LoadSettings:
 
     def __post_init__(self) -> None:
         # Every setting is checked before any file is read, with the messages from_pretrained always gave.
+        if isinstance(self.model, os.PathLike):
+            object.__setattr__(self, "model", os.fspath(self.model))
+        if not isinstance(self.model, str) or not self.model or "\0" in self.model:
+            raise RerankerError(f"model={self.model!r} is not a model: pass a .gguf path, a folder holding one, "
+                                "or a Hub id like 'jinaai/jina-reranker-m0-GGUF:Q8_0'")
+        if self.quant is not None and not isinstance(self.quant, str):
+            raise RerankerError(f"quant={self.quant!r} must be a level name such as 'Q8_0', or None")
+        for name in ("fast", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise RerankerError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name in ("flash_attn", "bf16", "local_files_only"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise RerankerError(f"{name}={getattr(self, name)!r} must be True, False or None (automatic)")
         check_lengths(self.max_length, self.max_query_length)
         require_int("batch_size", self.batch_size, 1)
         check_settings(n_ctx=self.n_ctx, n_batch=self.n_batch, n_seq_max=self.n_seq_max, n_threads=self.n_threads,
                        n_gpu_layers=self.n_gpu_layers, kv_type=self.kv_type)
         if self.bf16 and not self.fast:
             raise RerankerError("bf16=True re-encodes the fast path's cached copy; it needs fast=True")
-        if not isinstance(self.deterministic, bool):
-            raise RerankerError(f"deterministic={self.deterministic!r} must be True or False")
 
     @property
     def prompt_length(self) -> int:

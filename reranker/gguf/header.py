@@ -29,6 +29,10 @@ _STAT_ERRORS = {errno.ENOENT: "not found", errno.ENOTDIR: "not found", errno.ELO
 def check_file(path: str | os.PathLike, what: str, fix: str) -> Path:
     """`path` when it is a readable regular file, else a RerankerError saying why not:
     not found, a broken symlink, a symlink loop, a directory, or not readable."""
+    if not os.fspath(path):  # Path("") is ".", the current folder: say what was given
+        raise RerankerError(f"{what} is an empty path; {fix}")
+    if "\0" in str(os.fspath(path)):  # os.stat raises ValueError for these
+        raise RerankerError(f"{what} {os.fspath(path)!r} is not a path (it holds a NUL character); {fix}")
     p = Path(path)
     try:
         st = p.stat()

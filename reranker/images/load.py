@@ -161,7 +161,11 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     try:
         im.load()  # decode here, so a truncated or corrupt file fails with its name, not later in a resize
         im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RerankerError(f"{name} could not be decoded ({e}): the file is truncated or corrupt; {FIX}") from None
+    try:
+        return im.convert("RGB")
+    except ValueError as e:  # PIL converts no "La" (premultiplied alpha) image: the original model fails on it too
+        raise RerankerError(f"{name} is in mode {im.mode}, which PIL cannot convert to RGB ({e}); convert it to "
+                            "another mode first (e.g. image.convert('LA'))") from None
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,20 @@ def test_close_while_threads_score_raises_instead_of_crashing(own_reranker):
     for t in threads:
         t.join(timeout=60)
     assert len(outcomes) == 4 and all("closed" in o for o in outcomes), outcomes
+
+
+def test_close_holds_the_projector_until_the_model_is_freed(own_reranker, monkeypatch):
+    # A thread asking for the projector while close() frees the model must get "closed", not a new projector
+    # loaded on the model being freed (which then segfaulted on its first image).
+    backbone_close = own_reranker.backbone.close
+    monkeypatch.setattr(own_reranker.backbone, "close", lambda: (time.sleep(1.0), backbone_close()))
+    closer = threading.Thread(target=own_reranker.close)
+    closer.start()
+    time.sleep(0.3)  # close() has dropped the projector and is freeing the model
+    with pytest.raises(RerankerError, match="this Reranker is closed"):
+        _ = own_reranker.vision
+    closer.join()
+    assert own_reranker._vision is None and own_reranker.backbone.closed
 
 
 # --- 2. closed objects -----------------------------------------------------------------------------
@@ -241,10 +256,28 @@ def test_head_command_rejects_non_finite_scores(tmp_path, head_npz, tiny_reranke
     ({"n_batch": -1}, "n_batch=-1"), ({"n_batch": 0}, "n_batch=0"), ({"n_ctx": 8}, "n_ctx=8"),
     ({"n_threads": 0}, "n_threads=0"), ({"n_threads": -1}, "n_threads=-1"), ({"batch_size": 0}, "batch_size=0"),
     ({"device": "bogus"}, "device 'bogus' is not a torch device"), ({"kv_type": "f8"}, "kv_type='f8'"),
+    # Values llama.cpp's C structs cannot hold (they wrap, then abort) or its thread pool cannot start (segfault).
+    ({"n_threads": 100_000}, r"n_threads=100000 is invalid; it must be an integer from 1 to 512"),
+    ({"n_ctx": 2**32 + 16}, r"n_ctx=4294967312 .* from 16 to 2147483647"), ({"n_batch": 2**31}, "n_batch=2147483648"),
+    # Types: a wrong one is named, not a TypeError/KeyError from deep inside, nor a string taken as true.
+    ({"quant": 5}, r"quant=5 must be a level name"), ({"flash_attn": "yes"}, r"flash_attn='yes' must be True, False or None"),
+    ({"fast": "no"}, r"fast='no' must be True or False"), ({"bf16": "yes"}, r"bf16='yes' must be True, False or None"),
+    ({"local_files_only": "x"}, r"local_files_only='x'"), ({"deterministic": 1}, r"deterministic=1 must be True or False"),
 ])
 def test_from_pretrained_checks_arguments_first(tmp_path, kwargs, match):
     with pytest.raises(RerankerError, match=match):  # not "not found": nothing was read yet
         Reranker.from_pretrained(str(tmp_path / "missing.gguf"), **kwargs)
+
+
+@pytest.mark.parametrize("model", [None, 5, "", "/tmp/a\x00b.gguf"])
+def test_a_model_that_is_no_path_or_hub_id_is_named(model):
+    with pytest.raises(RerankerError, match=r"^model=.* is not a model: pass a \.gguf path"):
+        Reranker.from_pretrained(model)
+
+
+def test_a_model_path_may_be_a_path_object(gguf_path, tiny_reranker):
+    with Reranker.from_pretrained(Path(gguf_path), device="cpu") as rr:
+        assert rr.compute_score([["q", "d"]]) == pytest.approx(tiny_reranker.compute_score([["q", "d"]]), abs=1e-6)
 
 
 def test_call_arguments_are_checked(tiny_reranker):

@@ -67,6 +67,16 @@ def test_every_input_kind_gives_the_same_image(tmp_path):
     assert same(load_image(f"data:image/png;base64,{b64}"), hf_load_image(f"data:image/png;base64,{b64}"))
 
 
+def test_paths_and_modes_nothing_can_load_are_named_as_such(tmp_path):
+    # Not "a directory: ." for "", not os.stat's ValueError for a NUL, not "truncated or corrupt" for a PIL mode.
+    with pytest.raises(RerankerError, match=r"^image file is an empty path; pass an image file"):
+        load_image("")
+    with pytest.raises(RerankerError, match=r"^image file 'a\\x00b\.png' is not a path \(it holds a NUL character\)"):
+        load_image("a\x00b.png")
+    with pytest.raises(RerankerError, match=r"in mode La, which PIL cannot convert to RGB .*image\.convert\('LA'\)"):
+        load_image(Image.new("La", (4, 4)))
+
+
 def test_a_pil_input_is_not_modified():
     im = noise(10, 10, "RGBA")
     before = np.asarray(im).copy()

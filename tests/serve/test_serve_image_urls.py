@@ -284,7 +284,7 @@ def test_the_request_timeout_bounds_the_downloads(tiny_reranker, hosts):
 
 @pytest.mark.parametrize(("path", "start", "also"), [
     ("/html", "documents[0]: ", "is not an image (Content-Type text/html)"),
-    ("/octet", "documents[0] image (bytes) is not an image PIL can read", "PNG"),
+    ("/octet", "documents[0] image (bytes) is not an image PIL can read", "send the image file's bytes"),
     ("/missing", "documents[0]: fetching", "answered HTTP 404"),
     ("/gzip", "documents[0]: ", "came gzip-encoded"),
     ("/pixels", "documents[0] image (bytes) is 1001x1000 = 1001000 pixels", "over the limit of 1000000"),
