@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reranker.engine.prompts import Prompt, PromptBuilder, format_prompt
+from reranker.engine.segments import Image
 from reranker.options import MIN_CHUNK, Chunking
 
 #: Tokens kept free in each prompt: a chunk's text may tokenise into a few more tokens than its
@@ -99,9 +100,25 @@ class Chunker:
             return DocumentPrompts([self.builder.build_fitted(query, document, query_cut)])
         return DocumentPrompts([self.builder.build_fitted(query, t, query_cut) for t in texts], split=True, capped=capped)
 
-    def chunk_texts(self, query: str, document: str) -> list[str]:
+    def image_query_prompts(self, query: Image, document: str) -> DocumentPrompts:
+        """The prompts of an image query and a text document: the document's chunks, each after the same image."""
+        full = self.builder.build_parts(query, document)
+        texts, capped = self._image_query_texts(query, document) if full.truncated else (None, False)
+        if texts is None:
+            return DocumentPrompts([full])
+        return DocumentPrompts([self.builder.build_parts(query, t) for t in texts], split=True, capped=capped)
+
+    def _image_query_texts(self, query: Image, document: str) -> tuple[list[str] | None, bool]:
+        room = self.builder.max_length - len(self.builder.build_parts(query, "").ids) - MARGIN
+        return self._split(document, min(self.chunking.size or room, room))
+
+    def chunk_texts(self, query: str | Image, document: str) -> list[str]:
         """The text of each chunk (`[document]` when it fits): what each chunk's prompt holds as its document."""
-        texts, _ = self._texts(self.builder.fit_query(query)[0], document)
+        if isinstance(query, Image):
+            full = self.builder.build_parts(query, document)
+            texts = self._image_query_texts(query, document)[0] if full.truncated else None
+        else:
+            texts, _ = self._texts(self.builder.fit_query(query)[0], document)
         return [document] if texts is None else texts
 
     def _texts(self, query: str, document: str) -> tuple[list[str] | None, bool]:
@@ -112,9 +129,13 @@ class Chunker:
         if base is None or base[0] != query:  # the query once per chunker, not per document
             base = self._base = (query, len(tokenizer.encode(format_prompt(query, ""))))
         room = budget - base[1] - MARGIN
-        size = min(self.chunking.size or room, room)
-        if size < MIN_CHUNK:  # the query leaves no useful room: truncate as without chunking
+        return self._split(document, min(self.chunking.size or room, room))
+
+    def _split(self, document: str, size: int) -> tuple[list[str] | None, bool]:
+        """The document's chunks of `size` tokens (None: too little room to chunk: truncate as without chunking)."""
+        if size < MIN_CHUNK:  # the query leaves no useful room
             return None, False
+        tokenizer = self.builder.tokenizer
         data, offsets, safe = char_boundaries(tokenizer.pieces(tokenizer.encode(document)))
         spans, capped = token_spans(safe, size, self.chunking.overlap_for(size), self.chunking.max_chunks)
         return [data[offsets[a] : offsets[b]].decode("utf-8") for a, b in spans], capped

@@ -152,6 +152,7 @@ def prepare(builder: PromptBuilder, pairs: Sequence[tuple[str | Image, str | Ima
         return Prepared([DocumentPrompts([builder.build_parts(q, d)]) for q, d in pairs], names=names)
     chunker = Chunker(builder, chunking)
     return Prepared([chunker.prompts(q, d) if isinstance(q, str) and isinstance(d, str) else
+                     chunker.image_query_prompts(q, d) if isinstance(d, str) else
                      DocumentPrompts([builder.build_parts(q, d)]) for q, d in pairs], chunking, names)
 
 

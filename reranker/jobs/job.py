@@ -41,7 +41,7 @@ from reranker.jobs.progress import Progress
 from reranker.jobs.readers import read_input
 from reranker.jobs.records import Reject, Unit
 from reranker.jobs.resume import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
-from reranker.jobs.validate import one_run_per_query
+from reranker.jobs.validate import ids_a_trec_run_can_carry, one_run_per_query
 from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
 from reranker.options import Chunking
 
@@ -401,8 +401,11 @@ class Job:
 
     def _items(self) -> Iterator[Unit | Reject]:
         spec = self.spec
-        return one_run_per_query(read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries,
-                                            corpus=spec.corpus, run=spec.run))
+        items = read_input(spec.input, spec.input_format, depth=spec.depth, queries=spec.queries, corpus=spec.corpus,
+                           run=spec.run)
+        if detect_output_format(spec.output, spec.output_format) == "trec":
+            items = ids_a_trec_run_can_carry(items)
+        return one_run_per_query(items)
 
     def _skip(self, items: Iterator[Unit | Reject]) -> None:
         """Read past the items a resume finds done, checking that the image files they read are as they were."""
@@ -442,7 +445,7 @@ class Job:
                 self.stats.capped += usage.capped
                 for r in window.rejects:
                     rejects.write(r)
-                self.stats.queries += len(window.units)
+                self.stats.queries += sum(u.opens_query for u in window.units)
                 self.stats.skipped += len(window.rejects)
                 self.consumed, self.image_files = window.end, window.image_files
                 self._save(writer.commit(), rejects.commit(),

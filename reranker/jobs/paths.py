@@ -231,10 +231,11 @@ class JobLock:
             raise
 
     def _lock(self, path: Path, what: str) -> int:
-        with writing(path, what):
+        flag = self.files.flag(what)
+        with writing(path, what, flag):
             path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(self.ATTEMPTS):
-            with writing(path, what):
+            with writing(path, what, flag):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -249,7 +250,7 @@ class JobLock:
                 raise RerankerError(f"cannot lock {path}: {_why(e)}") from None
             if _names(path, fd):  # else a finishing job removed it before unlocking: lock the new one
                 try:
-                    with writing(path, what):
+                    with writing(path, what, flag):
                         os.ftruncate(fd, 0)
                         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 except BaseException:
@@ -288,8 +289,8 @@ def _read_pid(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def writing(path: Path, what: str = "") -> Iterator[None]:
-    """Turn an OSError while writing `path` into a `RerankerError` naming it and the fix."""
+def writing(path: Path, what: str = "", flag: str = "-o") -> Iterator[None]:
+    """Turn an OSError while writing `path` into a `RerankerError` naming it and the fix (`flag`: the option naming it)."""
     try:
         yield
     except OSError as e:
@@ -297,9 +298,9 @@ def writing(path: Path, what: str = "") -> Iterator[None]:
             raise
         fix = {errno.ENOSPC: "free some space, then rerun the same command to resume",
                errno.EDQUOT: "free some space, then rerun the same command to resume",
-               errno.EROFS: "the file system is read-only: choose another -o",
-               errno.EACCES: "the folder must be writable: fix its permissions or choose another -o",
-               errno.EPERM: "the folder must be writable: fix its permissions or choose another -o"}.get(
+               errno.EROFS: f"the file system is read-only: choose another {flag}",
+               errno.EACCES: f"the folder must be writable: fix its permissions or choose another {flag}",
+               errno.EPERM: f"the folder must be writable: fix its permissions or choose another {flag}"}.get(
                    e.errno, "rerun the same command to resume once it is fixed")
         name = f"the {what} {path}" if what else str(path)
         raise RerankerError(f"cannot write {name}: {e.strerror or e}; {fix}") from e

@@ -268,7 +268,7 @@ class RayJob:
                     rejects.write(r)
                 self.stats.skipped += len(w.rejects)
                 shard.pairs += sum(len(u.docs) for u in w.units)
-                shard.queries += len(w.units)
+                shard.queries += sum(u.opens_query for u in w.units)
                 shard.records += len({u.source for u in w.units} | {r.source for r in w.rejects})
                 for item in w.items:
                     shard.image_files = chain_image_files(shard.image_files, item)

@@ -291,7 +291,10 @@ def _check_one_kind(item: dict, name: str) -> None:
 
 def _add(record: _Record, seen: dict[str, str], name: str, k: int, doc_id: str, doc: str | ImageDoc) -> None:
     if doc_id in seen:  # one query's results are keyed by doc id (TREC, evaluators)
-        raise _Bad(f'duplicate doc id: "{doc_id}" in {seen[doc_id]} and {name}')
+        # A document without an id is given its index: say so, when that may be how the two met.
+        hint = "; a document without an id is given its index: give every document of a record an id, or none" \
+            if doc_id.isdigit() else ""
+        raise _Bad(f'duplicate doc id: "{doc_id}" in {seen[doc_id]} and {name}{hint}')
     seen[doc_id] = name
     record.docs.append((doc_id, doc))
     record.positions.append(k)
@@ -345,9 +348,12 @@ def _json_lines(path: Path) -> Iterator[tuple[int, int, str, Any] | Reject]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            yield Reject(f"{path}:{n}", f"malformed JSON: {e.msg} at column {e.colno}", text)
+            # e.msg may end in "at" ("Invalid control character at"): the position follows once.
+            yield Reject(f"{path}:{n}", f"malformed JSON: {e.msg.removesuffix(' at')} at column {e.colno}", text)
         except RecursionError:
             yield Reject(f"{path}:{n}", "malformed JSON: nested too deeply", text)
+        except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+            yield Reject(f"{path}:{n}", f"malformed JSON: {e}", text)
         else:
             yield n, start, text, value
 

@@ -52,7 +52,8 @@ class Unit:
     (None: `docs[i]` is document i). `source` names the record for messages: "path:LINE",
     or "path:row N" (0-based) for Parquet. `pair` is True for a flat pair (one record per
     (query, document) pair, so a query may span several adjacent units) and False for a record
-    holding all its query's documents.
+    holding all its query's documents. `opens_query` is False for a flat pair that continues its query's
+    run (set by `validate.one_run_per_query`), so that queries are counted, not pairs.
     """
 
     index: int
@@ -62,6 +63,7 @@ class Unit:
     source: str
     positions: list[int] | None = None
     pair: bool = field(default=False, compare=False)
+    opens_query: bool = field(default=True, compare=False)
 
     def position(self, i: int) -> int:
         """The input index of `docs[i]` within its record."""

@@ -49,6 +49,42 @@ def _raw(unit: Unit) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def trec_problem(ident: str) -> str | None:
+    """Why `ident` cannot stand in a TREC run (whose columns are separated by whitespace), or None."""
+    return "is empty or holds whitespace, which a TREC run cannot carry" if not ident or any(c.isspace() for c in ident) \
+        else None
+
+
+def ids_a_trec_run_can_carry(items: Iterable[Unit | Reject]) -> Iterator[Unit | Reject]:
+    """For a TREC output: a unit whose query id a run line cannot carry becomes a `Reject`, and so does each
+    document whose doc id it cannot carry (the record's other documents are scored). Before `one_run_per_query`."""
+    fix = "; write JSONL or Parquet, or fix the id"
+    for item in items:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        problem = trec_problem(item.query_id)
+        if problem is not None:
+            yield Reject(item.source, f"bad TREC id: query id {item.query_id!r} {problem}{fix}", _raw(item))
+            continue
+        bad = [i for i, (doc_id, _) in enumerate(item.docs) if trec_problem(doc_id) is not None]
+        if not bad:
+            yield item
+            continue
+        if item.pair:
+            yield Reject(item.source, f"bad TREC id: doc id {item.docs[0][0]!r} {trec_problem(item.docs[0][0])}{fix}",
+                         _raw(item))
+            continue
+        for i in bad:
+            doc_id, text = item.docs[i]
+            raw = json.dumps({"id": doc_id, **({"text": text} if isinstance(text, str) else text.as_json())}, ensure_ascii=False)
+            yield Reject(item.source, f"bad TREC id: doc id {doc_id!r} {trec_problem(doc_id)}{fix}", raw,
+                         query_id=item.query_id, doc_index=item.position(i))
+        keep = [i for i in range(len(item.docs)) if i not in bad]
+        if keep:
+            yield dataclasses.replace(item, docs=[item.docs[i] for i in keep], positions=[item.position(i) for i in keep])
+
+
 def one_run_per_query(items: Iterable[Unit | Reject]) -> Iterator[Unit | Reject]:
     """Pass `items` through, turning each unit that breaks the query-id rule into a `Reject`.
 
@@ -80,6 +116,8 @@ def one_run_per_query(items: Iterable[Unit | Reject]) -> Iterator[Unit | Reject]
             else:
                 reason = (f'duplicate query id: "{qid}" is already the query of {first[qid]}; one record must hold '
                           "all of a query's documents")
+                if qid.isdigit():  # a record without one is given its record number: say so
+                    reason += ' (a record without "query_id" is given its record number: give every record one, or none)'
         else:
             first[qid] = item.source
             run_qid, run_query = (qid, item.query) if item.pair else (None, "")
@@ -87,5 +125,6 @@ def one_run_per_query(items: Iterable[Unit | Reject]) -> Iterator[Unit | Reject]
         if reason is not None:
             yield Reject(item.source, reason, _raw(item))
             continue
-        yield item if item.index == index else dataclasses.replace(item, index=index)
+        opens = first[qid] == item.source
+        yield item if item.index == index and opens else dataclasses.replace(item, index=index, opens_query=opens)
         index += 1

@@ -27,6 +27,7 @@ from reranker.errors import RerankerError
 from reranker.jobs.paths import PARTIAL, PARTS, PARTS_OLD, beside, writing
 from reranker.jobs.readers import import_pyarrow
 from reranker.jobs.records import Reject, Unit
+from reranker.jobs.validate import trec_problem
 
 OUTPUT_FORMATS = ("jsonl", "parquet", "trec")
 TREC_SCORE_FORMAT = "{:.8f}"  # fixed, so reruns print the same bytes; 8 places keep float32 sigmoid scores apart
@@ -385,9 +386,10 @@ def _write_group(dst: Any, group: list[list[bytes]]) -> None:
 
 
 def _trec_id(ident: str, what: str, unit: Unit) -> str:
-    if not ident or any(c.isspace() for c in ident):
-        raise RerankerError(f"{unit.source}: {what} {ident!r} is empty or holds whitespace, which a TREC run cannot "
-                            "carry; write JSONL or Parquet, or fix the ids")
+    # The job rejects such ids before scoring (`validate.ids_a_trec_run_can_carry`); this guards other callers.
+    problem = trec_problem(ident)
+    if problem is not None:
+        raise RerankerError(f"{unit.source}: {what} {ident!r} {problem}; write JSONL or Parquet, or fix the ids")
     return ident
 
 

@@ -92,6 +92,26 @@ def test_image_queries_and_image_pairs_equal_the_original(vision_model):
     assert both == pytest.approx(reference(b, a), abs=SCORE_TOL)
 
 
+def test_an_image_query_chunks_a_long_text_document(vision_model):
+    # chunking=True was ignored for an image query (the document truncated, silently): its chunks now follow the image.
+    from reranker import Chunking
+    from reranker.engine.chunking import Chunker
+    from reranker.engine.vision import load
+    from reranker.options import ImageRef
+
+    rr, reference, _ = vision_model
+    im = IMAGES["wide"]()
+    doc = " ".join(f"sales figure {i}" for i in range(900))
+    chunking = Chunking(size=300, overlap=30)
+    got = {r["corpus_id"]: r for r in rr.rank(im, [doc, "a short document"], query_type="image", chunking=chunking)}
+    assert got[0]["chunks"] > 1 and got[1]["chunks"] == 1 and rr.last_usage.chunked == 1
+    texts = Chunker(rr.prompt_builder(), chunking).chunk_texts(load(ImageRef(im, "query"), rr.vision.sizing), doc)
+    assert len(texts) == got[0]["chunks"] and all(t in doc for t in texts)
+    alone = rr.compute_score([[im, t] for t in texts], query_type="image")
+    assert got[0]["score"] == pytest.approx(max(alone), abs=1e-5)
+    assert alone[0] == pytest.approx(reference(im, texts[0]), abs=SCORE_TOL)  # a chunk's prompt is the original's
+
+
 def test_every_input_kind_and_mixed_documents(vision_model, tmp_path):
     rr, _, _ = vision_model
     im = IMAGES["wide"]()

@@ -86,6 +86,54 @@ def test_bad_records_fail_or_skip(model, tmp_path, capsys):
     assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 4
 
 
+def test_what_an_output_or_the_parser_cannot_take_is_a_reject_not_the_end_of_the_job(model, tmp_path, capsys):
+    # A TREC run cannot carry ids with whitespace: such a document (or query) is a reject, and the rest is scored,
+    # not a writer error that stopped the job on every rerun. An integer of more than 4300 digits is a reject too.
+    inp = tmp_path / "in.jsonl"
+    records = [{"query_id": "q1", "query": "one", "documents": [{"id": "d1", "text": "a"}, {"id": "d 2", "text": "b"},
+                                                                {"id": "d3", "text": "c"}]},
+               {"query_id": "q\t2", "query": "two", "documents": ["x"]},
+               {"query_id": "q3", "query": "three", "documents": ["y"], "n": 0},
+               {"query_id": "q4", "query": "four", "documents": ["z"]}]
+    lines = [json.dumps(r) for r in records]
+    lines[2] = lines[2].replace('"n": 0', '"n": ' + "9" * 5000)
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.trec"
+    capsys.readouterr()
+    assert run_here(score_cmd(model, inp, out)) == 2  # --on-error fail: the first reject stops it, in one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{inp}:1: bad TREC id: doc id 'd 2' is empty or holds whitespace" in err, err
+    assert run_here(score_cmd(model, inp, out, "--on-error", "skip")) == 0
+    run = out.read_text().splitlines()
+    assert sorted((x.split()[0], x.split()[2]) for x in run) == [("q1", "d1"), ("q1", "d3"), ("q4", "0")]
+    rejects = [json.loads(line) for line in out.with_name("out.trec.rejects.jsonl").read_text().splitlines()]
+    assert [(r["source"].rsplit(":", 1)[1], r.get("query_id"), r.get("doc_index")) for r in rejects] == [
+        ("1", "q1", 1), ("2", None, None), ("3", None, None)]
+    assert rejects[1]["reason"].startswith("bad TREC id: query id 'q\\t2' is empty or holds whitespace")
+    assert rejects[2]["reason"].startswith("malformed JSON: Exceeds the limit (4300 digits)")
+    summary = json.loads(out.with_name("out.trec.summary.json").read_text())
+    assert (summary["pairs"], summary["queries"], summary["skipped"]) == (3, 2, 3)
+
+
+def test_flat_pairs_count_queries_and_default_ids_say_how_they_met(model, tmp_path):
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_text("".join(json.dumps({"query_id": f"q{i // 3}", "query": f"query {i // 3}", "doc_id": f"d{i}",
+                                       "document": "text"}) + "\n" for i in range(9)))
+    out = tmp_path / "out.jsonl"
+    assert run_here(score_cmd(model, inp, out)) == 0
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert (summary["pairs"], summary["queries"]) == (9, 3)  # queries, not records
+    assert [len(json.loads(x)["results"]) for x in out.read_text().splitlines()] == [3, 3, 3]  # one ranking per query
+    # A record without query_id is given its record number, a document without id its index: a clash says so.
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"query_id": "1", "query": "a", "documents": [{"id": "1", "text": "x"}, "y"]}) + "\n"
+                     + json.dumps({"query": "b", "documents": ["z"]}) + "\n")
+    assert run_here(score_cmd(model, clash, tmp_path / "c.jsonl", "--on-error", "skip")) == 0
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "c.jsonl.rejects.jsonl").read_text().splitlines()]
+    assert "a document without an id is given its index: give every document of a record an id, or none" in reasons[0]
+    assert 'a record without "query_id" is given its record number: give every record one, or none' in reasons[1]
+
+
 MIXED = [  # good, empty and bad documents in one record; a record whose documents are all bad; an empty one
     {"query_id": "q1", "query": "rockets", "documents": ["a rocket launch", "", {"id": "bad", "text": 7}, {"id": "w", "text": "  "},
                                                        {"text": "a cake recipe"}, {"id": "w", "text": "dup"}]},
