@@ -275,7 +275,11 @@ class Backbone:
             cparams.cb_eval = eval_callback
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
+            head_dim = self.n_embd // max(1, llama_cpp.llama_model_n_head(self._model))
             self.close()
+            if kv_type == "q8_0" and head_dim % 32:  # ggml stores q8_0 in blocks of 32 values per head row
+                raise RerankerError(f"kv_type='q8_0' needs a head size that is a multiple of 32, and {self.path.name}'s is "
+                                    f"{head_dim}; use kv_type='f16' (or 'bf16', 'f32')")
             raise RerankerError(f"llama.cpp could not create a context for {self.path} (n_ctx={n_ctx}, n_batch={n_batch}); "
                                 "try a smaller n_ctx or n_batch")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)

@@ -34,3 +34,12 @@ def test_long_sequence_fed_in_chunks_matches_one_pass(tiny_ggufs, reference):
     with Backbone(tiny_ggufs["f32"], n_ctx=2048, n_batch=128) as backbone:
         got = backbone.embed([ids, ids[:50]])
     assert_hidden_close(got, reference.hidden_of_ids([ids, ids[:50]]), "f32", "a prompt fed in chunks of 128")
+
+
+def test_a_kv_type_the_heads_cannot_hold_is_named(tiny_ggufs):
+    # The tiny model's heads are 16 values wide; ggml's q8_0 blocks are 32: llama.cpp refuses the context, and the
+    # message says why instead of suggesting a smaller n_ctx.
+    from reranker import RerankerError
+
+    with pytest.raises(RerankerError, match=r"kv_type='q8_0' needs a head size that is a multiple of 32, and .*'s is 16"):
+        Backbone(tiny_ggufs["f16"], kv_type="q8_0", n_ctx=512)
