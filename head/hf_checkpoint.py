@@ -35,11 +35,10 @@ _FIX = (
 )
 _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError)
 
-#: What a checkpoint directory is read from, first found first.
-_DIR_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
-
 Getter = Callable[[str], object]
 StateDictLike = Mapping[str, object]
+#: A source's keys, how to read one, and its file metadata (a safetensors file's; {} for other sources).
+Opened = tuple[list[str], Getter, Mapping[str, str]]
 
 
 def _prefixes(keys: Sequence[str]) -> list[str]:
@@ -63,25 +62,21 @@ def _pick_prefix(src: str, keys: Sequence[str], prefix: str | None) -> str:
     return found[0]
 
 
-def _safetensors_keys(src: str, path: str) -> tuple[list[str], Mapping[str, str]]:
+def _safetensors_getter(src: str, path: str) -> Opened:
     try:
         with safe_open(path, framework="pt") as f:
-            return list(f.keys()), f.metadata() or {}
+            keys, metadata = list(f.keys()), f.metadata() or {}
     except _READ_ERRORS as exc:
         raise HeadLoadError(f"{src}: is not a readable safetensors file ({exc}); {_FIX}") from exc
-
-
-def _safetensors_getter(src: str, path: str) -> tuple[list[str], Getter]:
-    keys, _ = _safetensors_keys(src, path)
 
     def get(key: str) -> object:
         with safe_open(path, framework="pt") as f:
             return f.get_tensor(key)
 
-    return keys, get
+    return keys, get, metadata
 
 
-def _index_getter(src: str, index_path: str) -> tuple[list[str], Getter]:
+def _index_getter(src: str, index_path: str) -> Opened:
     try:
         with open(index_path, encoding="utf-8") as fh:
             weight_map = json.load(fh)["weight_map"]
@@ -98,10 +93,10 @@ def _index_getter(src: str, index_path: str) -> tuple[list[str], Getter]:
             raise HeadLoadError(f"{src}: shard '{shard}' holding '{key}' is missing; download it next to the index")
         return _safetensors_getter(describe_source(shard), shard)[1](key)
 
-    return keys, get
+    return keys, get, {}
 
 
-def _torch_getter(src: str, path: str) -> tuple[list[str], Getter]:
+def _torch_getter(src: str, path: str) -> Opened:
     try:
         # weights_only: never run arbitrary pickled code from a downloaded checkpoint.
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -109,13 +104,13 @@ def _torch_getter(src: str, path: str) -> tuple[list[str], Getter]:
         raise HeadLoadError(f"{src}: cannot be read as a torch state dict ({exc}); {_FIX}") from exc
     if not isinstance(sd, Mapping):
         raise HeadLoadError(f"{src}: holds a {type(sd).__name__}, not a state dict; {_FIX}")
-    return list(sd), sd.__getitem__
+    return list(sd), sd.__getitem__, {}
 
 
-def _resolve(source: str) -> tuple[str, list[str], Getter]:
+def _resolve(source: str) -> tuple[str, list[str], Getter, Mapping[str, str]]:
     src = describe_source(source)
     if os.path.isdir(source):
-        for name in _DIR_FILES:
+        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
             candidate = os.path.join(source, name)
             if os.path.isfile(candidate):
                 return _resolve(candidate)
@@ -131,14 +126,9 @@ def _resolve(source: str) -> tuple[str, list[str], Getter]:
     return (src, *_safetensors_getter(src, source))
 
 
-def _stored_bias(source: str) -> float | None:
+def _stored_bias(src: str, metadata: Mapping[str, str]) -> float | None:
     """The logit bias `ScoringHead.save_checkpoint` keeps in a safetensors file's metadata, or None."""
-    if os.path.isdir(source):
-        source = next((c for c in (os.path.join(source, n) for n in _DIR_FILES) if os.path.isfile(c)), "")
-    if not source.endswith(".safetensors") or not os.path.isfile(source):
-        return None
-    src = describe_source(source)
-    value = _safetensors_keys(src, source)[1].get("logit_bias")
+    value = metadata.get("logit_bias")
     if value is None:
         return None
     try:
@@ -159,9 +149,9 @@ def read_checkpoint(
     `logit_bias` None: the one `ScoringHead.save_checkpoint` stored in the file's metadata, else the model's 2.65.
     """
     if isinstance(source, (str, os.PathLike)):
-        src, keys, get = _resolve(os.fspath(source))
+        src, keys, get, metadata = _resolve(os.fspath(source))
         if logit_bias is None:
-            logit_bias = _stored_bias(os.fspath(source))
+            logit_bias = _stored_bias(src, metadata)
     elif isinstance(source, Mapping):
         src, keys, get = describe_source(source), list(source), source.__getitem__
     else:

@@ -105,10 +105,8 @@ def header_pixels(image: bytes | str) -> int | None:
     None when the header cannot be read (`load_image` then says why)."""
     try:
         data = _data_uri_bytes(image, "image") if isinstance(image, str) else image
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
+        with _open(io.BytesIO(data)) as im:
+            w, h = im.size
     except (RerankerError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return w * h
@@ -135,12 +133,16 @@ def _data_uri_bytes(uri: str, name: str) -> bytes:
     return data
 
 
+def _open(fp) -> Image.Image:
+    """`Image.open` (the header only, no pixel decoded) without PIL's bomb warning: our limit replaces its band."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(fp)
+
+
 def _decode(fp, name: str, max_pixels: int) -> Image.Image:
     try:
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            # Our limit (checked in _finish, before decoding) replaces PIL's warning band.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+        im = _open(fp)
     except Image.DecompressionBombError as e:
         raise RerankerError(f"{name} is too large to decode safely ({e}); the limit is {max_pixels} pixels: "
                             "downscale the image first") from None

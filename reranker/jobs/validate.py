@@ -67,18 +67,17 @@ def ids_a_trec_run_can_carry(items: Iterable[Unit | Reject]) -> Iterator[Unit | 
         if problem is not None:
             yield Reject(item.source, f"bad TREC id: query id {item.query_id!r} {problem}{fix}", _raw(item))
             continue
-        bad = [i for i, (doc_id, _) in enumerate(item.docs) if trec_problem(doc_id) is not None]
+        bad = {i: p for i, (doc_id, _) in enumerate(item.docs) if (p := trec_problem(doc_id)) is not None}
         if not bad:
             yield item
             continue
         if item.pair:
-            yield Reject(item.source, f"bad TREC id: doc id {item.docs[0][0]!r} {trec_problem(item.docs[0][0])}{fix}",
-                         _raw(item))
+            yield Reject(item.source, f"bad TREC id: doc id {item.docs[0][0]!r} {bad[0]}{fix}", _raw(item))
             continue
-        for i in bad:
+        for i, problem in bad.items():
             doc_id, text = item.docs[i]
             raw = json.dumps({"id": doc_id, **({"text": text} if isinstance(text, str) else text.as_json())}, ensure_ascii=False)
-            yield Reject(item.source, f"bad TREC id: doc id {doc_id!r} {trec_problem(doc_id)}{fix}", raw,
+            yield Reject(item.source, f"bad TREC id: doc id {doc_id!r} {problem}{fix}", raw,
                          query_id=item.query_id, doc_index=item.position(i))
         keep = [i for i in range(len(item.docs)) if i not in bad]
         if keep:
