@@ -32,7 +32,7 @@ def whole_prompt_builder(base):
     from reranker.engine.prompts import PromptBuilder, format_prompt
 
     class WholePrompt(PromptBuilder):
-        def prompt_ids(self, query: str, document: str) -> list[int]:
+        def prompt_ids(self, query: str, document: str, doc_ids: list[int] | None = None) -> list[int]:
             return self.tokenizer.encode(format_prompt(query, document))
 
         def fit_query(self, query: str) -> tuple[str, bool]:

@@ -51,13 +51,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise RerankerError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA GPU(s)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RerankerError(f"device {device!r}: MPS is not available here; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: usable only if a tensor makes the round trip
+        try:
+            torch.zeros(1, device=dev).cpu()
+        except Exception as e:  # noqa: BLE001 (each backend fails its own way: NotImplementedError, AssertionError, ...)
+            raise RerankerError(f"device {device!r} cannot run the head here ({type(e).__name__}: {e}); use cpu, cuda or mps") from e
     return dev
 
 
 def check_options(max_length: int | None = None, max_query_length: int | None = None, batch_size: int | None = None,
-                  top_k: int | None = None) -> None:
+                  top_k: int | None = None, max_doc_length: int | None = None) -> None:
     """The per-call settings (None: the default); `top_k` must be None (all) or at least 1."""
-    check_lengths(max_length, max_query_length)
+    check_lengths(max_length, max_query_length, max_doc_length)
     if batch_size is not None:
         require_int("batch_size", batch_size, 1)
     if top_k is not None:
@@ -74,8 +79,8 @@ class Reranker:
 
     def __init__(self, backbone: Backbone, head: ScoringHead, *, max_length: int = MAX_LENGTH,
                  max_query_length: int = MAX_QUERY_LENGTH, device: str | torch.device | None = None,
-                 batch_size: int = BATCH_SIZE) -> None:
-        check_options(max_length, max_query_length, batch_size)
+                 batch_size: int = BATCH_SIZE, max_doc_length: int | None = None) -> None:
+        check_options(max_length, max_query_length, batch_size, max_doc_length=max_doc_length)
         if head.hidden_size != backbone.n_embd:
             raise RerankerError(f"the head has hidden size {head.hidden_size} but the backbone {backbone.path.name} "
                                 f"gives {backbone.n_embd}: use the mlp_weights.npz released with this GGUF")
@@ -84,6 +89,8 @@ class Reranker:
         self.head = head.to(self.device).eval()
         self.max_length = max_length
         self.max_query_length = max_query_length
+        #: Document tokens at most; None: the original's `max(max_length - max_query_length, max_query_length)`.
+        self.max_doc_length = max_doc_length
         self.batch_size = batch_size
         #: The weights as llama.cpp runs them: "BF16" (also when the fast path re-encoded an F16 file), "F16", "Q8_0", ...
         self.weights_dtype = weights_description(backbone.metadata)
@@ -107,12 +114,15 @@ class Reranker:
                         identity_dtype: str = IDENTITY_DTYPE, bf16: bool | None = None, max_length: int | None = None,
                         max_query_length: int = MAX_QUERY_LENGTH, batch_size: int = BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                        deterministic: bool = False, mmproj: str | os.PathLike | None = None) -> "Reranker":
+                        deterministic: bool = False, mmproj: str | os.PathLike | None = None,
+                        max_doc_length: int | None = None) -> "Reranker":
         """Load a GGUF (a path, or a Hub id such as `jinaai/jina-reranker-m0-GGUF:Q8_0`) and its head.
 
         `head` defaults to the `mlp_weights.npz` beside the GGUF (or in the Hub repo).
         All layers are offloaded to the GPU when llama.cpp was built with CUDA or Metal.
         `max_length` defaults to 10240 tokens, or `n_ctx` when that is given and smaller.
+        `max_doc_length` (the original's keyword): a document is cut to this many tokens before the
+        prompt is built; default `max(max_length - max_query_length, max_query_length)`, as the original.
 
         `fast=True` (the default) reads hidden states in llama.cpp's generation mode through a
         cached copy of the GGUF with an identity output projection (`identity_dtype` f32: embedding
@@ -143,7 +153,7 @@ class Reranker:
                                               identity_dtype=identity_dtype, bf16=bf16, max_length=max_length,
                                               max_query_length=max_query_length, batch_size=batch_size,
                                               cache_dir=cache_dir, local_files_only=local_files_only,
-                                              deterministic=deterministic, mmproj=mmproj))
+                                              deterministic=deterministic, mmproj=mmproj, max_doc_length=max_doc_length))
 
     @classmethod
     def from_settings(cls, settings: LoadSettings) -> "Reranker":
@@ -166,7 +176,7 @@ class Reranker:
                             n_gpu_layers=s.n_gpu_layers, n_threads=s.n_threads, flash_attn=s.flash_attn, kv_type=s.kv_type,
                             deterministic=s.deterministic)
         rr = cls(backbone, scoring_head, max_length=max_length, max_query_length=s.max_query_length,
-                 device=device, batch_size=s.batch_size)
+                 device=device, batch_size=s.batch_size, max_doc_length=s.max_doc_length)
         rr.settings = s
         rr.gguf_source = files.gguf
         rr.hub_source = files.hub
@@ -177,16 +187,19 @@ class Reranker:
         if self.backbone.closed:
             raise RerankerError("this Reranker is closed; load a new one with Reranker.from_pretrained(...)")
 
-    def prompt_builder(self, max_length: int | None = None, max_query_length: int | None = None) -> PromptBuilder:
-        """The tokeniser for pairs, with the length limits of this call (capped by the context)."""
+    def prompt_builder(self, max_length: int | None = None, max_query_length: int | None = None,
+                       max_doc_length: int | None = None) -> PromptBuilder:
+        """The tokeniser for pairs, with the length limits of this call (capped by the context; an unset
+        `max_doc_length` is the original's formula of the lengths in effect)."""
         self._check_open()
-        check_options(max_length, max_query_length)
+        check_options(max_length, max_query_length, max_doc_length=max_doc_length)
         max_length = max_length or self.max_length
         if max_length > self.backbone.n_ctx:
             log.warning("max_length=%d exceeds the context (n_ctx=%d); prompts are cut to %d tokens",
                         max_length, self.backbone.n_ctx, self.backbone.n_ctx)
             max_length = self.backbone.n_ctx
-        return PromptBuilder(self.backbone.tokenizer, max_length, max_query_length or self.max_query_length)
+        return PromptBuilder(self.backbone.tokenizer, max_length, max_query_length or self.max_query_length,
+                             max_doc_length or self.max_doc_length)
 
     @property
     def vision(self) -> Vision:
@@ -228,7 +241,7 @@ class Reranker:
                         chunking: bool | Chunking | None = None, keep_hidden: bool = False, batch_size: int | None = None,
                         max_length: int | None = None, max_query_length: int | None = None,
                         show_progress_bar: bool = False, check_finite: bool = True, doc_type: str = "text",
-                        query_type: str = "text") -> ScoredDocuments:
+                        query_type: str = "text", max_doc_length: int | None = None) -> ScoredDocuments:
         """Score `[query, document]` pairs, or one query against `documents`: what every other call runs.
 
         Pairs go in batches of `batch_size`; each batch is scored as one call (`engine.scoring`): its
@@ -248,7 +261,7 @@ class Reranker:
             pairs = check_pairs(query_or_pairs, doc_type, query_type)
         else:
             pairs = check_pairs([[query_or_pairs, d] for d in _documents(documents)], doc_type, query_type)
-        builder = self.prompt_builder(max_length, max_query_length)
+        builder = self.prompt_builder(max_length, max_query_length, max_doc_length)
         batch_size = batch_size or self.batch_size
         usage = Usage(weights=self.weights_dtype, **({"chunks": [], "best_chunk": []} if chunks is not None else {}))
         scores = np.empty(len(pairs), dtype=np.float32)
@@ -263,8 +276,8 @@ class Reranker:
                 usage.add(part.usage)
                 bar.update(len(part.scores))
         if usage.truncated:
-            log.info("%d of %d prompts were truncated to max_length=%d / max_query_length=%d",
-                     usage.truncated, usage.pairs, builder.max_length, builder.max_query_length)
+            log.info("%d of %d prompts were truncated to max_length=%d / max_query_length=%d / max_doc_length=%d",
+                     usage.truncated, usage.pairs, builder.max_length, builder.max_query_length, builder.max_doc_length)
         if usage.capped:
             log.warning("%d of %d documents had more than max_chunks=%d chunks; their ends were not scored",
                         usage.capped, usage.pairs, chunks.max_chunks)
@@ -276,7 +289,7 @@ class Reranker:
 
     def embed(self, pairs: Iterable[Sequence[str]], *, batch_size: int | None = None, max_length: int | None = None,
               max_query_length: int | None = None, show_progress_bar: bool = False, doc_type: str = "text",
-              query_type: str = "text") -> np.ndarray:
+              query_type: str = "text", max_doc_length: int | None = None) -> np.ndarray:
         """Last-token hidden states of `[query, document]` pairs, shape (n, hidden), float32.
 
         `pairs` is any iterable of [query, document] lists or tuples (a generator is read once).
@@ -284,7 +297,8 @@ class Reranker:
         """
         return self.score_documents(pairs, keep_hidden=True, batch_size=batch_size, max_length=max_length,
                                     max_query_length=max_query_length, show_progress_bar=show_progress_bar,
-                                    check_finite=False, doc_type=doc_type, query_type=query_type).hidden
+                                    check_finite=False, doc_type=doc_type, query_type=query_type,
+                                    max_doc_length=max_doc_length).hidden
 
     @torch.inference_mode()
     def score_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
@@ -297,7 +311,8 @@ class Reranker:
     def compute_score(self, pairs: Iterable[Sequence[str]] | Sequence[str], *, batch_size: int | None = None,
                       max_length: int | None = None, max_query_length: int | None = None,
                       show_progress_bar: bool = False, chunking: bool | Chunking | None = None, doc_type: str = "text",
-                      query_type: str = "text") -> list[float] | float:
+                      query_type: str = "text", max_doc_length: int | None = None,
+                      show_progress: bool = False) -> list[float] | float:
         """Scores of `[query, document]` pairs, like the original model's `compute_score`.
 
         A single pair (a list or tuple of a query and a document) gives a float; any other iterable of
@@ -309,6 +324,10 @@ class Reranker:
         `last_usage.chunks` and `.best_chunk` then say, per pair, how many chunks it had and
         which scored best. Default: truncation, as the original model.
 
+        `max_doc_length`, as the original: a document is cut to this many tokens before its prompt is
+        built (default `max(max_length - max_query_length, max_query_length)`); `show_progress` is the
+        original's name of `show_progress_bar`.
+
         `doc_type="image"` / `query_type="image"`, as the original: the documents / queries are images (a
         local path, `pathlib.Path`, `PIL.Image`, bytes or a `data:` URI; URLs are not fetched), scored
         through the vision projector (`mmproj`); a side given as `{"image": ...}` or `{"text": ...}`
@@ -317,7 +336,8 @@ class Reranker:
         single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple))
         scores = self.score_documents([pairs] if single else pairs, chunking=chunking, batch_size=batch_size,
                                       max_length=max_length, max_query_length=max_query_length,
-                                      show_progress_bar=show_progress_bar, doc_type=doc_type, query_type=query_type).scores
+                                      show_progress_bar=show_progress_bar or show_progress, doc_type=doc_type,
+                                      query_type=query_type, max_doc_length=max_doc_length).scores
         return scores.tolist()[0] if single else scores.tolist()
 
     def rank(self, query: str | object, documents: Iterable[object], *, top_k: int | None = None, return_documents: bool = False,

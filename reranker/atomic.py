@@ -67,18 +67,29 @@ def open_output(path: str | None, *, binary: bool = False) -> Iterator[tuple[Tex
     """Yield (text stream, temporary path) for a command's `-o PATH`; `None` or '-' means stdout.
 
     With `binary`, the stream is None and the caller writes the temporary path itself.
-    Write errors become a `RerankerError` naming `path`.
+    Write errors become a `RerankerError` naming `path`. A symbolic link is written through (the
+    file it names is replaced, the link stays); a device or a pipe (`/dev/null`, a fifo) is written
+    to directly, never replaced by a regular file (a binary output cannot go there).
     """
     if path is None or path == "-":
         if binary:
             raise RerankerError("binary output cannot go to stdout; give a file with -o FILE")
+        if sys.stdout is None:
+            raise RerankerError("standard output is closed; give a file with -o FILE")
         yield sys.stdout, None
         sys.stdout.flush()
         return
-    target = Path(path)
+    target = Path(os.path.realpath(path))
     if target.is_dir():
         raise RerankerError(f"-o {path} is a directory; give a file name")
     try:
+        if target.exists() and not target.is_file():  # a device, fifo or socket: there is nothing to replace atomically
+            if binary:
+                raise RerankerError(f"-o {path} is not a regular file; this output is a file written in place: "
+                                    "give a file name")
+            with open(target, "w", encoding="utf-8", newline="") as fh:
+                yield fh, str(target)
+            return
         with atomic_path(target) as tmp:
             if binary:
                 yield None, str(tmp)

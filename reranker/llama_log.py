@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import llama_cpp
 
@@ -22,9 +23,42 @@ _BENIGN = (b"control-looking token", b"model default pooling_type", b"required f
 _FALLBACK = re.compile(rb"^warning: (\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\)")
 _FELL_BACK = re.compile(rb"^-> falling back to\s+(\w+)")
 _fallbacks: list[list] | None = None  # [tensor, ncols, block, wanted, used] while `collect_fallbacks` runs
+_errors: list[str] | None = None  # error lines while `collect_errors` runs
+
+
+_interrupted = False  # a Ctrl-C that arrived inside a log callback, for `raise_if_interrupted`
+
+
+def interruptible(callback: Callable[..., None]) -> Callable[..., None]:
+    """`callback` (a C-called log callback) with a Ctrl-C kept instead of lost.
+
+    Python runs a signal's handler in the first Python code it meets; while llama.cpp loads a model that is
+    its log callback, where ctypes would print the KeyboardInterrupt and drop it, and the load would go on.
+    It is kept here, and `raise_if_interrupted` raises it once llama.cpp has returned."""
+
+    @functools.wraps(callback)
+    def guarded(*args):
+        global _interrupted
+        try:
+            callback(*args)
+        except KeyboardInterrupt:
+            _interrupted = True
+
+    return guarded
+
+
+def raise_if_interrupted(cleanup: Callable[[], object] | None = None) -> None:
+    """Raise the KeyboardInterrupt a log callback kept (after `cleanup`, which frees what the call made)."""
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        if cleanup is not None:
+            cleanup()
+        raise KeyboardInterrupt
 
 
 @llama_cpp.llama_log_callback
+@interruptible
 def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # Level 5 continues the previous line, so it keeps that line's level.
     if level != 5:
@@ -39,6 +73,12 @@ def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         _last_level[0] = logging.DEBUG
         if _fallbacks and _fallbacks[-1][4] is None:
             _fallbacks[-1][4] = m.group(1).decode().upper()
+    if _errors is not None and _last_level[0] >= logging.ERROR:
+        line = text.decode("utf-8", errors="replace").strip()
+        if level == 5 and _errors:
+            _errors[-1] += line
+        elif line:
+            _errors.append(line)
     if logger.isEnabledFor(_last_level[0]):
         logger.log(_last_level[0], text.decode("utf-8", errors="replace").rstrip("\n"))
 
@@ -53,6 +93,18 @@ def collect_fallbacks() -> Iterator[list[list]]:
         yield found
     finally:
         _fallbacks = None
+
+
+@contextlib.contextmanager
+def collect_errors() -> Iterator[list[str]]:
+    """llama.cpp's error lines while the block runs (such as why a quantization failed)."""
+    global _errors
+    found: list[str] = []
+    _errors = found
+    try:
+        yield found
+    finally:
+        _errors = None
 
 
 _installed = False

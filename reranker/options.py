@@ -32,12 +32,19 @@ INT32_MAX = 2**31 - 1
 MAX_THREADS = 512
 
 
-def check_lengths(max_length: int | None, max_query_length: int | None) -> None:
+def check_lengths(max_length: int | None, max_query_length: int | None, max_doc_length: int | None = None) -> None:
     """Truncation limits, checked before any work (None: the default)."""
     if max_length is not None:
         require_int("max_length", max_length, MIN_LENGTH)
     if max_query_length is not None:
         require_int("max_query_length", max_query_length, 1)
+    if max_doc_length is not None:
+        require_int("max_doc_length", max_doc_length, 1)
+
+
+def default_max_doc_length(max_length: int, max_query_length: int) -> int:
+    """The original model's document cap when `max_doc_length` is not given (its `compute_score`'s formula)."""
+    return max(max_length - max_query_length, max_query_length)
 
 
 #: The smallest chunk, in tokens; a prompt with less room than this (a query filling max_length) is truncated.

@@ -54,6 +54,7 @@ class LoadSettings:
     local_files_only: bool | None = None
     deterministic: bool = False
     mmproj: str | os.PathLike | None = None
+    max_doc_length: int | None = None
 
     def __post_init__(self) -> None:
         # Every setting is checked before any file is read, with the messages from_pretrained always gave.
@@ -70,7 +71,7 @@ class LoadSettings:
         for name in ("flash_attn", "bf16", "local_files_only"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise RerankerError(f"{name}={getattr(self, name)!r} must be True, False or None (automatic)")
-        check_lengths(self.max_length, self.max_query_length)
+        check_lengths(self.max_length, self.max_query_length, self.max_doc_length)
         require_int("batch_size", self.batch_size, 1)
         check_settings(n_ctx=self.n_ctx, n_batch=self.n_batch, n_seq_max=self.n_seq_max, n_threads=self.n_threads,
                        n_gpu_layers=self.n_gpu_layers, kv_type=self.kv_type)
@@ -115,6 +116,7 @@ class LoadSettings:
         values = dict(model=args.model, head=getattr(args, "head", None), device=getattr(args, "device", None),
                       n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
                       max_length=args.max_length, max_query_length=args.max_query_length,
+                      max_doc_length=getattr(args, "max_doc_length", None),
                       bf16={"auto": None, "on": True, "off": False}[getattr(args, "bf16", "auto")],
                       deterministic=getattr(args, "deterministic", False), mmproj=getattr(args, "mmproj", None))
         return cls(**{**values, **overrides})

@@ -60,10 +60,8 @@ def fidelity(reference: np.ndarray, scores: np.ndarray, groups: Sequence[int], k
             top_g = set(np.argsort(-g, kind="stable")[:k].tolist())
             overlaps.append(len(top_r & top_g) / k)
         if n > 1:
-            i, j = np.triu_indices(n, 1)
-            a, b = np.sign(r[i] - r[j]), np.sign(g[i] - g[j])
-            flips += float(np.sum(a * b < 0) + 0.5 * np.sum((a == 0) != (b == 0)))
-            n_pairs += len(i)
+            flips += _flips(r, g)
+            n_pairs += n * (n - 1) // 2
     out.update({
         "top10_overlap": float(np.mean(overlaps)) if overlaps else None,
         "mean_abs_diff": float(diff.mean()) if len(diff) else None,
@@ -73,6 +71,20 @@ def fidelity(reference: np.ndarray, scores: np.ndarray, groups: Sequence[int], k
     return out
 
 
+def _flips(r: np.ndarray, g: np.ndarray, block: int = 2**20) -> float:
+    """Order flips within one query (see `fidelity`), over row blocks of the pair matrix: memory stays at
+    about `block` pairs, not n^2 (some 50 MB; 30,000 candidates took ~20 GB at once)."""
+    n, total = len(r), 0.0
+    rows = max(1, block // n)
+    for start in range(0, n - 1, rows):
+        i = np.arange(start, min(start + rows, n - 1))[:, None]
+        j = np.arange(n)[None, :]
+        upper = j > i  # each unordered pair once
+        a, b = np.sign(r[i] - r[j]), np.sign(g[i] - g[j])
+        total += float(np.sum((a * b < 0) & upper) + 0.5 * np.sum(((a == 0) != (b == 0)) & upper))
+    return total
+
+
 #: Report key -> ir-measures measure name (MRR@10 is ir-measures' RR@10).
 RETRIEVAL_MEASURES = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "RR@10", "recall_at_100": "R@100"}
 
@@ -80,11 +92,21 @@ RETRIEVAL_MEASURES = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "RR@10", "recall_at_
 def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float | None]:
     """nDCG@10, MRR@10 and Recall@100 from ir-measures, with trec_eval's definitions (linear
     gains; grade >= 1 is relevant), averaged over every judged query: one without candidates
-    in `run` counts 0, as with `trec_eval -c`. None when there are no judgements."""
+    in `run` counts 0, as with `trec_eval -c`. None when there are no judgements.
+
+    Tied scores are ordered as trec_eval orders them (document id, descending) for every
+    measure: ir-measures' providers break ties differently (its RR@10 by ascending id), so the
+    run is handed over as ranks, with no ties left."""
     ir_measures = require_module("ir_measures")
     measures = {key: ir_measures.parse_measure(name) for key, name in RETRIEVAL_MEASURES.items()}
     if not qrels:
         return {key: None for key in measures}
-    run = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
+    run = {q: _trec_order(docs) for q, docs in run.items()}
     agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
     return {key: _none_if_nan(agg[m]) for key, m in measures.items()}
+
+
+def _trec_order(docs: dict[str, float]) -> dict[str, float]:
+    """`{doc_id: score}` as `{doc_id: n - rank}` in trec_eval's order: score descending, then id descending."""
+    order = sorted(((float(score), doc_id) for doc_id, score in docs.items()), reverse=True)
+    return {doc_id: float(len(order) - rank) for rank, (_, doc_id) in enumerate(order)}

@@ -379,6 +379,7 @@ class Settings:
     batch_size: int = 256
     max_length: int | None = None
     max_query_length: int = 512
+    max_doc_length: int | None = None  # None: the original's max(max_length - max_query_length, max_query_length)
     device: str | None = None
     warmup: int = 8
 
@@ -463,6 +464,9 @@ def bench_quant(plan: Plan, eval_set: EvalSet | None, out_dir: str | os.PathLike
         raise RerankerError(f"--recalibrate fits on half of the queries and measures on the other half: it needs at least "
                             f"4 queries, the evaluation set has {len(eval_set.groups()) if eval_set else 0}")
     settings = dataclasses.replace(settings or Settings())
+    # Decided once, here: a worker deciding for itself would sample the machine's load per level, and levels
+    # measured at different thread counts are not comparable.
+    settings.n_threads = settings.n_threads or default_threads()
     if eval_set is not None:
         settings.warmup = min(settings.warmup, len(eval_set.pairs()))
     out = Path(out_dir)
@@ -481,7 +485,7 @@ def bench_quant(plan: Plan, eval_set: EvalSet | None, out_dir: str | os.PathLike
             projectors.levels, image_set, settings, work / "mmproj", progress, plan.head, False,
             make=lambda level: make_projector(projectors, level), files=lambda level: (projectors.gguf, level.path))
         for row in projector_rows:  # one image per pair
-            row["images_per_s"] = row["pairs_per_s"]
+            row["images_per_s"] = row.get("pairs_per_s")
         all_scores.update({f"mmproj_{name}": v for name, v in projector_scores.items()})
     st = {"reference": plan.reference.name, "reference_path": str(plan.reference.path), "head": str(plan.head),
           "levels": [lv.name for lv in plan.levels] if eval_set is not None else [], **vars(settings)}
@@ -512,18 +516,18 @@ def _score_levels(levels: list[Level], eval_set: EvalSet, settings: Settings, wo
     ref_scores: np.ndarray | None = None
     with tqdm(total=len(levels), desc="levels", unit="level", disable=not progress, position=0) as levels_bar:
         for level in levels:
-            levels_bar.set_postfix_str(level.name + (": making" if level.path is None else ""))
-            made_s = make(level)
-            gguf, mmproj = files(level)
-            # The fast path's one-time GGUF copy (in from_pretrained's default dtype) is made here,
-            # so the worker times a steady-state load, as every later run of the job sees it.
-            levels_bar.set_postfix_str(f"{level.name}: preparing")
-            with_identity_output(gguf, IDENTITY_DTYPE)
-            levels_bar.set_postfix_str(f"{level.name}: scoring")
-            with tqdm(total=len(pairs), desc=f"{level.name} pairs", unit="pair", disable=not progress,
-                      position=1, leave=False) as pairs_bar:
-                numbers, scores = _measure(level, head, pairs_file, len(pairs), settings, work / level.name, pairs_bar,
-                                           hidden=hidden, gguf=gguf, mmproj=mmproj)
+            try:
+                made_s, numbers, scores = _make_and_measure(level, levels_bar, pairs_file, len(pairs), settings, work,
+                                                            progress, head, hidden, make, files)
+            except RerankerError as e:
+                if ref_scores is None:  # the reference: nothing to compare the other levels with
+                    raise
+                # One level that cannot be made or measured costs only its own row.
+                log.error("%s: %s", level.name, e)
+                rows.append({"level": level.name, "reference": False, "path": str(level.path) if level.path else None,
+                             "error": str(e)})
+                levels_bar.update(1)
+                continue
             if ref_scores is None:
                 ref_scores = scores
             all_scores[level.name] = scores
@@ -541,6 +545,23 @@ def _score_levels(levels: list[Level], eval_set: EvalSet, settings: Settings, wo
     return rows, all_scores
 
 
+def _make_and_measure(level: Level, levels_bar: tqdm, pairs_file: Path, n_pairs: int, settings: Settings, work: Path,
+                      progress: bool, head: Path, hidden: bool, make, files) -> tuple[float | None, dict, np.ndarray]:
+    levels_bar.set_postfix_str(level.name + (": making" if level.path is None else ""))
+    made_s = make(level)
+    gguf, mmproj = files(level)
+    # The fast path's one-time GGUF copy (in from_pretrained's default dtype) is made here,
+    # so the worker times a steady-state load, as every later run of the job sees it.
+    levels_bar.set_postfix_str(f"{level.name}: preparing")
+    with_identity_output(gguf, IDENTITY_DTYPE)
+    levels_bar.set_postfix_str(f"{level.name}: scoring")
+    with tqdm(total=n_pairs, desc=f"{level.name} pairs", unit="pair", disable=not progress,
+              position=1, leave=False) as pairs_bar:
+        numbers, scores = _measure(level, head, pairs_file, n_pairs, settings, work / level.name, pairs_bar,
+                                   hidden=hidden, gguf=gguf, mmproj=mmproj)
+    return made_s, numbers, scores
+
+
 def _recalibrate(plan: Plan, rows: list[dict[str, Any]], work: Path, out: Path, groups: Sequence[int]) -> None:
     """Each quantized row gets `recalibrated` (held-out fidelity before/after each correction), and the
     corrections fitted on all pairs are written as heads, `OUT/recalibrated/LEVEL-CORRECTION-mlp_weights.npz`."""
@@ -550,7 +571,7 @@ def _recalibrate(plan: Plan, rows: list[dict[str, Any]], work: Path, out: Path, 
     ref_hidden = np.load(work / plan.reference.name / HIDDEN_FILE)
     (out / RECALIBRATED_DIR).mkdir(parents=True, exist_ok=True)
     for row in rows:
-        if row["reference"]:
+        if row["reference"] or row.get("error"):
             continue
         hidden = np.load(work / row["level"] / HIDDEN_FILE)
         row["recalibrated"] = recalibrate(head, ref_hidden, hidden, groups)

@@ -60,7 +60,14 @@ def markdown_table(report: BenchReport, rows: list[dict[str, Any]] | None = None
         name = row["level"] + (" (ref)" if row.get("reference") else "")
         cells = [name] + [_cell(row.get(key), fmt) for key, _, fmt in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [row for row in (report.rows if rows is None else rows) if row.get("error")]
+    lines += [""] * bool(failed) + [f"{row['level']} failed: {row['error'].splitlines()[0]}" for row in failed]
     return "\n".join(lines) + "\n"
+
+
+def failed_levels(report: BenchReport) -> list[str]:
+    """The levels (backbone and projector) that could not be made or measured."""
+    return [row["level"] for row in [*report.rows, *report.projector_rows] if row.get("error")]
 
 
 def projector_table(report: BenchReport) -> str:
@@ -198,8 +205,8 @@ def write_outputs(report: BenchReport, out_dir: str | os.PathLike) -> dict[str, 
     paths["json"].write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if report.rows:
         plot(report, paths["plot"])
-    else:
-        del paths["plot"]
+    else:  # a plot left by an earlier run into this folder would read as this run's
+        paths.pop("plot").unlink(missing_ok=True)
     ids = np.array(report.ids, dtype=str).reshape(-1, 2)
     image_ids = np.array(report.image_ids, dtype=str).reshape(-1, 2)
     extra = {"mmproj_query_id": image_ids[:, 0], "mmproj_doc_id": image_ids[:, 1]} if report.projector_rows else {}

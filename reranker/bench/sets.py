@@ -198,7 +198,11 @@ def beir_set(folder: str | os.PathLike, *, split: str = "test", qrels: str | os.
     if not queries:
         raise RerankerError(f"no judged query of {root} has candidates in {run_path}: do the qrels and the run use the same query ids?")
     scored = {q.query_id for q in queries}
-    return EvalSet("beir", str(root), queries, {q: judgements[q] for q in wanted if q in scored}, notes)
+    unscored = [q for q in wanted if q not in scored]
+    if unscored:  # they stay in the qrels: a judged query the first stage found nothing for counts 0, as in trec_eval -c
+        notes.append(f"{len(unscored)} of {len(wanted)} judged queries have no candidates in {run_path.name} "
+                     f"(first: {unscored[0]!r}); they count 0 in nDCG, MRR and recall")
+    return EvalSet("beir", str(root), queries, {q: judgements[q] for q in wanted}, notes)
 
 
 def pairs_jsonl_set(path: str | os.PathLike) -> EvalSet:
@@ -214,6 +218,9 @@ def pairs_jsonl_set(path: str | os.PathLike) -> EvalSet:
     for unit in _units(read_input(p, "pairs-jsonl"), str(p)):
         (doc_id, text), = unit.docs
         q = queries.setdefault(unit.query_id, Query(unit.query_id, unit.query, []))
+        if q.text != unit.query:  # scoring it against the first text would be silently wrong
+            raise RerankerError(f'{unit.source}: query "{unit.query_id}" has another text here than in its first pair '
+                                f"({_short(q.text)} then {_short(unit.query)}); give each query text its own query_id")
         if any(d == doc_id for d, _ in q.docs):
             raise RerankerError(f'{unit.source}: duplicate pair: doc "{doc_id}" is already a candidate of query "{unit.query_id}"')
         q.docs.append((doc_id, text))
@@ -225,10 +232,22 @@ def pairs_jsonl_set(path: str | os.PathLike) -> EvalSet:
     return EvalSet("pairs-jsonl", str(p), list(queries.values()), qrels or None)
 
 
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _units(items, where: str) -> list[Unit]:
     units, rejects = [], []
     for item in items:
-        (rejects if isinstance(item, Reject) else units).append(item)
+        if isinstance(item, Reject):
+            rejects.append(item)
+            continue
+        if not all(isinstance(t, str) for t in [item.query, *(d for _, d in item.docs)]):
+            # Backbone levels are scored without a vision projector; image sets are the projector levels'.
+            raise RerankerError(f"{item.source}: an image or PDF query or document; bench-quant measures backbone levels "
+                                "on text pairs. Measure on a text set, and the vision projector's levels on images "
+                                "with --mmproj FILE (or --mmproj-checkpoint DIR) and --images DIR")
+        units.append(item)
     if rejects:  # the benchmark needs every level to see the same set, so bad records are left out, loudly
         log.warning("%s: %d records skipped; the first: %s: %s", where, len(rejects), rejects[0].source, rejects[0].reason)
     return units

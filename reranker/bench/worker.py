@@ -64,6 +64,7 @@ def measure(spec: dict) -> dict:
     rr = Reranker.from_pretrained(spec["gguf"], head=spec["head"], device=spec.get("device"), n_ctx=spec.get("n_ctx"),
                                   n_batch=spec["n_batch"], n_gpu_layers=spec["n_gpu_layers"], n_threads=spec.get("n_threads"),
                                   max_length=spec.get("max_length"), max_query_length=spec["max_query_length"],
+                                  max_doc_length=spec.get("max_doc_length"),
                                   bf16=False, mmproj=spec.get("mmproj"))  # each level as stored: the F16 row is F16
     if spec.get("mmproj"):
         rr.vision  # noqa: B018 (the projector loads on first use: its load is part of the level's)

@@ -9,6 +9,8 @@ from reranker.errors import RerankerError
 from reranker.gguf.quantize import BENCH_LEVELS
 
 DEFAULT_OUT = "bench-quant"
+#: The BEIR set's options and their defaults.
+BEIR_DEFAULTS = {"split": "test", "qrels": None, "run": None, "depth": 100, "negatives": 20, "max_queries": None}
 
 
 def _levels(text: str) -> list[str]:
@@ -41,13 +43,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     images.add_argument("--images", metavar="DIR", help="the projector levels' image set: the image files of DIR")
     images.add_argument("--synthetic-images", type=int, metavar="N",
                         help="the projector levels' image set: N seeded synthetic images of a few sizes (default: 32)")
-    p.add_argument("--split", default="test", help="BEIR qrels split (default: %(default)s)")
-    p.add_argument("--qrels", default=None, help="qrels file (default: DIR/qrels/<split>.tsv)")
-    p.add_argument("--run", default=None, help="first-stage TREC run (default: run.trec, run.txt or *.run in DIR)")
-    p.add_argument("--depth", type=int, default=100, help="run candidates reranked per query (default: %(default)s)")
-    p.add_argument("--negatives", type=int, default=20,
-                   help="without a run: random corpus documents added to each query's judged ones (default: %(default)s)")
-    p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries")
+    # The BEIR options default to None so that one given without --beir is an error, not silently ignored.
+    p.add_argument("--split", default=None, help=f"BEIR qrels split (default: {BEIR_DEFAULTS['split']})")
+    p.add_argument("--qrels", default=None, help="BEIR: qrels file (default: DIR/qrels/<split>.tsv)")
+    p.add_argument("--run", default=None, help="BEIR: first-stage TREC run (default: run.trec, run.txt or *.run in DIR)")
+    p.add_argument("--depth", type=int, default=None,
+                   help=f"BEIR: run candidates reranked per query (default: {BEIR_DEFAULTS['depth']})")
+    p.add_argument("--negatives", type=int, default=None,
+                   help="BEIR without a run: random corpus documents added to each query's judged ones "
+                        f"(default: {BEIR_DEFAULTS['negatives']})")
+    p.add_argument("--max-queries", type=int, default=None, help="BEIR: only the first N judged queries")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic pairs and sampled negatives (default: %(default)s)")
     p.add_argument("-o", "--out", default=DEFAULT_OUT,
                    help="output folder: bench_quant.{md,json,png}, scores.npz, made GGUFs in gguf/ (default: %(default)s)")
@@ -68,12 +73,10 @@ def run(args: argparse.Namespace) -> None:
     # Before any level is made or scored: the comparison (scipy), the metrics and the plot come last.
     require("bench", "reranker bench-quant")
     from reranker.bench.quant import Settings, bench_quant, plan_levels
-    from reranker.bench.report import markdown, write_outputs
+    from reranker.bench.report import failed_levels, markdown, write_outputs
     from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
 
-    for name in ("depth", "batch_size", "n_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise RerankerError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    _check(args)
     projectors_asked = bool(args.mmproj_files or args.mmproj_checkpoint)
     if args.beir is None and args.pairs is None and args.synthetic is None and not projectors_asked:
         raise RerankerError("give an evaluation set: --beir DIR, --pairs FILE or --synthetic N (or projector levels: "
@@ -86,9 +89,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.pairs is not None:
         eval_set = pairs_jsonl_set(args.pairs)
     elif args.beir is not None:
-        eval_set = beir_set(args.beir, split=args.split, qrels=args.qrels, run=args.run, depth=args.depth,
-                            negatives=args.negatives, seed=args.seed, max_queries=args.max_queries,
-                            work_dir=f"{args.out}/work")
+        beir = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in BEIR_DEFAULTS.items()}
+        eval_set = beir_set(args.beir, **beir, seed=args.seed, work_dir=f"{args.out}/work")
     else:  # projector levels only: the backbone is the reference, no level of it is made
         if args.levels:
             raise RerankerError("--levels are backbone levels, measured on a text set: add --beir, --pairs or --synthetic")
@@ -107,10 +109,40 @@ def run(args: argparse.Namespace) -> None:
                                 seed=args.seed)
     settings = Settings(n_threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
                         batch_size=args.batch_size, max_length=args.max_length, max_query_length=args.max_query_length,
-                        device=args.device, warmup=args.warmup)
+                        max_doc_length=args.max_doc_length, device=args.device, warmup=args.warmup)
     report = bench_quant(plan, eval_set, args.out, settings, quantize_threads=args.threads, progress=not args.no_progress,
                          recalibrate=args.recalibrate, projectors=projectors, image_set=image_set)
     paths = write_outputs(report, args.out)
     print(markdown(report))
     for path in paths.values():
         print(path)
+    failed = failed_levels(report)
+    if failed:
+        raise RerankerError(f"{len(failed)} level(s) could not be made or measured: {', '.join(failed)} (the report above "
+                            "has the other levels, and why each of these failed)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every option checked before any level is made or scored (a worker's traceback is no message)."""
+    from reranker.api import resolve_device
+    from reranker.settings import LoadSettings
+
+    for name, low in (("depth", 1), ("batch_size", 1), ("n_batch", 1), ("negatives", 0), ("max_queries", 1),
+                      ("warmup", 0), ("synthetic", 1), ("synthetic_images", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise RerankerError(f"--{name.replace('_', '-')} {value} must be at least {low}")
+    if args.levels == []:
+        raise RerankerError("--levels is empty; name the levels to measure, e.g. --levels Q8_0,Q4_K_M (or leave it out)")
+    if args.beir is None:
+        given = [name for name in BEIR_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            raise RerankerError(f"--{given[0].replace('_', '-')} applies to a BEIR set only; add --beir DIR or drop it")
+    if args.bf16 != "auto":
+        raise RerankerError("--bf16 does not apply to bench-quant: each level is measured as stored (the F16 row runs "
+                            "F16); to measure BF16, include it in --levels (made from the reference)")
+    # The lengths, llama.cpp's settings and the head's device, with the messages `from_pretrained` gives.
+    LoadSettings(model=args.models[0], n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+                 n_threads=args.threads, max_length=args.max_length, max_query_length=args.max_query_length,
+                 max_doc_length=args.max_doc_length)
+    resolve_device(args.device)

@@ -41,6 +41,9 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help=f"prompt tokens at most (default: {MAX_LENGTH}, or --n-ctx if smaller)")
     p.add_argument("--max-query-length", type=int, default=MAX_QUERY_LENGTH, help="query tokens at most (default: %(default)s)")
+    p.add_argument("--max-doc-length", type=int, default=None,
+                   help="document tokens at most, as the original model cuts them "
+                        "(default: the larger of max-length minus max-query-length and max-query-length)")
     p.add_argument("--device", default=None, help="torch device for the head (default: cuda if available, else mps, else cpu)")
 
 

@@ -18,6 +18,8 @@ def read_input(args: argparse.Namespace) -> tuple[bytes, str]:
         raise RerankerError("give the prompts with either -f FILE (a batch file) or -p PROMPT, not both or neither")
     if args.prompt is not None:
         return args.prompt.encode("utf-8", errors="surrogateescape"), "-p"
+    if args.file == "-" and sys.stdin is None:
+        raise RerankerError("-f -: standard input is closed; give the prompts in a file, -f FILE")
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as e:

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> None:
         if not is_npy(args.embeddings) or not index.is_file():
             raise RerankerError(f"--format jsonl keys each score by its pair: it needs a hidden-state .npy with its index "
                                 f"{index} beside it (`reranker score --save-hidden`); use txt, json or npy otherwise")
+    if args.embeddings == "-" and sys.stdin is None:
+        raise RerankerError("standard input is closed; give the embeddings file instead of -")
     head = load_head(args.head)
     hidden = head.hidden_size
     source = "stdin" if args.embeddings == "-" else args.embeddings

@@ -36,8 +36,10 @@ def cpu_extra_buffers() -> bool:
     benchmarks/amx/ has the cause, a patch and a build script; with a patched build set
     `RERANKER_CPU_EXTRA_BUFFERS=1` (`0` forces them off everywhere).
     """
-    forced = os.environ.get(CPU_EXTRA_BUFFERS_ENV)
-    if forced in ("0", "1"):
+    forced = os.environ.get(CPU_EXTRA_BUFFERS_ENV, "").strip()
+    if forced not in ("", "0", "1"):
+        raise RerankerError(f"{CPU_EXTRA_BUFFERS_ENV}={forced!r} is not a switch: set it to 1 (on) or 0 (off), or unset it")
+    if forced:
         return forced == "1"
     return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
 
@@ -50,6 +52,7 @@ def _load_model(path, n_gpu_layers: int = 0, vocab_only: bool = False):
     mparams.vocab_only = vocab_only
     mparams.use_extra_bufts = cpu_extra_buffers()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    llama_log.raise_if_interrupted(lambda: model and llama_cpp.llama_model_free(model))
     if not model:
         raise RerankerError(f"llama.cpp could not load {path}: the file is corrupt or not a supported model "
                             "(enable logging.getLogger('reranker.llama') at DEBUG for llama.cpp's reason)")
@@ -274,6 +277,7 @@ class Backbone:
             self._eval_callback = eval_callback
             cparams.cb_eval = eval_callback
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        llama_log.raise_if_interrupted(self.close)
         if not self._ctx:
             head_dim = self.n_embd // max(1, llama_cpp.llama_model_n_head(self._model))
             self.close()
@@ -384,6 +388,7 @@ class Backbone:
                                      for (seq, c, k), end in zip(chunks, ends)], all_outputs=not self.fast)
             batch = self._batch.struct
         rc = llama_cpp.llama_decode(self._ctx, batch)
+        llama_log.raise_if_interrupted()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} on {batch.n_tokens} {'image rows' if images else 'tokens'}")
         if not images:
@@ -406,6 +411,7 @@ class Backbone:
     def _decode(self, chunks: Sequence[tuple[Sequence[int], int, int, bool]]) -> list[int]:
         last = self._batch.fill(chunks, all_outputs=not self.fast)
         rc = llama_cpp.llama_decode(self._ctx, self._batch.struct)
+        llama_log.raise_if_interrupted()
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} on {self._batch.struct.n_tokens} tokens")
         return last

@@ -1,7 +1,8 @@
 """Long documents: split into overlapping token chunks, score each as its own prompt, aggregate.
 
 A document longer than the room a prompt leaves (`max_length` minus the template, the query and
-the scoring token) is cut on token boundaries into chunks of `size` tokens, consecutive chunks
+the scoring token), or than `max_doc_length` (the builder's document cap, which would otherwise cut it),
+is cut on token boundaries into chunks of `size` tokens (never more than that room or cap allows), consecutive chunks
 sharing `overlap` tokens. m0 puts the document first, so every chunk's prompt still ends with the
 query and the scoring token; chunks are ordinary prompts (`PromptBuilder`), packed into decode
 calls with everything else. The document's score is the max (or mean, or first) of its chunks'.
@@ -109,8 +110,13 @@ class Chunker:
         return DocumentPrompts([self.builder.build_parts(query, t) for t in texts], split=True, capped=capped)
 
     def _image_query_texts(self, query: Image, document: str) -> tuple[list[str] | None, bool]:
-        room = self.builder.max_length - len(self.builder.build_parts(query, "").ids) - MARGIN
+        room = self._room(self.builder.max_length - len(self.builder.build_parts(query, "").ids))
         return self._split(document, min(self.chunking.size or room, room))
+
+    def _room(self, free: int) -> int:
+        """Tokens a chunk may hold when `free` tokens of the prompt are left for it: no more than the
+        builder's document cap either (less `MARGIN` from each), so no chunk is cut by that cap."""
+        return min(free, self.builder.max_doc_length) - MARGIN
 
     def chunk_texts(self, query: str | Image, document: str) -> list[str]:
         """The text of each chunk (`[document]` when it fits): what each chunk's prompt holds as its document."""
@@ -122,21 +128,25 @@ class Chunker:
         return [document] if texts is None else texts
 
     def _texts(self, query: str, document: str) -> tuple[list[str] | None, bool]:
-        tokenizer, budget = self.builder.tokenizer, self.builder.budget
-        if len(self.builder.prompt_ids(query, document)) <= budget:
+        builder = self.builder
+        tokenizer, budget = builder.tokenizer, builder.budget
+        doc_ids = builder.document_ids(document)
+        over_cap = doc_ids is not None and len(doc_ids) > builder.max_doc_length
+        if not over_cap and len(builder.prompt_ids(query, document, doc_ids)) <= budget:
             return None, False
         base = self._base  # read once: a chunker may be shared by threads
         if base is None or base[0] != query:  # the query once per chunker, not per document
             base = self._base = (query, len(tokenizer.encode(format_prompt(query, ""))))
-        room = budget - base[1] - MARGIN
-        return self._split(document, min(self.chunking.size or room, room))
+        room = self._room(budget - base[1])
+        return self._split(document, min(self.chunking.size or room, room), doc_ids)
 
-    def _split(self, document: str, size: int) -> tuple[list[str] | None, bool]:
-        """The document's chunks of `size` tokens (None: too little room to chunk: truncate as without chunking)."""
+    def _split(self, document: str, size: int, ids: list[int] | None = None) -> tuple[list[str] | None, bool]:
+        """The document's chunks of `size` tokens (None: too little room to chunk: truncate as without chunking);
+        `ids`: the document's ids when already known."""
         if size < MIN_CHUNK:  # the query leaves no useful room
             return None, False
         tokenizer = self.builder.tokenizer
-        data, offsets, safe = char_boundaries(tokenizer.pieces(tokenizer.encode(document)))
+        data, offsets, safe = char_boundaries(tokenizer.pieces(tokenizer.encode(document) if ids is None else ids))
         spans, capped = token_spans(safe, size, self.chunking.overlap_for(size), self.chunking.max_chunks)
         return [data[offsets[a] : offsets[b]].decode("utf-8") for a, b in spans], capped
 

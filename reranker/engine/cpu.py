@@ -19,6 +19,9 @@ from pathlib import Path
 
 import llama_cpp
 
+from reranker.errors import RerankerError
+from reranker.options import MAX_THREADS
+
 THREADS_ENV = "RERANKER_THREADS"
 BUSY_SAMPLE_S = 0.25  # /proc/stat ticks 100 times a second: 25 ticks per core, enough to tell a busy core from an idle one
 _BUSY_TTL_S = 5.0  # loads within this long reuse the sample (a test suite or a server loads many models in a row)
@@ -75,8 +78,10 @@ def default_threads() -> int:
     job): there, right after one job, the next chose 1 thread on an idle 2-core machine and ran 40% slower.
     Elsewhere (no /proc/stat) the load average decides. `RERANKER_THREADS=N` overrides the choice.
     """
-    forced = os.environ.get(THREADS_ENV, "")
-    if forced.isdigit() and int(forced) > 0:
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    if forced:  # a typo silently ignored, or 1000 threads on 2 cores, would cost the whole run its speed
+        if not (forced.isdigit() and 1 <= int(forced) <= MAX_THREADS):
+            raise RerankerError(f"{THREADS_ENV}={forced!r} is not a thread count: set it to 1 .. {MAX_THREADS}, or unset it")
         return int(forced)
     try:
         cpus = set(os.sched_getaffinity(0))

@@ -58,7 +58,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[key]
     params.nthread = n_threads or os.cpu_count() or 1
-    with llama_log.collect_fallbacks() as fell:
+    with llama_log.collect_fallbacks() as fell, llama_log.collect_errors() as errors:
         rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(), ctypes.byref(params))
     if fell and rc == 0:
         used = sorted({f[4] or "another type" for f in fell})
@@ -68,7 +68,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
                     ", ".join(map(str, sorted({f[1] for f in fell}))), fell[0][2], key, "/".join(used))
     if rc != 0:
         dst_path.unlink(missing_ok=True)
-        raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}); "
-                            "tensor row sizes must be multiples of 256 for K-quants")
+        said = errors[-1].split("failed to quantize: ", 1)[-1] if errors else "it logged no reason"
+        fix = ("; this level needs an importance matrix (llama.cpp's llama-imatrix), which reranker does not make: "
+               "choose another level (Q3_K_M and up), or quantize with llama.cpp's own tools") if "imatrix" in said else ""
+        raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}): {said}{fix}")
     return dst_path
 

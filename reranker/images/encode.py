@@ -25,6 +25,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import mtmd_cpp
 
+from reranker import llama_log
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_file, header_value
 from reranker.images.preprocess import PreparedImage, Sizing
@@ -63,7 +64,7 @@ class _MtmdLog:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self._level = logging.DEBUG
-        self.callback = llama_cpp.llama_log_callback(self._log)
+        self.callback = llama_cpp.llama_log_callback(llama_log.interruptible(self._log))
 
     def _log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         if level != 5:  # 5 continues the previous line at its level
@@ -161,6 +162,7 @@ class VisionEncoder:
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         _log.take()
         ctx = mtmd_cpp.mtmd_init_from_file(str(self.path).encode(), model, params)
+        llama_log.raise_if_interrupted(lambda: ctx and mtmd_cpp.mtmd_free(ctx))
         if not ctx:
             reason = _log.take() or "no reason logged"
             raise RerankerError(f"llama.cpp's libmtmd could not load the vision projector {self.path} ({reason}); {MMPROJ_FIX}")

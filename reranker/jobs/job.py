@@ -43,7 +43,7 @@ from reranker.jobs.records import Reject, Unit
 from reranker.jobs.resume import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
 from reranker.jobs.validate import ids_a_trec_run_can_carry, one_run_per_query
 from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
-from reranker.options import Chunking
+from reranker.options import Chunking, default_max_doc_length
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ def check_spec_settings(spec: JobSpec) -> None:
         raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
     if spec.on_error not in ("fail", "skip"):
         raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
+    if not spec.run_tag or any(c.isspace() for c in spec.run_tag):  # before a checkpoint records it
+        raise RerankerError(f"--run-tag {spec.run_tag!r} must be one word: TREC run columns are separated by whitespace")
 
 
 def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None, mmproj: Path | None = None) -> None:
@@ -274,10 +276,13 @@ class Job:
             raise ValueError("a job that saves hidden states needs the model's hidden_size")
 
     def _settings(self) -> dict:
-        s = self.spec
+        s, b = self.spec, self.builder
+        # The document cap only when not the original's default: the fingerprints of jobs started before it stay.
+        doc_cap = {} if b.max_doc_length == default_max_doc_length(b.max_length, b.max_query_length) else \
+            {"max_doc_length": b.max_doc_length}
         return {"input_format": s.input_format, "output_format": detect_output_format(s.output, s.output_format),
                 "per": s.per, "depth": s.depth, "window": s.window, "run_tag": s.run_tag,
-                "max_length": self.builder.max_length, "max_query_length": self.builder.max_query_length,
+                "max_length": b.max_length, "max_query_length": b.max_query_length, **doc_cap,
                 **({"chunking": s.chunking.settings()} if s.chunking is not None else {}),
                 **({"hidden": os.path.realpath(s.hidden), "hidden_dtype": s.hidden_dtype} if s.hidden is not None else {})}
 
@@ -295,6 +300,10 @@ class Job:
         """
         files, state = self.files, None if self.spec.restart else self.checkpoint.load()
         recorded = state is not None
+        if state is not None and not state.get("done") and not state.get("consumed"):
+            # Nothing was committed (its first window stopped it: a bad record, a Ctrl-C): the record fixed or
+            # --on-error skip added, as its error said, starts the job afresh over files this output's checkpoint owns.
+            state = None
         if state is not None:
             check_resumable(state, self.fingerprint, files.output, self._rejects_id())
             if state.get("done"):

@@ -159,7 +159,8 @@ class RayJob:
         self.fingerprint = {**fingerprint, "input": input_fingerprint(input_files(spec.input_reads())),
                             "settings": {**fingerprint.get("settings", {}), "engine": "ray", "input_format": spec.input_format,
                                          "depth": spec.depth, "window": spec.window, "shard_windows": options.shard_windows,
-                                         "max_length": settings.prompt_length, "max_query_length": settings.max_query_length}}
+                                         "max_length": settings.prompt_length, "max_query_length": settings.max_query_length,
+                                         **({"max_doc_length": settings.max_doc_length} if settings.max_doc_length else {})}}
         self.stats = Stats()
         self.run_pairs = self.run_tokens = 0
         self.skipped_shards = 0
@@ -321,7 +322,8 @@ class RayJob:
                 raise RerankerError("image documents with --engine ray need the model on the driver's node")
             max_length = s.prompt_length
             self._vocab = VocabOnly(self.gguf)  # kept open: the builder tokenises through it
-            self._builder = PromptBuilder(self._vocab.tokenizer, min(max_length, s.n_ctx or max_length), s.max_query_length)
+            self._builder = PromptBuilder(self._vocab.tokenizer, min(max_length, s.n_ctx or max_length), s.max_query_length,
+                                          s.max_doc_length)
         return self._builder
 
     def _put(self, table: Any) -> Any:

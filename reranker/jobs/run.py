@@ -203,7 +203,8 @@ def _run_local(spec: JobSpec, pre: Preflight, given: LoadSettings, devices: str 
                 yield w, score_prepared(reranker, w.prepared, keep_hidden=keep_hidden)
 
     max_length = settings.prompt_length
-    builder = PromptBuilder(tokenizer, min(max_length, settings.n_ctx or max_length), settings.max_query_length)
+    builder = PromptBuilder(tokenizer, min(max_length, settings.n_ctx or max_length), settings.max_query_length,
+                            settings.max_doc_length)
     fmt = detect_input_format(spec.input, spec.input_format, beir_files=spec.input is None)
     progress = None
     try:

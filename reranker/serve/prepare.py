@@ -225,5 +225,5 @@ def build_prompts(reranker, query: Side, documents: list[Side], options: ScoreOp
         # The prompt without its document (template, cut query, scoring token), plus the document's allowance.
         base = len(builder.build(query, "").ids)
         limit = max(MIN_LENGTH, min(builder.max_length, base + options.max_tokens_per_doc))
-        builder = PromptBuilder(builder.tokenizer, limit, builder.max_query_length)
+        builder = PromptBuilder(builder.tokenizer, limit, builder.max_query_length, builder.max_doc_length)
     return prepare(builder, [(query, d) for d in documents], chunking)

@@ -71,6 +71,34 @@ def test_long_document_is_truncated_and_counted(tiny_reranker):
     assert 256 - 8 <= tiny_reranker.last_usage.tokens - short <= 256
 
 
+def test_a_long_document_is_cut_to_max_doc_length_as_the_original(tiny_reranker, reference, tiny_ggufs):
+    # The original cuts the document to max_doc_length tokens first (default max(max_length - 512, 512)):
+    # here 512 of its ~1100, where filling the room the query leaves would score ~500 more.
+    from oracle import assert_hidden_close, assert_scores_close
+
+    pairs = [["what is a reranker?", "A reranker scores how relevant a document is to a query. 机器学习 🎉 " * 60],
+             ["q", "a short document"]]
+    rr = tiny_reranker
+    for limits in ({"max_length": 1024}, {"max_doc_length": 100}, {"max_length": 600, "max_doc_length": 300}):
+        want = [reference.ids(q, d, **limits) for q, d in pairs]
+        got = rr.compute_score(pairs, **limits)
+        assert rr.last_usage.tokens == sum(map(len, want)) and rr.last_usage.truncated == 1, limits
+        assert_scores_close(got, reference.scores(pairs, **limits), "f32", f"compute_score{limits} vs the original")
+        assert_hidden_close(rr.embed(pairs, **limits), reference.hidden(pairs, **limits), "f32", f"embed{limits}")
+        assert rr.last_usage.tokens == sum(map(len, want))
+    assert rr.compute_score(pairs, max_length=1024) != rr.compute_score(pairs, max_length=1024, max_doc_length=900)
+    assert rr.score_documents(pairs, max_doc_length=100).scores.tolist() == rr.compute_score(pairs, max_doc_length=100)
+    single = rr.compute_score(pairs[0], max_doc_length=100, show_progress=True)  # the original's name of show_progress_bar
+    assert single == pytest.approx(rr.compute_score(pairs, max_doc_length=100)[0], abs=1e-6)
+    with pytest.raises(RerankerError, match=r"max_doc_length=0 is invalid"):
+        rr.compute_score(pairs, max_doc_length=0)
+    # A loading setting too: every call's default.
+    with Reranker.from_pretrained(str(tiny_ggufs["f32"]), device="cpu", n_ctx=4096, n_batch=1024, max_doc_length=100) as capped:
+        assert capped.prompt_builder().max_doc_length == 100 and capped.prompt_builder(1024).max_doc_length == 100
+        assert capped.compute_score(pairs) == pytest.approx(rr.compute_score(pairs, max_doc_length=100), abs=1e-6)
+        assert capped.compute_score(pairs, max_doc_length=512) == pytest.approx(rr.compute_score(pairs, max_length=1024), abs=1e-6)
+
+
 @pytest.mark.parametrize("bad,match", [
     ([["q", 3]], "document must be a str"),
     ([["q", None]], "document must be a str"),

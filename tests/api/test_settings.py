@@ -91,10 +91,10 @@ def test_from_args_maps_every_model_option():
     add_model_args(p)
     args = p.parse_args(["-m", "x.gguf", "--head", "h.npz", "--n-gpu-layers", "0", "--n-ctx", "2048", "--n-batch", "256",
                          "--threads", "3", "--bf16", "off", "--max-length", "1000", "--max-query-length", "100",
-                         "--device", "cpu", "--deterministic"])
+                         "--max-doc-length", "300", "--device", "cpu", "--deterministic"])
     assert LoadSettings.from_args(args) == LoadSettings(model="x.gguf", head="h.npz", n_gpu_layers=0, n_ctx=2048, n_batch=256,
                                                         n_threads=3, bf16=False, max_length=1000, max_query_length=100,
-                                                        device="cpu", deterministic=True)
+                                                        max_doc_length=300, device="cpu", deterministic=True)
     assert LoadSettings.from_args(p.parse_args([])) == LoadSettings()
     assert LoadSettings.from_args(p.parse_args(["--bf16", "on"]), n_gpu_layers=0).bf16 is True
 

@@ -173,6 +173,48 @@ def test_fidelity_hand_checked():
         fidelity(ref, got[:5], [5])
 
 
+def test_retrieval_metrics_break_ties_as_trec_eval():
+    import pytrec_eval
+
+    # A tie: trec_eval puts the larger id first ("d6" > "d10"), for nDCG and MRR alike (ir-measures' own RR@10
+    # takes the smaller first, which ranked the relevant d10 first for MRR and second for nDCG).
+    got = retrieval_metrics({"q": {"d10": 1}}, {"q": {"d6": 0.5, "d10": 0.5}})
+    assert got["mrr_at_10"] == pytest.approx(0.5) and got["ndcg_at_10"] == pytest.approx(1 / np.log2(3))
+    got = retrieval_metrics({"q": {"d10": 1}}, {"q": {"a": 0.5, "d10": 0.5}})
+    assert got["mrr_at_10"] == pytest.approx(1) and got["ndcg_at_10"] == pytest.approx(1)
+    # Against trec_eval itself (pytrec_eval) on runs full of ties, 10 candidates a query (so RR@10 is trec_eval's RR).
+    rng = np.random.default_rng(0)
+    qrels = {f"q{i}": {f"d{j}": int(rng.integers(0, 3)) for j in rng.choice(30, 5, replace=False)} for i in range(40)}
+    run = {q: {f"d{j}": float(rng.integers(0, 3)) / 2 for j in rng.choice(30, 10, replace=False)} for q in qrels}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recip_rank"}).evaluate(run)
+    got = retrieval_metrics(qrels, run)
+    assert got["ndcg_at_10"] == pytest.approx(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
+    assert got["mrr_at_10"] == pytest.approx(np.mean([m["recip_rank"] for m in per_query.values()]))
+
+
+def test_order_flips_in_bounded_memory():
+    import tracemalloc
+
+    from reranker.bench.compare import _flips
+
+    rng = np.random.default_rng(1)
+    ref, got = rng.integers(0, 6, 301).astype(float), rng.integers(0, 6, 301).astype(float)  # many ties on both sides
+    i, j = np.triu_indices(301, 1)
+    a, b = np.sign(ref[i] - ref[j]), np.sign(got[i] - got[j])
+    brute = float(np.sum(a * b < 0) + 0.5 * np.sum((a == 0) != (b == 0)))
+    assert _flips(ref, got) == _flips(ref, got, block=7) == _flips(ref, got, block=1) == brute
+    assert fidelity(ref, got, [301])["order_flips"] == pytest.approx(brute / len(i))
+    # 4,000 candidates of one query: the whole pair matrix took several n x n arrays at once.
+    ref, got = rng.random(4000), rng.random(4000)
+    tracemalloc.start()
+    try:
+        fidelity(ref, got, [4000])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20  # one n x n float64 array alone is 128 MB
+
+
 @pytest.mark.slow
 def test_default_levels_and_level_files(small_f16, bench_out, tmp_path):
     assert DEFAULT_LEVELS == ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
@@ -241,6 +283,15 @@ def test_eval_sets(tmp_path, beir_dir):
     write_jsonl(path, [{"query_id": "a", "query": "qa", "doc_id": "1", "document": "x", "label": 0.5}])
     with pytest.raises(RerankerError, match="integer relevance grade"):
         pairs_jsonl_set(path)
+    # One query id with two texts: the second pair would be scored against the first text.
+    write_jsonl(path, [{"query_id": "a", "query": "rocket launch", "doc_id": "1", "document": "x"},
+                        {"query_id": "a", "query": "cake recipe", "doc_id": "2", "document": "bake it"}])
+    with pytest.raises(RerankerError, match=r'pairs.jsonl:2: query "a" has another text here'):
+        pairs_jsonl_set(path)
+    # Image documents: refused by name (backbone levels are measured on text), not a TypeError at the worker.
+    write_jsonl(path, [{"query_id": "a", "query": "red", "doc_id": "1", "image": "red.png"}])
+    with pytest.raises(RerankerError, match=r"pairs.jsonl:1: an image or PDF .* --mmproj"):
+        pairs_jsonl_set(path)
 
     s = beir_set(beir_dir, max_queries=2)
     assert [q.query_id for q in s.queries] == ["q0", "q1"] and len(s.queries[0].docs) == N_DOCS
@@ -258,6 +309,13 @@ def test_eval_sets(tmp_path, beir_dir):
     assert [q.docs for q in again.queries] == [q.docs for q in s.queries]
     with pytest.raises(RerankerError, match="qrels file not found"):
         beir_set(no_run)
+    # A judged query the run has no candidates for stays in the qrels (it counts 0), with a note.
+    partial = tmp_path / "partial.trec"
+    partial.write_text("".join(line + "\n" for line in (beir_dir / "run.trec").read_text().splitlines()
+                               if not line.startswith("q2 ")), encoding="utf-8")
+    s = beir_set(beir_dir, run=partial)
+    assert [q.query_id for q in s.queries] == ["q0", "q1"] and set(s.qrels) == {"q0", "q1", "q2"}
+    assert any("1 of 3 judged queries have no candidates" in n for n in s.notes)
 
 
 @pytest.mark.slow
@@ -268,6 +326,57 @@ def test_cli_errors(small_f16, tmp_path, capsys):
     assert "unknown level 'Q9_X'" in capsys.readouterr().err
     assert main([str(small_f16)]) == 2  # an evaluation set is required
     assert "give an evaluation set" in capsys.readouterr().err
+
+
+def test_cli_checks_every_option_first(tmp_path, cli_here):
+    # All refused before any model file is read (the model path does not exist).
+    model = str(tmp_path / "model-F16.gguf")
+    cases = [(["--synthetic", "4", "--warmup", "-1"], "--warmup -1 must be at least 0"),
+             (["--beir", "x", "--negatives", "-3"], "--negatives -3 must be at least 0"),
+             (["--beir", "x", "--max-queries", "-1"], "--max-queries -1 must be at least 1"),
+             (["--synthetic", "0"], "--synthetic 0 must be at least 1"),
+             (["--synthetic", "4", "--levels", ""], "--levels is empty"),
+             (["--synthetic", "4", "--depth", "5"], "--depth applies to a BEIR set only"),
+             (["--pairs", "p.jsonl", "--run", "r.trec"], "--run applies to a BEIR set only"),
+             (["--synthetic", "4", "--bf16", "on"], "--bf16 does not apply to bench-quant"),
+             (["--synthetic", "4", "--threads", "0"], "n_threads"),
+             (["--synthetic", "4", "--max-length", "0"], "max_length"),
+             (["--synthetic", "4", "--device", "bogus"], "'bogus' is not a torch device")]
+    for argv, message in cases:
+        r = cli_here("bench-quant", model, *argv, "-o", str(tmp_path / "out"))
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_quantization_gives_llama_cpps_reason(tiny_ggufs, tmp_path):
+    from reranker.gguf.quantize import quantize
+
+    # llama.cpp's own reason, not a guess (it used to blame K-quant row sizes for every failure).
+    broken = tmp_path / "broken-F16.gguf"
+    broken.write_bytes(tiny_ggufs["f16"].read_bytes()[: tiny_ggufs["f16"].stat().st_size * 3 // 4])
+    with pytest.raises(RerankerError, match="to Q8_0 .*'token_embd.weight' data is not within the file bounds"):
+        quantize(broken, tmp_path / "y.gguf", "Q8_0")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_level_costs_only_its_row(small_f16, tmp_path, cli_here):
+    # IQ2_XXS needs an importance matrix where rows fit its blocks (the small model's do, the tiny one's fall back).
+    out = tmp_path / "out"
+    r = cli_here("bench-quant", str(small_f16), "--synthetic", "6", "--levels", "IQ2_XXS,Q8_0",
+                 "-o", str(out), "--n-ctx", "512", "--warmup", "1", "--no-progress")
+    assert r.returncode == 2 and "1 level(s) could not be made or measured: IQ2_XXS" in r.stderr
+    report = json.loads((out / "bench_quant.json").read_text(encoding="utf-8"))
+    rows = {r["level"]: r for r in report["levels"]}
+    assert list(rows) == ["F16", "IQ2_XXS", "Q8_0"]  # the level after the failed one is measured too
+    assert "importance matrix" in rows["IQ2_XXS"]["error"] and rows["Q8_0"]["pairs"] == 6 and rows["Q8_0"]["spearman"] > 0.5
+    assert "IQ2_XXS failed: llama.cpp failed to quantize" in (out / "bench_quant.md").read_text(encoding="utf-8")
+    assert set(np.load(out / "scores.npz").files) >= {"F16", "Q8_0"} and "IQ2_XXS" not in np.load(out / "scores.npz").files
+    # Every worker ran at the thread count the report gives, decided once (not by each worker from the load then).
+    specs = [json.loads((out / "work" / level / "spec.json").read_text(encoding="utf-8")) for level in ("F16", "Q8_0")]
+    threads = report["environment"]["threads"]
+    assert isinstance(threads, int) and [spec["n_threads"] for spec in specs] == [threads, threads]
 
 
 # --- the vision projector's levels (tiny model: F32 backbone, projectors made from the checkpoint) ------------------

@@ -185,3 +185,42 @@ def test_head_errors(out_json, head_npz, tmp_path, capsys, tiny_reranker):
     np.save(npy, np.zeros((3, hidden + 1), np.float32))
     assert cli_main(["head", str(npy), "--head", head_npz, "--device", "cpu"]) == 2
     assert f"embeddings of size {hidden + 1}" in capsys.readouterr().err
+
+
+def test_head_output_through_links_fifos_and_closed_streams(out_json, head_npz, tmp_path, capsys, monkeypatch):
+    import os
+    import sys
+    import threading
+
+    args = ["head", str(out_json), "--head", head_npz, "--device", "cpu"]
+    assert cli_main(args) == 0
+    expected = capsys.readouterr().out
+    # A symbolic link is written through: the file it names gets the scores, the link stays a link.
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert cli_main([*args, "-o", str(link)]) == 0
+    assert link.is_symlink() and target.read_text() == expected
+    # A fifo is written to, not replaced by a regular file (its reader used to wait for ever).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert cli_main([*args, "-o", str(fifo)]) == 0
+    reader.join(30)
+    assert got == [expected] and fifo.is_fifo()
+    assert cli_main([*args, "-o", str(fifo), "--format", "npy"]) == 2  # a file written in place cannot be a fifo
+    assert "is not a regular file" in capsys.readouterr().err and fifo.is_fifo()
+    # Closed standard streams are one line each, not an AttributeError from deep inside.
+    monkeypatch.setattr(sys, "stdin", None)
+    assert cli_main(["head", "-", "--head", head_npz, "--device", "cpu"]) == 2
+    assert "standard input is closed" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli_main(args) == 2
+    assert "standard output is closed" in capsys.readouterr().err
+
+
+def test_head_device_that_cannot_run_it_is_named(out_json, head_npz, capsys):
+    assert cli_main(["head", str(out_json), "--head", head_npz, "--device", "meta"]) == 2
+    assert "device 'meta' cannot run the head here" in capsys.readouterr().err

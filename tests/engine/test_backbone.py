@@ -43,3 +43,32 @@ def test_a_kv_type_the_heads_cannot_hold_is_named(tiny_ggufs):
 
     with pytest.raises(RerankerError, match=r"kv_type='q8_0' needs a head size that is a multiple of 32, and .*'s is 16"):
         Backbone(tiny_ggufs["f16"], kv_type="q8_0", n_ctx=512)
+
+
+def test_ctrl_c_while_llama_cpp_logs_a_load_stops_it(tiny_ggufs):
+    import logging
+    import os
+    import signal
+
+    class CtrlC(logging.Handler):  # a Ctrl-C arriving while llama.cpp logs, as during any model load
+        def __init__(self):
+            super().__init__()
+            self.sent = False
+
+        def emit(self, record):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    logger = logging.getLogger("reranker.llama")
+    handler, level = CtrlC(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # ctypes used to print it and drop it, and the load went on
+            Backbone(tiny_ggufs["f16"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert handler.sent
+    Backbone(tiny_ggufs["f16"]).close()  # the interrupt is spent: the next load is not stopped by it

@@ -146,6 +146,22 @@ def test_default_threads(monkeypatch):
     assert cpu.default_threads() == 1
     monkeypatch.setenv(cpu.THREADS_ENV, "2")
     assert cpu.default_threads() == 2
+    # A value that is not a usable thread count is named, not ignored (nor 1000 threads taken on 2 cores).
+    for bad in ("abc", "0", "-1", "1000"):
+        monkeypatch.setenv(cpu.THREADS_ENV, bad)
+        with pytest.raises(RerankerError, match=f"RERANKER_THREADS='{bad}' is not a thread count: set it to 1 .. 512"):
+            cpu.default_threads()
+
+
+def test_extra_buffers_switch_is_checked(monkeypatch):
+    from reranker.engine import backbone
+
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv(backbone.CPU_EXTRA_BUFFERS_ENV, value)
+        assert backbone.cpu_extra_buffers() is want
+    monkeypatch.setenv(backbone.CPU_EXTRA_BUFFERS_ENV, "yes")
+    with pytest.raises(RerankerError, match="RERANKER_CPU_EXTRA_BUFFERS='yes' is not a switch"):
+        backbone.cpu_extra_buffers()
 
 
 def test_threads_for_busy_cores():

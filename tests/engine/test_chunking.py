@@ -16,8 +16,8 @@ from oracle import assert_scores_close
 
 from reranker import Chunking, Reranker, RerankerError
 from reranker.defaults import QUERY_PREFIX, SCORE_TOKEN_ID
-from reranker.engine.chunking import Chunker, char_boundaries, token_spans
-from reranker.engine.prompts import PromptBuilder
+from reranker.engine.chunking import MARGIN, Chunker, char_boundaries, token_spans
+from reranker.engine.prompts import PromptBuilder, format_prompt
 from reranker.options import as_chunking
 
 MAX_LENGTH = 64  # small, so short documents already need several chunks
@@ -117,6 +117,49 @@ def test_a_document_that_fits_gives_the_unchunked_prompt(tokenizer):
         got = chunker.prompts("query", doc)
         assert not got.split and got.prompts == [builder.build("query", doc)]
         assert chunker.chunk_texts("query", doc) == [doc]
+
+
+@pytest.mark.parametrize("max_length, max_doc_length, size", [(1024, None, None), (512, 64, None), (512, 64, 200), (512, 64, 30)])
+def test_a_document_over_max_doc_length_is_chunked_and_no_chunk_is_cut(tokenizer, max_length, max_doc_length, size):
+    # The document fits the room the prompt leaves, but not the document cap (default at 1024 / 512: 512
+    # tokens): chunks no longer than the cap (less MARGIN), none cut by it, together the whole document.
+    builder = PromptBuilder(tokenizer, max_length, max_doc_length=max_doc_length)
+    cap = builder.max_doc_length
+    doc = LONG["english"] + LONG["cjk-emoji"] if max_doc_length is None else LONG["cjk-emoji"]
+    assert cap < len(tokenizer.encode(doc)) and len(builder.prompt_ids("q", doc)) < builder.budget, "fits the room, not the cap"
+    chunker = Chunker(builder, Chunking(size=size, overlap=4))
+    got = chunker.prompts("q", doc)
+    texts = chunker.chunk_texts("q", doc)
+    assert got.split and not got.capped and not got.truncated and len(got.prompts) == len(texts) > 1
+    limit = min(size or cap, cap - MARGIN)
+    lengths = [len(tokenizer.encode(t)) for t in texts]
+    assert max(lengths) <= limit + 4 and max(lengths) >= limit - 4, lengths  # the chunks use the room they have
+    for t, p in zip(texts, got.prompts):
+        assert p == builder.build_fitted("q", t)
+        assert tokenizer.decode(p.ids[:-1]) == unicodedata.normalize("NFC", format_prompt("q", t))  # the whole chunk
+    text = unicodedata.normalize("NFC", doc)
+    assert text.startswith(texts[0]) and text.endswith(texts[-1])
+    # Without chunking the same document is cut to the cap.
+    plain = builder.build("q", doc)
+    assert plain.truncated and len(plain.ids) < len(builder.prompt_ids("q", doc))
+
+
+def test_an_image_querys_document_over_max_doc_length_is_chunked(tokenizer):
+    from reranker.engine.segments import Embeddings
+
+    def parts(p):
+        return p.truncated, [x if isinstance(x, Embeddings) else list(x) for x in p.ids.parts]
+
+    query = Embeddings(np.zeros((4, 8), np.float32), nx=2, ny=2)
+    builder = PromptBuilder(tokenizer, 512, max_doc_length=64)
+    doc = LONG["cjk-emoji"]
+    assert len(builder.build_parts(query, doc).ids) < 400 and len(tokenizer.encode(doc)) > 64
+    chunker = Chunker(builder, Chunking(overlap=4))
+    got = chunker.image_query_prompts(query, doc)
+    texts = chunker.chunk_texts(query, doc)
+    assert got.split and not got.truncated and len(got.prompts) == len(texts) > 1
+    assert max(len(tokenizer.encode(t)) for t in texts) <= 64 - MARGIN + 4
+    assert [parts(p) for p in got.prompts] == [parts(builder.build_parts(query, t)) for t in texts]
 
 
 def test_chunked_score_is_the_max_of_its_chunks_scored_alone(det, reference):

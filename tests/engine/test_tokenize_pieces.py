@@ -64,7 +64,11 @@ def test_pieces_join_to_the_text_and_are_bounded_where_a_cut_is_possible():
 def test_prompt_ids_with_the_query_tokenised_once_equal_the_whole_prompt(tokenizer, hf_tok):
     queries = hostile_texts(12, seed=1) + ["what is a reranker?", "", " trailing ", "<|box_end|>"]
     docs = hostile_texts(80, seed=2) + ["ends in a", "ends in 7", "ends in .", "ends in space ", "ends in newline\n",
-                                        "ends in é", "ends in e\u0301", "ends in x\u0301", "ends in <|box_end|>", ""]
+                                        "ends in é", "ends in e\u0301", "ends in x\u0301", "ends in <|box_end|>", "",
+                                        # starts the prefix's last pre-token ":\n" would take in (or not)
+                                        "\nstarts with a newline", "\n\nstarts with two", "\r\nstarts with CRLF", "\rCR",
+                                        " \nspace then newline", "\tTAB", "\u2028LS", "\u0301mark", "'s contraction 1",
+                                        "long " * 1000 + "e\u0301 \u0958 é.\n", "x" * 5000 + ".", " ".join(hostile_texts(300, 3))]
     separable = 0
     for query in queries:
         builder = PromptBuilder(tokenizer)
@@ -72,6 +76,9 @@ def test_prompt_ids_with_the_query_tokenised_once_equal_the_whole_prompt(tokeniz
             text = format_prompt(query, doc)
             want = tokenizer.encode(text, piece_chars=WHOLE)
             assert builder.prompt_ids(query, doc) == want, (repr(query), repr(doc))
+            # A document's own ids (read for the document cap) stand for its part of the prompt.
+            assert builder.prompt_ids(query, doc, tokenizer.encode(doc)) == want, (repr(query), repr(doc))
+            assert builder._ids_with_own(query, doc, tokenizer.encode(doc)) == want, (repr(query), repr(doc))
             assert builder.build(query, doc).ids == prompt_ids(hf_tok, query, doc), (repr(query), repr(doc))
             separable += doc[-1:].isascii() and doc[-1:].isalnum()
     assert separable > 100, "few documents took the query-once path: the test would prove little"

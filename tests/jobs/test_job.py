@@ -86,6 +86,27 @@ def test_bad_records_fail_or_skip(model, tmp_path, capsys):
     assert json.loads(out.with_name("out.jsonl.summary.json").read_text())["skipped"] == 4
 
 
+def test_a_job_stopped_before_its_first_window_follows_its_own_fix(model, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = json.dumps({"query": "q", "documents": ["a", "b"]})
+    inp.write_bytes(b'{"query": "q", "documents": ["\xff"]}\n' + good.encode() + b"\n")
+    capsys.readouterr()
+    assert run_here(score_cmd(model, inp, out)) == 2
+    assert "fix the record" in capsys.readouterr().err
+    # The record fixed in place, as the error says: nothing was scored, so the job starts afresh (it used to be
+    # refused as "started with a different input").
+    inp.write_text(json.dumps({"query": "q", "documents": ["c"]}) + "\n" + good + "\n", encoding="utf-8")
+    assert run_here(score_cmd(model, inp, out)) == 0, capsys.readouterr().err
+    assert [json.loads(line)["query_id"] for line in out.read_text().splitlines()] == ["0", "1"]
+    # A TREC run tag that cannot be one is refused before any checkpoint records it, so the corrected one runs.
+    trec = tmp_path / "out.trec"
+    assert run_here(score_cmd(model, inp, trec, "--run-tag", "my tag")) == 2
+    assert "--run-tag 'my tag' must be one word" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out.trec*"))
+    assert run_here(score_cmd(model, inp, trec, "--run-tag", "mytag")) == 0
+    assert trec.read_text().split("\n")[0].endswith(" mytag")
+
+
 def test_what_an_output_or_the_parser_cannot_take_is_a_reject_not_the_end_of_the_job(model, tmp_path, capsys):
     # A TREC run cannot carry ids with whitespace: such a document (or query) is a reject, and the rest is scored,
     # not a writer error that stopped the job on every rerun. An integer of more than 4300 digits is a reject too.
