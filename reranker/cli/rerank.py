@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> None:
     from reranker.api import check_options
 
     check_options(top_k=args.top_n)
+    if args.max_pages is not None and not args.pdfs:
+        raise RerankerError("--max-pages applies to --pdf files; add --pdf FILE or drop it")
     chunking = chunking_option(args)
     if (args.query is None) == (args.image_query is None):
         raise RerankerError("give the query as -q TEXT or as --image-query PATH (one of the two)")

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from reranker.cli.common import add_chunk_args, add_model_args, chunking_option
 from reranker.defaults import RUN_TAG, WINDOW
+from reranker.errors import RerankerError
 
 log = logging.getLogger("reranker.jobs")
+#: The options of `--engine ray`, with their defaults.
+RAY_DEFAULTS = {"ray_address": None, "actors": None, "actor_cpus": 1.0, "shard_windows": 8}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,15 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--engine ray: the cluster ('auto': the running one; default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--actors", type=int, default=None,
                    help="--engine ray: scoring actors, one model each (default: one per GPU of the cluster, else 1)")
-    p.add_argument("--actor-cpus", type=float, default=1.0,
-                   help="--engine ray: CPUs per actor; CPU actors run that many llama.cpp threads (default: %(default)s)")
-    p.add_argument("--shard-windows", type=int, default=8,
-                   help="--engine ray: windows per output part; a rerun skips complete parts (default: %(default)s)")
+    p.add_argument("--actor-cpus", type=float, default=None,
+                   help=f"--engine ray: CPUs per actor; CPU actors run that many llama.cpp threads (default: {RAY_DEFAULTS['actor_cpus']})")
+    p.add_argument("--shard-windows", type=int, default=None,
+                   help=f"--engine ray: windows per output part; a rerun skips complete parts (default: {RAY_DEFAULTS['shard_windows']})")
     p.add_argument("--save-hidden", type=Path, default=None, metavar="PATH.npy",
                    help="also write each scored pair's last hidden state: a memory-mapped (n, hidden) .npy in input order, "
                         "and PATH.ids.jsonl with each row's query_id, doc_id and score; resumable like the output")
-    p.add_argument("--hidden-dtype", choices=["float32", "float16"], default="float32",
-                   help="--save-hidden's dtype (default: %(default)s; float16 halves the file)")
+    p.add_argument("--hidden-dtype", choices=["float32", "float16"], default=None,
+                   help="--save-hidden's dtype (default: float32; float16 halves the file)")
     p.add_argument("--mmproj", metavar="PATH",
                    help="the vision projector for image documents (default: the mmproj-*.gguf beside the GGUF)")
     p.add_argument("--restart", action="store_true", help="discard a previous run's output and checkpoint and start over")
@@ -68,13 +71,19 @@ def run(args: argparse.Namespace) -> None:
     from reranker.jobs.run import JobInterrupted, run_job
     from reranker.settings import LoadSettings
 
+    # Options of a mode not asked for are refused, not silently ignored (their defaults are None to tell).
+    if args.engine != "ray" and (given := [name for name in RAY_DEFAULTS if getattr(args, name) is not None]):
+        raise RerankerError(f"--{given[0].replace('_', '-')} applies to --engine ray; add it or drop the option")
+    if args.save_hidden is None and args.hidden_dtype is not None:
+        raise RerankerError("--hidden-dtype applies to --save-hidden; add --save-hidden PATH.npy or drop it")
+    ray = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in RAY_DEFAULTS.items()}
     spec = JobSpec(input=args.input, output=args.output, input_format=args.input_format, output_format=args.output_format,
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
                    run_tag=args.run_tag, chunking=chunking_option(args), hidden=args.save_hidden,
-                   hidden_dtype=args.hidden_dtype)
-    options = RayOptions(address=args.ray_address, actors=args.actors, cpus_per_actor=args.actor_cpus,
-                         shard_windows=args.shard_windows)
+                   hidden_dtype=args.hidden_dtype or "float32")
+    options = RayOptions(address=ray["ray_address"], actors=ray["actors"], cpus_per_actor=ray["actor_cpus"],
+                         shard_windows=ray["shard_windows"])
     try:
         summary = run_job(spec, LoadSettings.from_args(args), devices=args.devices, engine=args.engine,
                           ray_options=options, quiet=args.quiet)

@@ -134,7 +134,7 @@ def check_input(what: str, path: Path, folder_ok: bool = False) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise RerankerError(f"{what} file not found: {path}") from None
+        raise RerankerError(f"{what if what.endswith('file') else what + ' file'} not found: {path}") from None
     except OSError as e:
         raise RerankerError(f"cannot read the {what} {path}: {_why(e)}") from None
     if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):

@@ -104,6 +104,20 @@ def test_errors_are_one_clear_line(gguf, tmp_path, cli_here):
     assert res.returncode == 2 and str(npz) in res.stderr and "b1" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_options_of_a_mode_not_asked_for_are_refused(tmp_path, cli_here):
+    # Each refused before any file is read (the model and the input do not exist): an option that does nothing
+    # where it is given is a mistake to name, not to ignore.
+    model, inp, out = str(tmp_path / "m.gguf"), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    cases = [(["score", "-m", model, "-i", inp, "-o", out, "--actor-cpus", "2"], "--actor-cpus applies to --engine ray"),
+             (["score", "-m", model, "-i", inp, "-o", out, "--shard-windows", "4"], "--shard-windows applies to --engine ray"),
+             (["score", "-m", model, "-i", inp, "-o", out, "--ray-address", "auto"], "--ray-address applies to --engine ray"),
+             (["score", "-m", model, "-i", inp, "-o", out, "--hidden-dtype", "float16"], "--hidden-dtype applies to --save-hidden"),
+             (["rerank", "-m", model, "-q", "q", "-d", "d", "--max-pages", "3"], "--max-pages applies to --pdf")]
+    for argv, message in cases:
+        res = cli_here(*argv)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (argv, res.stderr)
+
+
 def test_documents_file_lines_end_at_newline_only(tmp_path):
     """A form feed, U+2028 or U+0085 inside a line (PDF-extracted text) is part of its document: indices stay put."""
     from reranker.cli.rerank import read_documents
