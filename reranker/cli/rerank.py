@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--document", dest="documents", action="append", help="a document (repeatable)")
     p.add_argument("--image", dest="images", metavar="PATH", action="append",
                    help="an image document (repeatable; ranked with the -d and -f documents)")
-    p.add_argument("-f", "--file", help="documents, one per line, or a .jsonl of {\"text\": ...}")
+    p.add_argument("-f", "--file", help="documents, one per line ('-': from stdin), or a .jsonl of {\"text\": ...}")
     p.add_argument("--pdf", dest="pdfs", metavar="FILE", action="append",
                    help="a PDF whose pages are image documents, one per page, shown as FILE#PAGE (pages from 1; repeatable)")
     p.add_argument("--max-pages", type=int, default=None,
@@ -79,10 +79,15 @@ def read_documents(path: str | Path) -> list[str]:
     """Documents from a text file (one per line, blank ones too, so index i is line i + 1) or a `.jsonl` file of
     `{"text": ...}` objects (blank lines skipped)."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise RerankerError(f"cannot read documents file {p}: {e.strerror}") from e
+    if str(path) == "-":  # one document per line, as from a file without a .jsonl suffix
+        if sys.stdin is None:
+            raise RerankerError("-f -: standard input is closed; give the documents in a file, -f FILE")
+        p, raw = Path("stdin"), sys.stdin.buffer.read()
+    else:
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise RerankerError(f"cannot read documents file {p}: {e.strerror}") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

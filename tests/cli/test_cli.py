@@ -118,6 +118,17 @@ def test_options_of_a_mode_not_asked_for_are_refused(tmp_path, cli_here):
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (argv, res.stderr)
 
 
+def test_rerank_reads_documents_from_stdin(gguf, tiny_reranker, cli_here, monkeypatch):
+    import io
+
+    docs = ["a rocket launch", "", "a cake recipe"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(docs).encode() + b"\n")))
+    res = cli_here("rerank", "-m", gguf, "-q", "rockets", "-f", "-", "--json")
+    assert res.returncode == 0, res.stderr
+    got = {r["index"]: r["relevance_score"] for r in json.loads(res.stdout)["results"]}
+    assert got == pytest.approx(dict(enumerate(tiny_reranker.compute_score([["rockets", d] for d in docs]))), abs=1e-6)
+
+
 def test_documents_file_lines_end_at_newline_only(tmp_path):
     """A form feed, U+2028 or U+0085 inside a line (PDF-extracted text) is part of its document: indices stay put."""
     from reranker.cli.rerank import read_documents
