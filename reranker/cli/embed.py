@@ -90,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", help="prompts given inline (split on --embd-separator too)")
     p.add_argument("--embd-separator", default="\n", help="the string between prompts (default: newline, as llama-embedding)")
     p.add_argument("--embd-output-format", choices=FORMATS, default=None,
-                   help="json (OpenAI-style, default), array ([[...],...]), raw (one line per embedding), npy (needs -o)")
+                   help="json (OpenAI-style; the default, npy for -o FILE.npy), array ([[...],...]), raw (one line per "
+                        "embedding), npy (needs -o)")
     p.add_argument("--pooling", default="last", help="only 'last' is accepted (the model scores the last token)")
     p.add_argument("--embd-normalize", type=int, default=-1, help="only -1 (none) is accepted: the head needs raw states")
     p.add_argument("--no-escape", dest="escape", action="store_false",
@@ -100,7 +101,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=-1,
                    help="layers to offload to the GPU; -1 all (default), 0 none")
     p.add_argument("-c", "--n-ctx", "--ctx-size", dest="n_ctx", type=int, default=MAX_LENGTH,
-                   help="context size in tokens: the longest prompt allowed (default: %(default)s)")
+                   help="context size in tokens, the longest prompt allowed; llama.cpp rounds it up to a multiple of "
+                        "256 (default: %(default)s)")
     p.add_argument("-b", "--n-batch", "--batch-size", dest="n_batch", type=int, default=None,
                    help=f"tokens per decode call (default: {N_BATCH_CPU} on the CPU, {N_BATCH_GPU} on a GPU)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: the physical cores less those other processes keep busy now)")

@@ -52,13 +52,17 @@ def split_prompts(data: bytes, separator: str = "\n", *, escape: bool = True, so
     """
     if not separator:
         raise RerankerError("--embd-separator is empty; give the string between prompts, e.g. '<#sep#>'")
+    try:
+        data.decode("utf-8")  # the file itself first: an escape is to blame only when the file was valid
+    except UnicodeDecodeError as e:
+        raise RerankerError(f"{source} is not valid UTF-8 at byte {e.start}; re-encode it as UTF-8") from e
     if escape:
         data = process_escapes(data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        hint = " (after escape processing: a \\xHH escape made invalid UTF-8; pass --no-escape)" if escape else ""
-        raise RerankerError(f"{source} is not valid UTF-8 at byte {e.start}{hint}; re-encode it as UTF-8") from e
+        raise RerankerError(f"{source}: a \\xHH escape makes invalid UTF-8 (byte {e.start} after escape processing); "
+                            "fix the escape, or pass --no-escape to take backslashes literally") from e
     prompts = text.split(separator)
     if len(prompts) > 1 and prompts[-1] == "":
         prompts.pop()

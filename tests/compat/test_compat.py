@@ -224,3 +224,13 @@ def test_head_output_through_links_fifos_and_closed_streams(out_json, head_npz, 
 def test_head_device_that_cannot_run_it_is_named(out_json, head_npz, capsys):
     assert cli_main(["head", str(out_json), "--head", head_npz, "--device", "meta"]) == 2
     assert "device 'meta' cannot run the head here" in capsys.readouterr().err
+
+
+def test_invalid_utf8_is_blamed_on_the_file_or_on_an_escape():
+    from reranker import RerankerError
+
+    with pytest.raises(RerankerError, match=r"p\.txt is not valid UTF-8 at byte 2; re-encode it as UTF-8$"):
+        split_prompts(b"ok\xff", source="p.txt")  # the file's own byte: no escape to blame, --no-escape would not help
+    with pytest.raises(RerankerError, match=r"p\.txt: a \\xHH escape makes invalid UTF-8 .* --no-escape"):
+        split_prompts(b"ok\\xff", source="p.txt")
+    assert split_prompts(b"ok\\xff", escape=False) == ["ok\\xff"]
