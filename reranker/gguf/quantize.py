@@ -10,6 +10,7 @@ from pathlib import Path
 import llama_cpp
 
 from reranker import llama_log
+from reranker.atomic import atomic_path
 from reranker.errors import RerankerError
 from reranker.gguf.header import check_gguf_file
 
@@ -53,24 +54,31 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
     if key not in QUANT_TYPES:
         raise RerankerError(f"unknown quantization type {qtype!r}; choose one of {', '.join(sorted(QUANT_TYPES))}")
     dst_path = Path(dst)
+    if dst_path.is_dir():
+        raise RerankerError(f"the output {dst_path} is a folder; give the file to write, e.g. {dst_path / src_path.name}")
+    if dst_path.exists() and os.path.samefile(src_path, dst_path):  # llama.cpp would truncate it while reading it
+        raise RerankerError(f"the output {dst_path} is the input; write the quantized file to another path")
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     llama_log.install()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[key]
     params.nthread = n_threads or os.cpu_count() or 1
-    with llama_log.collect_fallbacks() as fell, llama_log.collect_errors() as errors:
-        rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(dst_path).encode(), ctypes.byref(params))
+    # Into a temporary file renamed over `dst` on success: a failure or a Ctrl-C leaves `dst` as it was (a file
+    # there before, or a process mapping it, is never cut short).
+    with atomic_path(dst_path) as tmp:
+        with llama_log.collect_fallbacks() as fell, llama_log.collect_errors() as errors:
+            rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(tmp).encode(), ctypes.byref(params))
+        llama_log.raise_if_interrupted()
+        if rc != 0:
+            said = errors[-1].split("failed to quantize: ", 1)[-1] if errors else "it logged no reason"
+            fix = ("; this level needs an importance matrix (llama.cpp's llama-imatrix), which reranker does not make: "
+                   "choose another level (Q3_K_M and up), or quantize with llama.cpp's own tools") if "imatrix" in said else ""
+            raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}): {said}{fix}")
     if fell and rc == 0:
         used = sorted({f[4] or "another type" for f in fell})
         log.log(logging.WARNING if explain else logging.DEBUG, "%s: %d tensors were stored as %s, not %s: their rows (%s values) are not multiples of the %d that %s "
                     "needs, so this level differs little from %s (a model too small for K-quants; `reranker synth --preset small` "
                     "has rows that fit)", dst_path.name, len(fell), "/".join(used), key,
                     ", ".join(map(str, sorted({f[1] for f in fell}))), fell[0][2], key, "/".join(used))
-    if rc != 0:
-        dst_path.unlink(missing_ok=True)
-        said = errors[-1].split("failed to quantize: ", 1)[-1] if errors else "it logged no reason"
-        fix = ("; this level needs an importance matrix (llama.cpp's llama-imatrix), which reranker does not make: "
-               "choose another level (Q3_K_M and up), or quantize with llama.cpp's own tools") if "imatrix" in said else ""
-        raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}): {said}{fix}")
     return dst_path
 

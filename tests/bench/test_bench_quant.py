@@ -358,6 +358,24 @@ def test_a_failed_quantization_gives_llama_cpps_reason(tiny_ggufs, tmp_path):
     with pytest.raises(RerankerError, match="to Q8_0 .*'token_embd.weight' data is not within the file bounds"):
         quantize(broken, tmp_path / "y.gguf", "Q8_0")
     assert not (tmp_path / "y.gguf").exists()
+    # A failure leaves a file already at the output as it was (it used to be deleted), and no temporary beside it.
+    kept = tmp_path / "kept.gguf"
+    kept.write_bytes(b"someone else's file")
+    with pytest.raises(RerankerError, match="failed to quantize"):
+        quantize(broken, kept, "Q8_0")
+    assert kept.read_bytes() == b"someone else's file" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "broken-F16.gguf", "kept.gguf"]
+    # The input as the output (by its name, or through a link) is refused: llama.cpp truncated it while reading it.
+    copy = tmp_path / "copy-F16.gguf"
+    copy.write_bytes(tiny_ggufs["f16"].read_bytes())
+    (tmp_path / "link.gguf").symlink_to(copy)
+    for out in (copy, tmp_path / "link.gguf"):
+        with pytest.raises(RerankerError, match="is the input; write the quantized file to another path"):
+            quantize(copy, out, "Q8_0")
+    assert copy.read_bytes() == tiny_ggufs["f16"].read_bytes()
+    with pytest.raises(RerankerError, match="is a folder; give the file to write"):
+        quantize(copy, tmp_path, "Q8_0")
+    assert quantize(copy, kept, "Q8_0") == kept and kept.stat().st_size > 1000  # a good run replaces it
 
 
 @pytest.mark.slow
