@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from head import ScoringHead
+from reranker.atomic import atomic_path
 from reranker.defaults import HEAD_FILE, ORIGINAL_BOX_END_ID, SCORE_TOKEN_ID
 from reranker.errors import RerankerError
 from reranker.gguf.mmproj import MMPROJ_TYPES, convert_mmproj
@@ -144,44 +145,67 @@ def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", n
     tensors = sorted(_iter_tensors(checkpoint), key=lambda t: _tensor_order(t[1]))
     if not tensors:
         raise RerankerError(f"{checkpoint} holds no language-model tensors (model.layers.*, model.embed_tokens.*)")
-    w = gguf.GGUFWriter(str(gguf_path), "qwen2vl")
-    _write_metadata(w, cfg, name, ftype)
-    tokens, types, merges = _vocab(checkpoint, int(cfg["vocab_size"]))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(int(cfg.get("bos_token_id", 151643)))
-    w.add_eos_token_id(int(cfg.get("eos_token_id", 151645)))
-    w.add_pad_token_id(151643)
-    w.add_add_bos_token(False)
-
-    with_meta = []
-    for hf_name, gname, file in tensors:
-        with safe_open(file, framework="pt") as f:
-            shape = list(f.get_slice(hf_name).get_shape())
-        out_type = gguf.GGMLQuantizationType.F32 if len(shape) == 1 or outtype == "f32" else qtype
-        nbytes = int(np.prod(shape)) * (4 if out_type == gguf.GGMLQuantizationType.F32 else 2)
-        dtype = np.float16 if out_type == gguf.GGMLQuantizationType.F16 else np.float32
-        if out_type == gguf.GGMLQuantizationType.BF16:
-            w.add_tensor_info(gname, [*shape[:-1], shape[-1] * 2], np.dtype(np.uint8), nbytes, raw_dtype=out_type)
-        else:
-            w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes)
-        with_meta.append((hf_name, file))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for hf_name, file in with_meta:  # one tensor in memory at a time
-        w.write_tensor_data(_encode(_load(file, hf_name), outtype))
-    w.close()
-
+    head = ScoringHead.from_checkpoint(checkpoint)  # before any file is written: no GGUF without its head
     npz_path = out_dir / HEAD_FILE
-    ScoringHead.from_checkpoint(checkpoint).save_npz(npz_path)
+    _check_head_not_shared(out_dir, npz_path, head, gguf_path)
+    # Into a temporary file renamed over the GGUF when whole: an interrupted conversion leaves no half file under
+    # its name, and a process mapping the old file keeps it (rewriting it in place crashed such a process).
+    with atomic_path(gguf_path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "qwen2vl")
+        _write_metadata(w, cfg, name, ftype)
+        tokens, types, merges = _vocab(checkpoint, int(cfg["vocab_size"]))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(int(cfg.get("bos_token_id", 151643)))
+        w.add_eos_token_id(int(cfg.get("eos_token_id", 151645)))
+        w.add_pad_token_id(151643)
+        w.add_add_bos_token(False)
+
+        with_meta = []
+        for hf_name, gname, file in tensors:
+            with safe_open(file, framework="pt") as f:
+                shape = list(f.get_slice(hf_name).get_shape())
+            out_type = gguf.GGMLQuantizationType.F32 if len(shape) == 1 or outtype == "f32" else qtype
+            nbytes = int(np.prod(shape)) * (4 if out_type == gguf.GGMLQuantizationType.F32 else 2)
+            dtype = np.float16 if out_type == gguf.GGMLQuantizationType.F16 else np.float32
+            if out_type == gguf.GGMLQuantizationType.BF16:
+                w.add_tensor_info(gname, [*shape[:-1], shape[-1] * 2], np.dtype(np.uint8), nbytes, raw_dtype=out_type)
+            else:
+                w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes)
+            with_meta.append((hf_name, file))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, file in with_meta:  # one tensor in memory at a time
+            w.write_tensor_data(_encode(_load(file, hf_name), outtype))
+        w.close()
+
+    head.save_npz(npz_path)
     log.info("wrote %s and %s", gguf_path, npz_path)
     if mmproj_type is not None:
         convert_mmproj(checkpoint, out_dir, mmproj_type, name)
     return gguf_path, npz_path
+
+
+def _check_head_not_shared(out_dir: Path, npz_path: Path, head: ScoringHead, gguf_path: Path) -> None:
+    """Refuse to replace the head of another model's GGUF in `out_dir`: every GGUF there would score with this one."""
+    others = sorted(p.name for p in out_dir.glob("*.gguf") if p != gguf_path and not p.name.startswith("mmproj"))
+    if not others or not npz_path.is_file():
+        return
+    try:
+        old = ScoringHead.load(npz_path).weights()
+    except RerankerError:
+        old = None
+    new = head.weights()
+    same = old is not None and np.float32(old.logit_bias) == np.float32(new.logit_bias) and all(
+        torch.equal(getattr(old, k).float(), getattr(new, k).float()) for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
+    if not same:
+        raise RerankerError(f"{out_dir} holds {others[0]} with another head ({npz_path.name}): this checkpoint's head would "
+                            f"replace it, and {others[0]} would score with it, silently wrong; convert into another folder "
+                            "(or remove that model's files first)")
 
 
 def _tensor_order(gname: str) -> tuple[int, str]:

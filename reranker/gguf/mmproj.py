@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from reranker.atomic import atomic_path
 from reranker.errors import RerankerError
 from reranker.gguf.safetensors_files import safetensors_files
 
@@ -151,43 +152,46 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / mmproj_name(name, mmproj_type)
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    for gname, _src, _file, _index, otype, part_shape in plan:
-        if otype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            dtype = np.float32 if otype == gguf.GGMLQuantizationType.F32 else np.float16
-            w.add_tensor_info(gname, part_shape, np.dtype(dtype), int(np.prod(part_shape)) * np.dtype(dtype).itemsize)
-        else:
-            byte_shape = gguf.quant_shape_to_byte_shape(part_shape, otype)
-            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=otype)
+    # Into a temporary file renamed over `path` when whole: an interrupted conversion leaves no half file under its
+    # name, and a process mapping the old file keeps it.
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+        for gname, _src, _file, _index, otype, part_shape in plan:
+            if otype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dtype = np.float32 if otype == gguf.GGMLQuantizationType.F32 else np.float16
+                w.add_tensor_info(gname, part_shape, np.dtype(dtype), int(np.prod(part_shape)) * np.dtype(dtype).itemsize)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(part_shape, otype)
+                w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=otype)
 
-    total, shared, expert, n_expert = w.get_total_parameter_count()
-    w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name(name)
-    w.add_size_label(gguf.size_label(total, shared, expert, n_expert))
-    w.add_file_type(ftype)
-    w.add_clip_has_vision_encoder(True)
-    w.add_vision_projection_dim(int(text["hidden_size"]))
-    w.add_vision_image_size(int(vision.get("image_size", _DEFAULT_IMAGE_SIZE)))
-    w.add_vision_patch_size(int(vision["patch_size"]))
-    w.add_vision_embedding_length(int(vision["embed_dim"]))
-    # llama.cpp's Qwen2-VL rule: vision_config.hidden_size (the merger's output width) becomes the
-    # "feed_forward_length" key; mtmd only logs it (the FFN widths come from the tensors).
-    w.add_vision_feed_forward_length(int(vision["hidden_size"]))
-    w.add_vision_block_count(depth)
-    w.add_vision_head_count(int(vision["num_heads"]))
-    w.add_vision_image_mean(list(pre["image_mean"]))
-    w.add_vision_image_std(list(pre["image_std"]))
-    w.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
-    w.add_vision_attention_layernorm_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        total, shared, expert, n_expert = w.get_total_parameter_count()
+        w.add_type(gguf.GGUFType.MMPROJ)
+        w.add_name(name)
+        w.add_size_label(gguf.size_label(total, shared, expert, n_expert))
+        w.add_file_type(ftype)
+        w.add_clip_has_vision_encoder(True)
+        w.add_vision_projection_dim(int(text["hidden_size"]))
+        w.add_vision_image_size(int(vision.get("image_size", _DEFAULT_IMAGE_SIZE)))
+        w.add_vision_patch_size(int(vision["patch_size"]))
+        w.add_vision_embedding_length(int(vision["embed_dim"]))
+        # llama.cpp's Qwen2-VL rule: vision_config.hidden_size (the merger's output width) becomes the
+        # "feed_forward_length" key; mtmd only logs it (the FFN widths come from the tensors).
+        w.add_vision_feed_forward_length(int(vision["hidden_size"]))
+        w.add_vision_block_count(depth)
+        w.add_vision_head_count(int(vision["num_heads"]))
+        w.add_vision_image_mean(list(pre["image_mean"]))
+        w.add_vision_image_std(list(pre["image_std"]))
+        w.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
+        w.add_vision_attention_layernorm_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for _gname, src, file, index, otype, _shape in plan:  # one tensor in memory at a time
-        with safe_open(file, framework="pt") as f:
-            arr = _as_numpy(f.get_tensor(src)[index] if index else f.get_tensor(src))
-        w.write_tensor_data(gguf.quants.quantize(arr, otype))
-    w.close()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _gname, src, file, index, otype, _shape in plan:  # one tensor in memory at a time
+            with safe_open(file, framework="pt") as f:
+                arr = _as_numpy(f.get_tensor(src)[index] if index else f.get_tensor(src))
+            w.write_tensor_data(gguf.quants.quantize(arr, otype))
+        w.close()
     log.info("wrote %s", path)
     return path

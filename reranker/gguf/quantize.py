@@ -12,7 +12,7 @@ import llama_cpp
 from reranker import llama_log
 from reranker.atomic import atomic_path
 from reranker.errors import RerankerError
-from reranker.gguf.header import check_gguf_file
+from reranker.gguf.header import check_gguf_file, header_value
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ RELEASE_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M")
 #: `bench-quant`'s default levels: BF16 (exact for a bf16 checkpoint, and llama.cpp's fastest unquantized
 #: type on CPUs with native bf16 dot products), then the release's.
 BENCH_LEVELS = ("BF16", *RELEASE_LEVELS)
+#: The `general.file_type`s `quantize` starts from: F32, F16, BF16 (a quantized file would be rounded twice).
+UNQUANTIZED_TYPES = {QUANT_TYPES["F32"], QUANT_TYPES["F16"], QUANT_TYPES["BF16"]}
 
 
 def level_in_name(name: str, extra: tuple[str, ...] = ()) -> str | None:
@@ -53,12 +55,20 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
     key = qtype.upper()
     if key not in QUANT_TYPES:
         raise RerankerError(f"unknown quantization type {qtype!r}; choose one of {', '.join(sorted(QUANT_TYPES))}")
+    stored = header_value(src_path, "general.file_type")
+    if stored is not None and stored not in UNQUANTIZED_TYPES:
+        level = {v: k for k, v in QUANT_TYPES.items()}.get(stored, f"file type {stored}")
+        raise RerankerError(f"{src_path} is already quantized ({level}); quantize the F32, F16 or BF16 GGUF it was made from "
+                            "(`reranker convert` writes one): a quantized file quantized again is rounded twice")
     dst_path = Path(dst)
     if dst_path.is_dir():
         raise RerankerError(f"the output {dst_path} is a folder; give the file to write, e.g. {dst_path / src_path.name}")
     if dst_path.exists() and os.path.samefile(src_path, dst_path):  # llama.cpp would truncate it while reading it
         raise RerankerError(f"the output {dst_path} is the input; write the quantized file to another path")
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission
+        raise RerankerError(f"cannot make the output's folder {dst_path.parent} ({e.strerror or e}); give another output path") from e
     llama_log.install()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[key]

@@ -83,3 +83,31 @@ def test_head_errors_are_reranker_errors_and_head_needs_no_llama_cpp():
     assert issubclass(HeadLoadError, RerankerError)
     code = "import sys, head, reranker.errors; assert 'llama_cpp' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_convert_never_leaves_half_a_file_nor_shares_a_folder_with_another_head(tiny_checkpoint, tmp_path, monkeypatch):
+    from reranker.gguf import convert as convert_module
+    from reranker.synth.random_checkpoint import synth_checkpoint
+
+    out = tmp_path / "models"
+    gguf_path, npz = convert_module.convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)
+    before = gguf_path.read_bytes()
+    # The same checkpoint's other level beside it is fine: one model, one head.
+    f16, _ = convert_module.convert(tiny_checkpoint, out, outtype="f16", mmproj_type=None)
+    assert f16.is_file() and npz.is_file()
+
+    # Another checkpoint into the same folder would replace the head both GGUFs score with: refused, nothing written.
+    other = synth_checkpoint(tmp_path / "other", preset="tiny", seed=1, vision=False)
+    head_bytes = npz.read_bytes()
+    with pytest.raises(RerankerError, match=r"holds .*\.gguf with another head \(mlp_weights\.npz\).*another folder"):
+        convert_module.convert(other, out, outtype="f16", mmproj_type=None)
+    assert npz.read_bytes() == head_bytes and sorted(p.name for p in out.iterdir()) == sorted([gguf_path.name, f16.name, npz.name])
+
+    # A conversion stopped midway leaves the earlier file whole under its name, and no partial file.
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "_encode", stop)
+    with pytest.raises(KeyboardInterrupt):
+        convert_module.convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)
+    assert gguf_path.read_bytes() == before and sorted(p.name for p in out.iterdir()) == sorted([gguf_path.name, f16.name, npz.name])
