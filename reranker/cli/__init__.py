@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from reranker.cli import bench_quant, cache, convert, embed, head, quantize, rerank, score, serve, synth
@@ -48,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("reranker.llama").setLevel(logging.INFO)
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader gone (`reranker cache list | head -1`) shows here, not in Python's exit
+    except BrokenPipeError:
+        # The reader of stdout closed it: stop quietly. stdout points at /dev/null so Python's own flush at exit
+        # does not fail again (the recipe of Python's documentation of SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except RerankerError as e:
         print(f"reranker {args.command}: error: {e}", file=sys.stderr)
         return 2

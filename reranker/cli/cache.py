@@ -26,9 +26,11 @@ def run(args: argparse.Namespace) -> None:
     print(f"{len(copies)} cached cop{'y' if len(copies) == 1 else 'ies'} ({_size(sum(c.size for c in copies))}, "
           f"{sum(c.stale for c in copies)} stale) in {folder}")
     if copies:
-        # "current" says nothing about whether a process has the copy open: only that it would be reused.
-        print("current: a source GGUF with the bytes it was made from exists, so loading it again reuses the copy; "
-              "stale: none does (gone or changed), the copy is never used again")
+        # "current" says nothing about whether a process has the copy open: only that it would be reused. A copy is
+        # found by its source's bytes, wherever that file is: a moved model loaded from its new place reuses it.
+        print("current: a GGUF with the bytes it was made from is known here; stale: none is known (the source was "
+              "moved, changed or deleted; a GGUF with those bytes loaded from any path reuses the copy), or an older "
+              "version made it (never reused); `reranker cache clear --stale` removes the stale ones")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="list or clear the fast path's cached GGUF copies",
                        description="The fast path writes one copy of each GGUF it loads, with an identity output "
                                    "projection, into $RERANKER_CACHE (default ~/.cache/jina-reranker-gguf). A copy is "
-                                   "keyed by its source's bytes, and stale when no GGUF with those bytes is left (or an older version made it): "
-                                   "it is never used again.")
+                                   "keyed by its source's bytes, whatever the path: a GGUF with those bytes, loaded from any "
+                                   "path, reuses it. A copy is stale when no GGUF with its bytes is known here (its source was "
+                                   "moved, changed or deleted), or when an older version made it (never reused).")
     p.add_argument("action", choices=("list", "clear"), help="list the copies, or delete them")
     p.add_argument("--stale", action="store_true", help="clear only the stale copies")
     p.add_argument("--dir", default=None, help="the cache folder (default: $RERANKER_CACHE or ~/.cache/jina-reranker-gguf)")

@@ -19,12 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from reranker.gguf.convert import convert
-    from reranker.gguf.mmproj import convert_mmproj
+    from pathlib import Path
 
-    gguf_path, npz_path = convert(args.checkpoint, args.output, outtype=args.outtype, name=args.name, mmproj_type=None)
+    from reranker.gguf.convert import convert
+    from reranker.gguf.mmproj import has_vision, mmproj_name
+
+    # Every input (the projector's too) is checked before the first file is written.
+    gguf_path, npz_path = convert(args.checkpoint, args.output, outtype=args.outtype, name=args.name, mmproj_type=args.mmproj_type)
     print(gguf_path)
     print(npz_path)
-    mmproj = convert_mmproj(args.checkpoint, args.output, args.mmproj_type, args.name)
-    if mmproj is not None:
-        print(mmproj)
+    if has_vision(args.checkpoint):
+        print(gguf_path.parent / mmproj_name(args.name or Path(args.checkpoint).resolve().name, args.mmproj_type))

@@ -11,7 +11,8 @@ Copies are keyed by the source's content (its SHA-256), not its path and mtime: 
 beside an orphan. A source is hashed once per (path, size, mtime, ctime, inode) and remembered in the cache's
 `.sources.json` (a 3 GB F16 file hashes in a few seconds, against ~4 GB written for its copy). Each copy
 records its source's hash and the path it was made from; `cached_copies` lists them and `clear_cache`
-removes them (all, or the stale ones: no known source with that content exists any more).
+removes them (all, or the stale ones: no source known to the cache has that content now; a moved source,
+loaded from its new place, is hashed and reuses its copy).
 
 BF16: an F16 GGUF whose tensors hold bf16 values (the release's do: the checkpoint is bf16) can be
 run as BF16 with the same weights, and llama.cpp's BF16 mat-muls use the CPU's native bf16 dot
@@ -34,10 +35,12 @@ fp32 (F16: 6.3e-4; transformers bf16: 1.7e-2); `bf16=False` / `--bf16 off` keeps
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +52,7 @@ from reranker.atomic import atomic_path
 from reranker.defaults import IDENTITY_DTYPE
 from reranker.engine import cpu
 from reranker.errors import RerankerError
-from reranker.gguf.header import check_gguf_file, header_value
+from reranker.gguf.header import check_architecture, check_gguf_file, header_value
 from reranker.gguf.layout import (
     Entry,
     Layout,
@@ -156,8 +159,8 @@ class _Memo:
         live = {p: e for p, e in self.paths.items() if os.path.exists(p)}  # bounded: gone sources are dropped
         shas = {e.get("sha256") for e in live.values() if isinstance(e, dict)}
         data = {"version": 1, "paths": live, "bf16": {k: v for k, v in self.bf16.items() if k in shas}}
-        self.folder.mkdir(parents=True, exist_ok=True)
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.folder / _MEMO) as tmp:
                 tmp.write_text(json.dumps(data, indent=0), encoding="utf-8")
         except OSError as e:  # a read-only cache still works, it just hashes again next time
@@ -202,7 +205,7 @@ class CachedCopy:
     path: Path
     size: int
     source: Path | None
-    stale: bool  # the source is unknown, gone, or changed since: the copy will never be used again
+    stale: bool  # no known source has its bytes now (moved, changed, deleted; loading one with them reuses it), or an old version's
 
 
 def _live_source(content: str, recorded: Path | None, memo: _Memo) -> Path | None:
@@ -221,7 +224,8 @@ def cached_copies(cache_dir: str | os.PathLike | None = None) -> list[CachedCopy
     """The identity copies in `cache_dir` (default: `default_cache_dir()`), sorted by path.
 
     Only files carrying the copy's own marker: another file that merely matches the name is left alone.
-    A copy is stale when no source with its content exists (a source whose stat changed is hashed again),
+    A copy is stale when no source known to the cache has its content now (a source whose stat changed is hashed
+    again; a moved one is known again once loaded from its new place),
     or when an older version of this package made it (keyed otherwise: it is never found again).
     """
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -266,6 +270,7 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
     if dtype not in _DTYPES:
         raise RerankerError(f"identity output dtype {dtype!r} must be one of {', '.join(_DTYPES)}")
     src = check_gguf_file(src)
+    check_architecture(src)  # before the file is hashed or copied: another model's GGUF may be gigabytes
     if identity_marker(src) == dtype:
         return src
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -283,13 +288,41 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
             return found
     dst = folder / _copy_name(src.stem, dtype, reencode, key)
     layout = read_layout(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    need = _copy_size(layout, dtype)
     log.info("writing %s (one-time copy of %s with an identity output projection%s)", dst, src.name,
              ", F16 tensors as BF16 where exact" if reencode else "")
-    with atomic_path(dst) as tmp:
-        _write(layout, tmp, dtype, reencode, content, as_bf16)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < need:  # refused before gigabytes are written
+            raise _cache_error(folder, src, need, f"{_gb(free)} free")
+        with atomic_path(dst) as tmp:
+            _write(layout, tmp, dtype, reencode, content, as_bf16)
+    except OSError as e:
+        why = ("it is a file, not a folder" if folder.exists() and not folder.is_dir() else
+               "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e))
+        raise _cache_error(folder, src, need, f"{why}: {e}") from e
     memo.save()
     return dst
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _copy_size(layout: Layout, dtype: str) -> int:
+    """About the bytes of `layout`'s copy (its sizes checked): its file, less any output matrix, plus the identity one."""
+    _, n_embd, n_vocab = _dims(layout)
+    output = sum(t.nbytes for t in layout.tensors if t.name == "output.weight")
+    return layout.path.stat().st_size - output + n_embd * n_vocab * np.dtype(_DTYPES[dtype]).itemsize
+
+
+def _cache_error(folder: Path, src: Path, need: int, why: str) -> RerankerError:
+    """The fast path's cache cannot take the copy (full, a file, not writable): what to do instead."""
+    return RerankerError(f"the fast path's cache folder {folder} cannot take its copy of {src} ({why}); the copy needs about "
+                         f"{_gb(need)} there: free space (`reranker cache clear --stale` removes the copies of GGUFs no longer known), point "
+                         "RERANKER_CACHE at a folder with room, or load without the copy: fast=False in Python (slower: "
+                         "every token's logits are computed; the command line has no such option)")
 
 
 def use_bf16(bf16: bool | None = None, n_gpu_layers: int = -1, src: str | os.PathLike | None = None) -> tuple[bool, str]:
@@ -403,6 +436,20 @@ _OUTPUT_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizat
 _OWN_KEYS = (gguf.Keys.General.ARCHITECTURE, MARKER_KEY, SOURCE_KEY, CONTENT_KEY, REENCODE_KEY, BF16_TENSORS_KEY)
 
 
+def _dims(layout: Layout) -> tuple[str, int, int]:
+    """(architecture, hidden size, vocabulary size) of a source GGUF, checked against its token embeddings."""
+    arch = _required(layout, gguf.Keys.General.ARCHITECTURE).value
+    n_embd = _required(layout, f"{arch}.embedding_length").value
+    n_vocab = _required(layout, gguf.Keys.Tokenizer.LIST).count
+    if not isinstance(arch, str) or not isinstance(n_embd, int) or n_vocab is None:
+        raise RerankerError(f"{layout.path}'s header has a malformed architecture, embedding_length or token list; "
+                            "the file is corrupt: download or convert it again")
+    if n_vocab < n_embd:
+        raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
+    _check_shapes(layout, arch, n_embd, n_vocab)
+    return arch, n_embd, n_vocab
+
+
 def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None, content: str, as_bf16: set[str] | None = None) -> None:
     """Write the copy: the source's entries and tensors as bytes, except the ones that change.
 
@@ -410,15 +457,7 @@ def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None, content:
     each tensor aligned), but no entry is decoded and no matrix is held whole in memory.
     """
     src = layout.path
-    arch = _required(layout, gguf.Keys.General.ARCHITECTURE).value
-    n_embd = _required(layout, f"{arch}.embedding_length").value
-    n_vocab = _required(layout, gguf.Keys.Tokenizer.LIST).count
-    if not isinstance(arch, str) or not isinstance(n_embd, int) or n_vocab is None:
-        raise RerankerError(f"{src}'s header has a malformed architecture, embedding_length or token list; "
-                            "the file is corrupt: download or convert it again")
-    if n_vocab < n_embd:
-        raise RerankerError(f"the vocabulary ({n_vocab}) is smaller than the hidden size ({n_embd}): not a jina-reranker-m0 GGUF")
-    _check_shapes(layout, arch, n_embd, n_vocab)
+    arch, n_embd, n_vocab = _dims(layout)
     data = np.memmap(src, dtype=np.uint8, mode="r")
 
     def raw(t: TensorInfo) -> np.ndarray:

@@ -23,6 +23,9 @@ _STRING, _ARRAY = 8, 9
 
 
 GGUF_FIX = "pass an existing .gguf path or a Hub id like 'jinaai/jina-reranker-m0-GGUF:Q8_0'"
+#: The architectures a jina-reranker-m0 GGUF may declare: llama.cpp's Qwen2-VL text model (the release's, and
+#: `reranker convert`'s), and plain Qwen2, which llama.cpp runs with the same layers (accepted on purpose).
+SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
 _STAT_ERRORS = {errno.ENOENT: "not found", errno.ENOTDIR: "not found", errno.ELOOP: "is a symlink loop"}
 
 
@@ -61,6 +64,17 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_architecture(path: Path) -> str:
+    """`path`'s `general.architecture` when jina-reranker-m0 can have it (SUPPORTED_ARCHS), else a RerankerError naming
+    `path`: read from the header, before any copy of the file is made or llama.cpp loads it."""
+    arch = header_value(path, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        what = f"architecture {arch!r}" if isinstance(arch, str) else "no general.architecture"
+        raise RerankerError(f"{path} is a GGUF of {what}, not jina-reranker-m0's {SUPPORTED_ARCHS[0]!r} (a Qwen2-VL text "
+                            f"model); {GGUF_FIX}")
+    return arch
+
+
 def header_value(path: str | os.PathLike, key: str, *, within: int | None = None) -> int | float | bool | str | None:
     """The scalar or string value of metadata `key`, or None when absent, unreadable, or not
     among the first `within` entries (a writer that puts a key first can be checked in microseconds)."""
@@ -80,25 +94,43 @@ def header_value(path: str | os.PathLike, key: str, *, within: int | None = None
                         return struct.unpack(_SCALAR_FORMATS[vtype], _read(f, _SCALAR_SIZES[vtype]))[0]
                     return None
                 _skip(f, vtype)
-        except (EOFError, ValueError, struct.error, UnicodeDecodeError):
-            return None
+        except (EOFError, ValueError, struct.error, UnicodeDecodeError, OverflowError, MemoryError):
+            return None  # OverflowError, MemoryError: a corrupt length the checks below did not catch
     return None
 
 
+_SMALL_READ = 1 << 20  # reads up to this size are made as asked; larger claims are checked against the file first
+
+
+def _check_left(f: BinaryIO, n: int) -> None:
+    """EOFError when a (corrupt) length field claims more than the bytes left in the file: reading it would ask
+    for gigabytes of memory (MemoryError) or more than an index holds (OverflowError)."""
+    if n > _SMALL_READ and n > os.fstat(f.fileno()).st_size - f.tell():
+        raise EOFError(f"a length of {n} bytes runs past the end of the file")
+
+
 def _read(f: BinaryIO, n: int) -> bytes:
+    """`n` bytes, or EOFError (also, without reading, for a length longer than the rest of the file)."""
+    _check_left(f, n)
     data = f.read(n)
     if len(data) != n:
         raise EOFError
     return data
 
 
+def _seek_ahead(f: BinaryIO, n: int) -> None:
+    """Skip `n` bytes (EOFError for a length longer than the rest of the file)."""
+    _check_left(f, n)
+    f.seek(n, 1)
+
+
 def _skip(f: BinaryIO, vtype: int) -> None:
     if vtype == _STRING:
-        f.seek(struct.unpack("<Q", _read(f, 8))[0], 1)
+        _seek_ahead(f, struct.unpack("<Q", _read(f, 8))[0])
     elif vtype == _ARRAY:
         sub, count = struct.unpack("<IQ", _read(f, 12))
         if sub in _SCALAR_SIZES:
-            f.seek(_SCALAR_SIZES[sub] * count, 1)
+            _seek_ahead(f, _SCALAR_SIZES[sub] * count)
         else:
             for _ in range(count):
                 _skip(f, sub)

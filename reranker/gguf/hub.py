@@ -95,38 +95,66 @@ def resolve(model: str = DEFAULT_REPO, quant: str | None = None, *, cache_dir: s
         gguf = _pick(sorted(local.glob("*.gguf")), quant, str(local))
         head = local / HEAD_FILE
         return ModelFiles(gguf, head if head.is_file() else None)
-    if local.exists() or local.is_symlink() or model.endswith(".gguf") or model.startswith((".", "/", "~")):
+    if local.exists() or local.is_symlink() or model.lower().endswith(".gguf"):
         gguf = check_file(local, "GGUF file", GGUF_FIX)
         _check_quant(gguf, quant)
         head = gguf.parent / HEAD_FILE
         return ModelFiles(gguf, head if head.is_file() else None)
+    if looks_like_path(model):  # a Hub id is `name` or `owner/name`
+        raise RerankerError(f"no local file or folder {model} (and it is not a Hub id like 'owner/name'); {GGUF_FIX}")
     return _from_hub(model, quant or DEFAULT_QUANT, cache_dir, local_files_only)
 
 
+def looks_like_path(model: str) -> bool:
+    """A model reference only a local path can be: more than one '/', a leading '.', '/' or '~', a backslash, or
+    a .gguf name (a Hub id is `owner/name`)."""
+    return (model.count("/") > 1 or model.startswith((".", "/", "~")) or "\\" in model or model.lower().endswith(".gguf"))
+
+
+def check_hub_quant(quant: str) -> str:
+    """`quant` upper-cased when it is a level llama.cpp names files by (Q8_0, F16, ...), else a RerankerError: checked
+    before a download, as a pattern of another name would match nothing, or too much."""
+    level = quant.upper()
+    if level not in QUANT_TYPES:
+        raise RerankerError(f"quant {quant!r} is not a GGUF level; choose one of {', '.join(sorted(QUANT_TYPES))}")
+    return level
+
+
 def hub_patterns(quant: str) -> tuple[list[str], list[str]]:
-    """`snapshot_download`'s allow and ignore patterns for a model at `quant`: its GGUF and head, no projector."""
-    allow = [f"*{q}*.gguf" for q in sorted({quant, quant.upper(), quant.lower()})] + [HEAD_FILE]
-    # `*Q8_0*.gguf` also matches `mmproj-...-Q8_0.gguf`: a projector (0.6-1.3 GB for m0) is fetched only when the
+    """`snapshot_download`'s allow and ignore patterns for a model at `quant`: its GGUF and head, no projector.
+
+    The level is matched as the name's ending, as `level_in_name` reads it (`model-Q8_0.gguf`, `model.q8_0.gguf`,
+    `model_Q8_0.gguf`, `Q8_0.gguf`): `*F16*` would fetch the BF16 file too, `*Q4_K*` both Q4_K_M and Q4_K_S.
+    """
+    levels = sorted({quant, quant.upper(), quant.lower()})
+    allow = [f"*{sep}{q}.gguf" for q in levels for sep in "-._"] + [f"{q}.gguf" for q in levels] + [HEAD_FILE]
+    # `*-Q8_0.gguf` also matches `mmproj-...-Q8_0.gguf`: a projector (0.6-1.3 GB for m0) is fetched only when the
     # first image is scored (`mmproj_from_hub`), never for text-only use
     return allow, [MMPROJ_PATTERN, MMPROJ_PATTERN.upper()]
 
 
 def _from_hub(repo: str, quant: str, cache_dir: str | os.PathLike | None, local_files_only: bool | None) -> ModelFiles:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    check_hub_quant(quant)
     offline = constants.HF_HUB_OFFLINE if local_files_only is None else local_files_only
     patterns, ignore = hub_patterns(quant)
-    fix = (f"download it where the Hub is reachable: `hf download {repo} --include '*{quant}*.gguf' {HEAD_FILE}` "
+    fix = (f"download it where the Hub is reachable: `hf download {repo} --include '*-{quant.upper()}.gguf' {HEAD_FILE}` "
            "(then copy the cache, or pass the local .gguf path)")
+    nothing_here = f"there is no local file or folder {repo} either" if "/" in repo else ""
     try:
         folder = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=ignore,
                                         cache_dir=cache_dir, local_files_only=offline))
+    except HFValidationError as e:
+        raise RerankerError(f"no local file or folder {repo}, and it is not a Hub id like 'owner/name' ({e}); {GGUF_FIX}") from e
     except LocalEntryNotFoundError as e:
         state = "offline mode is on" if offline else "the Hub is unreachable"
-        raise RerankerError(f"{repo}:{quant} is not in the local Hugging Face cache and {state}; {fix}") from e
+        raise RerankerError(f"{repo}:{quant} is not in the local Hugging Face cache and {state}"
+                            f"{', and ' + nothing_here if nothing_here else ''}; {fix}") from e
     except (HfHubHTTPError, OSError) as e:
-        raise RerankerError(f"could not fetch {repo}:{quant} from the Hugging Face Hub ({e}); {fix}") from e
+        raise RerankerError(f"could not fetch {repo}:{quant} from the Hugging Face Hub ({e})"
+                            f"{'; ' + nothing_here if nothing_here else ''}; {fix}") from e
     gguf = _pick(sorted(folder.glob("*.gguf")), quant, f"{repo} (cached at {folder})")
     head = folder / HEAD_FILE
     return ModelFiles(gguf, head if head.is_file() else None, HubSource(repo, folder.name, folder, cache_dir, local_files_only))

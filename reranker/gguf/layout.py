@@ -78,7 +78,7 @@ def read_layout(path: str | os.PathLike) -> Layout:
     try:
         with open(p, "rb", buffering=1 << 20) as f:
             return _parse(p, f)
-    except (EOFError, ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
+    except (EOFError, ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise RerankerError(f"{p} is a corrupt or truncated GGUF file ({e or type(e).__name__}); download or convert it again") from e
 
 

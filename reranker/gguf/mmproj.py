@@ -14,23 +14,23 @@ jina-reranker-m0 is registered as `JinaVLForRanking`, which llama.cpp's converte
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from reranker.atomic import atomic_path
 from reranker.errors import RerankerError
-from reranker.gguf.safetensors_files import safetensors_files
+from reranker.gguf.safetensors_files import open_safetensors, read_json, safetensors_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MMPROJ_TYPES", "convert_mmproj", "has_vision", "mmproj_name"]
+__all__ = ["MMPROJ_TYPES", "MmprojPlan", "check_name", "convert_mmproj", "has_vision", "make_output_folder", "mmproj_name",
+           "plan_mmproj", "write_mmproj"]
 
 MMPROJ_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32, "F32"),
@@ -57,7 +57,7 @@ def _visual_names(checkpoint: Path) -> Iterator[tuple[str, str, Path]]:
     Hub names sorted within each shard. `model.visual.*` (newer transformers) reads as `visual.*`, the
     names llama.cpp's converter takes, so both layouts give the same file."""
     for file in safetensors_files(checkpoint):  # as llama.cpp: the index's shard names sorted
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             names = {}
             for stored in f.keys():
                 prefix = next((p for p in _PREFIXES if stored.startswith(p)), None)
@@ -107,38 +107,99 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str = "f16",
-                   name: str | None = None) -> Path | None:
-    """Write `mmproj-<name>-<TYPE>.gguf` into `out_dir`; None (nothing written) without `visual.*` weights."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+def check_name(name: str) -> str:
+    """`name` when it can be a file name stem (`--name`, or the checkpoint folder's name), else a RerankerError."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RerankerError(f"--name {name!r} cannot be a file name stem (it names the output files, e.g. "
+                            f"{name}-F16.gguf); give a name without '/', '\\' or NUL, such as jina-reranker-m0")
+    return name
+
+
+def make_output_folder(out_dir: Path) -> Path:
+    """`out_dir`, made when missing; a RerankerError when it is a file or cannot be made."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RerankerError(f"the output {out_dir} is a file, not a folder; give a folder for -o (the files are named "
+                            "after the model)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, a read-only file system
+        raise RerankerError(f"cannot make the output folder {out_dir} ({e.strerror or e}); give another folder for -o") from e
+    return out_dir
+
+
+_LEVELS = {t[2] for t in MMPROJ_TYPES.values()} | {"BF16"}
+
+
+def _projector_model(file_name: str) -> str:
+    """The model name in a projector's file name: `mmproj-<name>-<TYPE>.gguf` -> name."""
+    stem = file_name[len("mmproj-"):] if file_name.lower().startswith("mmproj-") else file_name
+    stem = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+    base, _, level = stem.rpartition("-")
+    return base if base and level.upper() in _LEVELS else stem
+
+
+@dataclass(frozen=True)
+class MmprojPlan:
+    """What `write_mmproj` writes, every input read and checked: no file is written before a plan exists."""
+
+    checkpoint: Path
+    mmproj_type: str
+    name: str
+    cfg: dict
+    vision: dict
+    pre: dict
+    depth: int
+    #: (gguf name, stored name, file, index into it, out type, shape), in the file's order
+    tensors: list[tuple[str, str, Path, tuple, gguf.GGMLQuantizationType, list[int]]]
+
+    @property
+    def file_name(self) -> str:
+        return mmproj_name(self.name, self.mmproj_type)
+
+
+def _positive_ints(cfg: dict, keys: tuple[str, ...], where: str) -> None:
+    bad = [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
+    if bad:
+        raise RerankerError(f"{where} lacks {', '.join(bad)} (or {'they are' if len(bad) > 1 else 'it is'} not a positive "
+                            "integer); it is not a complete Qwen2-VL config.json: download the checkpoint again")
+
+
+def plan_mmproj(checkpoint: str | Path, mmproj_type: str = "f16", name: str | None = None) -> MmprojPlan | None:
+    """Read and check what the projector of `checkpoint` needs; None without `visual.*` weights."""
+    checkpoint = Path(checkpoint)
     if mmproj_type not in MMPROJ_TYPES:
         raise RerankerError(f"--mmproj-type {mmproj_type!r} is not one of {', '.join(MMPROJ_TYPES)}")
     sources = list(_visual_names(checkpoint))
     if not sources:
         return None
-    cfg = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config_path = checkpoint / "config.json"
+    cfg = read_json(config_path)
     vision = cfg.get("vision_config")
     if not isinstance(vision, dict):
-        raise RerankerError(f"{checkpoint / 'config.json'} has no vision_config, but the weights hold visual.* tensors")
+        raise RerankerError(f"{config_path} has no vision_config, but the weights hold visual.* tensors")
     if cfg.get("model_type") != "qwen2_vl" or "embed_dim" not in vision:
         raise RerankerError(f"{checkpoint}: model_type {cfg.get('model_type')!r} with vision_config keys {sorted(vision)}; "
                             "only the Qwen2-VL vision tower (model_type 'qwen2_vl', vision_config.embed_dim) converts")
+    _positive_ints(vision, ("depth", "patch_size", "embed_dim", "hidden_size", "num_heads"), f"{config_path}'s vision_config")
+    _positive_ints({**cfg, **cfg.get("text_config", {})}, ("hidden_size",), str(config_path))
     pre_path = checkpoint / "preprocessor_config.json"
     if not pre_path.is_file():
         raise RerankerError(f"no preprocessor_config.json in {checkpoint}: the vision projector needs its image_mean / "
                             "image_std (copy it from the Hub checkpoint, jinaai/jina-reranker-m0)")
-    pre = json.loads(pre_path.read_text(encoding="utf-8"))
-    if "image_processor" in pre:  # a processor_config.json-style nesting
+    pre = read_json(pre_path)
+    if isinstance(pre.get("image_processor"), dict):  # a processor_config.json-style nesting
         pre = {**pre, **pre["image_processor"]}
-    text = {**cfg, **cfg.get("text_config", {})}
+    for key in ("image_mean", "image_std"):
+        if not isinstance(pre.get(key), list) or not all(isinstance(v, (int, float)) for v in pre[key]):
+            raise RerankerError(f"{pre_path} has no {key} list of numbers; copy it from the Hub checkpoint, jinaai/jina-reranker-m0")
     qtype, ftype, _ = MMPROJ_TYPES[mmproj_type]
     depth = int(vision["depth"])
-    name = name or checkpoint.resolve().name
+    name = check_name(name or checkpoint.resolve().name)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, depth)
 
     plan = []  # (gguf name, stored name, file, index into it, out type, shape)
     for hub, src, file in sources:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             shape = list(f.get_slice(src).get_shape())
         for part, part_shape, index in _split(hub, shape):
             gname = part if part.startswith("v.") else tmap.get_name(part, try_suffixes=(".weight", ".bias"))
@@ -149,14 +210,31 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
             if otype == gguf.GGMLQuantizationType.Q8_0 and part_shape[-1] % gguf.GGML_QUANT_SIZES[otype][0]:
                 otype = gguf.GGMLQuantizationType.F16  # as llama.cpp: rows Q8_0 blocks do not divide fall back
             plan.append((gname, src, file, index, otype, part_shape))
+    return MmprojPlan(checkpoint, mmproj_type, name, cfg, vision, pre, depth, plan)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / mmproj_name(name, mmproj_type)
+
+def _check_folder(out_dir: Path, plan: MmprojPlan) -> None:
+    """Refuse a folder holding another model's projector: mtmd takes the one projector beside a GGUF."""
+    others = sorted(p.name for p in out_dir.glob("mmproj*.gguf") if _projector_model(p.name) != plan.name)
+    if others:
+        raise RerankerError(f"{out_dir} holds {others[0]}, another model's vision projector; {plan.file_name} beside it would "
+                            "leave the folder's GGUFs with two projectors: convert into another folder (or remove that model's "
+                            "files first)")
+
+
+def write_mmproj(plan: MmprojPlan, out_dir: str | Path) -> Path:
+    """Write `plan`'s projector, `mmproj-<name>-<TYPE>.gguf`, into `out_dir`; returns its path."""
+    out_dir = make_output_folder(Path(out_dir))
+    _check_folder(out_dir, plan)
+    cfg, vision, pre, depth = plan.cfg, plan.vision, plan.pre, plan.depth
+    text = {**cfg, **cfg.get("text_config", {})}
+    _, ftype, _ = MMPROJ_TYPES[plan.mmproj_type]
+    path = out_dir / plan.file_name
     # Into a temporary file renamed over `path` when whole: an interrupted conversion leaves no half file under its
     # name, and a process mapping the old file keeps it.
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-        for gname, _src, _file, _index, otype, part_shape in plan:
+        for gname, _src, _file, _index, otype, part_shape in plan.tensors:
             if otype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 dtype = np.float32 if otype == gguf.GGMLQuantizationType.F32 else np.float16
                 w.add_tensor_info(gname, part_shape, np.dtype(dtype), int(np.prod(part_shape)) * np.dtype(dtype).itemsize)
@@ -166,7 +244,7 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
 
         total, shared, expert, n_expert = w.get_total_parameter_count()
         w.add_type(gguf.GGUFType.MMPROJ)
-        w.add_name(name)
+        w.add_name(plan.name)
         w.add_size_label(gguf.size_label(total, shared, expert, n_expert))
         w.add_file_type(ftype)
         w.add_clip_has_vision_encoder(True)
@@ -188,10 +266,17 @@ def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _gname, src, file, index, otype, _shape in plan:  # one tensor in memory at a time
-            with safe_open(file, framework="pt") as f:
+        for _gname, src, file, index, otype, _shape in plan.tensors:  # one tensor in memory at a time
+            with open_safetensors(file) as f:
                 arr = _as_numpy(f.get_tensor(src)[index] if index else f.get_tensor(src))
             w.write_tensor_data(gguf.quants.quantize(arr, otype))
         w.close()
     log.info("wrote %s", path)
     return path
+
+
+def convert_mmproj(checkpoint: str | Path, out_dir: str | Path, mmproj_type: str = "f16",
+                   name: str | None = None) -> Path | None:
+    """Write `mmproj-<name>-<TYPE>.gguf` into `out_dir`; None (nothing written) without `visual.*` weights."""
+    plan = plan_mmproj(checkpoint, mmproj_type, name)
+    return None if plan is None else write_mmproj(plan, out_dir)

@@ -31,7 +31,21 @@ def parse_devices(spec: str | None) -> list[str]:
     for d in devices:
         if d != "cpu" and not d.isdigit():
             raise RerankerError(f"--devices {spec!r}: {d!r} is neither a GPU index nor 'cpu'")
+        if d != "cpu":
+            visible_gpu(d, os.environ.get("CUDA_VISIBLE_DEVICES"))  # an index past the job's own mask fails here
     return devices
+
+
+def visible_gpu(index: str, mask: str | None) -> str:
+    """The `CUDA_VISIBLE_DEVICES` entry of GPU `index` as this job sees its GPUs: `mask`'s entry `index` when the job
+    runs under a mask (a scheduler's, a shared box's), so a device process never takes a GPU the job was not given."""
+    if not mask or not mask.strip():
+        return index
+    visible = [d.strip() for d in mask.split(",") if d.strip()]
+    if int(index) >= len(visible):
+        raise RerankerError(f"--devices: GPU {index} is not among the {len(visible)} this job may use "
+                            f"(CUDA_VISIBLE_DEVICES={mask}); give indices 0 to {len(visible) - 1}")
+    return visible[int(index)]
 
 
 def _worker(device: str, settings: LoadSettings, inbox: mp.Queue, outbox: mp.Queue, keep_hidden: bool = False) -> None:
@@ -39,7 +53,7 @@ def _worker(device: str, settings: LoadSettings, inbox: mp.Queue, outbox: mp.Que
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Pin the GPU before llama.cpp or torch initialise CUDA in this process.
     if device != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
     from reranker.api import Reranker
     from reranker.engine.scoring import score_prepared
 

@@ -343,16 +343,29 @@ class RayJob:
         ray = require_ray()
         self._open_folder()
         t = time.perf_counter()
-        rejects = RejectsWriter(self.spec.files().rejects, create=self.spec.on_error == "skip")
-        rejects.resume({})  # the whole input is re-read: its rejects are written again, complete
+        # The whole input is re-read, its rejects written again, complete, beside the last run's: they replace
+        # them once the read is through, so a read stopped by a bad record (--on-error fail) leaves them as they were.
+        final = self.spec.files().rejects
+        fresh = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        rejects = RejectsWriter(fresh, create=self.spec.on_error == "skip")
+        rejects.resume({})
         try:
             pending, blocks, shards = self._read(rejects)
             rejects.commit()
+        except BaseException:
+            rejects.close(final=False)
+            fresh.unlink(missing_ok=True)
+            raise
         finally:
-            rejects.close(final=True)
             if self._builder is not None:  # the images' fit is checked: the driver's tokenizer is done
                 self._vocab.close()
                 self._builder = None
+        rejects.close(final=True)
+        with writing(final, "rejects file"):
+            if fresh.exists():
+                os.replace(fresh, final)
+            elif final.exists():  # none this run, and --on-error fail made no file: emptied, as a local job's
+                open(final, "wb").close()
         progress = Progress(quiet=self.quiet)
         try:
             if blocks:

@@ -38,6 +38,7 @@ from typing import BinaryIO
 import torch
 
 from reranker.defaults import LOGIT_BIAS, SCORE_TOKEN_ID
+from reranker.errors import RerankerError
 from reranker.synth.qwen_vocab import SPECIAL_START_ID, special_token_ids, write_qwen2_tokenizer
 
 __all__ = ["Preset", "PRESETS", "preprocessor_config_dict", "synth_checkpoint", "tensor_shapes", "vision_tensor_shapes"]
@@ -459,7 +460,12 @@ def synth_checkpoint(
     itemsize = torch.empty((), dtype=dt).element_size()
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RerankerError(f"the output {out} is a file, not a folder; give a folder for the checkpoint (-o)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, a read-only file system
+        raise RerankerError(f"cannot make the checkpoint folder {out} ({e.strerror or e}); give another folder (-o)") from e
     (out / "config.json").write_text(json.dumps(config_dict(p), indent=2) + "\n", encoding="utf-8")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_dict(), indent=2) + "\n",
                                                   encoding="utf-8")

@@ -260,6 +260,10 @@ def test_ray_job_equals_the_local_job(ray_cluster, model, small_input, tmp_path,
     assert main(ray_args(model, inp, out, actors, "--on-error", "skip")) == 0
     assert json.loads(out.with_name(out.name + ".summary.json").read_text())["pairs_this_run"] == 0
     assert pq.read_table(out).equals(want)
+    if fmt == "jsonl":  # a rerun that --on-error fail stops at a bad record leaves the rejects as they were (it emptied them)
+        assert main(ray_args(model, inp, out, actors)) == 2
+        assert ray_rejects.read_bytes() == local_rejects.read_bytes()
+        assert not list(tmp_path.glob(".ray.rejects.jsonl.tmp-*"))
 
 
 @pytest.mark.slow
