@@ -251,7 +251,11 @@ def clear_cache(cache_dir: str | os.PathLike | None = None, *, stale_only: bool 
     """
     removed = [c for c in cached_copies(cache_dir) if c.stale or not stale_only]
     for c in removed:
-        c.path.unlink(missing_ok=True)
+        try:
+            c.path.unlink(missing_ok=True)
+        except OSError as e:  # a read-only cache, a folder without write permission
+            raise RerankerError(f"cannot remove {c.path} ({e.strerror or e}); the cache folder {c.path.parent} must be "
+                                "writable to clear it") from e
     return removed
 
 

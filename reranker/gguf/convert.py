@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from head import ScoringHead
-from reranker.atomic import atomic_path
 from reranker.defaults import HEAD_FILE, ORIGINAL_BOX_END_ID, SCORE_TOKEN_ID
 from reranker.errors import RerankerError
-from reranker.gguf.mmproj import MMPROJ_TYPES, check_name, make_output_folder, plan_mmproj, write_mmproj
+from reranker.gguf.mmproj import MMPROJ_TYPES, check_name, make_output_folder, plan_mmproj, write_mmproj, written
 from reranker.gguf.quantize import level_in_name
 from reranker.gguf.safetensors_files import open_safetensors, read_json, safetensors_files
 
@@ -257,7 +256,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", n
     check_folder(out_dir, name, head, gguf_path)
     # Into a temporary file renamed over the GGUF when whole: an interrupted conversion leaves no half file under
     # its name, and a process mapping the old file keeps it (rewriting it in place crashed such a process).
-    with atomic_path(gguf_path) as tmp:
+    with written(gguf_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "qwen2vl")
         _write_metadata(w, cfg, name, ftype)
         w.add_tokenizer_model("gpt2")
@@ -285,7 +284,10 @@ def convert(checkpoint: str | Path, out_dir: str | Path, outtype: str = "f16", n
             w.write_tensor_data(_encode(_load(file, hf_name), outtype))
         w.close()
 
-    head.save_npz(npz_path)
+    try:
+        head.save_npz(npz_path)  # itself written under a temporary name
+    except OSError as e:
+        raise RerankerError(f"cannot write {npz_path} ({e.strerror or e}); free some space there, or give another folder for -o") from e
     log.info("wrote %s and %s", gguf_path, npz_path)
     if projector is not None:
         write_mmproj(projector, out_dir)

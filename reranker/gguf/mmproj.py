@@ -14,6 +14,7 @@ jina-reranker-m0 is registered as `JinaVLForRanking`, which llama.cpp's converte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from reranker.gguf.safetensors_files import open_safetensors, read_json, safeten
 log = logging.getLogger(__name__)
 
 __all__ = ["MMPROJ_TYPES", "MmprojPlan", "check_name", "convert_mmproj", "has_vision", "make_output_folder", "mmproj_name",
-           "plan_mmproj", "write_mmproj"]
+           "plan_mmproj", "write_mmproj", "written"]
 
 MMPROJ_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32, "F32"),
@@ -128,6 +129,16 @@ def make_output_folder(out_dir: Path) -> Path:
 
 
 _LEVELS = {t[2] for t in MMPROJ_TYPES.values()} | {"BF16"}
+
+
+@contextlib.contextmanager
+def written(path: Path) -> Iterator[Path]:
+    """`atomic_path(path)` for the converters' outputs: a write error (a full disk) is a RerankerError naming `path`."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise RerankerError(f"cannot write {path} ({e.strerror or e}); free some space there, or give another folder for -o") from e
 
 
 def _projector_model(file_name: str) -> str:
@@ -232,7 +243,7 @@ def write_mmproj(plan: MmprojPlan, out_dir: str | Path) -> Path:
     path = out_dir / plan.file_name
     # Into a temporary file renamed over `path` when whole: an interrupted conversion leaves no half file under its
     # name, and a process mapping the old file keeps it.
-    with atomic_path(path) as tmp:
+    with written(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
         for gname, _src, _file, _index, otype, part_shape in plan.tensors:
             if otype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

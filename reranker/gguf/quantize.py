@@ -44,6 +44,13 @@ def level_in_name(name: str, extra: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def level_file_name(name: str, level: str) -> str:
+    """`name` of another level: ("m0-F16.gguf", "Q8_0") -> "m0-Q8_0.gguf" (no level in `name`: one is added)."""
+    stem = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    old = level_in_name(name)
+    return f"{stem[: -len(old) - 1] if old and len(stem) > len(old) else stem}-{level}.gguf"
+
+
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0", n_threads: int | None = None, *,
              explain: bool = True) -> Path:
     """Write `dst`, a `qtype` copy of the F32/F16/BF16 GGUF `src`; returns `dst`.
@@ -62,7 +69,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
                             "(`reranker convert` writes one): a quantized file quantized again is rounded twice")
     dst_path = Path(dst)
     if dst_path.is_dir():
-        raise RerankerError(f"the output {dst_path} is a folder; give the file to write, e.g. {dst_path / src_path.name}")
+        raise RerankerError(f"the output {dst_path} is a folder; give the file to write, e.g. {dst_path / level_file_name(src_path.name, key)}")
     if dst_path.exists() and os.path.samefile(src_path, dst_path):  # llama.cpp would truncate it while reading it
         raise RerankerError(f"the output {dst_path} is the input; write the quantized file to another path")
     try:

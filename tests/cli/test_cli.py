@@ -146,3 +146,43 @@ def test_documents_file_lines_end_at_newline_only(tmp_path):
     # json.dumps escapes U+2028; a raw one inside a JSON string is valid JSON and must reach the parser whole
     jsonl.write_bytes("".join('{"text": "%s"}\n' % d.replace("\f", "\\f") for d in docs).encode("utf-8"))
     assert read_documents(jsonl) == docs
+
+
+def test_cache_list_says_what_a_stale_copy_is(tmp_path, cli_here):
+    """A copy is found by its source's bytes: a moved GGUF's copy is listed stale (no source known) until the GGUF is
+    loaded from its new place, which reuses it; the listing says so, not "never used again"."""
+    import os
+
+    from helpers import write_gguf
+
+    from reranker.engine.identity import with_identity_output
+
+    cache, moved = tmp_path / "cache", tmp_path / "moved"
+    src = write_gguf(tmp_path / "m-F32.gguf", {"qwen2vl.embedding_length": 4, "tokenizer.ggml.model": "gpt2",
+                                               "tokenizer.ggml.tokens": [f"t{i}" for i in range(8)]},
+                     {"token_embd.weight": np.ones((8, 4), np.float32)})
+    copy = with_identity_output(src, cache_dir=cache)
+    moved.mkdir()
+    os.replace(src, moved / src.name)
+    res = cli_here("cache", "list", "--dir", cache)
+    assert res.returncode == 0 and "stale" in res.stdout.splitlines()[0] and "1 stale" in res.stdout, res.stdout
+    assert "never used again" not in res.stdout and "moved" in res.stdout and "reuses the copy" in res.stdout
+    assert with_identity_output(moved / src.name, cache_dir=cache) == copy  # the same copy, nothing written
+    assert [p.name for p in cache.glob("*.gguf")] == [copy.name]
+    res = cli_here("cache", "list", "--dir", cache)
+    assert "current" in res.stdout.splitlines()[0] and "0 stale" in res.stdout, res.stdout
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`reranker cache list | head -1`: the pipe closed under the command is no traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a pipe is by default
+    try:
+        res = subprocess.run([sys.executable, "-m", "reranker", "cache", "list", "--dir", str(tmp_path)], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 1 and res.stderr == "", res.stderr

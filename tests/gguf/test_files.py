@@ -13,6 +13,7 @@ from helpers import write_gguf
 
 from reranker import RerankerError
 from reranker.atomic import atomic_path, atomic_write
+from reranker.gguf.convert import convert
 from reranker.gguf.header import check_gguf_file, header_value
 from reranker.gguf.quantize import level_in_name
 
@@ -111,3 +112,57 @@ def test_convert_never_leaves_half_a_file_nor_shares_a_folder_with_another_head(
     with pytest.raises(KeyboardInterrupt):
         convert_module.convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)
     assert gguf_path.read_bytes() == before and sorted(p.name for p in out.iterdir()) == sorted([gguf_path.name, f16.name, npz.name])
+
+
+def test_a_reconverted_gguf_is_a_new_file_beside_a_reader_of_the_old_one(tiny_checkpoint, tmp_path):
+    """Rewriting the GGUF in place crashed a process that had it memory-mapped (Bus error): the new file is renamed over
+    the old name, and the mapped old file stays whole."""
+    out = tmp_path / "models"
+    gguf_path, _ = convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)
+    old = np.memmap(gguf_path, dtype=np.uint8, mode="r")
+    before, inode = bytes(old), gguf_path.stat().st_ino
+    assert convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)[0] == gguf_path
+    assert gguf_path.stat().st_ino != inode and bytes(old) == before == gguf_path.read_bytes()
+
+
+def test_an_interrupted_projector_leaves_the_old_one_whole(tiny_checkpoint, tmp_path, monkeypatch):
+    from reranker.gguf import mmproj as mmproj_module
+
+    out = tmp_path / "models"
+    path = mmproj_module.convert_mmproj(tiny_checkpoint, out, "f32")
+    before = path.read_bytes()
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmproj_module, "_as_numpy", stop)
+    with pytest.raises(KeyboardInterrupt):
+        mmproj_module.convert_mmproj(tiny_checkpoint, out, "f32")
+    assert path.read_bytes() == before and os.listdir(out) == [path.name]
+
+
+def test_a_folder_holds_one_model(tiny_checkpoint, tmp_path):
+    """Without a head to compare, another model's GGUF is told by its name: `<name>-<LEVEL>.gguf`."""
+    from reranker.gguf.convert import model_name
+    from reranker.gguf.mmproj import convert_mmproj
+
+    assert [model_name(n) for n in ("m0-F16.gguf", "m0-Q4_K_M.gguf", "m0.q8_0.gguf", "m0.gguf", "F16.gguf")] == [
+        "m0", "m0", "m0", "m0", "F16"]
+    name = tiny_checkpoint.name
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{name}-Q8_0.gguf").write_bytes(b"the same model's level, its head removed")
+    gguf_path, npz = convert(tiny_checkpoint, out, outtype="f32", mmproj_type=None)  # welcome beside it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "llama-F16.gguf").write_bytes(b"another model, no head beside it")
+    with pytest.raises(RerankerError, match=r"holds llama-F16.gguf, another model's GGUF \(without its mlp_weights.npz\).*"
+                                            r"another folder"):
+        convert(tiny_checkpoint, other, outtype="f32", mmproj_type=None)
+    assert os.listdir(other) == ["llama-F16.gguf"]
+    # The projector: mtmd takes the one beside the GGUF, so another model's is refused too.
+    (out / "mmproj-llama-F16.gguf").write_bytes(b"another model's projector")
+    with pytest.raises(RerankerError, match=r"holds mmproj-llama-F16.gguf, another model's vision projector.*another folder"):
+        convert_mmproj(tiny_checkpoint, out, "f16")
+    (out / "mmproj-llama-F16.gguf").unlink()
+    assert convert_mmproj(tiny_checkpoint, out, "f16").name == f"mmproj-{name}-F16.gguf"

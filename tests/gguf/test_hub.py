@@ -143,3 +143,37 @@ def test_hub_model_without_projector_fails_on_the_first_image_only(hf_cache):
         image = Image.fromarray(np.full((56, 84, 3), 128, np.uint8))
         with pytest.raises(RerankerError, match=rf"{REPO}'s vision projector.*offline mode is on.*--include 'mmproj\*.gguf'"):
             r.compute_score(["q", image], doc_type="image")
+
+
+def test_a_level_is_the_file_names_ending():
+    """`*F16*.gguf` fetched the BF16 file too, `*Q4_K*` both Q4_K_M and Q4_K_S: huggingface_hub's own filter, given our
+    patterns, keeps the one file of the level (named as llama.cpp and the Hub's repos name them) and the head."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo_files = ["m0-F16.gguf", "m0-BF16.gguf", "m0-Q4_K_M.gguf", "m0-Q4_K_S.gguf", "m0.q8_0.gguf", "m0_Q6_K.gguf",
+                  "mmproj-m0-F16.gguf", "mlp_weights.npz", "README.md"]
+
+    def fetched(quant):
+        allow, ignore = hub_patterns(quant)
+        return sorted(filter_repo_objects(repo_files, allow_patterns=allow, ignore_patterns=ignore))
+
+    assert fetched("F16") == fetched("f16") == ["m0-F16.gguf", "mlp_weights.npz"]
+    assert fetched("BF16") == ["m0-BF16.gguf", "mlp_weights.npz"]
+    assert fetched("q4_k_m") == ["m0-Q4_K_M.gguf", "mlp_weights.npz"]
+    assert fetched("Q8_0") == ["m0.q8_0.gguf", "mlp_weights.npz"]
+    assert fetched("Q6_K") == ["m0_Q6_K.gguf", "mlp_weights.npz"]
+
+
+@pytest.mark.parametrize("ref,message", [
+    (f"{REPO}:K", r"quant 'K' is not a GGUF level; choose one of .*Q4_K_M"),
+    (f"{REPO}:Q4_K", r"quant 'Q4_K' is not a GGUF level"),
+    ("models/out/gguf", r"no local file or folder models/out/gguf \(and it is not a Hub id like 'owner/name'\)"),
+    ("./models/gguf", r"no local file or folder ./models/gguf"),
+    ("models/tiny-gguf", r"models/tiny-gguf:F16 is not in the local Hugging Face cache and offline mode is on, and there is "
+                         r"no local file or folder models/tiny-gguf either"),
+    ("not a repo", r"no local file or folder not a repo, and it is not a Hub id like 'owner/name'"),
+])
+def test_references_that_name_nothing(tmp_path, monkeypatch, ref, message):
+    monkeypatch.chdir(tmp_path)  # nothing here: no local folder of these names
+    with pytest.raises(RerankerError, match=message):
+        resolve(ref, cache_dir=tmp_path / "hub", local_files_only=True)
