@@ -8,6 +8,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import llama_cpp
 
@@ -22,8 +23,18 @@ _BENIGN = (b"control-looking token", b"model default pooling_type", b"required f
 # per level on the tiny model): collected and summed up in one line by `reranker.gguf.quantize` instead.
 _FALLBACK = re.compile(rb"^warning: (\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\w+)\)")
 _FELL_BACK = re.compile(rb"^-> falling back to\s+(\w+)")
-_fallbacks: list[list] | None = None  # [tensor, ncols, block, wanted, used] while `collect_fallbacks` runs
-_errors: list[str] | None = None  # error lines while `collect_errors` runs
+
+
+@dataclass
+class Collected:
+    """What llama.cpp said while `collect` ran: the quantizer's fallbacks ([tensor, ncols, block, wanted type,
+    type used] each) and its error lines (such as why a quantization failed)."""
+
+    fallbacks: list[list] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+_collected: Collected | None = None  # while `collect` runs
 
 
 _interrupted = False  # a Ctrl-C that arrived inside a log callback, for `raise_if_interrupted`
@@ -60,6 +71,7 @@ def raise_if_interrupted(cleanup: Callable[[], object] | None = None) -> None:
 @llama_cpp.llama_log_callback
 @interruptible
 def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    collected = _collected
     # Level 5 continues the previous line, so it keeps that line's level.
     if level != 5:
         _last_level[0] = _LEVELS.get(level, logging.DEBUG)
@@ -67,44 +79,32 @@ def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             _last_level[0] = logging.DEBUG
         elif m := _FALLBACK.match(text):
             _last_level[0] = logging.DEBUG
-            if _fallbacks is not None:
-                _fallbacks.append([m.group(1).decode(), int(m.group(2)), int(m.group(3)), m.group(4).decode().upper(), None])
+            if collected is not None:
+                collected.fallbacks.append([m.group(1).decode(), int(m.group(2)), int(m.group(3)), m.group(4).decode().upper(), None])
     if m := _FELL_BACK.match(text.strip()):  # its own line or a continuation (level 5), depending on the build
         _last_level[0] = logging.DEBUG
-        if _fallbacks and _fallbacks[-1][4] is None:
-            _fallbacks[-1][4] = m.group(1).decode().upper()
-    if _errors is not None and _last_level[0] >= logging.ERROR:
-        line = text.decode("utf-8", errors="replace").strip()
-        if level == 5 and _errors:
-            _errors[-1] += line
+        if collected is not None and collected.fallbacks and collected.fallbacks[-1][4] is None:
+            collected.fallbacks[-1][4] = m.group(1).decode().upper()
+    if collected is not None and _last_level[0] >= logging.ERROR:
+        line, errors = text.decode("utf-8", errors="replace").strip(), collected.errors
+        if level == 5 and errors:
+            errors[-1] += line
         elif line:
-            _errors.append(line)
+            errors.append(line)
     if logger.isEnabledFor(_last_level[0]):
         logger.log(_last_level[0], text.decode("utf-8", errors="replace").rstrip("\n"))
 
 
 @contextlib.contextmanager
-def collect_fallbacks() -> Iterator[list[list]]:
-    """The quantizer's fallbacks while the block runs: [tensor, ncols, block, wanted type, type used] each."""
-    global _fallbacks
-    found: list[list] = []
-    _fallbacks = found
+def collect() -> Iterator[Collected]:
+    """The quantizer's fallbacks and llama.cpp's error lines while the block runs."""
+    global _collected
+    found = Collected()
+    _collected = found
     try:
         yield found
     finally:
-        _fallbacks = None
-
-
-@contextlib.contextmanager
-def collect_errors() -> Iterator[list[str]]:
-    """llama.cpp's error lines while the block runs (such as why a quantization failed)."""
-    global _errors
-    found: list[str] = []
-    _errors = found
-    try:
-        yield found
-    finally:
-        _errors = None
+        _collected = None
 
 
 _installed = False

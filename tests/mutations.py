@@ -429,8 +429,8 @@ MUTATIONS = [
              ("tests/bench/test_k_quant_fit.py::test_bench_plan_warns_once_before_anything_is_made",),
              "bench-quant on the tiny model prints a degenerate table without saying why"),
     Mutation("k-quant-fallback-lines-at-warning", "reranker/llama_log.py",
-             "            _last_level[0] = logging.DEBUG\n            if _fallbacks is not None:",
-             "            if _fallbacks is not None:",
+             "            _last_level[0] = logging.DEBUG\n            if collected is not None:",
+             "            if collected is not None:",
              ("tests/bench/test_k_quant_fit.py::test_quantize_says_why_in_one_line",),
              "llama.cpp's two warning lines per tensor flood a K-quant of the tiny model (~80 lines per bench)"),
     # Images: loaded, sized and encoded as the original (tests/images/).

@@ -83,15 +83,16 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q8_0"
     # Into a temporary file renamed over `dst` on success: a failure or a Ctrl-C leaves `dst` as it was (a file
     # there before, or a process mapping it, is never cut short).
     with atomic_path(dst_path) as tmp:
-        with llama_log.collect_fallbacks() as fell, llama_log.collect_errors() as errors:
+        with llama_log.collect() as logged:
             rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(tmp).encode(), ctypes.byref(params))
         llama_log.raise_if_interrupted()
         if rc != 0:
-            said = errors[-1].split("failed to quantize: ", 1)[-1] if errors else "it logged no reason"
+            said = logged.errors[-1].split("failed to quantize: ", 1)[-1] if logged.errors else "it logged no reason"
             fix = ("; this level needs an importance matrix (llama.cpp's llama-imatrix), which reranker does not make: "
                    "choose another level (Q3_K_M and up), or quantize with llama.cpp's own tools") if "imatrix" in said else ""
             raise RerankerError(f"llama.cpp failed to quantize {src_path} to {key} (code {rc}): {said}{fix}")
-    if fell and rc == 0:
+    fell = logged.fallbacks
+    if fell:
         used = sorted({f[4] or "another type" for f in fell})
         log.log(logging.WARNING if explain else logging.DEBUG, "%s: %d tensors were stored as %s, not %s: their rows (%s values) are not multiples of the %d that %s "
                     "needs, so this level differs little from %s (a model too small for K-quants; `reranker synth --preset small` "
