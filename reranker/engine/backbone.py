@@ -19,10 +19,9 @@ from reranker.engine.identity import MARKER_KEY
 from reranker.engine.segments import Embeddings, Segments
 from reranker.engine.tokenizer import GGUFTokenizer
 from reranker.errors import RerankerError
-from reranker.gguf.header import check_gguf_file
+from reranker.gguf.header import SUPPORTED_ARCHS, check_gguf_file
 from reranker.options import KV_TYPES, check_settings
 
-SUPPORTED_ARCHS = ("qwen2vl", "qwen2")
 CPU_EXTRA_BUFFERS_ENV = "RERANKER_CPU_EXTRA_BUFFERS"
 
 
