@@ -21,7 +21,7 @@ from reranker.defaults import HEAD_FILE, ORIGINAL_BOX_END_ID, SCORE_TOKEN_ID
 from reranker.errors import RerankerError
 from reranker.gguf.mmproj import MMPROJ_TYPES, check_name, make_output_folder, plan_mmproj, write_mmproj, written
 from reranker.gguf.quantize import level_in_name
-from reranker.gguf.safetensors_files import open_safetensors, read_json, safetensors_files
+from reranker.gguf.safetensors_files import open_safetensors, read_json, require_positive_ints, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ def _read_config(checkpoint: Path) -> dict:
     text = cfg.get("text_config")
     cfg = {**cfg, **(text if isinstance(text, dict) else {})}
     keys = (*_TEXT_KEYS, "num_key_value_heads") if "num_key_value_heads" in cfg else _TEXT_KEYS
-    bad = [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
-    if bad:
-        raise RerankerError(f"{path} lacks {', '.join(bad)} (or {'they are' if len(bad) > 1 else 'it is'} not a positive "
-                            f"integer): not a complete Qwen2-VL config; {_CONFIG_FIX}")
+    require_positive_ints(cfg, keys, str(path), _CONFIG_FIX)
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise RerankerError(f"{path}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
                             f"{cfg['num_attention_heads']}; {_CONFIG_FIX}")

@@ -26,7 +26,7 @@ import torch
 
 from reranker.atomic import atomic_path
 from reranker.errors import RerankerError
-from reranker.gguf.safetensors_files import open_safetensors, read_json, safetensors_files
+from reranker.gguf.safetensors_files import open_safetensors, read_json, require_positive_ints, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,6 @@ class MmprojPlan:
         return mmproj_name(self.name, self.mmproj_type)
 
 
-def _positive_ints(cfg: dict, keys: tuple[str, ...], where: str) -> None:
-    bad = [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
-    if bad:
-        raise RerankerError(f"{where} lacks {', '.join(bad)} (or {'they are' if len(bad) > 1 else 'it is'} not a positive "
-                            "integer); it is not a complete Qwen2-VL config.json: download the checkpoint again")
-
-
 def plan_mmproj(checkpoint: str | Path, mmproj_type: str = "f16", name: str | None = None) -> MmprojPlan | None:
     """Read and check what the projector of `checkpoint` needs; None without `visual.*` weights."""
     checkpoint = Path(checkpoint)
@@ -191,8 +184,8 @@ def plan_mmproj(checkpoint: str | Path, mmproj_type: str = "f16", name: str | No
     if cfg.get("model_type") != "qwen2_vl" or "embed_dim" not in vision:
         raise RerankerError(f"{checkpoint}: model_type {cfg.get('model_type')!r} with vision_config keys {sorted(vision)}; "
                             "only the Qwen2-VL vision tower (model_type 'qwen2_vl', vision_config.embed_dim) converts")
-    _positive_ints(vision, ("depth", "patch_size", "embed_dim", "hidden_size", "num_heads"), f"{config_path}'s vision_config")
-    _positive_ints({**cfg, **cfg.get("text_config", {})}, ("hidden_size",), str(config_path))
+    require_positive_ints(vision, ("depth", "patch_size", "embed_dim", "hidden_size", "num_heads"), f"{config_path}'s vision_config")
+    require_positive_ints({**cfg, **cfg.get("text_config", {})}, ("hidden_size",), str(config_path))
     pre_path = checkpoint / "preprocessor_config.json"
     if not pre_path.is_file():
         raise RerankerError(f"no preprocessor_config.json in {checkpoint}: the vision projector needs its image_mean / "

@@ -28,6 +28,14 @@ def read_json(path: Path, fix: str = _DOWNLOAD_AGAIN) -> dict:
     return data
 
 
+def require_positive_ints(cfg: dict, keys: tuple[str, ...], where: str, fix: str = _DOWNLOAD_AGAIN) -> None:
+    """A RerankerError naming `where` when any of `keys` is missing from config `cfg` or not a positive integer."""
+    bad = [k for k in keys if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
+    if bad:
+        raise RerankerError(f"{where} lacks {', '.join(bad)} (or {'they are' if len(bad) > 1 else 'it is'} not a positive "
+                            f"integer): not a complete Qwen2-VL config; {fix}")
+
+
 def safetensors_files(checkpoint: Path) -> list[Path]:
     """The checkpoint's safetensors files: the shards `model.safetensors.index.json` names, or `model.safetensors`.
     Every shard the index names must be there."""
