@@ -42,7 +42,7 @@ from reranker.jobs.readers import read_input
 from reranker.jobs.records import Reject, Unit
 from reranker.jobs.resume import Checkpoint, changed_parts, file_fingerprint, input_fingerprint
 from reranker.jobs.validate import ids_a_trec_run_can_carry, one_run_per_query
-from reranker.jobs.writers import RejectsWriter, detect_output_format, open_writer
+from reranker.jobs.writers import RejectsWriter, check_run_tag, detect_output_format, open_writer
 from reranker.options import Chunking, default_max_doc_length
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def check_spec_settings(spec: JobSpec) -> None:
         raise RerankerError(f"--depth {spec.depth}: rerank at least 1 candidate per query")
     if spec.on_error not in ("fail", "skip"):
         raise RerankerError(f"on_error={spec.on_error!r} must be 'fail' or 'skip'")
-    if not spec.run_tag or any(c.isspace() for c in spec.run_tag):  # before a checkpoint records it
-        raise RerankerError(f"--run-tag {spec.run_tag!r} must be one word: TREC run columns are separated by whitespace")
+    check_run_tag(spec.run_tag)  # before a checkpoint records it (the TREC writer checks it again, too late for that)
 
 
 def check_job(spec: JobSpec, model: Path | None = None, head: Path | None = None, mmproj: Path | None = None) -> None:

@@ -339,6 +339,12 @@ def _dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
+def check_run_tag(run_tag: str, name: str = "--run-tag") -> None:
+    """A RerankerError (naming `name`) unless `run_tag` can be a TREC run's tag column: one word."""
+    if not run_tag or any(c.isspace() for c in run_tag):
+        raise RerankerError(f"{name} {run_tag!r} must be one word: TREC run columns are separated by whitespace")
+
+
 class TrecWriter(_DraftWriter):
     """A TREC run, `qid Q0 docid rank score tag`, best first within each query.
 
@@ -350,8 +356,7 @@ class TrecWriter(_DraftWriter):
     kind = "trec"
 
     def __init__(self, path: Path, *, run_tag: str = RUN_TAG) -> None:
-        if not run_tag or any(c.isspace() for c in run_tag):
-            raise RerankerError(f"run tag {run_tag!r} must be one word: TREC run columns are separated by whitespace")
+        check_run_tag(run_tag, "run tag")
         super().__init__(path)
         self.run_tag = run_tag
 
