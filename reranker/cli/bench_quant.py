@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from reranker.cli.common import add_backbone_args
+from reranker.cli.common import add_backbone_args, mode_options
 from reranker.errors import RerankerError
 from reranker.gguf.quantize import BENCH_LEVELS
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     from reranker.bench.report import failed_levels, markdown, write_outputs
     from reranker.bench.sets import beir_set, pairs_jsonl_set, synthetic_set
 
-    _check(args)
+    beir = _check(args)
     projectors_asked = bool(args.mmproj_files or args.mmproj_checkpoint)
     if args.beir is None and args.pairs is None and args.synthetic is None and not projectors_asked:
         raise RerankerError("give an evaluation set: --beir DIR, --pairs FILE or --synthetic N (or projector levels: "
@@ -89,7 +89,6 @@ def run(args: argparse.Namespace) -> None:
     elif args.pairs is not None:
         eval_set = pairs_jsonl_set(args.pairs)
     elif args.beir is not None:
-        beir = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in BEIR_DEFAULTS.items()}
         eval_set = beir_set(args.beir, **beir, seed=args.seed, work_dir=f"{args.out}/work")
     else:  # projector levels only: the backbone is the reference, no level of it is made
         if args.levels:
@@ -122,8 +121,9 @@ def run(args: argparse.Namespace) -> None:
                             "has the other levels, and why each of these failed)")
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Every option checked before any level is made or scored (a worker's traceback is no message)."""
+def _check(args: argparse.Namespace) -> dict[str, object]:
+    """Every option checked before any level is made or scored (a worker's traceback is no message); returns the
+    BEIR set's options, their defaults filled in."""
     from reranker.api import resolve_device
     from reranker.settings import LoadSettings
 
@@ -134,10 +134,7 @@ def _check(args: argparse.Namespace) -> None:
             raise RerankerError(f"--{name.replace('_', '-')} {value} must be at least {low}")
     if args.levels == []:
         raise RerankerError("--levels is empty; name the levels to measure, e.g. --levels Q8_0,Q4_K_M (or leave it out)")
-    if args.beir is None:
-        given = [name for name in BEIR_DEFAULTS if getattr(args, name) is not None]
-        if given:
-            raise RerankerError(f"--{given[0].replace('_', '-')} applies to a BEIR set only; add --beir DIR or drop it")
+    beir = mode_options(args, BEIR_DEFAULTS, args.beir is not None, "applies to a BEIR set only; add --beir DIR or drop it")
     if args.bf16 != "auto":
         raise RerankerError("--bf16 does not apply to bench-quant: each level is measured as stored (the F16 row runs "
                             "F16); to measure BF16, include it in --levels (made from the reference)")
@@ -146,3 +143,4 @@ def _check(args: argparse.Namespace) -> None:
                  n_threads=args.threads, max_length=args.max_length, max_query_length=args.max_query_length,
                  max_doc_length=args.max_doc_length)
     resolve_device(args.device)
+    return beir

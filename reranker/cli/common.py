@@ -92,6 +92,15 @@ def add_chunk_args(p: argparse.ArgumentParser) -> None:
                    help="a document's score from its chunks' (default: %(default)s)")
 
 
+def mode_options(args: argparse.Namespace, defaults: dict[str, object], on: bool, refusal: str) -> dict[str, object]:
+    """The options of a mode (`defaults`: each one's dest and default; their parser defaults are None, so that one
+    given is told apart from one left out), defaults filled in; when the mode is not `on`, one given is a
+    RerankerError `--OPTION {refusal}`, not silently ignored."""
+    if not on and (given := [name for name in defaults if getattr(args, name) is not None]):
+        raise RerankerError(f"--{given[0].replace('_', '-')} {refusal}")
+    return {name: default if getattr(args, name) is None else getattr(args, name) for name, default in defaults.items()}
+
+
 def chunking_option(args: argparse.Namespace) -> Chunking | None:
     """The `Chunking` of `--chunk ...` (checked), or None without `--chunk`."""
     if not args.chunk:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from reranker.cli.common import add_chunk_args, add_model_args, chunking_option
+from reranker.cli.common import add_chunk_args, add_model_args, chunking_option, mode_options
 from reranker.defaults import RUN_TAG, WINDOW
 from reranker.errors import RerankerError
 
@@ -72,11 +72,9 @@ def run(args: argparse.Namespace) -> None:
     from reranker.settings import LoadSettings
 
     # Options of a mode not asked for are refused, not silently ignored (their defaults are None to tell).
-    if args.engine != "ray" and (given := [name for name in RAY_DEFAULTS if getattr(args, name) is not None]):
-        raise RerankerError(f"--{given[0].replace('_', '-')} applies to --engine ray; add it or drop the option")
+    ray = mode_options(args, RAY_DEFAULTS, args.engine == "ray", "applies to --engine ray; add it or drop the option")
     if args.save_hidden is None and args.hidden_dtype is not None:
         raise RerankerError("--hidden-dtype applies to --save-hidden; add --save-hidden PATH.npy or drop it")
-    ray = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in RAY_DEFAULTS.items()}
     spec = JobSpec(input=args.input, output=args.output, input_format=args.input_format, output_format=args.output_format,
                    per=args.per, depth=args.depth, queries=args.queries, corpus=args.corpus, run=args.run,
                    on_error=args.on_error, rejects=args.rejects, window=args.window, restart=args.restart,
