@@ -292,7 +292,8 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
             return found
     dst = folder / _copy_name(src.stem, dtype, reencode, key)
     layout = read_layout(src)
-    need = _copy_size(layout, dtype)
+    dims = _dims(layout)  # checked once, before the size it sets is asked of the disk
+    need = _copy_size(layout, dims, dtype)
     log.info("writing %s (one-time copy of %s with an identity output projection%s)", dst, src.name,
              ", F16 tensors as BF16 where exact" if reencode else "")
     try:
@@ -301,7 +302,7 @@ def with_identity_output(src: str | os.PathLike, dtype: str = IDENTITY_DTYPE, ca
         if free < need:  # refused before gigabytes are written
             raise _cache_error(folder, src, need, f"{_gb(free)} free")
         with atomic_path(dst) as tmp:
-            _write(layout, tmp, dtype, reencode, content, as_bf16)
+            _write(layout, dims, tmp, dtype, reencode, content, as_bf16)
     except OSError as e:
         why = ("it is a file, not a folder" if folder.exists() and not folder.is_dir() else
                "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e))
@@ -314,9 +315,9 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _copy_size(layout: Layout, dtype: str) -> int:
-    """About the bytes of `layout`'s copy (its sizes checked): its file, less any output matrix, plus the identity one."""
-    _, n_embd, n_vocab = _dims(layout)
+def _copy_size(layout: Layout, dims: tuple[str, int, int], dtype: str) -> int:
+    """About the bytes of `layout`'s copy (`dims`: its `_dims`): its file, less any output matrix, plus the identity one."""
+    _, n_embd, n_vocab = dims
     output = sum(t.nbytes for t in layout.tensors if t.name == "output.weight")
     return layout.path.stat().st_size - output + n_embd * n_vocab * np.dtype(_DTYPES[dtype]).itemsize
 
@@ -454,14 +455,15 @@ def _dims(layout: Layout) -> tuple[str, int, int]:
     return arch, n_embd, n_vocab
 
 
-def _write(layout: Layout, dst: Path, dtype: str, reencode: str | None, content: str, as_bf16: set[str] | None = None) -> None:
+def _write(layout: Layout, dims: tuple[str, int, int], dst: Path, dtype: str, reencode: str | None, content: str,
+           as_bf16: set[str] | None = None) -> None:
     """Write the copy: the source's entries and tensors as bytes, except the ones that change.
 
     The file is laid out as gguf-py's GGUFWriter lays it out (the architecture first, then our markers;
     each tensor aligned), but no entry is decoded and no matrix is held whole in memory.
     """
     src = layout.path
-    arch, n_embd, n_vocab = _dims(layout)
+    arch, n_embd, n_vocab = dims  # `_dims(layout)`
     data = np.memmap(src, dtype=np.uint8, mode="r")
 
     def raw(t: TensorInfo) -> np.ndarray:

@@ -220,7 +220,7 @@ def test_a_cache_that_cannot_take_the_copy_says_what_to_do(tmp_path, monkeypatch
         with pytest.raises(RerankerError, match=rf"cache folder {cache} cannot take its copy of {src} \(0.0 MB free\); .*{fixes}"):
             identity.with_identity_output(src, cache_dir=cache)
 
-    def full(layout, dst, *args):
+    def full(layout, dims, dst, *args):
         dst.write_bytes(b"half a copy")
         raise OSError(errno.ENOSPC, "No space left on device")
 
