@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from reranker.defaults import DOC_PREFIX, MAX_LENGTH, MAX_QUERY_LENGTH, QUERY_PREFIX, SCORE_TOKEN_ID, VISION_END_ID, VISION_START_ID
 from reranker.engine.segments import Image, Segments
-from reranker.engine.tokenizer import _CUT, GGUFTokenizer
+from reranker.engine.tokenizer import SAFE_CUT, GGUFTokenizer
 from reranker.errors import RerankerError
 from reranker.options import check_lengths, default_max_doc_length
 
@@ -58,7 +58,7 @@ class PromptBuilder:
     an ASCII letter or digit, `_SEPARABLE_END`), else the whole prompt is tokenised. A document long
     enough to need its own ids for the cap (`document_ids`) is not tokenised again: unless it starts
     with a newline (`_INSEPARABLE_START`), they follow the ids of `DOC_PREFIX`, up to its last
-    point where a text tokenises as its two sides (the tokenizer's `_CUT`) when its end is not separable.
+    point where a text tokenises as its two sides (the tokenizer's `SAFE_CUT`) when its end is not separable.
     """
 
     def __init__(self, tokenizer: GGUFTokenizer, max_length: int = MAX_LENGTH, max_query_length: int = MAX_QUERY_LENGTH,
@@ -93,11 +93,11 @@ class PromptBuilder:
         return head
 
     def _ids_with_own(self, query: str, document: str, doc_ids: list[int]) -> list[int]:
-        """`prompt_ids` of a document whose own ids are known: tokenised again only after its last `_CUT`."""
+        """`prompt_ids` of a document whose own ids are known: tokenised again only after its last `SAFE_CUT`."""
         if document[-1:] in _SEPARABLE_END or document[:1] in _INSEPARABLE_START:
             return self.prompt_ids(query, document, doc_ids)
         text = unicodedata.normalize("NFC", document)  # what the tokenizer cuts into pieces, as here
-        cuts = [m.start() for m in _CUT.finditer(text, max(0, len(text) - 4096))]
+        cuts = [m.start() for m in SAFE_CUT.finditer(text, max(0, len(text) - 4096))]
         if not cuts:  # no cut point near the end: the whole prompt
             return self.prompt_ids(query, document)
         rest = text[cuts[-1] :]

@@ -27,7 +27,8 @@ PIECE_CHARS = 16_384
 # that take whitespace along start at whitespace, and punctuation keeps only newlines after it).
 # The space then starts the next pre-token, whatever follows it, and the pre-tokeniser reads no
 # character before the one it starts at. Tested against whole-text tokenisation on hostile text.
-_CUT = re.compile(r"(?<=[!-~]|[^\W_])(?= )")
+# Public: `prompts` reuses a long document's own ids up to its last such point.
+SAFE_CUT = re.compile(r"(?<=[!-~]|[^\W_])(?= )")
 
 
 class Cancelled(Exception):
@@ -55,12 +56,12 @@ def check_cancelled() -> None:
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of about `size` characters (longer where no cut is safe) at `_CUT` points."""
+    """`text` cut into pieces of about `size` characters (longer where no cut is safe) at `SAFE_CUT` points."""
     if len(text) <= size:
         return [text]
     pieces, start = [], 0
     while len(text) - start > size:
-        m = _CUT.search(text, start + size)
+        m = SAFE_CUT.search(text, start + size)
         if m is None:
             break
         pieces.append(text[start : m.start()])
